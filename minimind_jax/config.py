@@ -57,6 +57,10 @@ class ModelConfig:
             errors.append("head_dim must be even for rotary embeddings")
         if self.use_moe and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
             errors.append("num_experts_per_tok must be in [1, n_routed_experts]")
+        if self.n_shared_experts not in (0, 1):
+            errors.append("n_shared_experts must be 0 or 1 (the reference has one shared FFN)")
+        if self.dropout:
+            errors.append("dropout > 0 is not supported (the reference trains with 0.0)")
         if self.moe_impl not in ("ragged", "dense"):
             errors.append(f"moe_impl must be 'ragged' or 'dense', got {self.moe_impl!r}")
         if self.attention_impl not in ("xla", "cudnn", "auto"):

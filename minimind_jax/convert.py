@@ -1,0 +1,364 @@
+"""Weights in and out: reference state dicts (.pth/.safetensors/.npz) and Hugging Face Llama.
+
+The reference's keys (shared/SPEC.md "State-dict keys") are the interchange format: Linear
+weights are [out, in]; `output.weight` is the same tensor as `tok_embeddings.weight`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
+
+TIED_KEYS = ("tok_embeddings.weight", "output.weight")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One param leaf and the reference key(s) it comes from."""
+
+    path: tuple[str, ...]
+    keys: tuple[str, ...]  # several keys = expert weights stacked along a new axis 0
+    transpose: bool  # Linear weight [out, in] <-> Dense kernel [in, out]
+
+
+def _entries(config: ModelConfig) -> Iterator[_Entry]:
+    yield _Entry(("tok_embeddings",), ("tok_embeddings.weight",), False)
+    yield _Entry(("norm", "weight"), ("norm.weight",), False)
+    for i in range(config.n_layers):
+        layer, ref = f"layers_{i}", f"layers.{i}"
+        for norm in ("attention_norm", "ffn_norm"):
+            yield _Entry((layer, norm, "weight"), (f"{ref}.{norm}.weight",), False)
+        for w in ("wq", "wk", "wv", "wo"):
+            yield _Entry((layer, "attention", w, "kernel"), (f"{ref}.attention.{w}.weight",), True)
+        ffn = f"{ref}.feed_forward"
+        if not config.use_moe:
+            for w in ("w1", "w2", "w3"):
+                yield _Entry((layer, "feed_forward", w, "kernel"), (f"{ffn}.{w}.weight",), True)
+            continue
+        yield _Entry((layer, "feed_forward", "gate"), (f"{ffn}.gate.weight",), True)
+        for w in ("w1", "w2", "w3"):
+            experts = tuple(f"{ffn}.experts.{e}.{w}.weight" for e in range(config.n_routed_experts))
+            yield _Entry((layer, "feed_forward", w), experts, True)
+            if config.n_shared_experts:
+                yield _Entry((layer, "feed_forward", "shared_experts", w, "kernel"),
+                             (f"{ffn}.shared_experts.{w}.weight",), True)
+
+
+def _expected_shape(entry: _Entry, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = leaf_shape[1:] if len(entry.keys) > 1 else leaf_shape
+    return tuple(reversed(shape)) if entry.transpose else tuple(shape)
+
+
+def _param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    from minimind_jax.model import MiniMind
+
+    unscanned = config.replace(scan_layers=False, remat=False)
+    shapes = jax.eval_shape(lambda: MiniMind(unscanned).init(
+        jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """`layers_0..layers_{L-1}` -> `layers/block` with a leading [L] axis (scan_layers layout)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    out["layers"] = {"block": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+    return out
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Inverse of `stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"]["block"])
+    return out
+
+
+def _normalise_keys(state_dict: dict) -> dict:
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value
+    return clean
+
+
+def params_from_state_dict(state_dict: dict, config: ModelConfig, source: str = "state dict"):
+    """Reference-keyed state dict -> our param pytree (param_dtype, layout of `config`).
+
+    Either tied key may be given (both must agree if both are). Raises UserError listing every
+    missing, unexpected and mis-shaped key.
+    """
+    sd = _normalise_keys(state_dict)
+    if "tok_embeddings.weight" not in sd and "output.weight" in sd:
+        sd["tok_embeddings.weight"] = sd["output.weight"]
+    embedding = sd.get("tok_embeddings.weight")
+    tied_mismatch = ("output.weight" in sd and sd["output.weight"] is not embedding
+                     and not np.array_equal(np.asarray(sd["output.weight"]), embedding))
+    shapes = _param_shapes(config)
+    entries = list(_entries(config))
+    expected = {key for e in entries for key in e.keys} | {"output.weight"}
+    missing = sorted({key for e in entries for key in e.keys} - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    misshaped = []
+    for e in entries:
+        want = _expected_shape(e, shapes[e.path])
+        misshaped += [f"{k}: got {tuple(np.shape(sd[k]))}, expected {want}"
+                      for k in e.keys if k in sd and tuple(np.shape(sd[k])) != want]
+    if missing or unexpected or misshaped or tied_mismatch:
+        lines = [f"{source} does not fit the model config (dim={config.dim}, "
+                 f"n_layers={config.n_layers}, n_heads={config.n_heads}, "
+                 f"n_kv_heads={config.n_kv_heads}, vocab_size={config.vocab_size}, "
+                 f"use_moe={config.use_moe}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("mis-shaped", misshaped)):
+            if items:
+                more = [f"... and {len(items) - 20} more"] if len(items) > 20 else []
+                shown = items[:20] + more
+                lines.append(f"  {title} keys ({len(items)}): " + ", ".join(shown))
+        if tied_mismatch:
+            lines.append("  output.weight differs from tok_embeddings.weight (they must be tied)")
+        raise UserError("\n".join(lines))
+
+    params: dict = {}
+    dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else jax.numpy.bfloat16
+    for e in entries:
+        arrays = [np.asarray(sd[k], dtype=np.float32) for k in e.keys]
+        arrays = [a.T if e.transpose else a for a in arrays]
+        value = np.stack(arrays) if len(e.keys) > 1 else arrays[0]
+        _set(params, e.path, np.ascontiguousarray(value).astype(dtype))
+    if config.scan_layers:
+        params = stack_layers(params, config.n_layers)
+    return jax.tree.map(jax.numpy.asarray, params)
+
+
+def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Our params -> reference-keyed float32 numpy state dict (both tied keys written)."""
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), jax.device_get(params))
+    if config.scan_layers:
+        params = unstack_layers(params, config.n_layers)
+    sd = {}
+    for e in _entries(config):
+        value = _get(params, e.path)
+        parts = list(value) if len(e.keys) > 1 else [value]
+        for key, part in zip(e.keys, parts, strict=True):
+            sd[key] = np.ascontiguousarray(part.T if e.transpose else part)
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Read a reference-keyed state dict from .pth (needs torch), .safetensors or .npz."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"reading {path} needs PyTorch: pip install 'minimind_jax[torch]'"
+                            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for corrupt/unsafe files
+            raise UserError(f"could not read {path} as a PyTorch state dict: {err}") from None
+        if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+            obj = obj["model"]
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise UserError(f"{path}: entries that are not tensors: {bad[:10]}")
+        return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as err:
+            raise UserError(f"could not read {path} as safetensors: {err}") from None
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as err:
+            raise UserError(f"could not read {path} as .npz: {err}") from None
+    raise UserError(f"unknown weights format {path.suffix!r} for {path}: "
+                    "expected .pth, .safetensors or .npz")
+
+
+def save_state_dict(state_dict: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
+    """Write a state dict as .pth (torch), .safetensors or .npz, chosen by the extension."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt"):
+        import torch
+
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied, as the reference
+        torch.save(tensors, path)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+    elif suffix == ".npz":
+        np.savez(path, **state_dict)
+    else:
+        raise UserError(f"unknown output format {path.suffix!r}: use .pth, .safetensors or .npz")
+
+
+def infer_config(state_dict: dict, base: ModelConfig) -> ModelConfig:
+    """Fill the shape fields a state dict determines (dim, layers, vocab, kv heads, hidden, MoE).
+
+    n_heads cannot be read from the weights and comes from `base`.
+    """
+    sd = _normalise_keys(state_dict)
+    emb = sd.get("tok_embeddings.weight", sd.get("output.weight"))
+    if emb is None:
+        raise UserError("state dict has neither tok_embeddings.weight nor output.weight")
+    vocab_size, dim = np.shape(emb)
+    layer_ids = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
+    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    use_moe = any(".feed_forward.gate.weight" in k for k in sd)
+    changes = dict(dim=int(dim), vocab_size=int(vocab_size), n_layers=n_layers, use_moe=use_moe)
+    head_dim = dim // base.n_heads
+    wk = sd.get("layers.0.attention.wk.weight")
+    if wk is not None:
+        changes["n_kv_heads"] = int(np.shape(wk)[0] // head_dim)
+    w1_key = "layers.0.feed_forward." + ("experts.0.w1.weight" if use_moe else "w1.weight")
+    if w1_key in sd:
+        changes["hidden_dim"] = int(np.shape(sd[w1_key])[0])
+    if use_moe:
+        changes["n_routed_experts"] = len({k.split(".")[4] for k in sd if ".experts." in k})
+        changes["n_shared_experts"] = int(any(".shared_experts." in k for k in sd))
+    return dataclasses.replace(base, **changes)
+
+
+def _rope_to_rotate_half(w_out_in: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Reorder each head's rows (2i, 2i+1) pairs -> (i, i + hd/2): interleaved -> HF layout."""
+    order = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    w = w_out_in.reshape(n_heads, head_dim, -1)[:, order, :]
+    return w.reshape(n_heads * head_dim, -1)
+
+
+def export_hf_llama(params, config: ModelConfig, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write a Hugging Face `LlamaForCausalLM` folder (config.json + model.safetensors)."""
+    if config.use_moe:
+        raise UserError("Hugging Face Llama export supports the dense model only (not --use_moe)")
+    from safetensors.numpy import save_file
+
+    sd = state_dict_from_params(params, config)
+    hd = config.head_dim
+    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+          "model.norm.weight": sd["norm.weight"]}
+    for i in range(config.n_layers):
+        ref, out = f"layers.{i}", f"model.layers.{i}"
+        hf[f"{out}.self_attn.q_proj.weight"] = _rope_to_rotate_half(
+            sd[f"{ref}.attention.wq.weight"], config.n_heads, hd)
+        hf[f"{out}.self_attn.k_proj.weight"] = _rope_to_rotate_half(
+            sd[f"{ref}.attention.wk.weight"], config.n_kv_heads, hd)
+        hf[f"{out}.self_attn.v_proj.weight"] = sd[f"{ref}.attention.wv.weight"]
+        hf[f"{out}.self_attn.o_proj.weight"] = sd[f"{ref}.attention.wo.weight"]
+        hf[f"{out}.mlp.gate_proj.weight"] = sd[f"{ref}.feed_forward.w1.weight"]
+        hf[f"{out}.mlp.up_proj.weight"] = sd[f"{ref}.feed_forward.w3.weight"]
+        hf[f"{out}.mlp.down_proj.weight"] = sd[f"{ref}.feed_forward.w2.weight"]
+        hf[f"{out}.input_layernorm.weight"] = sd[f"{ref}.attention_norm.weight"]
+        hf[f"{out}.post_attention_layernorm.weight"] = sd[f"{ref}.ffn_norm.weight"]
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in hf.items()},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": hd,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": max(config.max_seq_len, 32768),
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out_dir
+
+
+def load_params_any(path: str | pathlib.Path, config: ModelConfig | None):
+    """Params (+ config) from a state-dict file or one of our orbax checkpoints/run folders.
+
+    For state-dict files the shape fields are inferred from the weights on top of `config`.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        from minimind_jax.checkpoint import restore_params
+
+        return restore_params(path)
+    if not path.exists():
+        raise UserError(f"weights not found: {path}")
+    sd = load_state_dict(path)
+    config = infer_config(sd, config or ModelConfig())
+    return params_from_state_dict(sd, config, source=str(path)), config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from minimind_jax.cli import model_config_from_args
+
+    params, config = load_params_any(args.input, model_config_from_args(args))
+    print(f"loaded {args.input}: dim={config.dim} n_layers={config.n_layers} "
+          f"n_heads={config.n_heads} n_kv_heads={config.n_kv_heads} "
+          f"vocab={config.vocab_size} moe={config.use_moe}")
+    if args.hf_llama:
+        out = export_hf_llama(params, config, args.output)
+        print(f"wrote Hugging Face Llama folder {out}")
+    else:
+        save_state_dict(state_dict_from_params(params, config), args.output)
+        print(f"wrote reference-keyed state dict {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from minimind_jax.cli import HelpFormatter, add_model_args
+
+    p = subparsers.add_parser(
+        "convert", formatter_class=HelpFormatter,
+        help="convert weights: reference .pth/.safetensors/.npz <-> our checkpoints, HF Llama",
+        description="Convert weights. INPUT is a reference-keyed state dict (.pth needs torch, "
+                    ".safetensors, .npz) or one of our checkpoint/run folders. OUTPUT is a state "
+                    "dict (format from its extension) or, with --hf_llama, a Hugging Face "
+                    "LlamaForCausalLM folder (dense models; RoPE rows permuted to HF's layout). "
+                    "Shapes are inferred from the weights; --n_heads must match the model "
+                    "(default 8).")
+    p.add_argument("input", help="state-dict file or checkpoint/run folder to read")
+    p.add_argument("output", help="file (.pth/.safetensors/.npz) or folder (--hf_llama)")
+    p.add_argument("--hf_llama", action="store_true",
+                   help="write a Hugging Face Llama folder instead of a state dict")
+    add_model_args(p)
+    p.set_defaults(func=_run)

@@ -1,0 +1,334 @@
+"""The MiniMind2 transformer as Flax linen modules (pure init/apply over explicit param pytrees).
+
+Numerics follow the PyTorch reference (see shared/SPEC.md): pre-norm blocks, RMSNorm in float32,
+interleaved (complex) RoPE, grouped-query causal attention, SwiGLU or MoE feed-forward, and an
+output projection tied to the token embedding. Logits are always float32.
+
+Param layout: Dense kernels are [in, out] (the reference's Linear weights transposed); expert
+weights are stacked [E, in, out]; with `scan_layers` the blocks live under "layers" with a leading
+[n_layers] axis, otherwise under "layers_0", "layers_1", ....
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from minimind_jax.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+
+def uniform_fan_in_init(key, shape, dtype=jnp.float32):
+    """PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = shape[-2]."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def tied_embedding_init(key, shape, dtype=jnp.float32):
+    """The tied [vocab, dim] matrix takes the output Linear's init: U(+-1/sqrt(dim))."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float):
+    """cos/sin [B, T, head_dim/2] of angle pos * theta^(-2i/head_dim), in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles_BTF), jnp.sin(angles_BTF)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array) -> jax.Array:
+    """Rotate feature pairs (2i, 2i+1) of every head: the reference's complex layout."""
+    x = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], -1, 2)
+    even, odd = x[..., 0], x[..., 1]
+    cos, sin = cos_BTF[:, :, None, :], sin_BTF[:, :, None, :]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x_BTNH.shape).astype(x_BTNH.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (weight.astype(jnp.float32) * normed.astype(x.dtype)).astype(self.dtype)
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                    kernel_init=uniform_fan_in_init, name=name)
+
+
+def _attention_impl(config: ModelConfig, has_mask: bool) -> str | None:
+    # cuDNN's fused kernel takes causal/padding masks only, so explicit segment masks use XLA.
+    if config.attention_impl == "xla" or has_mask:
+        return "xla"
+    if config.attention_impl == "cudnn":
+        return "cudnn"
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache):
+        cfg = self.config
+        B, T, _ = x_BTD.shape
+        hd = cfg.head_dim
+        q_BTNH = _dense(cfg, cfg.n_heads * hd, "wq")(x_BTD).reshape(B, T, cfg.n_heads, hd)
+        k_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wk")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
+        v_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wv")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
+        q_BTNH = apply_rope(q_BTNH, cos_BTF, sin_BTF)
+        k_BTKH = apply_rope(k_BTKH, cos_BTF, sin_BTF)
+
+        new_cache = None
+        if layer_cache is not None:
+            index = layer_cache["index"]
+            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), index, axis=1)
+            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), index, axis=1)
+            new_cache = {"k": k_BSKH, "v": v_BSKH}
+            k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH,
+            mask=mask_B1TS,
+            is_causal=mask_B1TS is None,
+            scale=1.0 / math.sqrt(hd),
+            implementation=_attention_impl(cfg, mask_B1TS is not None),
+        )
+        out_BTD = _dense(cfg, cfg.dim, "wo")(out_BTNH.reshape(B, T, cfg.n_heads * hd))
+        return out_BTD, new_cache
+
+
+class FeedForward(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        gate = nn.silu(_dense(cfg, cfg.hidden_dim, "w1")(x_BTD))
+        return _dense(cfg, cfg.dim, "w2")(gate * _dense(cfg, cfg.hidden_dim, "w3")(x_BTD))
+
+
+def moe_aux_loss(scores_BTE, topk_idx_BTK, alpha: float) -> jax.Array:
+    """Per-sequence balance loss: alpha * mean_b sum_e f[b,e] * mean_t scores[b,t,e]."""
+    _, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    picks_BE = jax.nn.one_hot(topk_idx_BTK, E, dtype=jnp.float32).sum(axis=(1, 2))
+    load_BE = picks_BE / (T * K / E)
+    return alpha * jnp.mean(jnp.sum(load_BE * scores_BTE.mean(axis=1), axis=-1))
+
+
+def _swiglu_experts_ragged(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
+    """SwiGLU over rows already sorted by expert; group_sizes_E rows per expert."""
+    gate = nn.silu(jax.lax.ragged_dot(x_MD, w1_EDH, group_sizes_E))
+    up = jax.lax.ragged_dot(x_MD, w3_EDH, group_sizes_E)
+    return jax.lax.ragged_dot(gate * up, w2_EHD, group_sizes_E)
+
+
+class MoEFeedForward(nn.Module):
+    """Softmax gate, top-k routed SwiGLU experts (weights renormalised) plus a shared expert.
+
+    Exact: no capacity factor, no token dropping. The "ragged" path sorts the N*k (token, expert)
+    pairs by expert and runs each expert only on its own tokens with `lax.ragged_dot`; "dense"
+    runs every expert on every token (reference-style, for checks and benchmarks).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        E, K, H = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_dim
+        pdt = cfg.param_dtype
+        gate_DE = self.param("gate", uniform_fan_in_init, (D, E), pdt)
+        w1_EDH = self.param("w1", uniform_fan_in_init, (E, D, H), pdt).astype(cfg.dtype)
+        w3_EDH = self.param("w3", uniform_fan_in_init, (E, D, H), pdt).astype(cfg.dtype)
+        w2_EHD = self.param("w2", uniform_fan_in_init, (E, H, D), pdt).astype(cfg.dtype)
+
+        scores_BTE = jax.nn.softmax(
+            jnp.dot(x_BTD.astype(jnp.float32), gate_DE.astype(jnp.float32)), axis=-1)
+        weights_BTK, idx_BTK = jax.lax.top_k(scores_BTE, K)
+        if K > 1 and cfg.norm_topk_prob:
+            weights_BTK = weights_BTK / (weights_BTK.sum(axis=-1, keepdims=True) + 1e-20)
+        aux = moe_aux_loss(scores_BTE, idx_BTK, cfg.aux_loss_alpha)
+
+        x_ND = x_BTD.reshape(B * T, D)
+        weights_NK = weights_BTK.reshape(B * T, K)
+        idx_NK = idx_BTK.reshape(B * T, K)
+        if cfg.moe_impl == "ragged":
+            expert_M = idx_NK.reshape(-1)
+            order_M = jnp.argsort(expert_M, stable=True)
+            group_sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
+            y_sorted_MD = _swiglu_experts_ragged(x_ND[order_M // K], w1_EDH, w3_EDH, w2_EHD,
+                                                 group_sizes_E)
+            y_NKD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD).reshape(B * T, K, D)
+            routed_ND = jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
+        else:
+            gate_NEH = nn.silu(jnp.einsum("nd,edh->neh", x_ND, w1_EDH))
+            up_NEH = jnp.einsum("nd,edh->neh", x_ND, w3_EDH)
+            y_NED = jnp.einsum("neh,ehd->ned", gate_NEH * up_NEH, w2_EHD)
+            combine_NE = jnp.einsum("nk,nke->ne", weights_NK, jax.nn.one_hot(idx_NK, E))
+            routed_ND = jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE)
+
+        out_BTD = routed_ND.reshape(B, T, D).astype(x_BTD.dtype)
+        if cfg.n_shared_experts:
+            out_BTD = out_BTD + FeedForward(cfg, name="shared_experts")(x_BTD)
+        return out_BTD, aux
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        attn_out, new_cache = Attention(cfg, name="attention")(
+            norm("attention_norm")(x_BTD), cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+        h_BTD = x_BTD + attn_out
+        ffn_in = norm("ffn_norm")(h_BTD)
+        if cfg.use_moe:
+            ffn_out, aux = MoEFeedForward(cfg, name="feed_forward")(ffn_in)
+        else:
+            ffn_out, aux = FeedForward(cfg, name="feed_forward")(ffn_in), jnp.zeros((), jnp.float32)
+        return h_BTD + ffn_out, aux, new_cache
+
+
+class ScannedBlock(nn.Module):
+    """Block with the (carry, xs) -> (carry, ys) signature nn.scan needs."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, layer_cache, cos_BTF, sin_BTF, mask_B1TS):
+        block_cls = nn.remat(Block, prevent_cse=False) if self.config.remat else Block
+        x_BTD, aux, new_cache = block_cls(self.config, name="block")(
+            x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+        return x_BTD, (aux, new_cache)
+
+
+def _attention_mask(segment_ids_BT, cache, T: int):
+    """Boolean [B, 1, T, S] mask, or None when plain causal attention is enough."""
+    if cache is None:
+        if segment_ids_BT is None:
+            return None
+        causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+        same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        return (same_BTT & causal_TT)[:, None]
+    S = cache["segment_ids"].shape[1]
+    q_slot_T = cache["index"] + jnp.arange(T)
+    k_slot_S = jnp.arange(S)
+    seg_q_BT = segment_ids_BT
+    seg_k_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg_q_BT,
+                                                   cache["index"], axis=1)
+    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+    same_BTS = (seg_q_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
+    # Every query may see itself, so padded queries never get an all-masked (NaN) row.
+    self_TS = k_slot_S[None, :] == q_slot_T[:, None]
+    return ((same_BTS & causal_TS) | self_TS)[:, None], seg_k_BS
+
+
+class MiniMind(nn.Module):
+    """MiniMind2 causal LM: `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
+
+    Optional `positions` [B, T] (default 0..T-1, or continuing from the cache) and
+    `segment_ids` [B, T] (attention stays within equal ids; 0 marks padding). With `cache`
+    (from `init_cache`) the call returns `(logits, aux_loss, new_cache)`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None):
+        cfg = self.config
+        B, T = input_ids_BT.shape
+        embedding_VD = self.param("tok_embeddings", tied_embedding_init,
+                                  (cfg.vocab_size, cfg.dim), cfg.param_dtype)
+        x_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.dtype)
+
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        cos_BTF, sin_BTF = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        new_segment_ids = None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((B, T), jnp.int32)
+            mask_B1TS, new_segment_ids = _attention_mask(segment_ids, cache, T)
+            layer_caches = {"k": cache["k"], "v": cache["v"],
+                            "index": jnp.broadcast_to(cache["index"], (cfg.n_layers,))}
+        else:
+            mask_B1TS = _attention_mask(segment_ids, None, T)
+            layer_caches = None
+
+        if cfg.scan_layers:
+            stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                            split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast,
+                                                                  nn.broadcast),
+                            length=cfg.n_layers)(cfg, name="layers")
+            x_BTD, (aux_L, new_layer_caches) = stack(x_BTD, layer_caches, cos_BTF, sin_BTF,
+                                                     mask_B1TS)
+            aux = aux_L.sum()
+        else:
+            block_cls = nn.remat(Block) if cfg.remat else Block
+            aux = jnp.zeros((), jnp.float32)
+            ks, vs = [], []
+            for i in range(cfg.n_layers):
+                layer_cache = None if layer_caches is None else jax.tree.map(
+                    lambda a, i=i: a[i], layer_caches)
+                x_BTD, layer_aux, new_layer_cache = block_cls(cfg, name=f"layers_{i}")(
+                    x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+                aux = aux + layer_aux
+                if new_layer_cache is not None:
+                    ks.append(new_layer_cache["k"])
+                    vs.append(new_layer_cache["v"])
+            new_layer_caches = {"k": jnp.stack(ks), "v": jnp.stack(vs)} if ks else None
+
+        h_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x_BTD)
+        logits_BTV = jnp.dot(h_BTD, embedding_VD.astype(cfg.dtype).T,
+                             preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits_BTV, aux
+        new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"],
+                     "segment_ids": new_segment_ids, "index": cache["index"] + T}
+        return logits_BTV, aux, new_cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+    """An empty KV cache for `max_len` slots (keys/values in the compute dtype by default)."""
+    dtype = dtype or config.dtype
+    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 1337) -> dict:
+    """Fresh params with the reference's init distributions (seeded)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    dummy_ids = jnp.zeros((1, 8), jnp.int32)
+    init = jax.jit(lambda key: MiniMind(config).init(key, dummy_ids)["params"])
+    return init(rng)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a param pytree (the tied matrix counted once)."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))
