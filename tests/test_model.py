@@ -157,3 +157,20 @@ def test_bfloat16_compute_keeps_float32_logits_and_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     logits, _ = _logits(config, params, np.ones((1, 8), int))
     assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_MOE.replace(scan_layers=True)])
+def test_kv_cache_prefill_then_decode_equals_full_forward(config):
+    from minimind_jax.model import init_cache
+
+    params = init_params(config, 0)
+    ids = np.random.default_rng(3).integers(3, 6400, (2, 12))
+    full, _ = _logits(config, params, ids)
+    cache = init_cache(config, 2, 16)
+    prefill, _, cache = _logits(config, params, ids[:, :8], cache=cache)
+    steps = [prefill]
+    for t in range(8, 12):
+        step, _, cache = _logits(config, params, ids[:, t:t + 1], cache=cache)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache["index"]) == 12
