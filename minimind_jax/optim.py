@@ -1,0 +1,136 @@
+"""Optimizer and learning-rate schedules: AdamW behind global-norm clipping, in optax.MultiSteps.
+
+The learning rate is a function of the global micro-step and is passed to every update as the
+extra argument `learning_rate`, so the update applied at micro-step s uses the LR of s exactly
+as the reference sets it (its `get_lr` runs every micro-batch, the optimizer steps every
+`accumulation_steps` of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "minimind2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """LR as a function of the global micro-step s (0-based) of a run of `total_steps`.
+
+    `minimind2`: lr/10 + lr/2 * (1 + cos(pi * s / total)), the reference's `get_lr` (starts at
+    1.1 * lr, no warmup). `cosine`: counted in updates u = s // accumulation_steps: linear
+    warmup lr * (u + 1) / warmup_iters over the first `warmup_iters` updates, then a cosine from
+    lr down to lr/10 at the last update.
+    """
+
+    name: str
+    learning_rate: float
+    total_steps: int
+    accumulation_steps: int = 1
+    warmup_iters: int = 0
+
+    def __post_init__(self):
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.name!r}; choose from {SCHEDULES}")
+        if self.total_steps < 1 or self.accumulation_steps < 1 or self.warmup_iters < 0:
+            raise ValueError(f"invalid schedule {self}")
+
+    def __call__(self, step):
+        """LR at micro-step `step` as a float32 array (traceable inside jit)."""
+        return self._value(jnp.asarray(step, jnp.float32), jnp)
+
+    def host(self, step: int) -> float:
+        """The same LR in float64 on the host, for logs (the reference logs Python floats)."""
+        return float(self._value(float(step), math))
+
+    def _value(self, step, xp):
+        lr = self.learning_rate
+        if self.name == "minimind2":
+            return lr / 10 + 0.5 * lr * (1 + xp.cos(math.pi * step / self.total_steps))
+        on_host = xp is math
+        update = step // self.accumulation_steps
+        total_updates = max(self.total_steps // self.accumulation_steps, 1)
+        warmup = self.warmup_iters
+        progress = (update - warmup) / max(total_updates - 1 - warmup, 1)
+        progress = min(max(progress, 0.0), 1.0) if on_host else jnp.clip(progress, 0.0, 1.0)
+        decayed = lr / 10 + 0.5 * (lr - lr / 10) * (1 + xp.cos(math.pi * progress))
+        if warmup == 0:
+            return decayed
+        warming = lr * (update + 1) / warmup
+        if on_host:
+            return warming if update < warmup else decayed
+        return jnp.where(update < warmup, warming, decayed)
+
+
+class ClipState(NamedTuple):
+    """Global gradient norm (before clipping) of the latest update."""
+
+    grad_norm: jax.Array
+
+
+def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
+    """`torch.nn.utils.clip_grad_norm_`: scale by min(1, max_norm / (norm + 1e-6)).
+
+    Also keeps the pre-clip norm in its state for logging. `max_norm <= 0` disables clipping.
+    """
+
+    def init(params):
+        del params
+        return ClipState(grad_norm=jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params, state
+        norm = optax.tree.norm(updates).astype(jnp.float32)
+        if max_norm > 0:
+            scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+            updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
+        return updates, ClipState(grad_norm=norm)
+
+    return optax.GradientTransformation(init, update)
+
+
+def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
+    """Multiply updates by -learning_rate, taken from the update's `learning_rate` argument."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: (-learning_rate * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(*, accumulation_steps: int = 1, grad_clip: float = 1.0,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.MultiSteps:
+    """torch.optim.AdamW (decoupled decay on every parameter) after torch-style clipping.
+
+    Gradients of `accumulation_steps` micro-batches are averaged (MultiSteps) before the
+    clip + AdamW step. Call `update(grads, state, params, learning_rate=lr)`.
+    """
+    inner = optax.chain(
+        clip_by_global_norm_like_torch(grad_clip),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay),
+        scale_by_learning_rate_arg(),
+    )
+    return optax.MultiSteps(inner, every_k_schedule=accumulation_steps)
+
+
+def last_grad_norm(opt_state: Any) -> jax.Array:
+    """Pre-clip global norm of the averaged gradients of the latest applied update."""
+    return optax.tree_utils.tree_get(opt_state, "grad_norm")
+
+
+def updates_applied(opt_state: optax.MultiStepsState) -> jax.Array:
+    """Number of optimizer updates applied so far."""
+    return opt_state.gradient_step
