@@ -47,8 +47,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="training sequence length in tokens (default 512)")
     g.add_argument("--use_moe", action="store_true", default=None,
                    help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
-    g.add_argument("--moe_impl", choices=("ragged", "dense"), default=None,
-                   help="MoE kernel: sorted tokens + ragged_dot, or every expert on every token")
+    g.add_argument("--moe_impl", choices=("auto", "ragged", "blocked", "dense"), default=None,
+                   help="MoE kernel: auto = ragged_dot grouped GEMM on GPU/TPU, blocked scan on "
+                        "CPU; dense = every expert on every token (for checks)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                         "(master weights, logits and softmax stay float32)")

@@ -36,7 +36,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.1
     seq_aux: bool = True
-    moe_impl: str = "ragged"  # "ragged" (sorted tokens + lax.ragged_dot) or "dense" (all experts)
+    # "auto" (ragged on GPU/TPU, blocked on CPU) | "ragged" (sorted + lax.ragged_dot) |
+    # "blocked" (sorted + scan over per-expert row blocks) | "dense" (every expert, every token)
+    moe_impl: str = "auto"
     # Numerics and compilation.
     dtype: str = "float32"  # compute dtype of matmuls/activations
     param_dtype: str = "float32"  # master weights
@@ -61,8 +63,8 @@ class ModelConfig:
             errors.append("n_shared_experts must be 0 or 1 (the reference has one shared FFN)")
         if self.dropout:
             errors.append("dropout > 0 is not supported (the reference trains with 0.0)")
-        if self.moe_impl not in ("ragged", "dense"):
-            errors.append(f"moe_impl must be 'ragged' or 'dense', got {self.moe_impl!r}")
+        if self.moe_impl not in ("auto", "ragged", "blocked", "dense"):
+            errors.append(f"moe_impl must be auto|ragged|blocked|dense, got {self.moe_impl!r}")
         if self.attention_impl not in ("xla", "cudnn", "auto"):
             errors.append(f"attention_impl must be xla|cudnn|auto, got {self.attention_impl!r}")
         if errors:

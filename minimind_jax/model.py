@@ -140,12 +140,43 @@ def _swiglu_experts_ragged(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
     return jax.lax.ragged_dot(gate * up, w2_EHD, group_sizes_E)
 
 
+def _swiglu_experts_blocked(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
+    """Same contract as `_swiglu_experts_ragged`, as a scan over fixed-size row blocks.
+
+    Each expert's rows are padded to a multiple of the block size, so every block belongs to
+    one expert and costs one [block, D] x [D, H] matmul with that expert's weights. Work is the
+    routed rows plus at most E blocks of padding. XLA:CPU lowers `ragged_dot` by masking every
+    group over every row (E times the work), which this avoids.
+    """
+    M, D = x_MD.shape
+    E = group_sizes_E.shape[0]
+    block = int(min(128, max(8, -(-M // E))))
+    n_blocks = -(-(M + E * (block - 1)) // block)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    padded_E = -(-group_sizes_E // block) * block
+    padded_ends_E = jnp.cumsum(padded_E)
+    expert_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(M), side="right")
+    dest_M = (padded_ends_E - padded_E)[expert_M] + jnp.arange(M) - starts_E[expert_M]
+    x_PD = jnp.zeros((n_blocks * block, D), x_MD.dtype).at[dest_M].set(x_MD)
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_ends_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
+
+    def expert_block(_, inputs):
+        x_bD, e = inputs
+        hidden = nn.silu(x_bD @ w1_EDH[e]) * (x_bD @ w3_EDH[e])
+        return None, hidden @ w2_EHD[e]
+
+    _, y_NbD = jax.lax.scan(expert_block, None, (x_PD.reshape(n_blocks, block, D), block_expert))
+    return y_NbD.reshape(n_blocks * block, D)[dest_M]
+
+
 class MoEFeedForward(nn.Module):
     """Softmax gate, top-k routed SwiGLU experts (weights renormalised) plus a shared expert.
 
-    Exact: no capacity factor, no token dropping. The "ragged" path sorts the N*k (token, expert)
-    pairs by expert and runs each expert only on its own tokens with `lax.ragged_dot`; "dense"
-    runs every expert on every token (reference-style, for checks and benchmarks).
+    Exact: no capacity factor, no token dropping. The sorted paths order the N*k (token, expert)
+    pairs by expert and run each expert only on its own tokens: "ragged" with `lax.ragged_dot`
+    (a grouped GEMM on GPU/TPU), "blocked" with a scan over per-expert row blocks (CPU);
+    "auto" picks by backend. "dense" runs every expert on every token (for checks/benchmarks).
     """
 
     config: ModelConfig
@@ -171,12 +202,15 @@ class MoEFeedForward(nn.Module):
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK = weights_BTK.reshape(B * T, K)
         idx_NK = idx_BTK.reshape(B * T, K)
-        if cfg.moe_impl == "ragged":
+        impl = cfg.moe_impl
+        if impl == "auto":
+            impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+        if impl in ("ragged", "blocked"):
             expert_M = idx_NK.reshape(-1)
             order_M = jnp.argsort(expert_M, stable=True)
             group_sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
-            y_sorted_MD = _swiglu_experts_ragged(x_ND[order_M // K], w1_EDH, w3_EDH, w2_EHD,
-                                                 group_sizes_E)
+            experts_fn = _swiglu_experts_ragged if impl == "ragged" else _swiglu_experts_blocked
+            y_sorted_MD = experts_fn(x_ND[order_M // K], w1_EDH, w3_EDH, w2_EHD, group_sizes_E)
             y_NKD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD).reshape(B * T, K, D)
             routed_ND = jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
         else:

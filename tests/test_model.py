@@ -20,6 +20,7 @@ def _logits(config, params, ids, **kw):
 
 @pytest.mark.parametrize("name,config", [("dense", TINY), ("moe", TINY_MOE),
                                          ("moe", TINY_MOE.replace(moe_impl="dense")),
+                                         ("moe", TINY_MOE.replace(moe_impl="ragged")),
                                          ("dense", TINY.replace(scan_layers=True, remat=True))])
 def test_golden_logits(golden, name, config):
     params = params_from_state_dict(golden_state_dict(golden, f"{name}/init/"), config)
@@ -57,10 +58,11 @@ def test_moe_aux_loss_matches_spec_formula(golden):
     assert float(aux) > 0
 
 
-def test_moe_ragged_equals_all_experts():
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_moe_sorted_paths_equal_all_experts(impl):
     params = init_params(TINY_MOE, 3)
     ids = np.random.default_rng(0).integers(0, 6400, (3, 20))
-    a, aux_a = _logits(TINY_MOE, params, ids)
+    a, aux_a = _logits(TINY_MOE.replace(moe_impl=impl), params, ids)
     b, aux_b = _logits(TINY_MOE.replace(moe_impl="dense"), params, ids)
     np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(aux_a, aux_b, atol=1e-7)
@@ -69,7 +71,7 @@ def test_moe_ragged_equals_all_experts():
         lo, aux = _logits(TINY_MOE.replace(moe_impl=impl), p, ids)
         return jnp.mean(jax.nn.log_softmax(lo)[..., 0]) + aux
 
-    ga, gb = jax.grad(loss)(params, "ragged"), jax.grad(loss)(params, "dense")
+    ga, gb = jax.grad(loss)(params, impl), jax.grad(loss)(params, "dense")
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
