@@ -186,8 +186,8 @@ def generate_tokens(params, config: ModelConfig, prompts: list[list[int]],
 class TextStreamer:
     """Prints one row's new text as tokens arrive, holding back incomplete UTF-8 characters."""
 
-    def __init__(self, tokenizer, row: int = 0, out=sys.stdout):
-        self.tokenizer, self.row, self.out = tokenizer, row, out
+    def __init__(self, tokenizer, row: int = 0, out=None):
+        self.tokenizer, self.row, self._out = tokenizer, row, out
         self.reset()
 
     def reset(self) -> None:
@@ -201,8 +201,9 @@ class TextStreamer:
         text = self.tokenizer.decode(self.tokens)
         if text.endswith("\ufffd"):
             return  # a multi-byte character split across tokens: wait for the rest
-        self.out.write(text[self.printed:])
-        self.out.flush()
+        out = self._out or sys.stdout  # looked up late: the stream may be redirected meanwhile
+        out.write(text[self.printed:])
+        out.flush()
         self.printed = len(text)
 
 
@@ -258,7 +259,7 @@ def encode_prompt(tokenizer, text: str, template: bool, system: str | None = Non
     if template:
         messages = ([{"role": "system", "content": system}] if system else []) + (history or [])
         messages = messages + [{"role": "user", "content": text}]
-        return tokenizer.encode(tokenizer.apply_chat_template(messages))
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return [tokenizer.bos_id] + tokenizer.encode(text)
 
 

@@ -8,6 +8,7 @@ import pytest
 from minimind_jax import generate as gen
 from minimind_jax.config import ModelConfig
 from minimind_jax.model import MiniMind, init_params
+from tests.conftest import TOKENIZER_DIR, golden_state_dict
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
 
@@ -129,3 +130,54 @@ def test_bad_sampling_settings_are_user_errors():
         gen.SamplingConfig(top_p=0.0)
     with pytest.raises(UserError, match="at least one token"):
         gen.left_pad([[1, 2], []])
+
+
+@pytest.fixture(scope="module")
+def reference_npz(tmp_path_factory, golden):
+    """The reference's tiny dense model after its 30 pretrain updates, as an .npz state dict."""
+    path = tmp_path_factory.mktemp("weights") / "pretrain_64.npz"
+    np.savez(path, **golden_state_dict(golden, "dense/after_pretrain/"))
+    return path
+
+
+def test_generate_command_on_reference_weights(reference_npz, capsys):
+    from minimind_jax import cli
+
+    code = cli.main(["generate", "--ckpt", str(reference_npz), "--tokenizer", str(TOKENIZER_DIR),
+                     "--n_heads", "4", "--raw", "--temperature", "0", "--max_new_tokens", "6",
+                     "--prompt", "床前明月光", "--prompt", "白日依山尽，黄河入海流"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.count("prompt: ") == 2 and captured.out.count("answer: ") == 2
+    assert "2 prompts" in captured.err
+
+
+def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
+    from minimind_jax import cli, convert
+    from minimind_jax.tokenizer import load_tokenizer
+
+    questions = iter(["你好"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        try:
+            return next(questions)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    code = cli.main(["chat", "--ckpt", str(reference_npz), "--tokenizer", str(TOKENIZER_DIR),
+                     "--n_heads", "4", "--temperature", "0", "--max_new_tokens", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    answer = out.split("model: ", 1)[1].split("\nyou: ")[0]
+    # The same prompt through the batch API gives the streamed text.
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    sd = convert.load_state_dict(reference_npz)
+    config = convert.infer_config(sd, ModelConfig(n_heads=4))
+    params = convert.params_from_state_dict(sd, config)
+    ids = gen.encode_prompt(tokenizer, "你好", template=True)
+    new = gen.generate_tokens(params, config, [ids], gen.SamplingConfig(0.0, max_new_tokens=10),
+                              tokenizer.eos_id)[0]
+    assert answer == tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    assert len(new) > 0
