@@ -1,0 +1,220 @@
+"""Batches for training: sources of rows, and a seeded, shardable, resumable, prefetching loader.
+
+A source has `__len__()` and `get_batch(indices) -> dict` of [b, T] arrays, T = max_seq_len - 1:
+`input_ids`, `labels` (int32), `loss_mask` (float32), plus `positions` and `segment_ids` (int32)
+for packed rows. `Loader` orders rows by a pure function of (seed, epoch), so the position to
+checkpoint is just (epoch, batch index), and it computes batches ahead in background threads
+(grain's thread-pool prefetch over a MapDataset of batch indices).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from minimind_jax.data import pad_rows, sft_loss_mask, shift
+from minimind_jax.errors import UserError
+from minimind_jax.token_cache import TokenCache, prepare_token_cache
+from minimind_jax.tokenizer import Tokenizer, load_tokenizer
+
+_INT_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+
+
+def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray) -> dict[str, np.ndarray]:
+    x, y, m = shift(ids_BL, mask_BL)
+    return {"input_ids": x.astype(np.int32), "labels": y.astype(np.int32),
+            "loss_mask": m.astype(np.float32)}
+
+
+class ArraySource:
+    """In-memory rows: a dict of [N, T] arrays (e.g. the golden samples)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        missing = {"input_ids", "labels", "loss_mask"} - set(arrays)
+        if missing:
+            raise ValueError(f"ArraySource needs {sorted(missing)}")
+        shapes = {np.shape(v) for v in arrays.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"ArraySource arrays must share one [N, T] shape, got {shapes}")
+        self.arrays = {k: np.asarray(v, np.int32 if k in _INT_KEYS else np.float32)
+                       for k, v in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class CachedSource:
+    """One cached sample per row, right-padded to max_seq_len, masked as the reference does."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int):
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.stage = cache.meta["stage"]
+        self.pad_id = cache.meta["pad_id"]
+        self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the [N, max_seq_len] row slots that are padding."""
+        return 1.0 - self.cache.meta["num_tokens"] / (len(self) * self.max_seq_len)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = pad_rows([self.cache.sample(i) for i in indices], self.max_seq_len,
+                        self.pad_id, np.int32)
+        if self.stage == "pretrain":
+            mask = rows != self.pad_id
+        else:
+            mask = np.zeros(rows.shape, np.int64)
+            for row, row_mask in zip(rows, mask, strict=True):
+                row_mask[:] = sft_loss_mask(row, *self.markers)
+        return _as_batch(rows, mask)
+
+
+def pack_row_starts(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Next-fit packing in file order: index of the first document of each row, then N.
+    Documents never exceed `capacity` (they are cached truncated to max_seq_len)."""
+    starts = [0]
+    used = 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > capacity:
+            starts.append(i)
+            used = 0
+        used += n
+    starts.append(len(lengths))
+    return np.asarray(starts, np.int64)
+
+
+class PackedSource:
+    """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len) packed in file order into
+    rows of max_seq_len tokens. Segment ids count documents 1, 2, ... within a row (0 = padding),
+    positions restart at 0 per document, and a label is masked where it would cross a document
+    boundary, so each document gives exactly the targets it gives unpacked."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int):
+        if cache.meta["stage"] != "pretrain":
+            raise UserError("packing is for pretrain data only (SFT rows keep one conversation)")
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.pad_id = cache.meta["pad_id"]
+        self.row_starts = pack_row_starts(cache.lengths, max_seq_len)
+
+    def __len__(self) -> int:
+        return len(self.row_starts) - 1
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.cache.meta["num_tokens"] / (len(self) * self.max_seq_len)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        shape = (len(indices), self.max_seq_len)
+        ids, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
+        ids[:] = self.pad_id
+        offsets = self.cache.offsets
+        for r, row in enumerate(indices):
+            first, last = self.row_starts[row], self.row_starts[row + 1]
+            begin, end = offsets[first], offsets[last]
+            ids[r, :end - begin] = self.cache.ids[begin:end]
+            doc_lengths = np.diff(offsets[first:last + 1])
+            segments[r, :end - begin] = np.repeat(np.arange(1, last - first + 1), doc_lengths)
+            doc_starts = np.repeat(offsets[first:last] - begin, doc_lengths)
+            positions[r, :end - begin] = np.arange(end - begin) - doc_starts
+        same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
+        mask = np.zeros(shape, bool)
+        mask[:, 1:] = same_doc & (ids[:, 1:] != self.pad_id)
+        batch = _as_batch(ids, mask)
+        batch["positions"] = positions[:, :-1]
+        batch["segment_ids"] = segments[:, :-1]
+        return batch
+
+
+def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack: bool = False,
+                cache_dir=None, skip_bad_lines: bool = False, force: bool = False,
+                progress: bool | None = None, log=None):
+    """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
+    on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer."""
+    if pack and stage != "pretrain":
+        raise UserError("--pack works with pretrain data only")
+    tokenizer = (tokenizer_path if isinstance(tokenizer_path, Tokenizer)
+                 else load_tokenizer(tokenizer_path))
+    cache = prepare_token_cache(data_path, tokenizer, stage, max_seq_len, cache_dir=cache_dir,
+                                skip_bad_lines=skip_bad_lines, force=force, progress=progress,
+                                log=log)
+    return PackedSource(cache, max_seq_len) if pack else CachedSource(cache, max_seq_len)
+
+
+class Loader:
+    """Global batches of `batch_size` rows in an order fixed by (seed, epoch); this process
+    gets its contiguous `1/num_shards` slice of each. The last partial batch is kept and padded
+    with zero-mask rows so each shard's row count divides by `pad_to_multiple`."""
+
+    def __init__(self, source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 num_shards: int = 1, shard_index: int = 0, pad_to_multiple: int = 1,
+                 prefetch: int = 2, num_threads: int = 1):
+        if len(source) == 0:
+            raise UserError("the dataset has no samples")
+        if batch_size < 1 or pad_to_multiple < 1 or num_shards < 1:
+            raise UserError("batch_size, pad_to_multiple and num_shards must be positive")
+        if batch_size % num_shards:
+            raise UserError(f"batch_size {batch_size} must divide by the number of processes "
+                            f"{num_shards}")
+        if not 0 <= shard_index < num_shards:
+            raise UserError(f"shard_index {shard_index} is not in [0, {num_shards})")
+        self.source = source
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_shards = num_shards
+        self.shard_index = shard_index
+        self.pad_to_multiple = pad_to_multiple
+        self.prefetch = prefetch
+        self.num_threads = num_threads
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.source) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row order of `epoch`: file order, or a permutation seeded by (seed, epoch)."""
+        if not self.shuffle:
+            return np.arange(len(self.source))
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+        return rng.permutation(len(self.source))
+
+    def local_rows(self, order: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
+        """(row ids of this shard's slice of global batch `batch`, zero rows to append)."""
+        rows = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        unit = self.num_shards * self.pad_to_multiple
+        per_shard = math.ceil(len(rows) / unit) * unit // self.num_shards
+        begin = self.shard_index * per_shard
+        mine = rows[begin:begin + per_shard]
+        return mine, per_shard - len(mine)
+
+    def _batch(self, order: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+        rows, n_padding = self.local_rows(order, batch)
+        arrays = self.source.get_batch(rows)
+        if n_padding:
+            arrays = {k: np.concatenate([v, np.zeros((n_padding, *v.shape[1:]), v.dtype)])
+                      for k, v in arrays.items()}
+        return arrays
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This shard's batches of `epoch`, from global batch `start_batch` on."""
+        import grain
+
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise UserError(f"start batch {start_batch} is outside epoch of "
+                            f"{self.batches_per_epoch} batches")
+        batches = grain.MapDataset.range(start_batch, self.batches_per_epoch).map(
+            functools.partial(self._batch, self.order(epoch)))
+        threads = self.num_threads if self.prefetch > 0 else 0
+        return iter(batches.to_iter_dataset(grain.ReadOptions(
+            num_threads=threads, prefetch_buffer_size=max(self.prefetch, 0))))

@@ -1,0 +1,198 @@
+"""Loader: order, resume, shards, padding; packing; no NaN without supervised tokens."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
+from minimind_jax.loader import ArraySource, Loader, open_source, pack_row_starts
+from minimind_jax.loss import masked_cross_entropy
+from minimind_jax.model import MiniMind, init_params
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER_DIR
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+
+
+def numbered_source(n=103, t=4):
+    """Row i holds i in every input position, so batches say which rows they carry."""
+    ids = np.repeat(np.arange(n)[:, None], t, axis=1)
+    return ArraySource({"input_ids": ids, "labels": ids + 1, "loss_mask": np.ones((n, t))})
+
+
+def rows_of(batch):
+    real = batch["loss_mask"].sum(axis=1) > 0
+    return batch["input_ids"][real, 0].tolist()
+
+
+def epoch_rows(loader, epoch, start=0):
+    return [rows_of(b) for b in loader.epoch(epoch, start)]
+
+
+def test_golden_rows_in_file_order(golden):
+    source = ArraySource({"input_ids": golden["pre_X"], "labels": golden["pre_Y"],
+                          "loss_mask": golden["pre_mask"]})
+    loader = Loader(source, 32, shuffle=False)
+    batches = list(loader.epoch(0))
+    assert loader.batches_per_epoch == 3 and [len(b["input_ids"]) for b in batches] == [32, 32, 16]
+    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]), golden["pre_Y"])
+    assert batches[0]["input_ids"].dtype == np.int32
+    assert batches[0]["loss_mask"].dtype == np.float32
+
+
+def test_each_sample_once_per_epoch_and_seeded():
+    loader = Loader(numbered_source(), 10, seed=7)
+    orders = [sum(epoch_rows(loader, e), []) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(103))
+    assert orders[0] != orders[1] != orders[2]
+    assert sum(epoch_rows(Loader(numbered_source(), 10, seed=7), 1), []) == orders[1]
+    assert sum(epoch_rows(Loader(numbered_source(), 10, seed=8), 1), []) != orders[1]
+    assert sum(epoch_rows(Loader(numbered_source(), 10, shuffle=False), 0), []) == list(range(103))
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 10, 11])
+def test_resume_yields_the_remaining_batches(start):
+    loader = Loader(numbered_source(), 10, seed=3)
+    full = list(loader.epoch(2))
+    resumed = list(Loader(numbered_source(), 10, seed=3).epoch(2, start_batch=start))
+    assert len(resumed) == len(full) - start
+    for a, b in zip(resumed, full[start:], strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("pad_to_multiple", [1, 4])
+def test_two_shards_partition_each_batch(pad_to_multiple):
+    whole = Loader(numbered_source(), 10, seed=5)
+    shards = [Loader(numbered_source(), 10, seed=5, num_shards=2, shard_index=i,
+                     pad_to_multiple=pad_to_multiple) for i in range(2)]
+    for global_batch, *parts in zip(whole.epoch(4), *(s.epoch(4) for s in shards), strict=True):
+        assert len({len(p["input_ids"]) for p in parts}) == 1  # same shape on every process
+        for part in parts:
+            assert len(part["input_ids"]) % pad_to_multiple == 0
+        assert rows_of(parts[0]) + rows_of(parts[1]) == rows_of(global_batch)
+
+
+def test_padding_rows_do_not_change_the_loss():
+    rng = np.random.default_rng(0)
+    source = numbered_source(n=5, t=6)
+    source.arrays["loss_mask"] = (rng.random((5, 6)) > 0.3).astype(np.float32)
+    plain = list(Loader(source, 4, shuffle=False).epoch(0))[-1]
+    padded = list(Loader(source, 4, shuffle=False, pad_to_multiple=4).epoch(0))[-1]
+    assert len(plain["input_ids"]) == 1 and len(padded["input_ids"]) == 4
+    assert not padded["loss_mask"][1:].any()
+    logits = rng.normal(size=(4, 6, 8)).astype(np.float32)
+    logits[1:] = np.nan  # whatever the model does on padding rows must not leak in
+    labels = padded["labels"] % 8
+    loss_plain = masked_cross_entropy(logits[:1], labels[:1], plain["loss_mask"])
+    loss_padded = masked_cross_entropy(logits, labels, padded["loss_mask"])
+    assert float(loss_plain) == pytest.approx(float(loss_padded), rel=1e-6)
+
+
+def test_prefetch_does_not_change_batches():
+    a = list(Loader(numbered_source(), 8, seed=1, prefetch=0).epoch(0))
+    b = list(Loader(numbered_source(), 8, seed=1, prefetch=4, num_threads=2).epoch(0))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+
+
+def test_loader_argument_errors():
+    source = numbered_source()
+    with pytest.raises(UserError, match="batch_size 10 must divide by the number of processes 3"):
+        Loader(source, 10, num_shards=3)
+    with pytest.raises(UserError, match=r"shard_index 2 is not in \[0, 2\)"):
+        Loader(source, 10, num_shards=2, shard_index=2)
+    with pytest.raises(UserError, match="start batch 12 is outside epoch of 11 batches"):
+        Loader(source, 10).epoch(0, start_batch=12)
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = ["春", "風", "花", "月", "夜", "the", " cat", " sat", "。", "，", "\n"]
+    texts = ["".join(rng.choice(words, rng.integers(1, 30))) for _ in range(60)]
+    texts.append("長" * 200)  # truncated to max_seq_len, fills a row alone
+    path = tmp_path_factory.mktemp("docs") / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    return path
+
+
+def test_pack_row_starts_next_fit():
+    np.testing.assert_array_equal(pack_row_starts(np.array([3, 4, 2, 5, 1]), 7), [0, 2, 4, 5])
+
+
+def test_packed_rows_keep_every_document_target(short_docs):
+    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
+    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
+                         log=lambda m: None)
+    assert len(packed) < len(unpacked) / 2
+    assert packed.padding_fraction < unpacked.padding_fraction / 3
+    rows = packed.get_batch(np.arange(len(packed)))
+    docs = unpacked.get_batch(np.arange(len(unpacked)))
+    # Walk the packed rows document by document: positions restart at 0, segment ids count
+    # 1, 2, ... within a row, and the supervised (input, label) pairs are the document's own.
+    doc = 0
+    for r in range(len(packed)):
+        seg, pos = rows["segment_ids"][r], rows["positions"][r]
+        for s in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == s)
+            np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+            n = len(where)
+            np.testing.assert_array_equal(rows["input_ids"][r, where], docs["input_ids"][doc, :n])
+            mask = rows["loss_mask"][r, where]
+            np.testing.assert_array_equal(mask, docs["loss_mask"][doc, :n])
+            np.testing.assert_array_equal(rows["labels"][r, where][mask > 0],
+                                          docs["labels"][doc, :n][mask > 0])
+            doc += 1
+        assert not rows["loss_mask"][r, seg == 0].any()
+    assert doc == len(unpacked)
+    assert rows["loss_mask"].sum() == docs["loss_mask"].sum()
+
+
+def test_packed_logits_equal_unpacked(short_docs):
+    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
+                         log=lambda m: None)
+    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
+    row = packed.get_batch(np.array([0]))
+    n_docs = int(row["segment_ids"].max())
+    docs = unpacked.get_batch(np.arange(n_docs))
+    model, params = MiniMind(TINY), init_params(TINY, 0)
+    packed_logits, _ = model.apply({"params": params}, jnp.asarray(row["input_ids"]),
+                                   positions=jnp.asarray(row["positions"]),
+                                   segment_ids=jnp.asarray(row["segment_ids"]))
+    doc_logits, _ = model.apply({"params": params}, jnp.asarray(docs["input_ids"]))
+    for s in range(1, n_docs + 1):
+        where = np.flatnonzero(row["segment_ids"][0] == s)
+        np.testing.assert_allclose(packed_logits[0, where], doc_logits[s - 1, :len(where)],
+                                   atol=1e-5)
+
+
+def test_no_supervised_token_gives_no_nan(tmp_path):
+    # Replies truncated away (long user turns) -> an all-zero loss mask, padded rows included.
+    path = tmp_path / "sft.jsonl"
+    turns = [{"role": "user", "content": "很" * 300}, {"role": "assistant", "content": "好"}]
+    path.write_text(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+    source = open_source(path, load_tokenizer(TOKENIZER_DIR), "sft", 64, log=lambda m: None)
+    batch = next(Loader(source, 1, pad_to_multiple=2).epoch(0))
+    assert batch["loss_mask"].sum() == 0
+    params = init_params(TINY, 0)
+
+    def loss_fn(p):
+        logits, _ = MiniMind(TINY).apply({"params": p}, jnp.asarray(batch["input_ids"]))
+        return masked_cross_entropy(logits, batch["labels"], batch["loss_mask"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    assert float(loss) == 0.0
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_pack_is_pretrain_only(short_docs):
+    with pytest.raises(UserError, match="--pack works with pretrain data only"):
+        open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
