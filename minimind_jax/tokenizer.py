@@ -30,6 +30,24 @@ def default_chat_template() -> str:
     return text.read_text(encoding="utf-8").rstrip("\n")
 
 
+def compile_chat_template(template: str, where: str = "chat template"):
+    """A Jinja chat template compiled with the environment settings of transformers'
+    apply_chat_template, so templates written for it render identically."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as err:
+        raise UserError(f"{where}: chat template does not compile: {err}") from err
+
+
 def _token_name(config: dict, key: str, default: str | None) -> str | None:
     value = config.get(key, default)
     if isinstance(value, dict):  # some configs store {"content": "<s>", ...}
@@ -111,22 +129,7 @@ class Tokenizer:
 
     @cached_property
     def _compiled_template(self):
-        # Same environment settings as transformers' apply_chat_template, so templates written
-        # for it render identically.
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as err:
-            raise UserError(f"{self.files[0].parent}: chat template does not compile: {err}") \
-                from err
+        return compile_chat_template(self.chat_template, where=str(self.files[0].parent))
 
     # --- backend hooks ---
     vocab_size: int
