@@ -1,0 +1,241 @@
+"""`minimind-jax bench`: train-step throughput, MFU and memory, beside an eager-PyTorch baseline.
+
+MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len, against a
+peak measured in the same run: on CPU the float32 GFLOP/s of a 2048^3 matmul, on GPU a large
+bfloat16 matmul (the card's dense bf16 peak is printed beside it when known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimind_jax.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """Timing of one implementation's train step."""
+
+    name: str
+    step_s: float
+    compile_s: float
+    tokens_per_s: float
+    peak_bytes: int | None
+
+
+def model_flops_per_token(n_params: int, config: ModelConfig, seq_len: int) -> float:
+    """PaLM's convention: 6N for the weights plus 12 * layers * dim * T for attention."""
+    return 6.0 * n_params + 12.0 * config.n_layers * config.dim * seq_len
+
+
+def measured_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a size^3 matmul in `dtype` on the default device (best of `repeats`)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def _peak_memory_bytes() -> int | None:
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS
+    stats = device.memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Random token ids with every target supervised (the worst case for the loss)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+
+
+def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
+    """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
+    from minimind_jax import optim
+    from minimind_jax import step as train_step
+    from minimind_jax.model import count_params, init_params
+
+    mesh = train_step.data_mesh()
+    params = init_params(config, 0)
+    n_params = count_params(params)
+    optimizer = optim.make_optimizer(accumulation_steps=1)
+    schedule = optim.Schedule("cosine", 5e-4, total_steps=10_000)
+    state = train_step.put_replicated(train_step.create_train_state(params, optimizer), mesh)
+    step_fn = train_step.make_train_step(config, optimizer, schedule, mesh)
+    device_batch = train_step.put_batch(batch, mesh)
+
+    start = time.perf_counter()
+    state, metrics = step_fn(state, device_batch)
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        state, metrics = step_fn(state, device_batch)
+    jax.block_until_ready(metrics["loss"])
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, device_batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    tokens = batch["input_ids"].size
+    stats = StepStats("jax", step_s, compile_s, tokens / step_s, _peak_memory_bytes())
+    return stats, n_params
+
+
+def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
+                dtype: str) -> StepStats | None:
+    """Eager PyTorch: transformers' LlamaForCausalLM sized alike, masked CE, clip, AdamW."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print("  (torch/transformers not installed: no PyTorch baseline)")
+        return None
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
+        max_position_embeddings=max(config.max_seq_len, 1024), tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config).to(device).train()
+    if hasattr(model.config, "_attn_implementation"):
+        model.config._attn_implementation = "sdpa"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    ids = torch.from_numpy(batch["input_ids"]).long().to(device)
+    labels = torch.from_numpy(batch["labels"]).long().to(device)
+    mask = torch.from_numpy(batch["loss_mask"]).to(device)
+    autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+
+    def one_step():
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model(input_ids=ids).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                               labels.view(-1), reduction="none")
+        loss = (ce * mask.view(-1)).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    start = time.perf_counter()
+    one_step()
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        one_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return StepStats("torch-eager", step_s, first_s, batch["input_ids"].size / step_s, peak)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
+              with_torch: bool) -> dict:
+    """Measure peak, our step and (optionally) the eager-PyTorch step; print and return figures."""
+    backend = jax.default_backend()
+    device = jax.devices()[0]
+    peak_dtype = "float32" if backend == "cpu" else "bfloat16"
+    peak = measured_peak_flops(peak_dtype, 2048 if backend == "cpu" else 8192)
+    print(f"device: {device.device_kind} x{jax.device_count()} ({backend}); "
+          f"measured {peak_dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    known = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device.device_kind), None)
+    if backend == "gpu" and known:
+        print(f"  datasheet dense bf16 peak: {known:.0f} TFLOP/s")
+    batch = synthetic_batch(batch_size, seq_len, config.vocab_size)
+    print(f"config: dim={config.dim} layers={config.n_layers} heads={config.n_heads}/"
+          f"{config.n_kv_heads} moe={config.use_moe} dtype={config.dtype} "
+          f"attention={config.attention_impl} remat={config.remat} scan={config.scan_layers}; "
+          f"batch {batch_size} x {seq_len}")
+    ours, n_params = bench_jax(config, batch, steps, warmup)
+    flops_per_token = model_flops_per_token(n_params, config, seq_len)
+    results = {"device": device.device_kind, "backend": backend, "peak_flops": peak,
+               "n_params": n_params, "flops_per_token": flops_per_token,
+               "batch_size": batch_size, "seq_len": seq_len, "config": config.to_dict()}
+    runs = [ours]
+    if with_torch:
+        theirs = bench_torch(config, batch, steps, warmup, config.dtype)
+        if theirs:
+            runs.append(theirs)
+    for run in runs:
+        mfu = run.tokens_per_s * flops_per_token / peak
+        if backend == "gpu" and known:
+            mfu_sheet = run.tokens_per_s * flops_per_token / (known * 1e12)
+            sheet = f", MFU vs datasheet {mfu_sheet:.1%}"
+        else:
+            sheet = ""
+        print(f"  {run.name:12s} {run.tokens_per_s:10.0f} tokens/s  step {run.step_s * 1e3:8.1f} ms"
+              f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
+              f"  MFU {mfu:.1%}{sheet}")
+        results[run.name] = dataclasses.asdict(run) | {"mfu": mfu}
+    if len(runs) == 2:
+        ratio = runs[0].tokens_per_s / runs[1].tokens_per_s
+        print(f"  jax / torch-eager tokens/s: {ratio:.2f}x")
+        results["speedup_vs_torch"] = ratio
+    return results
+
+
+def _run(args: argparse.Namespace) -> int:
+    from minimind_jax.cli import model_config_from_args
+
+    config = model_config_from_args(args)
+    seq_len = args.seq_len or config.max_seq_len
+    results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
+                        with_torch=not args.no_torch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers) -> None:
+    from minimind_jax.cli import HelpFormatter, add_model_args
+
+    p = subparsers.add_parser(
+        "bench", formatter_class=HelpFormatter,
+        help="benchmark the train step: tokens/s, MFU, memory, vs eager PyTorch",
+        description=__doc__)
+    add_model_args(p)
+    p.add_argument("--batch_size", type=int, default=8, help="rows per step")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="tokens per row (default: max_seq_len of the model, 512)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=_run)
