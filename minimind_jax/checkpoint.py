@@ -43,7 +43,7 @@ def save(manager: ocp.CheckpointManager, state, *, epoch: int, batch: int,
 
     Returns the step. Saving the same step twice is a no-op.
     """
-    step = int(jax.device_get(state.step))
+    step = int(np.asarray(state.step.addressable_data(0)))
     if step in manager.all_steps():
         return step
     meta = {"step": step, "epoch": int(epoch), "batch": int(batch), "stage": stage,

@@ -74,6 +74,11 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
             for k, v in batch.items() if k in BATCH_KEYS}
 
 
+def to_host(tree):
+    """Numpy copies of replicated arrays (works when other processes hold other devices)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array],
                     mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import sys
@@ -55,13 +54,16 @@ def run_dir_for(out_dir: str, stage: Stage, config: ModelConfig) -> pathlib.Path
 
 
 def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
-    """--tokenizer; else (sft) the copy saved in the pretrain run; else the reference's folder."""
+    """--tokenizer; else the run's own copy (--resume) or, for sft, the pretrain run's copy;
+    else the reference's ./model/minimind_tokenizer."""
     if args.tokenizer:
         return pathlib.Path(args.tokenizer)
+    tag = _tag_from_args(args)
     candidates = []
+    if args.resume:
+        candidates.append(pathlib.Path(args.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
     if stage.command == "sft" and not args.init_from:
-        candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{_tag_from_args(args)}"
-                          / "tokenizer")
+        candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
     candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
     for candidate in candidates:
         if candidate.is_dir():
@@ -270,7 +272,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
             train_step.create_train_state(params, optimizer, args.seed), mesh)
         epoch, batch = 0, 0
         _say(f"initial weights: {origin}")
-    start_step = int(jax.device_get(state.step))
+    start_step = int(train_step.to_host(state.step))
     if _is_main_process():
         _write_run_files(run_dir, config, args, tokenizer_dir)
     n_params = count_params(state.params)
@@ -290,8 +292,8 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
         log.close()
         manager.wait_until_finished()
         manager.close()
-    _say(f"done: {int(jax.device_get(state.step))} micro-steps, "
-         f"{int(jax.device_get(state.skipped))} skipped; checkpoints in "
+    _say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
+         f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
          f"{run_dir / checkpoint.CHECKPOINT_DIR}")
     return 0
 
@@ -322,7 +324,7 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
         """Log the dispatched steps; raise once too many in a row were non-finite."""
         while pending:
             metrics, info = pending.pop(0)
-            metrics = jax.device_get(metrics)
+            metrics = train_step.to_host(metrics)
             _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches,
                       run_start, elapsed_before)
             if int(metrics["consecutive_skips"]) >= args.max_consecutive_skips:
@@ -387,8 +389,9 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
     line = reference_line(info["epoch"], args.epochs, info["batch"], batches, record["loss"],
                           record["lr"], epoch_seconds,
                           max(info["batch"] - epoch_clock["first"] + 1, 1))
-    if not math.isfinite(record["loss"]):
-        line += f" (non-finite: update skipped, {record.get('skipped', 0)} so far)"
+    if int(metrics["consecutive_skips"]):
+        line += (f" (non-finite loss or gradient: skipped, {record['skipped']} so far, "
+                 f"{int(metrics['consecutive_skips'])} in a row)")
     log.record(record, line)
 
 
@@ -402,8 +405,9 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--data_path", default=stage.data_path, help="training JSONL file")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (tokenizer.json) or sentencepiece .model; default: "
-                        + ("the pretrain run's copy, else " if stage.command == "sft" else "")
-                        + f"./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
+                        "the run's own copy with --resume, "
+                        + ("else the pretrain run's copy, " if stage.command == "sft" else "")
+                        + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
     g.add_argument("--epochs", type=int, default=1, help="passes over the data")
     g.add_argument("--batch_size", type=int, default=32,
                    help="sequences per micro-batch, over all devices")

@@ -1,0 +1,66 @@
+"""Data parallelism: 4 host CPU devices train exactly like 1 device, odd batch sizes included.
+
+Batch 6 on 4 devices is padded to 8 rows (2 rows without targets) and the epoch's last batch
+(80 = 13 * 6 + 2 samples) to 4 rows; the loss is the masked mean over all real tokens, so the
+padding must change nothing.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from minimind_jax import checkpoint, cli
+from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
+
+CHILD = """
+import sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from minimind_jax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def argv(out_dir, cache_dir, extra):
+    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
+            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
+            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+            "--dtype", "float32", "--accumulation_steps", "2", "--learning_rate", "1e-3",
+            "--log_interval", "1", "--seed", "3", *extra]
+
+
+def records(out_dir):
+    path = out_dir / "pretrain_64" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--batch_size", "6", "--epochs", "1"],
+                                   ["--batch_size", "5", "--pack", "--max_steps", "6"]],
+                         ids=["batch6", "packed-batch5"])
+def test_four_devices_match_one_device(tmp_path, extra):
+    cache = tmp_path / "cache"
+    assert cli.main(argv(tmp_path / "one", cache, extra)) == 0
+    child = subprocess.run([sys.executable, "-c", CHILD, *argv(tmp_path / "four", cache, extra)],
+                           env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "4 device(s)" in child.stdout
+
+    one, four = records(tmp_path / "one"), records(tmp_path / "four")
+    assert [r["step"] for r in one] == [r["step"] for r in four] and len(one) >= 6
+    for a, b in zip(one, four, strict=True):
+        assert a["update"] == b["update"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=1e-5), a["step"]
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+
+    params_one, _ = checkpoint.restore_params(tmp_path / "one" / "pretrain_64")
+    params_four, _ = checkpoint.restore_params(tmp_path / "four" / "pretrain_64")
+    worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
+                zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True))
+    assert worst < 1e-5, worst

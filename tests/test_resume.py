@@ -1,0 +1,110 @@
+"""Resume after a real `kill -9`: the resumed run's metrics equal an uninterrupted run's.
+
+The run shuffles, accumulates over 3 micro-steps (so checkpoints fall inside accumulation
+windows) and spans 4 epochs, so params, optimizer state, the MultiSteps accumulator, the data
+position and the schedule must all come back exactly.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minimind_jax import cli
+from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR, subprocess_env
+
+STEPS, KILL_AFTER = 40, 20
+COMPARED = ("step", "epoch", "batch", "update", "loss", "aux", "lr", "grad_norm", "skipped")
+
+# The child is the CLI itself; each batch is slowed down on the host so the parent can land
+# its SIGKILL mid-run (the device step and everything it saves are untouched).
+SLOW_CLI = """
+import sys, time
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from minimind_jax import cli, step
+put_batch = step.put_batch
+def slow_put_batch(batch, mesh):
+    time.sleep(0.15)
+    return put_batch(batch, mesh)
+step.put_batch = slow_put_batch
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def argv(out_dir, cache_dir):
+    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
+            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
+            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+            "--dtype", "float32", "--batch_size", "8", "--accumulation_steps", "3",
+            "--learning_rate", "1e-3", "--epochs", "5", "--max_steps", str(STEPS),
+            "--save_interval", "7", "--log_interval", "1", "--seed", "7"]
+
+
+def read_records(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            out.append(json.loads(line))
+    return out
+
+
+def complete_checkpoints(run_dir):
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli.main(argv(tmp_path / "straight", cache)) == 0
+    straight = read_records(tmp_path / "straight" / "pretrain_64")
+    assert [r["step"] for r in straight] == list(range(STEPS))
+
+    run_dir = tmp_path / "killed" / "pretrain_64"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv(tmp_path / "killed", cache)],
+                             env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        records = read_records(run_dir)
+        if records and records[-1]["step"] >= KILL_AFTER and [
+                s for s in complete_checkpoints(run_dir) if s >= KILL_AFTER - 6]:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, "the child ended before it could be killed: " + (
+        child.stderr.read().decode()[-2000:])
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    killed_at = read_records(run_dir)[-1]["step"]
+    assert KILL_AFTER <= killed_at < STEPS - 1
+
+    capsys.readouterr()
+    assert cli.main([*argv(tmp_path / "killed", cache), "--resume"]) == 0
+    resumed_from = int(capsys.readouterr().out.split("at step ")[1].split()[0])
+    assert KILL_AFTER - 6 <= resumed_from <= killed_at + 1
+    print(f"killed after step {killed_at}, resumed from checkpoint {resumed_from}")
+    resumed = read_records(run_dir)
+    assert [r["step"] for r in resumed] == list(range(STEPS))  # no gap, no duplicate
+    for mine, ref in zip(resumed[KILL_AFTER:], straight[KILL_AFTER:], strict=True):
+        assert set(k for k in COMPARED if k in mine) == set(k for k in COMPARED if k in ref)
+        for key in COMPARED:
+            if key in ref:
+                assert mine[key] == pytest.approx(ref[key], rel=0, abs=1e-6), (ref["step"], key)
+    assert complete_checkpoints(run_dir)[-1] == STEPS
+    assert len(complete_checkpoints(run_dir)) <= 3
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = cli.main([*argv(tmp_path / "none", tmp_path / "cache"), "--resume"])
+    assert code == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""`pretrain` then `sft` end to end from the CLI on the small fixture JSONL files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from minimind_jax import checkpoint, cli
+from minimind_jax.loader import Loader, open_source
+from minimind_jax.loss import masked_cross_entropy
+from minimind_jax.model import MiniMind
+from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, golden_state_dict
+
+TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
+        "--n_kv_heads", "2", "--dtype", "float32"]
+
+
+def common(tmp_path, data):
+    return ["--data_path", str(data), "--tokenizer", str(TOKENIZER_DIR),
+            "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), *TINY]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
+    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--batch_size", "8",
+                     "--accumulation_steps", "2", "--max_steps", "6", "--save_interval", "4",
+                     "--log_interval", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    run_dir = tmp_path / "out" / "pretrain_64"
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 192 + 2 * 64  # attention, SwiGLU, norms
+    n_params = 6400 * 64 + 2 * per_layer + 64
+    assert f"model parameters: {n_params / 1e6:.3f} M ({n_params:,})" in out
+    assert "Epoch:[1/1](0/10) loss:" in out and "Epoch:[1/1](5/10) loss:" in out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "6"]
+    assert json.loads((run_dir / "config.json").read_text())["dim"] == 64
+    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    pre = records(run_dir)
+    assert [r["step"] for r in pre] == list(range(6))
+    assert pre[0]["loss"] == pytest.approx(np.log(6400), abs=0.3)  # random init: ~uniform
+    assert [r["update"] for r in pre] == [0, 1, 1, 2, 2, 3]
+    for key in ("epoch", "loss", "aux", "lr", "tokens_per_sec", "elapsed_s"):
+        assert all(key in r for r in pre), key
+    assert all("grad_norm" in r for r in pre[1::2])
+
+    code = cli.main(["sft", *common(tmp_path, SFT_JSONL), "--batch_size", "4",
+                     "--max_steps", "3", "--log_interval", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"initial weights: {run_dir / 'checkpoints' / '6'}" in out
+    sft = records(tmp_path / "out" / "full_sft_64")
+    assert len(sft) == 3
+
+    # The first SFT loss is the loss of the final pretrain weights on the first SFT batch.
+    params, config = checkpoint.restore_params(run_dir)
+    source = open_source(SFT_JSONL, str(TOKENIZER_DIR), "sft", 64,
+                         cache_dir=tmp_path / "cache")
+    first = next(Loader(source, 4, shuffle=True, seed=1337).epoch(0))
+    logits, _ = MiniMind(config).apply({"params": params}, first["input_ids"])
+    expected = float(masked_cross_entropy(logits, first["labels"], first["loss_mask"]))
+    assert sft[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_sft_without_pretrain_checkpoint_names_the_missing_path(tmp_path, capsys):
+    code = cli.main(["sft", *common(tmp_path, SFT_JSONL), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert str(tmp_path / "out" / "pretrain_64") in err
+    assert not (tmp_path / "out" / "full_sft_64" / "checkpoints").exists() or not any(
+        (tmp_path / "out" / "full_sft_64" / "checkpoints").iterdir())
+
+
+def test_init_from_torch_pth(tmp_path, golden):
+    pth = tmp_path / "pretrain_64.pth"
+    torch.save({k: torch.from_numpy(np.array(v))
+                for k, v in golden_state_dict(golden, "dense/init/").items()}, pth)
+    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from", str(pth),
+                     "--batch_size", "4", "--accumulation_steps", "2", "--no_shuffle",
+                     "--lr_schedule", "minimind2", "--max_steps", "3", "--log_interval", "1"])
+    assert code == 0
+    losses = [r["loss"] for r in records(tmp_path / "out" / "pretrain_64")]
+    # The reference's first loss (same weights, same first batch) -- the .pth was really used.
+    assert losses[0] == pytest.approx(float(golden["dense/pretrain_loss"][0]), abs=1e-4)
+
+
+def test_init_from_errors_list_the_problem(tmp_path, golden, capsys):
+    missing = tmp_path / "nope.pth"
+    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from",
+                     str(missing), "--max_steps", "1"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+    wrong = tmp_path / "wrong.npz"
+    sd = golden_state_dict(golden, "dense/init/")
+    del sd["norm.weight"]
+    sd["extra.weight"] = np.zeros(3, np.float32)
+    np.savez(wrong, **sd)
+    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from", str(wrong),
+                     "--n_layers", "3", "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "norm.weight" in err and "extra.weight" in err and "layers.2.attention.wq" in err
+    assert "Traceback" not in err
+
+
+def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys):
+    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--batch_size", "4",
+                     "--accumulation_steps", "1", "--learning_rate", "1e38",
+                     "--max_consecutive_skips", "3", "--log_interval", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "3 micro-steps in a row" in err
+    run_dir = tmp_path / "out" / "pretrain_64"
+    # The first update blows the weights up; every later gradient is non-finite and skipped.
+    logged = records(run_dir)
+    assert [r.get("skipped", 0) for r in logged] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
+    assert checkpoint.latest_checkpoint(run_dir) is not None
+    params, _ = checkpoint.restore_params(run_dir)  # saved without the skipped steps' effects
+    assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_help_explains_every_flag(capsys):
+    for command in ("pretrain", "sft"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag in ("--out_dir", "--epochs", "--batch_size", "--learning_rate", "--dtype",
+                     "--accumulation_steps", "--grad_clip", "--warmup_iters", "--log_interval",
+                     "--save_interval", "--dim", "--n_layers", "--max_seq_len", "--use_moe",
+                     "--data_path", "--tokenizer", "--n_heads", "--n_kv_heads", "--seed",
+                     "--no_shuffle", "--lr_schedule", "--weight_decay", "--init_from",
+                     "--resume", "--pack", "--max_steps"):
+            assert flag in text, (command, flag)
