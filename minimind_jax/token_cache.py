@@ -13,6 +13,7 @@ is built in a temporary folder and renamed into place, so a crash never leaves h
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +174,27 @@ def _in_background(iterator: Iterator, maxsize: int = 2) -> Iterator:
         thread.join()
 
 
+def _ordered_map(fn, items: Iterator, workers: int) -> Iterator:
+    """`fn` over `items` on `workers` threads, results in input order, few pending at once."""
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def default_workers() -> int:
+    """Tokenizing threads: 2 on small machines, up to 4 on many cores."""
+    return max(2, min(4, (os.cpu_count() or 1) // 4))
+
+
 def _id_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
@@ -200,7 +223,7 @@ def _progress_bar(total: int, enabled: bool | None):
 def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, cache_dir=None,
                         skip_bad_lines: bool = False, force: bool = False,
                         progress: bool | None = None, chunk_bytes: int = 1 << 20,
-                        log=None) -> TokenCache:
+                        workers: int | None = None, log=None) -> TokenCache:
     """The token cache of `data_path` for (tokenizer, stage, max_seq_len): reused when it
     exists, else built by streaming the JSONL through batched tokenization (memory bounded by
     a few `chunk_bytes` chunks, whatever the file size). `log(str)` receives a summary."""
@@ -227,7 +250,7 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     tmp.mkdir()
     try:
         meta = _write_entry(tmp, data_path, tokenizer, stage, max_seq_len, skip_bad_lines,
-                            progress, chunk_bytes)
+                            progress, chunk_bytes, workers or default_workers())
         if force:
             shutil.rmtree(entry, ignore_errors=True)
         try:
@@ -247,35 +270,40 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
 
 
 def _write_entry(folder: Path, data_path: Path, tokenizer, stage: str, max_seq_len: int,
-                 skip_bad_lines: bool, progress: bool | None, chunk_bytes: int) -> dict:
+                 skip_bad_lines: bool, progress: bool | None, chunk_bytes: int,
+                 workers: int) -> dict:
     started = time.perf_counter()
     signature = data_file_signature(data_path)
     skips = SkipReport(str(data_path))
     sample_ids = SAMPLE_IDS[stage]
     dtype = _id_dtype(tokenizer.vocab_size)
-    # Three stages overlap: JSON parsing (thread), tokenization (thread; the Rust/C++ encoder
-    # releases the GIL and uses every core), and here the conversion to numpy and the writes.
+    # JSON parsing runs in a thread, tokenization + conversion to numpy in a few more (the
+    # Rust/C++ encoders release the GIL and use every core; several chunks in flight keep the
+    # cores busy while one chunk's ids are turned into numpy), writes happen here, in order.
+    def tokenize(chunk):
+        records, n_bytes = chunk
+        ids_lists = sample_ids(tokenizer, records, None)
+        lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
+        n_truncated = int((lengths > max_seq_len).sum())
+        lengths = np.minimum(lengths, max_seq_len)
+        flat = np.fromiter(itertools.chain.from_iterable(ids[:max_seq_len] for ids in ids_lists),
+                           dtype, int(lengths.sum()))
+        return flat, lengths, n_truncated, n_bytes
+
     chunks = _in_background(iter_jsonl_chunks(data_path, stage, skip_bad_lines=skip_bad_lines,
                                               skips=skips, chunk_bytes=chunk_bytes))
-    encoded = _in_background((sample_ids(tokenizer, records, None), n_bytes)
-                             for records, n_bytes in chunks)
     ids_file = _NpyAppender(folder / "ids.npy", dtype)
     offsets_file = _NpyAppender(folder / "offsets.npy", np.int64)
     offsets_file.append(np.zeros(1, np.int64))
     num_tokens = num_samples = num_truncated = 0
     try:
         with _progress_bar(signature["size"], progress) as bar:
-            for ids_lists, n_bytes in encoded:
-                lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
-                num_truncated += int((lengths > max_seq_len).sum())
-                lengths = np.minimum(lengths, max_seq_len)
-                flat = np.fromiter(
-                    itertools.chain.from_iterable(ids[:max_seq_len] for ids in ids_lists),
-                    dtype, int(lengths.sum()))
+            for flat, lengths, n_truncated, n_bytes in _ordered_map(tokenize, chunks, workers):
                 ids_file.append(flat)
                 offsets_file.append(num_tokens + np.cumsum(lengths))
-                num_tokens += int(lengths.sum())
-                num_samples += len(ids_lists)
+                num_tokens += len(flat)
+                num_samples += len(lengths)
+                num_truncated += n_truncated
                 bar.update(n_bytes)
                 bar.set_postfix(samples=f"{num_samples:,}", refresh=False)
     except BaseException:
