@@ -193,6 +193,26 @@ def test_no_supervised_token_gives_no_nan(tmp_path):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_packed_padding_rows_keep_gradients_finite(short_docs):
+    # A partial last batch padded with all-zero rows (segment 0 everywhere) on packed data.
+    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
+                         log=lambda m: None)
+    loader = Loader(packed, 4, shuffle=False, pad_to_multiple=4)
+    batch = list(loader.epoch(0, start_batch=loader.batches_per_epoch - 1))[0]
+    assert len(packed) % 4 and not batch["segment_ids"][-1].any()
+    params = init_params(TINY, 0)
+
+    def loss_fn(p):
+        logits, _ = MiniMind(TINY).apply({"params": p}, jnp.asarray(batch["input_ids"]),
+                                         positions=jnp.asarray(batch["positions"]),
+                                         segment_ids=jnp.asarray(batch["segment_ids"]))
+        return masked_cross_entropy(logits, batch["labels"], batch["loss_mask"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
 def test_pack_is_pretrain_only(short_docs):
     with pytest.raises(UserError, match="--pack works with pretrain data only"):
         open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
