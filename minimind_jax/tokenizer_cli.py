@@ -30,6 +30,10 @@ def sentencepiece_options(vocab_size: int, *, character_coverage: float = 0.9995
         byte_fallback=True,  # any character outside the vocabulary round-trips as UTF-8 bytes
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        # A newline is always a piece of its own (as the reference's byte-level pre-tokenizer
+        # keeps it apart): otherwise "\n「" in SFT data merges, and a chat prompt ending in
+        # "<s>assistant\n" tokenizes differently at generation time than in training.
+        user_defined_symbols=["\n"],
         character_coverage=character_coverage,
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=1,
