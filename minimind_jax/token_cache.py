@@ -216,7 +216,7 @@ def _progress_bar(total: int, enabled: bool | None):
     from tqdm import tqdm
 
     disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare",
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
                 disable=disable, smoothing=0.1)
 
 
@@ -263,7 +263,7 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     rate = meta["data"]["size"] / 2**20 / max(meta["seconds"], 1e-9)
     log(f"prepared {meta['num_samples']:,} {stage} samples, {meta['num_tokens']:,} tokens "
         f"({meta['num_truncated']:,} truncated to {max_seq_len}) in {meta['seconds']:.1f} s "
-        f"({rate:.1f} MB/s) -> {entry}")
+        f"({rate:.1f} MiB/s) -> {entry}")
     if meta["skipped_lines"]:
         log(meta["skip_summary"])
     return load_token_cache(entry)
