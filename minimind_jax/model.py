@@ -69,14 +69,17 @@ def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
                     kernel_init=uniform_fan_in_init, name=name)
 
 
-def _attention_impl(config: ModelConfig, has_mask: bool) -> str | None:
+def _attention_impl(config: ModelConfig, has_mask: bool, seq_len: int) -> str | None:
     # cuDNN's fused kernel takes causal/padding masks only, so explicit segment masks use XLA.
     if config.attention_impl == "xla" or has_mask:
         return "xla"
     if config.attention_impl == "cudnn":
         return "cudnn"
     on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+    # cuDNN's training kernels reject odd lengths ("Unsupported sequence length Q 511"), and the
+    # reference trains on 511 = max_seq_len - 1 tokens.
+    cudnn_ok = on_gpu and config.dtype in ("bfloat16", "float16") and seq_len % 2 == 0
+    return "cudnn" if cudnn_ok else "xla"
 
 
 class Attention(nn.Module):
@@ -108,7 +111,7 @@ class Attention(nn.Module):
             mask=mask_B1TS,
             is_causal=mask_B1TS is None,
             scale=1.0 / math.sqrt(hd),
-            implementation=_attention_impl(cfg, mask_B1TS is not None),
+            implementation=_attention_impl(cfg, mask_B1TS is not None, T),
         )
         out_BTD = _dense(cfg, cfg.dim, "wo")(out_BTNH.reshape(B, T, cfg.n_heads * hd))
         return out_BTD, new_cache
