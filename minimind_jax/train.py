@@ -134,6 +134,8 @@ class RunLog:
         from tqdm import tqdm
 
         self._keep_records_before(start_step)
+        if start_step == 0:  # a fresh run: no curves of an earlier run under the same name
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.file = self.metrics_path.open("a", encoding="utf-8")
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
