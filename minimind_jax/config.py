@@ -42,7 +42,7 @@ class ModelConfig:
     # Numerics and compilation.
     dtype: str = "float32"  # compute dtype of matmuls/activations
     param_dtype: str = "float32"  # master weights
-    attention_impl: str = "xla"  # "xla" | "cudnn" | "auto"
+    attention_impl: str = "auto"  # "auto" (cuDNN on GPU where it applies) | "xla" | "cudnn"
     remat: bool = False
     scan_layers: bool = False
 
