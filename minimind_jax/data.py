@@ -169,11 +169,18 @@ def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bo
 
 # --- token ids of samples ----------------------------------------------------------------------
 
+def truncate_ids(ids_lists: list[list[int]], max_seq_len: int | None) -> list[list[int]]:
+    """Each list cut to `max_seq_len` (None: unchanged); copies only the lists that are cut."""
+    if max_seq_len is None:
+        return ids_lists
+    return [ids if len(ids) <= max_seq_len else ids[:max_seq_len] for ids in ids_lists]
+
+
 def pretrain_ids_batch(tokenizer, texts: Sequence[str],
                        max_seq_len: int | None) -> list[list[int]]:
     """Ids of `<s>` + text + `</s>` for each text, truncated to `max_seq_len` (None: not)."""
-    return [([tokenizer.bos_id] + ids + [tokenizer.eos_id])[:max_seq_len]
-            for ids in tokenizer.encode_batch(texts)]
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    return truncate_ids([[bos, *ids, eos] for ids in tokenizer.encode_batch(texts)], max_seq_len)
 
 
 def sft_prompt(tokenizer, contents: Sequence[str]) -> str:
@@ -187,7 +194,7 @@ def sft_ids_batch(tokenizer, conversations: Sequence[Sequence[str]],
                   max_seq_len: int | None) -> list[list[int]]:
     """Ids of each conversation's chat-template text, truncated to `max_seq_len` (None: not)."""
     prompts = [sft_prompt(tokenizer, contents) for contents in conversations]
-    return [ids[:max_seq_len] for ids in tokenizer.encode_batch(prompts)]
+    return truncate_ids(tokenizer.encode_batch(prompts), max_seq_len)
 
 
 SAMPLE_IDS = {"pretrain": pretrain_ids_batch, "sft": sft_ids_batch}

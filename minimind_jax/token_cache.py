@@ -31,7 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from minimind_jax.data import SAMPLE_IDS, STAGES, SkipReport, iter_jsonl_chunks, sft_mask_markers
+from minimind_jax.data import (
+    SAMPLE_IDS,
+    STAGES,
+    SkipReport,
+    iter_jsonl_chunks,
+    sft_mask_markers,
+    truncate_ids,
+)
 from minimind_jax.errors import UserError
 
 CACHE_FORMAT = 1
@@ -286,7 +293,7 @@ def _write_entry(folder: Path, data_path: Path, tokenizer, stage: str, max_seq_l
         lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
         n_truncated = int((lengths > max_seq_len).sum())
         lengths = np.minimum(lengths, max_seq_len)
-        flat = np.fromiter(itertools.chain.from_iterable(ids[:max_seq_len] for ids in ids_lists),
+        flat = np.fromiter(itertools.chain.from_iterable(truncate_ids(ids_lists, max_seq_len)),
                            dtype, int(lengths.sum()))
         return flat, lengths, n_truncated, n_bytes
 
