@@ -38,7 +38,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="tokenizer folder (tokenizer.json [+ tokenizer_config.json]) or a "
                         "sentencepiece .model / folder holding one")
     g.add_argument("--cache_dir", default=None,
-                   help="token cache folder (default: .minimind_cache/ next to the data file)")
+                   help="token cache folder; unset: .minimind_cache/ next to the data file")
     g.add_argument("--skip_bad_lines", action="store_true",
                    help="skip (and count) malformed lines instead of stopping at the first")
 

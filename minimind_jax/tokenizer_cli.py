@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(out)
     probe = "<s>MiniMind 你好！\n\tTabs,   spaces & emoji 🙂</s>"
     ids = tokenizer.encode(probe)
-    print(f"trained sentencepiece BPE, vocab {tokenizer.vocab_size}, on {size / 2**20:.1f} MiB "
+    print(f"trained sentencepiece BPE, vocab {tokenizer.vocab_size}, on {size / 2**20:.2f} MiB "
           f"in {seconds:.1f} s -> {out}")
     print(f"probe: {len(ids)} tokens, round trip "
           f"{'ok' if tokenizer.decode(ids) == probe else 'FAILED'}")
