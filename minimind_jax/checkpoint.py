@@ -108,7 +108,8 @@ def latest_checkpoint(run_dir: str | pathlib.Path) -> pathlib.Path | None:
 def restore_params(path: str | pathlib.Path) -> tuple[dict, ModelConfig]:
     """(params, ModelConfig) from a run folder (its latest checkpoint) or a checkpoint folder.
 
-    Params come back as float arrays on the default device, in the layout they were saved in.
+    Params come back whole on this process's first device, whatever layout (replicated or
+    FSDP-sharded) they were saved in.
     """
     root, step = _locate(pathlib.Path(path).absolute())
     with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
@@ -121,7 +122,9 @@ def restore_params(path: str | pathlib.Path) -> tuple[dict, ModelConfig]:
                             ) from None
         from minimind_jax.model import init_params
 
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's own device: jax.devices()[0] belongs to process 0 in multi-process
+        # runs, where every process restores the whole params (e.g. sft's starting weights).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
             jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))

@@ -1,14 +1,24 @@
 """Train state and the jit-compiled, data-parallel train step `(state, batch) -> (state, metrics)`.
 
-Data parallelism: a 1-D `jax.sharding.Mesh` over all devices with axis "data". Params and
-optimizer state are replicated, the batch is split along its first axis, each device
-differentiates its own share of the loss and `lax.pmean` averages the gradients. The loss of a
-micro-batch is the masked mean over ALL its supervised tokens (not a mean of per-device means),
-so any split of the batch, padding rows included, gives the same loss and gradients.
+Data parallelism: a 1-D `jax.sharding.Mesh` over all devices (of all processes) with axis
+"data"; the batch is split along its first axis. Two layouts of the state:
+
+- replicated (default): params and optimizer state on every device; the step is a `shard_map`
+  where each device differentiates its own share of the loss and `lax.pmean` averages the
+  gradients.
+- FSDP (`state_shardings(..., fsdp=True)`): each param / optimizer-state leaf is split along
+  one dimension over "data" (ZeRO-3). The same loss and update math runs under plain `jax.jit`
+  with those shardings; XLA's SPMD partitioner inserts the all-gathers of params and the
+  reduce-scatters of gradients, and global reductions (the clip's norm) span every shard.
+
+The loss of a micro-batch is the masked mean over ALL its supervised tokens (not a mean of
+per-device means), so any split of the batch, padding rows included, gives the same loss and
+gradients, in either layout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,9 +59,17 @@ def create_train_state(params, optimizer: optax.GradientTransformation,
                       rng=jax.random.PRNGKey(seed), skipped=zero(), consecutive_skips=zero())
 
 
+FSDP_MIN_SIZE = 1024  # leaves smaller than this stay replicated (norm scales, counters)
+
+
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes)."""
+    """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes).
+
+    Devices are ordered by process, so each process's devices hold one contiguous block of
+    the batch rows: the block the loader gives that process.
+    """
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -59,9 +77,76 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape: tuple[int, ...], n_shards: int, min_size: int = FSDP_MIN_SIZE) -> P:
+    """Split along the largest dimension divisible by `n_shards` (the first such on ties);
+    replicate leaves below `min_size` elements or without such a dimension."""
+    candidates = [axis for axis, size in enumerate(shape) if size % n_shards == 0]
+    if n_shards == 1 or math.prod(shape) < min_size or not candidates:
+        return P()
+    axis = max(candidates, key=lambda a: (shape[a], -a))
+    return P(*(DATA_AXIS if a == axis else None for a in range(len(shape))))
+
+
+def state_shardings(abstract_state, mesh: Mesh, *, fsdp: bool = False):
+    """A NamedSharding per leaf of `abstract_state` (arrays or ShapeDtypeStructs): replicated,
+    or with `fsdp` split over "data" per `fsdp_spec`. Optimizer-state leaves shaped like a
+    param get the param's layout, since the rule depends only on the shape."""
+    n_shards = mesh.shape[DATA_AXIS]
+    if not fsdp:
+        return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n_shards)),
+                        abstract_state)
+
+
+def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, *, fsdp: bool = False) -> TrainState:
+    """The TrainState's shapes and dtypes as ShapeDtypeStructs carrying their shardings
+    (`state_shardings`): what a checkpoint is restored into, and where a fresh state goes."""
+    from minimind_jax.model import init_params
+
+    shapes = jax.eval_shape(lambda: create_train_state(
+        init_params(config, jax.random.PRNGKey(0)), optimizer))
+    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=sharding),
+                        shapes, state_shardings(shapes, mesh, fsdp=fsdp))
+
+
+def shardings_of(abstract_state):
+    """The per-leaf shardings of an `abstract_train_state`."""
+    return jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def place(tree, shardings):
+    """Global arrays laid out as `shardings` from a pytree that every process holds in full
+    (numpy or local jax arrays, the same values everywhere). Each device receives only its
+    own block, as fresh (donatable) buffers; no cross-process traffic or equality check."""
+
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def put_replicated(tree, mesh: Mesh):
     """Place a pytree replicated on every device of the mesh, as fresh (donatable) buffers."""
-    return jax.device_put(tree, replicated(mesh), may_alias=False)
+    return place(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
+                     shardings) -> TrainState:
+    """`create_train_state` laid out as `shardings` (from `state_shardings`): params are
+    placed from the host, the optimizer state is built on the devices, shard by shard."""
+    params = place(params, shardings.params)
+    build = jax.jit(lambda p: create_train_state(p, optimizer, seed), out_shardings=shardings)
+    return build(params)
+
+
+def local_bytes(tree) -> int:
+    """Bytes of `tree` held by this process's first device (its share of the arrays)."""
+    device = jax.local_devices()[0]
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+               for shard in leaf.addressable_shards if shard.device == device)
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -79,9 +164,48 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+def _loss_terms(model: MiniMind, params, batch: dict, axis_name: str | None = None):
+    """(masked mean CE, MoE aux) of a batch; with `axis_name` the CE is this device's share."""
+    logits_BTV, aux = model.apply({"params": params}, batch["input_ids"],
+                                  positions=batch.get("positions"),
+                                  segment_ids=batch.get("segment_ids"))
+    ce = masked_cross_entropy(logits_BTV, batch["labels"], batch["loss_mask"],
+                              axis_name=axis_name)
+    return ce, aux
+
+
+def _real_rows(batch: dict) -> jax.Array:
+    """Rows that are not loader padding (padding rows are all zeros)."""
+    return jnp.any(batch["input_ids"] != 0, axis=1).sum()
+
+
+def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule):
+    """The update shared by both layouts: skip non-finite steps, else accumulate / clip /
+    AdamW at LR schedule(step). `totals` are the global loss, aux, n_tokens and n_rows."""
+    lr = schedule(state.step)
+    finite = jnp.isfinite(totals["loss"]) & jnp.isfinite(optax.tree.norm(grads))
+
+    def apply_update(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params, learning_rate=lr)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda p, o: (p, o),
+                                     state.params, state.opt_state)
+    skip = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped=state.skipped + skip,
+        consecutive_skips=(state.consecutive_skips + 1) * skip)
+    updated = optim.updates_applied(opt_state) > optim.updates_applied(state.opt_state)
+    metrics = {**totals, "lr": lr, "grad_norm": optim.last_grad_norm(opt_state),
+               "updated": updated, "update": optim.updates_applied(opt_state),
+               "skipped": new_state.skipped, "consecutive_skips": new_state.consecutive_skips}
+    return new_state, metrics
+
+
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                    schedule: Callable[[jax.Array], jax.Array],
-                    mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    schedule: Callable[[jax.Array], jax.Array], mesh: Mesh,
+                    shardings=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step; the incoming state's buffers are donated.
 
     One micro-batch: loss = masked mean CE + MoE aux; gradients go into the MultiSteps
@@ -89,9 +213,14 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     `schedule(step)`. A non-finite loss or gradient leaves params and optimizer state untouched
     (the micro-step still counts, so data position and schedule stay aligned) and is counted.
     Metrics: loss, aux, lr, grad_norm (of the latest update), updated, update, skipped,
-    consecutive_skips, n_tokens.
+    consecutive_skips, n_tokens, n_rows.
+
+    `shardings` (a TrainState of NamedShardings, e.g. `state_shardings(..., fsdp=True)`) selects
+    the sharded-state step; without it params and optimizer state are replicated.
     """
     model = MiniMind(config)
+    if shardings is not None:
+        return _sharded_state_step(model, optimizer, schedule, mesh, shardings)
     n_devices = mesh.shape[DATA_AXIS]
 
     def per_device(state: TrainState, batch: dict):
@@ -100,41 +229,41 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         params_local = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
 
         def objective(params):
-            logits_BTV, aux = model.apply({"params": params}, batch["input_ids"],
-                                          positions=batch.get("positions"),
-                                          segment_ids=batch.get("segment_ids"))
-            ce_share = masked_cross_entropy(logits_BTV, batch["labels"], batch["loss_mask"],
-                                            axis_name=DATA_AXIS)
+            ce_share, aux = _loss_terms(model, params, batch, DATA_AXIS)
             # pmean over devices of this objective is the global loss.
             return n_devices * ce_share + aux, (ce_share, aux)
 
         (_, (ce_share, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params_local)
         grads = jax.lax.pmean(grads, DATA_AXIS)
         aux = jax.lax.pmean(aux, DATA_AXIS)
-        loss = jax.lax.psum(ce_share, DATA_AXIS) + aux
-        n_tokens = jax.lax.psum(batch["loss_mask"].sum(), DATA_AXIS)
-
-        lr = schedule(state.step)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-
-        def apply_update(params, opt_state):
-            updates, opt_state = optimizer.update(grads, opt_state, params, learning_rate=lr)
-            return optax.apply_updates(params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(finite, apply_update, lambda p, o: (p, o),
-                                         state.params, state.opt_state)
-        skip = (~finite).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state,
-            skipped=state.skipped + skip,
-            consecutive_skips=(state.consecutive_skips + 1) * skip)
-        updated = optim.updates_applied(opt_state) > optim.updates_applied(state.opt_state)
-        metrics = {"loss": loss, "aux": aux, "lr": lr,
-                   "grad_norm": optim.last_grad_norm(opt_state), "updated": updated,
-                   "update": optim.updates_applied(opt_state), "skipped": new_state.skipped,
-                   "consecutive_skips": new_state.consecutive_skips, "n_tokens": n_tokens}
-        return new_state, metrics
+        totals = {"loss": jax.lax.psum(ce_share, DATA_AXIS) + aux, "aux": aux,
+                  "n_tokens": jax.lax.psum(batch["loss_mask"].sum(), DATA_AXIS),
+                  "n_rows": jax.lax.psum(_real_rows(batch), DATA_AXIS)}
+        return _apply_gradients(state, grads, totals, optimizer, schedule)
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                             out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0)
+
+
+def _sharded_state_step(model: MiniMind, optimizer, schedule, mesh: Mesh, shardings):
+    """The step on the global view (GSPMD): state laid out as `shardings`, batch split over
+    "data". Params are gathered whole for the forward pass (ZeRO-3); their gradients come
+    back in the params' layout, so the optimizer update runs on each device's shard only."""
+    whole = replicated(mesh)
+
+    def step(state: TrainState, batch: dict):
+        def objective(params):
+            params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: whole,
+                                                                           params))
+            ce, aux = _loss_terms(model, params, batch)
+            return ce + aux, aux
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        totals = {"loss": loss, "aux": aux, "n_tokens": batch["loss_mask"].sum(),
+                  "n_rows": _real_rows(batch)}
+        return _apply_gradients(state, grads, totals, optimizer, schedule)
+
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, whole), donate_argnums=0)
