@@ -16,9 +16,8 @@ import sys
 import time
 
 import jax
-import numpy as np
 
-from minimind_jax import checkpoint, optim
+from minimind_jax import checkpoint, distributed, optim
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 
@@ -107,7 +106,7 @@ def initial_params(args: argparse.Namespace, stage: Stage, config: ModelConfig):
 
 
 def _is_main_process() -> bool:
-    return jax.process_index() == 0
+    return distributed.is_main_process()
 
 
 def _say(message: str) -> None:
@@ -207,10 +206,11 @@ def _write_run_files(run_dir: pathlib.Path, config: ModelConfig, args: argparse.
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     from minimind_jax import cli
     from minimind_jax import step as train_step
-    from minimind_jax.loader import Loader, open_source
+    from minimind_jax.loader import Loader
     from minimind_jax.model import count_params
     from minimind_jax.tokenizer import load_tokenizer
 
+    distributed.initialize(args)  # before any other JAX call
     for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -224,9 +224,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     run_dir = run_dir_for(args.out_dir, stage, config)
 
     mesh = train_step.data_mesh()
-    source = open_source(args.data_path, tokenizer, stage.data_stage, config.max_seq_len,
-                         pack=args.pack, cache_dir=args.cache_dir,
-                         skip_bad_lines=args.skip_bad_lines)
+    source = _open_source_once(args, stage, tokenizer, config)
     loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=jax.local_device_count())
@@ -244,18 +242,13 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     optimizer = optim.make_optimizer(accumulation_steps=accumulation, grad_clip=args.grad_clip,
                                      weight_decay=args.weight_decay)
 
+    abstract = train_step.abstract_train_state(config, optimizer, mesh, fsdp=args.fsdp)
+    shardings = train_step.shardings_of(abstract)
     manager = checkpoint.open_manager(run_dir)
     elapsed_before = 0.0
     if args.resume:
-        from minimind_jax.model import init_params
-
         if manager.latest_step() is None:
             raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
-        abstract = jax.eval_shape(lambda: train_step.create_train_state(
-            init_params(config, jax.random.PRNGKey(0)), optimizer, args.seed))
-        sharding = train_step.replicated(mesh)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
         saved = checkpoint.restore_meta(manager)
         check_same_shape(ModelConfig.from_dict(saved["model_config"]), config,
                          f"{run_dir} (step {saved['step']})")
@@ -268,24 +261,30 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
         if manager.latest_step() is not None:
             _say(f"starting over: removing the previous checkpoints of {run_dir}")
             manager.close()
-            shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR)
+            distributed.barrier("train:checkpoints_seen")  # all decided before one deletes
+            if _is_main_process():
+                shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR)
+            distributed.barrier("train:checkpoints_removed")
             manager = checkpoint.open_manager(run_dir)
-        state = train_step.put_replicated(
-            train_step.create_train_state(params, optimizer, args.seed), mesh)
+        state = train_step.init_train_state(params, optimizer, args.seed, shardings)
+        del params
         epoch, batch = 0, 0
         _say(f"initial weights: {origin}")
     start_step = int(train_step.to_host(state.step))
     if _is_main_process():
         _write_run_files(run_dir, config, args, tokenizer_dir)
     n_params = count_params(state.params)
-    _say(f"model parameters: {n_params / 1e6:.3f} M ({n_params:,}); {len(mesh.devices)} "
-         f"device(s) {jax.devices()[0].platform}; dtype {config.dtype}; run folder {run_dir}")
+    _say(f"model parameters: {n_params / 1e6:.3f} M ({n_params:,}); {mesh.devices.size} "
+         f"device(s) {jax.devices()[0].platform} in {jax.process_count()} process(es); "
+         f"dtype {config.dtype}; run folder {run_dir}")
+    _say(_layout_line(state, args.fsdp, mesh.devices.size))
     _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
 
     log = RunLog(run_dir, start_step, total_steps, _is_main_process())
-    step_fn = train_step.make_train_step(config, optimizer, schedule, mesh)
+    step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
+                                         shardings=shardings if args.fsdp else None)
     try:
         state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
                             schedule, start=(start_step, epoch, batch), total_steps=total_steps,
@@ -298,6 +297,36 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
          f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
          f"{run_dir / checkpoint.CHECKPOINT_DIR}")
     return 0
+
+
+def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
+    """The training rows; with several processes, process 0 builds a missing token cache
+    first, so the others find it (shared storage) instead of racing on it."""
+    from minimind_jax.loader import open_source
+
+    def open_it(quiet: bool):
+        return open_source(args.data_path, tokenizer, stage.data_stage, config.max_seq_len,
+                           pack=args.pack, cache_dir=args.cache_dir,
+                           skip_bad_lines=args.skip_bad_lines,
+                           progress=False if quiet else None,
+                           log=(lambda message: None) if quiet else None)
+
+    if _is_main_process():
+        source = open_it(quiet=False)
+    distributed.barrier("train:token_cache")
+    return source if _is_main_process() else open_it(quiet=True)
+
+
+def _layout_line(state, fsdp: bool, n_devices: int) -> str:
+    """Where params and optimizer state live, with this device's share of the params."""
+    from minimind_jax import step as train_step
+
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    local = train_step.local_bytes(state.params)
+    layout = (f"fsdp: params and optimizer state sharded over {n_devices} device(s)" if fsdp
+              else "params and optimizer state replicated on every device")
+    return (f"{layout}; params per device {local / 2**20:.3f} MiB of {total / 2**20:.3f} MiB "
+            f"({100 * local / total:.1f}%)")
 
 
 class TooManySkips(Exception):
@@ -344,9 +373,8 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
             epoch_clock.update(epoch=epoch, start=time.time(), first=batch)
             for b, host_batch in enumerate(loader.epoch(epoch, start_batch=batch), start=batch):
                 state, metrics = step_fn(state, train_step.put_batch(host_batch, mesh))
-                rows = int(np.any(host_batch["input_ids"] != 0, axis=1).sum())
                 info = {"step": step, "epoch": epoch, "batch": b,
-                        "tokens": rows * host_batch["input_ids"].shape[1]}
+                        "seq_len": host_batch["input_ids"].shape[1]}
                 step += 1
                 position = (epoch + 1, 0) if b + 1 >= batches else (epoch, b + 1)
                 log.advance()
@@ -373,7 +401,8 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
 def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, run_start,
               elapsed_before):
     """Turn one step's fetched metrics into a record (and a line) if it is a logged step."""
-    window["tokens"] += info["tokens"]
+    # Rows of the global batch (other processes load the other rows).
+    window["tokens"] += int(metrics["n_rows"]) * info["seq_len"]
     if info["batch"] % args.log_interval:
         return
     now = time.time()
@@ -458,6 +487,11 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--max_consecutive_skips", type=int, default=20,
                    help="stop (with a checkpoint) after this many micro-steps in a row with a "
                         "non-finite loss or gradient; single ones are skipped and counted")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard params and optimizer state over all devices (each holds about "
+                        "1/N; params are gathered for each step) instead of replicating them: "
+                        "for models whose training state does not fit on one device; same "
+                        "results. Checkpoints load into either layout")
 
 
 def register(subparsers) -> None:
@@ -480,4 +514,5 @@ def register(subparsers) -> None:
                         "events and orbax checkpoints into the run folder.")
         _add_train_args(parser, stage)
         cli.add_model_args(parser)
+        distributed.add_distributed_args(parser)
         parser.set_defaults(func=lambda args, stage=stage: run_stage(args, stage))
