@@ -1,0 +1,240 @@
+"""Multi-process data parallel (jax.distributed over gloo) and --fsdp, against one device.
+
+Every run trains the same tiny model for 10 micro-steps of global batch 8 through the CLI; the
+reference is one process on one device with replicated params. Children are spawned (device
+counts and the distributed runtime are per process); the pair talks through a coordinator on
+127.0.0.1 and gloo CPU collectives.
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from minimind_jax import checkpoint, cli, distributed
+from minimind_jax import step as train_step
+from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
+
+STEPS = 10
+
+# A CLI run, then (with --resume) this process's own multi-process restore_params of the run.
+CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import numpy as np
+from minimind_jax import checkpoint, cli
+argv = sys.argv[1:]
+code = cli.main(argv)
+if code == 0 and "--resume" in argv:
+    params, _ = checkpoint.restore_params(argv[argv.index("--out_dir") + 1] + "/pretrain_64")
+    sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
+    print("RESTORED " + json.dumps({"process": jax.process_index(), "sums": sums}))
+sys.exit(code)
+"""
+
+# The --fsdp run, its resume from step 6, then the final state restored into the sharded
+# layout: bytes each device holds.
+FSDP_CHILD = """
+import json, pathlib, shutil, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from minimind_jax import checkpoint, cli, optim
+from minimind_jax import step as train_step
+argv = sys.argv[1:]
+run_dir = pathlib.Path(argv[argv.index("--out_dir") + 1]) / "pretrain_64"
+assert cli.main(argv) == 0
+shutil.copy(run_dir / "metrics.jsonl", run_dir.parent / "straight.jsonl")
+for step in (9, 10):
+    shutil.rmtree(run_dir / "checkpoints" / str(step))
+assert cli.main(argv + ["--resume"]) == 0
+
+config = checkpoint.restore_params(run_dir)[1]
+optimizer = optim.make_optimizer(accumulation_steps=2)
+abstract = train_step.abstract_train_state(config, optimizer, train_step.data_mesh(), fsdp=True)
+with checkpoint.open_manager(run_dir, create=False) as manager:
+    state, _ = checkpoint.restore_train_state(manager, abstract)
+per_device = {}
+for leaf in jax.tree.leaves(state.params):
+    for shard in leaf.addressable_shards:
+        per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+print("LAYOUT " + json.dumps({
+    "params_per_device": per_device,
+    "opt_state_local": train_step.local_bytes(state.opt_state),
+    "opt_state_total": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
+    "specs": [str(x.sharding.spec) for x in jax.tree.leaves(state.params)],
+    "shapes": [list(x.shape) for x in jax.tree.leaves(state.params)]}))
+"""
+
+
+def argv(out_dir, cache_dir, *extra):
+    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
+            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
+            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+            "--dtype", "float32", "--batch_size", "8", "--accumulation_steps", "2",
+            "--learning_rate", "1e-3", "--log_interval", "1", "--seed", "3",
+            "--max_steps", str(STEPS), "--save_interval", "3", *extra]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def max_param_diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_same_run(expected, actual, atol):
+    """Same steps and updates; losses and grad norms within atol. Returns the max loss diff."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for a, b in zip(expected, actual, strict=True):
+        assert b["update"] == a["update"], a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=atol), a["step"]
+        assert ("grad_norm" in b) == ("grad_norm" in a)
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=atol), a["step"]
+    return max(abs(a["loss"] - b["loss"]) for a, b in zip(expected, actual, strict=True))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, one device, replicated: metrics and final params."""
+    out = tmp_path_factory.mktemp("one")
+    assert cli.main(argv(out, out / "cache")) == 0
+    run_dir = out / "pretrain_64"
+    return records(run_dir / "metrics.jsonl"), checkpoint.restore_params(run_dir)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pair(args, devices_per_process=2, timeout=300):
+    """Both processes of a 2-process run on this host; (stdout, stderr) of each."""
+    address = f"127.0.0.1:{free_port()}"
+    children = [subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args, "--coordinator_address", address,
+         "--num_processes", "2", "--process_id", str(rank)],
+        env=subprocess_env(devices_per_process), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs = [child.communicate(timeout=timeout) for child in children]
+    finally:
+        for child in children:  # a survivor would wait for its peer until jax's timeout
+            child.kill()
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, out[-2000:] + err[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, reference):
+    expected, expected_params = reference
+    run_dir = tmp_path / "pair" / "pretrain_64"
+    args = argv(tmp_path / "pair", tmp_path / "cache")  # own cache: process 0 builds it
+    (out0, _), (out1, err1) = run_pair(args)
+
+    assert "4 device(s) cpu in 2 process(es)" in out0
+    assert sum(line.startswith("Epoch:[1/1]") for line in out0.splitlines()) == STEPS
+    # Only process 0 speaks and writes metrics (once per step; process 1 would duplicate).
+    assert "Epoch:" not in out1 and "model parameters" not in out1 and "prepared" not in err1
+    straight = records(run_dir / "metrics.jsonl")
+    loss_diff = assert_same_run(expected, straight, 1e-5)
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [6, 9, 10]
+
+    for step in (9, 10):  # resume from step 6, written by the pair
+        shutil.rmtree(run_dir / "checkpoints" / str(step))
+    (out0, _), (out1, _) = run_pair([*args, "--resume"])
+    assert "resuming" in out0 and "at step 6 (epoch 1, batch 6)" in out0
+    resumed = records(run_dir / "metrics.jsonl")
+    resume_diff = assert_same_run(straight, resumed, 1e-6)
+    params = checkpoint.restore_params(run_dir)[0]
+    param_diff = max_param_diff(expected_params, params)
+    assert param_diff < 1e-5, param_diff
+
+    # restore_params in each process of the pair equals it in this one.
+    sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
+    for out in (out0, out1):
+        restored = json.loads(out.split("RESTORED ", 1)[1].splitlines()[0])
+        np.testing.assert_allclose(restored["sums"], sums, rtol=0, atol=0)
+    print(f"2 processes x 2 devices vs 1 device: max |loss| {loss_diff:.2e}, final params "
+          f"{param_diff:.2e}; resumed vs straight: max |loss| {resume_diff:.2e}")
+
+
+@pytest.mark.slow
+def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, reference):
+    expected, expected_params = reference
+    out = tmp_path / "fsdp"
+    child = subprocess.run([sys.executable, "-c", FSDP_CHILD,
+                            *argv(out, tmp_path / "cache", "--fsdp")],
+                           env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+    assert "fsdp: params and optimizer state sharded over 4 device(s)" in child.stdout
+    assert "(25.0%)" in child.stdout
+
+    straight = records(out / "straight.jsonl")
+    loss_diff = assert_same_run(expected, straight, 1e-5)
+    resume_diff = assert_same_run(straight, records(out / "pretrain_64" / "metrics.jsonl"), 1e-6)
+    param_diff = max_param_diff(expected_params, checkpoint.restore_params(out / "pretrain_64")[0])
+    assert param_diff < 1e-5, param_diff
+
+    layout = json.loads(child.stdout.split("LAYOUT ", 1)[1].splitlines()[0])
+    total = sum(4 * np.prod(shape) for shape in layout["shapes"])  # float32
+    # Each device: a quarter of every sharded leaf, all of the few small replicated ones.
+    expected_share = sum(4 * np.prod(shape) / (4 if "data" in spec else 1)
+                         for shape, spec in zip(layout["shapes"], layout["specs"], strict=True))
+    per_device = layout["params_per_device"]
+    assert sorted(per_device) == ["0", "1", "2", "3"]
+    assert all(v == expected_share for v in per_device.values()), (per_device, expected_share)
+    share = expected_share / total
+    assert 0.25 <= share < 0.251, share
+    opt_share = layout["opt_state_local"] / layout["opt_state_total"]
+    assert 0.25 <= opt_share < 0.251, opt_share
+    print(f"fsdp 4 devices vs replicated 1 device: max |loss| {loss_diff:.2e}, final params "
+          f"{param_diff:.2e}; resumed vs straight {resume_diff:.2e}; params per device "
+          f"{per_device['0']:,} of {total:,} bytes ({100 * share:.2f}%), optimizer state "
+          f"{100 * opt_share:.2f}%")
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+    assert train_step.fsdp_spec((6400, 64), 4) == jax.sharding.PartitionSpec("data", None)
+    assert train_step.fsdp_spec((64, 192), 4) == jax.sharding.PartitionSpec(None, "data")
+    assert train_step.fsdp_spec((64, 64), 4) == jax.sharding.PartitionSpec("data", None)
+    assert train_step.fsdp_spec((6, 1000), 4) == jax.sharding.PartitionSpec(None, "data")
+    assert train_step.fsdp_spec((8, 1001), 4) == jax.sharding.PartitionSpec("data", None)
+    assert train_step.fsdp_spec((6, 1001), 4) == jax.sharding.PartitionSpec()  # indivisible
+    assert train_step.fsdp_spec((64,), 4) == jax.sharding.PartitionSpec()  # small
+    assert train_step.fsdp_spec((6400, 64), 1) == jax.sharding.PartitionSpec()
+
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+              "SLURM_LOCALID")
+
+
+def test_cluster_detection_follows_jax(monkeypatch):
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() is None
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs single-process
+    assert distributed.detected_cluster() is None
+
+
+def test_incomplete_multi_process_flags_are_a_user_error(tmp_path, capsys):
+    code = cli.main(argv(tmp_path, tmp_path / "cache", "--num_processes", "2",
+                         "--process_id", "0"))
+    assert code == 2
+    assert "cannot start the multi-process run" in capsys.readouterr().err
