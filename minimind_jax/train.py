@@ -311,10 +311,13 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None)
 
-    if _is_main_process():
-        source = open_it(quiet=False)
-    distributed.barrier("train:token_cache")
-    return source if _is_main_process() else open_it(quiet=True)
+    if not _is_main_process():
+        distributed.barrier("train:token_cache")
+        return open_it(quiet=True)  # bad data fails here too, with the same UserError
+    try:
+        return open_it(quiet=False)
+    finally:
+        distributed.barrier("train:token_cache")  # reached on failure too: nobody hangs
 
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
