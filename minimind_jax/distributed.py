@@ -57,22 +57,33 @@ def detected_cluster() -> str | None:
             if env.opt_in_only_method or not env.is_env_present():
                 continue
             # The first present environment is the one jax.distributed.initialize() would use.
-            return (env.name or env.__name__) if env.get_process_count() > 1 else None
+            name = env.name or env.__name__
+            try:
+                count = env.get_process_count()
+            except Exception as err:  # e.g. a Kubernetes pod outside a JobSet
+                raise UserError(f"jax detected a {name} environment but cannot read its "
+                                f"process count ({err}); pass --num_processes 1 to train in this "
+                                "process alone, or --coordinator_address, --num_processes and "
+                                "--process_id") from None
+            return name if count > 1 else None
     return None
 
 
 def initialize(args: argparse.Namespace) -> bool:
     """Start jax.distributed if this run has several processes; True when it does.
 
-    Explicit flags win; otherwise jax's auto-detection decides. Must run before any other JAX
-    call of the process (those initialise the single-process backend). A no-op when jax's
-    distributed runtime is already up.
+    Explicit flags win (`--num_processes 1` alone keeps the process on its own); otherwise
+    jax's auto-detection decides. Must run before any other JAX call of the process (those
+    initialise the single-process backend). A no-op when jax's distributed runtime is up.
     """
     if jax.distributed.is_initialized():
         return True
     explicit = {name: getattr(args, name, None) for name in
                 ("coordinator_address", "num_processes", "process_id", "local_device_ids")}
     explicit = {name: value for name, value in explicit.items() if value is not None}
+    if explicit.get("num_processes") == 1 and explicit.get("process_id", 0) == 0 \
+            and "coordinator_address" not in explicit:
+        return False  # asked to stay single-process, whatever the environment says
     if not explicit and detected_cluster() is None:
         return False
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:

@@ -6,6 +6,7 @@ counts and the distributed runtime are per process); the pair talks through a co
 127.0.0.1 and gloo CPU collectives.
 """
 
+import argparse
 import json
 import shutil
 import socket
@@ -229,6 +230,8 @@ def test_cluster_detection_follows_jax(monkeypatch):
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     assert distributed.detected_cluster() == "slurm"
+    flags = argparse.Namespace(num_processes=1)  # the way out: stay single-process
+    assert distributed.initialize(flags) is False and not jax.distributed.is_initialized()
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs single-process
     assert distributed.detected_cluster() is None
 
