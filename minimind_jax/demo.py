@@ -48,7 +48,7 @@ class DemoPlan:
 
 PLANS = {
     "full": DemoPlan(
-        n_idioms=9000, vocab_size=4000, character_coverage=0.995,
+        n_idioms=8000, vocab_size=4000, character_coverage=0.995,
         model_flags=("--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2",
                      "--max_seq_len", "128"),
         pretrain_flags=("--epochs", "2", "--batch_size", "32", "--accumulation_steps", "1",
@@ -284,6 +284,6 @@ def register(subparsers) -> None:
                         help="a seconds-long smoke run (tiny corpus and model; the answers are "
                              "noise)")
     parser.add_argument("--idioms", type=int, default=None,
-                        help="idioms in the corpus (default: 9000; 300 with --tiny)")
+                        help="idioms in the corpus (default: 8000; 300 with --tiny)")
     parser.add_argument("--seed", type=int, default=0, help="corpus sampling and training seed")
     parser.set_defaults(func=run_demo)
