@@ -284,6 +284,6 @@ def register(subparsers) -> None:
                         help="a seconds-long smoke run (tiny corpus and model; the answers are "
                              "noise)")
     parser.add_argument("--idioms", type=int, default=None,
-                        help="idioms in the corpus (default: 8000; 300 with --tiny)")
+                        help="idioms in the corpus (unset: 8000, or 300 with --tiny)")
     parser.add_argument("--seed", type=int, default=0, help="corpus sampling and training seed")
     parser.set_defaults(func=run_demo)
