@@ -53,8 +53,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                         "(master weights, logits and softmax stay float32)")
-    g.add_argument("--attention_impl", choices=("auto", "xla", "cudnn"), default="auto",
-                   help="jax.nn.dot_product_attention implementation (auto: cuDNN on GPU)")
+    g.add_argument("--attention_impl", choices=("auto", "xla", "cudnn", "chunked"),
+                   default="auto",
+                   help="attention kernel: auto = chunked causal blocks on CPU, cuDNN on GPU "
+                        "(bf16, even lengths, no packing), else XLA's dot_product_attention")
     g.add_argument("--remat", action="store_true", help="rematerialise each block in backward")
     g.add_argument("--scan_layers", action="store_true",
                    help="compile one layer body and scan it (faster compiles for deep models)")

@@ -42,7 +42,9 @@ class ModelConfig:
     # Numerics and compilation.
     dtype: str = "float32"  # compute dtype of matmuls/activations
     param_dtype: str = "float32"  # master weights
-    attention_impl: str = "auto"  # "auto" (cuDNN on GPU where it applies) | "xla" | "cudnn"
+    # "auto": chunked on CPU, cuDNN on GPU where it applies, else XLA | "xla" | "cudnn" |
+    # "chunked" (causal attention in query blocks, skipping fully masked key ranges)
+    attention_impl: str = "auto"
     remat: bool = False
     scan_layers: bool = False
 
@@ -65,8 +67,9 @@ class ModelConfig:
             errors.append("dropout > 0 is not supported (the reference trains with 0.0)")
         if self.moe_impl not in ("auto", "ragged", "blocked", "dense"):
             errors.append(f"moe_impl must be auto|ragged|blocked|dense, got {self.moe_impl!r}")
-        if self.attention_impl not in ("xla", "cudnn", "auto"):
-            errors.append(f"attention_impl must be xla|cudnn|auto, got {self.attention_impl!r}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "chunked"):
+            errors.append("attention_impl must be auto|xla|cudnn|chunked, "
+                          f"got {self.attention_impl!r}")
         if errors:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
 
