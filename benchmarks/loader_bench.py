@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 TOKENIZER = REPO / "tests" / "fixtures" / "minimind_tokenizer"
 
 
-def write_corpora(folder: pathlib.Path, n_docs: int, seed: int = 0):
-    """Short pretrain documents (5..200 characters) and 1..2-turn conversations."""
+def write_corpora(folder: pathlib.Path, n_docs: int, seed: int = 0, max_chars: int = 200):
+    """Short pretrain documents (5..max_chars characters) and 1..2-turn conversations."""
     texts = [json.loads(line)["text"] for line in (REPO / "tests/fixtures/pretrain.jsonl").open()]
     source = "\n".join(texts)
     rng = random.Random(seed)
@@ -43,7 +43,7 @@ def write_corpora(folder: pathlib.Path, n_docs: int, seed: int = 0):
     pretrain, sft = folder / "short_docs.jsonl", folder / "short_sft.jsonl"
     with pretrain.open("w") as f:
         for _ in range(n_docs):
-            f.write(json.dumps({"text": excerpt(5, 200)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"text": excerpt(5, max_chars)}, ensure_ascii=False) + "\n")
     with sft.open("w") as f:
         for _ in range(n_docs):
             turns = [{"role": r, "content": excerpt(5, 150)}
