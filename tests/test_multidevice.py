@@ -63,6 +63,10 @@ def test_four_devices_match_one_device(tmp_path, extra):
     params_four, _ = checkpoint.restore_params(tmp_path / "four" / "pretrain_64")
     worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
                 zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True))
-    assert worst < 1e-5, worst
+    # Losses must agree to 1e-5 (above). Weights get a little more room: Adam's first updates
+    # are ~lr * g/|g| whatever |g| is, so an embedding row whose gradient is near eps (1e-8)
+    # turns reassociation noise of 1e-10 in g into ~1e-5 of weight (seen: 1.8e-5 with the
+    # YNNPACK dot fusions on). A per-device-mean loss is off by 2.25 at step 0 (6.77 vs 9.02).
+    assert worst < 5e-5, worst
     loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, four, strict=True))
     print(f"{len(one)} steps: max |loss 4 dev - 1 dev| {loss_diff:.2e}, max |param| {worst:.2e}")
