@@ -1,8 +1,8 @@
 """The one CLI parser builder: `minimind-jax <command> ...` (and `python train.py <command>`).
 
 Each command lives in its own module, which exposes `register(subparsers)`; that function adds
-its sub-parser and sets `func(args) -> int | None` as the default. Modules are imported only
-when the parser is built, so a broken optional dependency breaks only its own command.
+its sub-parser and sets `func(args) -> int | None` as the default. Modules are imported when
+the parser is built; heavy or optional imports (torch, matplotlib) stay inside the commands.
 """
 
 from __future__ import annotations
@@ -103,13 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"minimind_jax.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"minimind_jax.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"minimind_jax.{name}").register(sub)
     return parser
 
 
