@@ -28,7 +28,6 @@ from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_cache
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct compilations
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,26 +210,16 @@ class TextStreamer:
 
 
 def load_model(ckpt: str, args: argparse.Namespace) -> tuple[dict, ModelConfig]:
-    """Our checkpoint directory (via checkpoint.restore_params) or a reference weights file."""
-    from minimind_jax import cli
+    """Our run/checkpoint folder or a reference weights file (shapes read from the weights),
+    computing in the dtype `--dtype` asks for."""
+    from minimind_jax import cli, convert
 
     path = pathlib.Path(ckpt)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
-        from minimind_jax import convert
-
-        state_dict = convert.load_state_dict(path)
-        base = cli.model_config_from_args(args)
-        config = cli.model_config_from_args(args, base=convert.infer_config(state_dict, base))
-        params = convert.params_from_state_dict(state_dict, config, source=str(path))
-    else:
-        from minimind_jax import checkpoint
-
-        params, config = checkpoint.restore_params(path)
-        config = config.replace(dtype=cli.resolve_dtype(getattr(args, "dtype", "auto")))
-    params = jax.tree.map(jnp.asarray, params)
-    return params, config
+    params, config = convert.load_params_any(path, cli.model_config_from_args(args))
+    config = config.replace(dtype=cli.resolve_dtype(getattr(args, "dtype", "auto")))
+    return jax.tree.map(jnp.asarray, params), config
 
 
 def resolve_tokenizer_dir(args: argparse.Namespace) -> str:
