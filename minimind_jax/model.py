@@ -301,22 +301,27 @@ class ScannedBlock(nn.Module):
         return x_BTD, (aux, new_cache)
 
 
-def _attention_mask(segment_ids_BT, cache, T: int):
-    """Boolean [B, 1, T, S] mask, or None when plain causal attention is enough."""
-    if cache is None:
-        if segment_ids_BT is None:
-            return None
-        causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        return (same_BTT & causal_TT)[:, None]
+def _segment_mask(segment_ids_BT):
+    """Boolean [B, 1, T, T] causal mask within equal segment ids, or None for plain causal."""
+    if segment_ids_BT is None:
+        return None
+    T = segment_ids_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return (same_BTT & causal_TT)[:, None]
+
+
+def _cache_mask(segment_ids_BT, cache):
+    """([B, 1, T, S] mask over the cache slots, the cache's segment ids with the new T written)."""
+    T = segment_ids_BT.shape[1]
     S = cache["segment_ids"].shape[1]
     q_slot_T = cache["index"] + jnp.arange(T)
     k_slot_S = jnp.arange(S)
-    seg_q_BT = segment_ids_BT
-    seg_k_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg_q_BT,
+    seg_k_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BT,
                                                    cache["index"], axis=1)
     causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
-    same_BTS = (seg_q_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
+    same_BTS = ((segment_ids_BT[:, :, None] == seg_k_BS[:, None, :])
+                & (seg_k_BS[:, None, :] != 0))
     # Every query may see itself, so padded queries never get an all-masked (NaN) row.
     self_TS = k_slot_S[None, :] == q_slot_T[:, None]
     return ((same_BTS & causal_TS) | self_TS)[:, None], seg_k_BS
@@ -349,11 +354,11 @@ class MiniMind(nn.Module):
         if cache is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((B, T), jnp.int32)
-            mask_B1TS, new_segment_ids = _attention_mask(segment_ids, cache, T)
+            mask_B1TS, new_segment_ids = _cache_mask(segment_ids, cache)
             layer_caches = {"k": cache["k"], "v": cache["v"],
                             "index": jnp.broadcast_to(cache["index"], (cfg.n_layers,))}
         else:
-            mask_B1TS = _attention_mask(segment_ids, None, T)
+            mask_B1TS = _segment_mask(segment_ids)
             layer_caches = None
 
         if cfg.scan_layers:
