@@ -46,6 +46,9 @@ def run_epoch(data: pathlib.Path, out: pathlib.Path, args, pack: bool) -> dict:
 
 
 def main() -> None:
+    from minimind_jax.host_memory import reexec_with_hugepages
+
+    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_docs", type=int, default=1000)

@@ -12,6 +12,7 @@ import numpy as np
 
 from minimind_jax.bench import run_bench
 from minimind_jax.config import preset
+from minimind_jax.host_memory import reexec_with_hugepages
 from minimind_jax.model import MiniMind, init_params
 
 
@@ -25,6 +26,7 @@ def scan_compile_seconds(config) -> float:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
     for name in ("minimind2-small", "minimind2"):
         print(f"== {name}", flush=True)
         run_bench(preset(name).replace(dtype="bfloat16"), 64, 512, steps=5, warmup=2,

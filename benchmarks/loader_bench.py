@@ -76,6 +76,9 @@ def time_steps(step_fn, state, batches, mesh, put_batch) -> tuple[float, float, 
 
 
 def main() -> None:
+    from minimind_jax.host_memory import reexec_with_hugepages
+
+    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=20000, help="documents per corpus")

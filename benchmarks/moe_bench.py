@@ -32,6 +32,9 @@ def time_fwd_bwd(config, params, ids, repeats):
 
 
 def main():
+    from minimind_jax.host_memory import reexec_with_hugepages
+
+    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dim", type=int, default=640)
     parser.add_argument("--n_layers", type=int, default=2)

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from minimind_jax import host_memory
 from minimind_jax.config import ModelConfig
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
@@ -32,6 +33,7 @@ class StepStats:
     compile_s: float
     tokens_per_s: float
     peak_bytes: int | None
+    page_faults_per_step: float  # host minor faults: memory the allocator handed back and refetched
 
 
 def model_flops_per_token(n_params: int, config: ModelConfig, seq_len: int) -> float:
@@ -69,6 +71,25 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
+def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> StepStats:
+    """Time the first call (compile), `warmup` more, then the median of `steps` calls."""
+    start = time.perf_counter()
+    one_step()
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        one_step()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+    step_s = float(np.median(times))
+    return StepStats(name, step_s, first_s, batch["input_ids"].size / step_s,
+                     _peak_memory_bytes(), faults)
+
+
 def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
     """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
     from minimind_jax import optim
@@ -84,23 +105,12 @@ def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tupl
     step_fn = train_step.make_train_step(config, optimizer, schedule, mesh)
     device_batch = train_step.put_batch(batch, mesh)
 
-    start = time.perf_counter()
-    state, metrics = step_fn(state, device_batch)
-    jax.block_until_ready(metrics["loss"])
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        state, metrics = step_fn(state, device_batch)
-    jax.block_until_ready(metrics["loss"])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    def one_step():
+        nonlocal state
         state, metrics = step_fn(state, device_batch)
         jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
-    tokens = batch["input_ids"].size
-    stats = StepStats("jax", step_s, compile_s, tokens / step_s, _peak_memory_bytes())
-    return stats, n_params
+
+    return _time_steps("jax", one_step, batch, steps, warmup), n_params
 
 
 def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
@@ -144,19 +154,10 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
             torch.cuda.synchronize()
         return loss
 
-    start = time.perf_counter()
-    one_step()
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        one_step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+    stats = _time_steps("torch-eager", one_step, batch, steps, warmup)
+    # On CPU the process's peak RSS is JAX's as much as torch's, so none is claimed for torch.
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return StepStats("torch-eager", step_s, first_s, batch["input_ids"].size / step_s, peak)
+    return dataclasses.replace(stats, peak_bytes=peak)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -172,6 +173,9 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     peak = measured_peak_flops(peak_dtype, 2048 if backend == "cpu" else 8192)
     print(f"device: {device.device_kind} x{jax.device_count()} ({backend}); "
           f"measured {peak_dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    hugepages = host_memory.hugepages_active()
+    print("host malloc: " + ("transparent huge pages (glibc.malloc.hugetlb=1)" if hugepages
+                             else f"default pages (see {host_memory.__name__})"))
     known = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device.device_kind), None)
     if backend == "gpu" and known:
         print(f"  datasheet dense bf16 peak: {known:.0f} TFLOP/s")
@@ -184,7 +188,8 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     flops_per_token = model_flops_per_token(n_params, config, seq_len)
     results = {"device": device.device_kind, "backend": backend, "peak_flops": peak,
                "n_params": n_params, "flops_per_token": flops_per_token,
-               "batch_size": batch_size, "seq_len": seq_len, "config": config.to_dict()}
+               "batch_size": batch_size, "seq_len": seq_len, "config": config.to_dict(),
+               "host_hugepages": hugepages}
     runs = [ours]
     if with_torch:
         theirs = bench_torch(config, batch, steps, warmup, config.dtype)
@@ -199,7 +204,7 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
             sheet = ""
         print(f"  {run.name:12s} {run.tokens_per_s:10.0f} tokens/s  step {run.step_s * 1e3:8.1f} ms"
               f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
-              f"  MFU {mfu:.1%}{sheet}")
+              f"  page faults/step {run.page_faults_per_step:,.0f}  MFU {mfu:.1%}{sheet}")
         results[run.name] = dataclasses.asdict(run) | {"mfu": mfu}
     if len(runs) == 2:
         ratio = runs[0].tokens_per_s / runs[1].tokens_per_s
@@ -237,4 +242,4 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, host_hugepages=True)

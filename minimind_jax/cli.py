@@ -1,8 +1,9 @@
 """The one CLI parser builder: `minimind-jax <command> ...` (and `python train.py <command>`).
 
 Each command lives in its own module, which exposes `register(subparsers)`; that function adds
-its sub-parser and sets `func(args) -> int | None` as the default. Modules are imported when
-the parser is built; heavy or optional imports (torch, matplotlib) stay inside the commands.
+its sub-parser and sets `func(args) -> int | None` as the default, and `host_hugepages=True` if
+the command trains (see host_memory.py). Modules are imported when the parser is built; heavy or
+optional imports (torch, matplotlib) stay inside the commands.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from minimind_jax import host_memory
 from minimind_jax.config import PRESETS, ModelConfig
 from minimind_jax.errors import UserError
 
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and getattr(args, "host_hugepages", False):
+        host_memory.reexec_with_hugepages()  # a real process entry only, not in-process calls
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -518,4 +518,5 @@ def register(subparsers) -> None:
         _add_train_args(parser, stage)
         cli.add_model_args(parser)
         distributed.add_distributed_args(parser)
-        parser.set_defaults(func=lambda args, stage=stage: run_stage(args, stage))
+        parser.set_defaults(func=lambda args, stage=stage: run_stage(args, stage),
+                            host_hugepages=True)
