@@ -176,8 +176,7 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     print(f"device: {device.device_kind} x{jax.device_count()} ({backend}); "
           f"measured {peak_dtype} matmul peak {peak_before / 1e9:.1f} GFLOP/s")
     hugepages = host_memory.hugepages_active()
-    print("host malloc: " + ("transparent huge pages (glibc.malloc.hugetlb=1)" if hugepages
-                             else f"default pages (see {host_memory.__name__})"))
+    print(host_memory.describe())
     known = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device.device_kind), None)
     if backend == "gpu" and known:
         print(f"  datasheet dense bf16 peak: {known:.0f} TFLOP/s")

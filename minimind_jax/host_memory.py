@@ -78,3 +78,11 @@ def reexec_with_hugepages() -> None:
 def hugepages_active(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process was started with the hugetlb tunable."""
     return "glibc.malloc.hugetlb=1" in environ.get("GLIBC_TUNABLES", "")
+
+
+def describe() -> str:
+    """One line for logs: which pages malloc uses in this process."""
+    if hugepages_active():
+        return "host malloc: transparent huge pages (glibc.malloc.hugetlb=1)"
+    return ("host malloc: default pages (huge pages need the CLI's re-exec on glibc 2.35+ with "
+            f"THP in madvise mode, and {ENV_SWITCH} unset)")

@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from minimind_jax import checkpoint, distributed, optim
+from minimind_jax import checkpoint, distributed, host_memory, optim
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 
@@ -278,6 +278,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
          f"device(s) {jax.devices()[0].platform} in {jax.process_count()} process(es); "
          f"dtype {config.dtype}; run folder {run_dir}")
     _say(_layout_line(state, args.fsdp, mesh.devices.size))
+    _say(host_memory.describe())
     _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
