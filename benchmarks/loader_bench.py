@@ -5,8 +5,8 @@ folder it prints:
   1. ms per batch to build batches from the token cache (unpacked, packed, SFT);
   2. padding fraction and rows per epoch, unpacked vs packed;
   3. train-step time: the same batch fed again and again (no loading) vs batches from the
-     Loader with background prefetch vs without prefetch, and the effective (supervised)
-     tokens/s, unpacked vs packed.
+     Loader with background prefetch vs without prefetch (interleaved blocks, median over
+     rounds), and the effective (supervised) tokens/s, unpacked vs packed.
 
     python benchmarks/loader_bench.py                 # CPU: a tiny model
     python benchmarks/loader_bench.py --preset ...    # accelerator: a real one
@@ -20,6 +20,7 @@ import json
 import pathlib
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -84,7 +85,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=20000, help="documents per corpus")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_seq_len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20, help="timed train steps per case")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of timed blocks")
+    parser.add_argument("--block", type=int, default=8, help="train steps per case per round")
     parser.add_argument("--preset", default=None, help="model preset (default: tiny dim 64)")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -130,23 +132,32 @@ def main() -> None:
         print(f"model: dim {config.dim}, {config.n_layers} layers, dtype {config.dtype}")
         for name in ("unpacked", "packed"):
             source = sources[name]
-            fixed = Loader(source, args.batch_size, prefetch=0)
-            batch = next(fixed.epoch(0))
+            batch = next(Loader(source, args.batch_size, prefetch=0).epoch(0))
             # Compile and warm up on this batch shape.
             _, _, state = time_steps(step_fn, state, [batch] * 3, mesh, train_step.put_batch)
-            s_fixed, _, state = time_steps(step_fn, state, [batch] * args.steps, mesh,
-                                           train_step.put_batch)
-            rows = {}
+            # Rounds of blocks, one block per case in turn, so that drift of a shared machine
+            # hits every case alike; the median over rounds of each case's ms per step counts.
+            feeds = {"fixed batch": itertools.repeat(batch)}
             for prefetch in (2, 0):
                 loader = Loader(source, args.batch_size, seed=1, prefetch=prefetch)
-                batches = itertools.islice(loader.epoch(0), args.steps)
-                rows[prefetch] = time_steps(step_fn, state, batches, mesh,
-                                            train_step.put_batch)
-                state = rows[prefetch][2]
-            print(f"  {name:8s}: step {s_fixed * 1e3:.1f} ms with a fixed batch, "
-                  f"{rows[2][0] * 1e3:.1f} ms from the loader with prefetch, "
-                  f"{rows[0][0] * 1e3:.1f} ms without prefetch; effective "
-                  f"{rows[2][1]:,.0f} supervised tokens/s "
+                feeds[f"loader, prefetch {prefetch}"] = itertools.chain.from_iterable(
+                    loader.epoch(epoch) for epoch in itertools.count())
+            per_step = {case: [] for case in feeds}
+            tokens_per_s = []
+            for _ in range(args.rounds):
+                for case, feed in feeds.items():
+                    seconds, tokens, state = time_steps(
+                        step_fn, state, itertools.islice(feed, args.block), mesh,
+                        train_step.put_batch)
+                    per_step[case].append(seconds)
+                    if case == "loader, prefetch 2":
+                        tokens_per_s.append(tokens)
+            median = {case: statistics.median(times) for case, times in per_step.items()}
+            fixed = median["fixed batch"]
+            print(f"  {name:8s}: ms per step, median of {args.rounds} rounds of {args.block} "
+                  f"steps: " + ", ".join(f"{case} {ms * 1e3:.1f} ({ms / fixed - 1:+.1%})"
+                                         for case, ms in median.items())
+                  + f"; effective {statistics.median(tokens_per_s):,.0f} supervised tokens/s "
                   f"({loader.batches_per_epoch:,} steps per epoch)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
