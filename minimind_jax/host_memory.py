@@ -65,7 +65,7 @@ def reexec_with_hugepages() -> None:
     Call it first thing in a command-line entry point (not in a library or a notebook): the
     process starts over, so nothing done before the call survives.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or _interactive():
         return
     environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
     if environ is None:
@@ -73,6 +73,11 @@ def reexec_with_hugepages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def _interactive() -> bool:
+    """An interpreter or notebook kernel that must not be replaced by a re-execution."""
+    return bool(sys.flags.interactive) or hasattr(sys, "ps1") or "IPython" in sys.modules
 
 
 def hugepages_active(environ: Mapping[str, str] = os.environ) -> bool:

@@ -59,3 +59,16 @@ def test_training_commands_run_with_hugepages(tmp_path):
         pytest.skip("this machine has no glibc 2.35+ with THP in madvise mode")
     assert _bench(tmp_path)["host_hugepages"] is True
     assert _bench(tmp_path, **{ENV_SWITCH: "0"})["host_hugepages"] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the re-exec is Linux-only")
+def test_reexec_replays_the_command_line_but_never_replaces_a_notebook(monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(host_memory, "hugepage_environ", lambda *_: {"GLIBC_TUNABLES": TUNABLE})
+    monkeypatch.setitem(sys.modules, "IPython", object())
+    host_memory.reexec_with_hugepages()
+    assert calls == []
+    monkeypatch.delitem(sys.modules, "IPython")
+    host_memory.reexec_with_hugepages()
+    assert calls == [(sys.executable, sys.orig_argv, {"GLIBC_TUNABLES": TUNABLE})]
