@@ -37,10 +37,15 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", required=True,
                    help="tokenizer folder (tokenizer.json [+ tokenizer_config.json]) or a "
                         "sentencepiece .model / folder holding one")
-    g.add_argument("--cache_dir", default=None,
-                   help="token cache folder; unset: .minimind_cache/ next to the data file")
-    g.add_argument("--skip_bad_lines", action="store_true",
-                   help="skip (and count) malformed lines instead of stopping at the first")
+    add_cache_args(g)
+
+
+def add_cache_args(group) -> None:
+    """Token-cache flags shared by `prepare` and the training commands."""
+    group.add_argument("--cache_dir", default=None,
+                       help="token cache folder; unset: .minimind_cache/ next to the data file")
+    group.add_argument("--skip_bad_lines", action="store_true",
+                       help="skip (and count) malformed lines instead of stopping at the first")
 
 
 def run(args: argparse.Namespace) -> int:

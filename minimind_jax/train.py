@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from minimind_jax import checkpoint, distributed, host_memory, optim
+from minimind_jax import checkpoint, distributed, host_memory, optim, prepare
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 
@@ -469,10 +469,7 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--pack", action="store_true",
                    help="pack several documents per row (attention stays within a document) "
                         "instead of one padded document per row")
-    g.add_argument("--cache_dir", default=None,
-                   help="token cache folder (default: next to the data file)")
-    g.add_argument("--skip_bad_lines", action="store_true",
-                   help="skip (and report) malformed JSONL lines instead of stopping")
+    prepare.add_cache_args(g)
     g.add_argument("--log_interval", type=int, default=100,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "
                         "the reference-style line)")
