@@ -65,7 +65,7 @@ def reexec_with_hugepages() -> None:
     Call it first thing in a command-line entry point (not in a library or a notebook): the
     process starts over, so nothing done before the call survives.
     """
-    if not sys.platform.startswith("linux") or _interactive():
+    if not sys.platform.startswith("linux") or not sys.executable or _interactive():
         return
     environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
     if environ is None:
