@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretrain -> sft -> generate/chat, plus weight conversion, loss-curve "
                     "comparison with the PyTorch reference, and benchmarks.",
         formatter_class=HelpFormatter,
+        epilog="environment:\n"
+               "  MINIMIND_JAX_HUGEPAGES=0     training commands do not re-execute themselves with "
+               "glibc.malloc.hugetlb=1\n"
+               "                               (huge pages for XLA:CPU's per-step buffers)\n"
+               "  MINIMIND_JAX_XLA_DEFAULTS=0  no XLA:CPU flag defaults "
+               "(minimind_jax/xla_flags.py)",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:
