@@ -26,24 +26,18 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_pretrain_samples_equal_golden(tok, golden):
-    records = _lines(PRETRAIN_JSONL)
-    assert len(records) == len(golden["pre_X"]) == 80
+@pytest.mark.parametrize("path, make_sample, field, prefix, count", [
+    (PRETRAIN_JSONL, pretrain_sample, "text", "pre", 80),
+    (SFT_JSONL, sft_sample, "conversations", "sft", 40),
+], ids=["pretrain", "sft"])
+def test_samples_equal_golden(tok, golden, path, make_sample, field, prefix, count):
+    records = _lines(path)
+    assert len(records) == len(golden[f"{prefix}_X"]) == count
     for i, record in enumerate(records):
-        x, y, mask = pretrain_sample(tok, record["text"], 64)
-        np.testing.assert_array_equal(x, golden["pre_X"][i])
-        np.testing.assert_array_equal(y, golden["pre_Y"][i])
-        np.testing.assert_array_equal(mask, golden["pre_mask"][i])
-
-
-def test_sft_samples_equal_golden(tok, golden):
-    records = _lines(SFT_JSONL)
-    assert len(records) == len(golden["sft_X"]) == 40
-    for i, record in enumerate(records):
-        x, y, mask = sft_sample(tok, record["conversations"], 64)
-        np.testing.assert_array_equal(x, golden["sft_X"][i])
-        np.testing.assert_array_equal(y, golden["sft_Y"][i])
-        np.testing.assert_array_equal(mask, golden["sft_mask"][i])
+        x, y, mask = make_sample(tok, record[field], 64)
+        np.testing.assert_array_equal(x, golden[f"{prefix}_X"][i])
+        np.testing.assert_array_equal(y, golden[f"{prefix}_Y"][i])
+        np.testing.assert_array_equal(mask, golden[f"{prefix}_mask"][i])
 
 
 # Expected masks worked out by hand from SPEC "Samples" with <s>assistant = [1, 9], </s> = [2].
