@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from minimind_jax import host_memory
+from minimind_jax import host_memory, xla_flags
 from minimind_jax.config import PRESETS, ModelConfig
 from minimind_jax.errors import UserError
 
@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "comparison with the PyTorch reference, and benchmarks.",
         formatter_class=HelpFormatter,
         epilog="environment:\n"
-               "  MINIMIND_JAX_HUGEPAGES=0     training commands do not re-execute themselves with "
-               "glibc.malloc.hugetlb=1\n"
-               "                               (huge pages for XLA:CPU's per-step buffers)\n"
-               "  MINIMIND_JAX_XLA_DEFAULTS=0  no XLA:CPU flag defaults "
+               f"  {host_memory.ENV_SWITCH + '=0':27s}  training commands do not re-execute "
+               f"themselves with {host_memory.TUNABLE}\n"
+               f"  {'':27s}  (huge pages for XLA:CPU's per-step buffers)\n"
+               f"  {xla_flags.ENV_SWITCH + '=0':27s}  no XLA:CPU flag defaults "
                "(minimind_jax/xla_flags.py)",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)

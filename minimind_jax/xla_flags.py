@@ -16,6 +16,7 @@ from importlib import metadata
 # minimind2-small at 8 x 511 on 2 cores (benchmarks in the README).
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise",)
 MEASURED_JAXLIB = ("0.10.",)
+ENV_SWITCH = "MINIMIND_JAX_XLA_DEFAULTS"
 
 
 def with_cpu_defaults(xla_flags: str, jaxlib_version: str | None) -> str:
@@ -29,7 +30,7 @@ def with_cpu_defaults(xla_flags: str, jaxlib_version: str | None) -> str:
 
 
 def apply_cpu_defaults() -> None:
-    if os.environ.get("MINIMIND_JAX_XLA_DEFAULTS", "1") == "0":
+    if os.environ.get(ENV_SWITCH, "1") == "0":
         return
     try:
         version = metadata.version("jaxlib")
