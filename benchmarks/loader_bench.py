@@ -78,8 +78,10 @@ def time_steps(step_fn, state, batches, mesh, put_batch) -> tuple[float, float, 
 
 def main() -> None:
     from minimind_jax.host_memory import reexec_with_hugepages
+    from minimind_jax.xla_flags import apply_cpu_defaults
 
-    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
+    reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
+    apply_cpu_defaults()  # likewise (xla_flags.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=20000, help="documents per corpus")

@@ -1,7 +1,7 @@
-"""minimind_jax: a pure-functional JAX port of the MiniMind2 pretrain + full-SFT pipeline."""
+"""minimind_jax: a pure-functional JAX port of the MiniMind2 pretrain + full-SFT pipeline.
 
-from minimind_jax.xla_flags import apply_cpu_defaults
+Importing it changes nothing in the process: the CPU tunings (`xla_flags.apply_cpu_defaults`,
+`host_memory.reexec_with_hugepages`) are applied by the CLI entry point, or by whoever calls them.
+"""
 
 __version__ = "0.1.0"
-
-apply_cpu_defaults()

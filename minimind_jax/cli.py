@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None and getattr(args, "host_hugepages", False):
-        host_memory.reexec_with_hugepages()  # a real process entry only, not in-process calls
+    if argv is None:  # a real process entry only: in-process calls keep their environment
+        if getattr(args, "host_hugepages", False):
+            host_memory.reexec_with_hugepages()
+        xla_flags.apply_cpu_defaults()
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -10,8 +10,8 @@ buffer with mallopt instead stops the faults too, but fragments the heap: the RS
 to 10 GB in 12 steps.)
 
 glibc reads tunables only when a process starts, so the CLI commands that train re-execute
-their own command line once with the tunable added (same PID, same arguments). Set
-MINIMIND_JAX_HUGEPAGES=0 to skip that.
+their own command line once with the tunable added (same PID, same arguments), when JAX will run
+on the CPU. Set MINIMIND_JAX_HUGEPAGES=0 to skip that.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 import pathlib
 import sys
 from collections.abc import Mapping
+
+from minimind_jax.xla_flags import cpu_backend_expected, installed_accelerator_plugins
 
 ENV_SWITCH = "MINIMIND_JAX_HUGEPAGES"
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -67,6 +69,8 @@ def reexec_with_hugepages() -> None:
     """
     if not sys.platform.startswith("linux") or not sys.executable or _interactive():
         return
+    if not cpu_backend_expected(os.environ, installed_accelerator_plugins()):
+        return  # the device's memory is not malloc's
     environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
     if environ is None:
         return

@@ -1,14 +1,19 @@
 """XLA:CPU defaults that make the train step faster, applied before JAX creates its backend.
 
-XLA reads XLA_FLAGS once, when the first backend is created, so this runs at package import.
-Flags the user already set win. The flags are experimental XLA options and an unknown flag
-aborts XLA, so they are added only for the jaxlib versions they were measured on; set
+XLA reads XLA_FLAGS once, when the first backend is created. Importing minimind_jax changes no
+environment variable: the CLI entry point calls `apply_cpu_defaults()` before any JAX work, and a
+library user who wants the same speed calls it first thing too. Flags the user already set win.
+The flags are experimental XLA options and an unknown flag aborts XLA, so they are added only for
+the jaxlib versions they were measured on, and only when JAX will run on the CPU; set
 MINIMIND_JAX_XLA_DEFAULTS=0 to add none.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pkgutil
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 
 # Let XNNPACK/YNNPACK take whole dot fusions (dot + elementwise epilogue): the SwiGLU FFN's
@@ -29,8 +34,32 @@ def with_cpu_defaults(xla_flags: str, jaxlib_version: str | None) -> str:
     return " ".join(flags)
 
 
+def cpu_backend_expected(environ: Mapping[str, str], plugins: Iterable[str]) -> bool:
+    """Whether JAX will pick the CPU, judged without creating a backend: JAX_PLATFORMS names
+    only cpu, or it is unset and no accelerator plugin (`jax_plugins.*`, libtpu) is installed."""
+    platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+    if platforms:
+        return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
+    return not any(plugins)
+
+
+def installed_accelerator_plugins() -> list[str]:
+    """Names of the installed PJRT plugins JAX would load (CUDA, ROCm, TPU)."""
+    names = []
+    if importlib.util.find_spec("jax_plugins") is not None:
+        import jax_plugins
+
+        names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    if importlib.util.find_spec("libtpu") is not None:
+        names.append("libtpu")
+    return names
+
+
 def apply_cpu_defaults() -> None:
+    """Add the measured XLA:CPU flags to XLA_FLAGS (call before the first JAX computation)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
+        return
+    if not cpu_backend_expected(os.environ, installed_accelerator_plugins()):
         return
     try:
         version = metadata.version("jaxlib")

@@ -1,6 +1,13 @@
-"""The XLA:CPU defaults respect the user's flags and unmeasured jaxlib versions."""
+"""The XLA:CPU defaults respect the user's flags, unmeasured jaxlib versions and accelerators,
+and importing the package changes no environment variable."""
 
-from minimind_jax.xla_flags import CPU_FLAGS, with_cpu_defaults
+import os
+import subprocess
+import sys
+
+from minimind_jax import xla_flags
+from minimind_jax.xla_flags import CPU_FLAGS, cpu_backend_expected, with_cpu_defaults
+from tests.conftest import subprocess_env
 
 
 def test_defaults_added_for_measured_jaxlib():
@@ -15,3 +22,39 @@ def test_user_flag_wins_and_other_flags_kept():
 def test_nothing_added_for_other_jaxlib_versions():
     assert with_cpu_defaults("--a=1", "0.11.2") == "--a=1"
     assert with_cpu_defaults("", None) == ""
+
+
+def test_cpu_expected_from_jax_platforms_or_missing_plugins():
+    assert cpu_backend_expected({"JAX_PLATFORMS": "cpu"}, ["xla_cuda12"])
+    assert not cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"}, [])
+    assert not cpu_backend_expected({"JAX_PLATFORM_NAME": "tpu"}, [])
+    assert cpu_backend_expected({}, [])
+    assert not cpu_backend_expected({}, ["xla_cuda12"])
+    assert not cpu_backend_expected({}, ["libtpu"])
+
+
+def test_apply_cpu_defaults_only_for_the_cpu(monkeypatch):
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda _: "0.10.2")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    xla_flags.apply_cpu_defaults()
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    xla_flags.apply_cpu_defaults()
+    assert os.environ["XLA_FLAGS"].split() == list(CPU_FLAGS)
+
+
+def test_importing_every_module_leaves_the_environment_alone():
+    script = (
+        "import os, pkgutil, importlib\n"
+        "before = dict(os.environ)\n"
+        "import minimind_jax\n"
+        "for m in pkgutil.walk_packages(minimind_jax.__path__, 'minimind_jax.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ)"
+        " if before.get(k) != os.environ.get(k))\n"
+        "assert not changed, changed\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
