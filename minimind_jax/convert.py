@@ -397,6 +397,45 @@ def export_hf_llama(params, config: ModelConfig, out_dir: str | pathlib.Path) ->
     return out_dir
 
 
+def export_hf_qwen3(params, config: ModelConfig, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write a Hugging Face `Qwen3ForCausalLM` (dense) or `Qwen3MoeForCausalLM` (MoE) folder
+    for a minimind-3 config. Its numerics are minimind-3's exactly: q/k RMSNorm over head_dim
+    before rotate-half RoPE, no biases, tied embeddings, one eps; HEAD's state-dict names are
+    already Qwen3's (the MoE experts in the per-expert layout transformers converts on load).
+    Training-only differences: HEAD's aux loss and its renormalisation epsilon (1e-20)."""
+    if not config.qk_norm or config.rope_layout != "rotate_half" or config.n_shared_experts:
+        raise UserError("the Qwen3 export is for minimind-3 models (--arch minimind3)")
+    from safetensors.numpy import save_file
+
+    sd = state_dict_from_params(params, config)
+    del sd[MINIMIND3_KEYS.head]  # tied: transformers re-ties lm_head to the embedding
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {
+        "architectures": ["Qwen3MoeForCausalLM" if config.use_moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if config.use_moe else "qwen3",
+        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": 32768, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "use_sliding_window": False, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+    }
+    if config.use_moe:
+        hf_config.update(num_experts=config.n_routed_experts,
+                         num_experts_per_tok=config.num_experts_per_tok,
+                         moe_intermediate_size=config.hidden_dim,
+                         norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1,
+                         mlp_only_layers=[], router_aux_loss_coef=config.aux_loss_alpha)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out_dir
+
+
 def load_params_any(path: str | pathlib.Path, config: ModelConfig | None):
     """Params (+ config) from a state-dict file or one of our orbax checkpoints/run folders.
 
@@ -424,6 +463,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.hf_llama:
         out = export_hf_llama(params, config, args.output)
         print(f"wrote Hugging Face Llama folder {out}")
+    elif args.hf_qwen3:
+        out = export_hf_qwen3(params, config, args.output)
+        print(f"wrote Hugging Face Qwen3{'Moe' if config.use_moe else ''} folder {out}")
     else:
         save_state_dict(state_dict_from_params(params, config), args.output)
         print(f"wrote reference-keyed state dict {args.output}")
@@ -437,14 +479,20 @@ def register(subparsers) -> None:
         "convert", formatter_class=HelpFormatter,
         help="convert weights: reference .pth/.safetensors/.npz <-> our checkpoints, HF Llama",
         description="Convert weights. INPUT is a reference-keyed state dict (.pth needs torch, "
-                    ".safetensors, .npz) or one of our checkpoint/run folders. OUTPUT is a state "
-                    "dict (format from its extension) or, with --hf_llama, a Hugging Face "
-                    "LlamaForCausalLM folder (dense models; RoPE rows permuted to HF's layout). "
-                    "Shapes are inferred from the weights; --n_heads must match the model "
-                    "(default 8).")
+                    ".safetensors, .npz; MiniMind2's or minimind-3's HF-style names, e.g. "
+                    "HEAD's float16 pretrain_768.pth or its *_resume.pth) or one of our "
+                    "checkpoint/run folders. OUTPUT is a state dict in the model family's names "
+                    "(format from its extension) or, with --hf_llama, a Hugging Face "
+                    "LlamaForCausalLM folder (MiniMind2 dense; RoPE rows permuted to HF's "
+                    "layout), or with --hf_qwen3 a Qwen3(Moe)ForCausalLM folder (minimind-3). "
+                    "Shapes are inferred from the weights; for MiniMind2 names --n_heads must "
+                    "match the model (default 8), minimind-3's give it.")
     p.add_argument("input", help="state-dict file or checkpoint/run folder to read")
-    p.add_argument("output", help="file (.pth/.safetensors/.npz) or folder (--hf_llama)")
+    p.add_argument("output", help="file (.pth/.safetensors/.npz) or folder (--hf_*)")
     p.add_argument("--hf_llama", action="store_true",
-                   help="write a Hugging Face Llama folder instead of a state dict")
+                   help="write a Hugging Face Llama folder instead of a state dict (MiniMind2)")
+    p.add_argument("--hf_qwen3", action="store_true",
+                   help="write a Hugging Face Qwen3ForCausalLM / Qwen3MoeForCausalLM folder "
+                        "(minimind-3, whose numerics and weight names are Qwen3's)")
     add_model_args(p)
     p.set_defaults(func=_run)
