@@ -301,7 +301,11 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rate = meta["data"]["size"] / 2**20 / max(meta["seconds"], 1e-9)
-    log(f"prepared {meta['num_samples']:,} {stage} samples, {meta['num_tokens']:,} tokens "
+    what = f"{meta['num_samples']:,} {stage} samples"
+    if rules == "minimind3" and stage == "sft":
+        what = (f"{meta['num_samples'] // samples3.SLOTS:,} minimind-3 conversations "
+                f"({samples3.SLOTS} id lists each: as is, think-stripped, system-coin flag)")
+    log(f"prepared {what}, {meta['num_tokens']:,} tokens "
         f"({meta['num_truncated']:,} truncated to {max_seq_len}) in {meta['seconds']:.1f} s "
         f"({rate:.1f} MiB/s) -> {entry}")
     if meta["skipped_lines"]:
