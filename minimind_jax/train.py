@@ -196,6 +196,24 @@ def reference_line(epoch: int, epochs: int, batch: int, batches: int, loss: floa
             f"epoch_Time:{minutes_left}min:")
 
 
+def is_logged_batch(batch: int, batches: int, interval: int, head_style: bool) -> bool:
+    """MiniMind2 logs 0-based batches b % interval == 0; minimind-3 (HEAD) logs 1-based steps
+    s % interval == 0 and each epoch's last one, so the same micro-steps appear in both logs."""
+    if head_style:
+        return (batch + 1) % interval == 0 or batch + 1 == batches
+    return batch % interval == 0
+
+
+def head_reference_line(epoch: int, epochs: int, batch: int, batches: int, loss: float,
+                        aux: float, lr: float, epoch_seconds: float, batches_done: int) -> str:
+    """minimind-3's (HEAD's) line: `Epoch:[e/E](s/iters), loss: .., logits_loss: .., aux_loss:
+    .., lr: .., epoch_time: ..min` with s 1-based (logits_loss = loss - aux)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {loss:.4f}, "
+            f"logits_loss: {loss - aux:.4f}, aux_loss: {aux:.4f}, lr: {lr:.8f}, "
+            f"epoch_time: {eta_min:.1f}min")
+
+
 # ------------------------------------------------------------------------------------- the run
 
 
@@ -431,7 +449,8 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
     """Turn one step's fetched metrics into a record (and a line) if it is a logged step."""
     # Rows of the global batch (other processes load the other rows).
     window["tokens"] += int(metrics["n_rows"]) * info["seq_len"]
-    if info["batch"] % args.log_interval:
+    head_style = cli_arch(args) == "minimind3"
+    if not is_logged_batch(info["batch"], batches, args.log_interval, head_style):
         return
     now = time.time()
     record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
@@ -445,9 +464,14 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
     record["elapsed_s"] = elapsed_before + now - run_start
     window.update(tokens=0, since=now)
     epoch_seconds = now - epoch_clock["start"]
-    line = reference_line(info["epoch"], args.epochs, info["batch"], batches, record["loss"],
-                          record["lr"], epoch_seconds,
-                          max(info["batch"] - epoch_clock["first"] + 1, 1))
+    done = max(info["batch"] - epoch_clock["first"] + 1, 1)
+    if head_style:
+        line = head_reference_line(info["epoch"], args.epochs, info["batch"], batches,
+                                   record["loss"], record["aux"], record["lr"], epoch_seconds,
+                                   done)
+    else:
+        line = reference_line(info["epoch"], args.epochs, info["batch"], batches,
+                              record["loss"], record["lr"], epoch_seconds, done)
     if int(metrics["consecutive_skips"]):
         line += (f" (non-finite loss or gradient: skipped, {record['skipped']} so far, "
                  f"{int(metrics['consecutive_skips'])} in a row)")
