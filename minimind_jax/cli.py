@@ -114,7 +114,8 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minimind-jax",
-        description="Train MiniMind2 language models with JAX: tokenizer -> prepare -> "
+        description="Train MiniMind2 and minimind-3 language models with JAX: tokenizer -> "
+                    "prepare -> "
                     "pretrain -> sft -> generate/chat, plus weight conversion, loss-curve "
                     "comparison with the PyTorch reference, and benchmarks.",
         formatter_class=HelpFormatter,

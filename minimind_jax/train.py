@@ -25,7 +25,7 @@ REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keep
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
                 "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                "scan_layers")
+                "scan_layers", "qk_norm", "rope_layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,8 +580,11 @@ def register(subparsers) -> None:
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
-                        "epoch_Time:..min:`; writes config.json, metrics.jsonl, TensorBoard "
-                        "events and orbax checkpoints into the run folder.")
+                        "epoch_Time:..min:` (--arch minimind3: HEAD's `Epoch:[e/E](s/iters), "
+                        "loss: .., logits_loss: .., aux_loss: .., lr: .., epoch_time: ..min`); "
+                        "writes config.json, metrics.jsonl, TensorBoard events and orbax "
+                        "checkpoints into the run folder. Exact reference runs: --recipe "
+                        "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
         cli.add_model_args(parser)
         distributed.add_distributed_args(parser)
