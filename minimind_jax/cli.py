@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from minimind_jax import host_memory, xla_flags
-from minimind_jax.config import PRESETS, ModelConfig
+from minimind_jax.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
 from minimind_jax.errors import UserError
 
 # command module (in minimind_jax/) -> the commands it registers, in `--help` order.
@@ -36,6 +36,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Model-shape flags shared by every command that builds a model (reference names)."""
     g = parser.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHES, default=None,
+                   help="reference family: minimind2 (jingyaogong/minimind d9453ed, the "
+                        "default) or minimind3 (upstream HEAD d65ef2c: q/k norm, rotate-half "
+                        "RoPE, top-1 MoE, HEAD's samples and stage defaults; 768/8 by default)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named preset; explicit flags below override it")
     g.add_argument("--dim", type=int, default=None, help="model width (default 512)")
@@ -64,6 +68,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="compile one layer body and scan it (faster compiles for deep models)")
 
 
+def arch_from_args(args: argparse.Namespace) -> str:
+    """--arch, else the --preset's family, else minimind2; a preset of the other family is an
+    error."""
+    preset = getattr(args, "preset", None)
+    preset_arch = arch_of(PRESETS[preset]) if preset else None
+    arch = getattr(args, "arch", None)
+    if arch and preset_arch and arch != preset_arch:
+        raise UserError(f"--preset {preset} is a {preset_arch} model, not --arch {arch}")
+    return arch or preset_arch or "minimind2"
+
+
 def resolve_dtype(name: str) -> str:
     """`auto` -> bfloat16 on accelerators, float32 on CPU."""
     if name != "auto":
@@ -76,7 +91,8 @@ def resolve_dtype(name: str) -> str:
 def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = None,
                            **overrides) -> ModelConfig:
     """Build a ModelConfig: `base` (or the preset, or the defaults), then explicit flags."""
-    config = base or (PRESETS[args.preset] if getattr(args, "preset", None) else ModelConfig())
+    config = base or (PRESETS[args.preset] if getattr(args, "preset", None)
+                      else arch_defaults(arch_from_args(args)))
     changes = {}
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
                   "use_moe", "moe_impl"):
@@ -98,7 +114,8 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minimind-jax",
-        description="Train MiniMind2 language models with JAX: tokenizer -> prepare -> "
+        description="Train MiniMind2 and minimind-3 language models with JAX: tokenizer -> "
+                    "prepare -> "
                     "pretrain -> sft -> generate/chat, plus weight conversion, loss-curve "
                     "comparison with the PyTorch reference, and benchmarks.",
         formatter_class=HelpFormatter,

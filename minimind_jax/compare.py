@@ -2,9 +2,13 @@
 
 A run is one of
 - our `metrics.jsonl` (one JSON object per logged micro-step with `step` and `loss`),
-- a PyTorch-reference stdout log (`Epoch:[e/E](step/iters) loss:... lr:...`; `e` is 1-based,
-  `step` 0-based within the epoch, so the global micro-step is (e-1)*iters + step),
-- a CSV export (wandb, SwanLab, ...) with a step column and a loss column, found by name.
+- a PyTorch-reference stdout log: MiniMind2's `Epoch:[e/E](step/iters) loss:... lr:...` (`e`
+  1-based, `step` 0-based within the epoch, so the global micro-step is (e-1)*iters + step) or
+  minimind-3's `Epoch:[e/E](step/iters), loss: ..., logits_loss: ..., aux_loss: ..., lr: ...`
+  (`step` 1-based: the global micro-step is (e-1)*iters + step - 1),
+- a CSV export (wandb, SwanLab, ...) with a step column and a loss column, found by name. HEAD
+  logs without a step, so its exports count log calls; `--csv_log_steps INTERVAL:ITERS` turns
+  that count back into micro-steps (logged every INTERVAL micro-steps and at each epoch's end).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from minimind_jax.errors import UserError
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
 REFERENCE_LINE = re.compile(
-    r"Epoch:\[(?P<epoch>\d+)/(?P<epochs>\d+)\]\((?P<step>\d+)/(?P<iters>\d+)\)\s*"
-    rf"loss:\s*(?P<loss>{_NUMBER})",
+    r"Epoch:\[(?P<epoch>\d+)/(?P<epochs>\d+)\]\((?P<step>\d+)/(?P<iters>\d+)\)"
+    rf"(?P<head>,)?\s*loss:\s*(?P<loss>{_NUMBER})",
     re.IGNORECASE,
 )
 _STEP_NAMES = ("step", "_step", "global_step", "steps", "iter", "iteration", "train/step")
@@ -53,14 +57,39 @@ def _curve(name: str, source: str, pairs: list[tuple[int, float]], path: pathlib
 
 
 def parse_reference_log(lines, path: pathlib.Path) -> list[tuple[int, float]]:
-    """(global micro-step, loss) of each reference log line; other lines are ignored."""
+    """(global micro-step, loss) of each reference log line; other lines are ignored.
+    minimind-3's lines (a comma before `loss:`) count steps from 1, MiniMind2's from 0."""
     pairs = []
     for line in lines:
         match = REFERENCE_LINE.search(line)
         if match:
             epoch, iters = int(match["epoch"]), int(match["iters"])
-            pairs.append(((epoch - 1) * iters + int(match["step"]), float(match["loss"])))
+            step = int(match["step"]) - (1 if match["head"] else 0)
+            pairs.append(((epoch - 1) * iters + step, float(match["loss"])))
     return pairs
+
+
+def head_logged_steps(interval: int, iters: int):
+    """The global micro-steps (0-based) minimind-3's trainer logs at, in order: 1-based step s
+    of each epoch with s % interval == 0 or s == iters."""
+    epoch = 0
+    while True:
+        for s in range(1, iters + 1):
+            if s % interval == 0 or s == iters:
+                yield epoch * iters + s - 1
+        epoch += 1
+
+
+def parse_log_steps(text: str) -> tuple[int, int]:
+    """`INTERVAL:ITERS` of --csv_log_steps."""
+    try:
+        interval, iters = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--csv_log_steps must be INTERVAL:ITERS (two integers), got "
+                        f"{text!r}") from None
+    if interval < 1 or iters < 1:
+        raise UserError(f"--csv_log_steps values must be >= 1, got {text!r}")
+    return interval, iters
 
 
 def parse_metrics_jsonl(lines, path: pathlib.Path) -> list[tuple[int, float]]:
@@ -133,8 +162,10 @@ def parse_csv(lines, path: pathlib.Path, step_column: str | None = None,
 
 
 def load_curve(path: str | pathlib.Path, name: str | None = None, step_column: str | None = None,
-               loss_column: str | None = None) -> LossCurve:
-    """Read a metrics.jsonl, a reference stdout log or a CSV export, detected by content."""
+               loss_column: str | None = None,
+               csv_log_steps: tuple[int, int] | None = None) -> LossCurve:
+    """Read a metrics.jsonl, a reference stdout log or a CSV export, detected by content.
+    `csv_log_steps` (interval, iters): a CSV's steps count minimind-3's log calls."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -148,7 +179,12 @@ def load_curve(path: str | pathlib.Path, name: str | None = None, step_column: s
     if first.startswith("{"):
         return _curve(name, "metrics", parse_metrics_jsonl(lines, path), path)
     if path.suffix.lower() == ".csv" or (first.count(",") and "loss" in first.lower()):
-        return _curve(name, "csv", parse_csv(lines, path, step_column, loss_column), path)
+        pairs = parse_csv(lines, path, step_column, loss_column)
+        if csv_log_steps:
+            logged = head_logged_steps(*csv_log_steps)
+            steps = [next(logged) for _ in range(max((s for s, _ in pairs), default=-1) + 1)]
+            pairs = [(steps[s], loss) for s, loss in pairs if s >= 0]
+        return _curve(name, "csv", pairs, path)
     return _curve(name, "unknown", [], path)
 
 
@@ -313,12 +349,14 @@ def plot_curves(curves: list[LossCurve], path: str | pathlib.Path, smooth: float
 def compare_files(paths: list[str], names: list[str] | None = None, window: int | None = None,
                   plot: str | None = None, smooth: float = 0.0, difference: bool = True,
                   step_column: str | None = None, loss_column: str | None = None,
-                  title: str | None = None) -> str:
+                  title: str | None = None,
+                  csv_log_steps: tuple[int, int] | None = None) -> str:
     """Load, align and report on the runs; optionally write the plot. Returns the report."""
     names = names or unique_names(paths)
     if len(names) != len(paths):
         raise UserError(f"--names gives {len(names)} names for {len(paths)} runs")
-    curves = [load_curve(p, n, step_column, loss_column) for p, n in zip(paths, names, strict=True)]
+    curves = [load_curve(p, n, step_column, loss_column, csv_log_steps)
+              for p, n in zip(paths, names, strict=True)]
     if difference or len(curves) == 1:
         summary = summarize(curves)
         report = format_report(curves, summary, window or auto_window(summary.steps))
@@ -341,7 +379,9 @@ def run_compare(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else None
     print(compare_files(args.runs, names=names, window=args.window, plot=args.plot,
                         smooth=args.smooth, difference=not args.no_diff,
-                        step_column=args.step_column, loss_column=args.loss_column))
+                        step_column=args.step_column, loss_column=args.loss_column,
+                        csv_log_steps=(parse_log_steps(args.csv_log_steps)
+                                       if args.csv_log_steps else None)))
     return 0
 
 
@@ -368,4 +408,8 @@ def register(subparsers) -> None:
                         help="only plot/list the curves (runs of different stages, no alignment)")
     parser.add_argument("--step_column", default=None, help="CSV step column (default: by name)")
     parser.add_argument("--loss_column", default=None, help="CSV loss column (default: by name)")
+    parser.add_argument("--csv_log_steps", default=None, metavar="INTERVAL:ITERS",
+                        help="the CSV's step column counts log calls of a minimind-3 (HEAD) run "
+                             "logging every INTERVAL micro-steps with ITERS per epoch (wandb/"
+                             "SwanLab step without step=); map them to micro-steps")
     parser.set_defaults(func=run_compare)

@@ -1,7 +1,10 @@
-"""Weights in and out: reference state dicts (.pth/.safetensors/.npz) and Hugging Face Llama.
+"""Weights in and out: reference state dicts (.pth/.safetensors/.npz) and Hugging Face models.
 
-The reference's keys (shared/SPEC.md "State-dict keys") are the interchange format: Linear
-weights are [out, in]; `output.weight` is the same tensor as `tok_embeddings.weight`.
+The references' keys are the interchange format: MiniMind2's (shared/SPEC.md "State-dict keys":
+`tok_embeddings.weight`, `layers.{i}.attention.wq.weight`, ...; tied `output.weight`) for
+MiniMind2 configs, minimind-3's HF-style ones (shared/SPEC3.md: `model.embed_tokens.weight`,
+`model.layers.{i}.self_attn.q_proj.weight`, ...; tied `lm_head.weight`) for configs with its
+q/k norm. Linear weights are [out, in]. Loading recognises either naming from the keys.
 """
 
 from __future__ import annotations
@@ -15,11 +18,58 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import ModelConfig, arch_defaults
 from minimind_jax.errors import UserError
 
-TIED_KEYS = ("tok_embeddings.weight", "output.weight")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyNames:
+    """One reference's state-dict naming (`{i}` = layer, `{e}` = expert)."""
+
+    embedding: str
+    head: str  # the tied output matrix (same tensor as `embedding`)
+    norm: str
+    layer: str
+    attention_norm: str
+    ffn_norm: str
+    attention: dict  # our wq/wk/wv/wo (+ q_norm/k_norm) -> their module names
+    ffn: str
+    ffn_weights: dict  # our w1/w2/w3 -> their names
+    router: str
+    expert: str
+    shared_expert: str | None
+
+
+MINIMIND2_KEYS = KeyNames(
+    embedding="tok_embeddings.weight", head="output.weight", norm="norm.weight",
+    layer="layers.{i}", attention_norm="attention_norm", ffn_norm="ffn_norm",
+    attention={"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv",
+               "wo": "attention.wo"},
+    ffn="feed_forward", ffn_weights={"w1": "w1", "w2": "w2", "w3": "w3"}, router="gate",
+    expert="experts.{e}", shared_expert="shared_experts")
+MINIMIND3_KEYS = KeyNames(
+    embedding="model.embed_tokens.weight", head="lm_head.weight", norm="model.norm.weight",
+    layer="model.layers.{i}", attention_norm="input_layernorm",
+    ffn_norm="post_attention_layernorm",
+    attention={"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+               "wo": "self_attn.o_proj", "q_norm": "self_attn.q_norm",
+               "k_norm": "self_attn.k_norm"},
+    ffn="mlp", ffn_weights={"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"},
+    router="gate", expert="experts.{e}", shared_expert=None)
+TIED_KEYS = (MINIMIND2_KEYS.embedding, MINIMIND2_KEYS.head)
+
+
+def key_names(config: ModelConfig) -> KeyNames:
+    """minimind-3's names for configs with its q/k norm, else MiniMind2's."""
+    return MINIMIND3_KEYS if config.qk_norm else MINIMIND2_KEYS
+
+
+def _names_of(state_dict: dict) -> KeyNames:
+    """The naming a state dict uses (minimind-3's if any key has its `model.`/`lm_head.`)."""
+    hf = any(k.startswith(("model.", "lm_head.")) for k in state_dict)
+    return MINIMIND3_KEYS if hf else MINIMIND2_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,27 +81,36 @@ class _Entry:
     transpose: bool  # Linear weight [out, in] <-> Dense kernel [in, out]
 
 
-def _entries(config: ModelConfig) -> Iterator[_Entry]:
-    yield _Entry(("tok_embeddings",), ("tok_embeddings.weight",), False)
-    yield _Entry(("norm", "weight"), ("norm.weight",), False)
+def _entries(config: ModelConfig, names: KeyNames | None = None) -> Iterator[_Entry]:
+    names = names or key_names(config)
+    yield _Entry(("tok_embeddings",), (names.embedding,), False)
+    yield _Entry(("norm", "weight"), (names.norm,), False)
     for i in range(config.n_layers):
-        layer, ref = f"layers_{i}", f"layers.{i}"
-        for norm in ("attention_norm", "ffn_norm"):
-            yield _Entry((layer, norm, "weight"), (f"{ref}.{norm}.weight",), False)
+        layer, ref = f"layers_{i}", names.layer.format(i=i)
+        for norm, theirs in (("attention_norm", names.attention_norm),
+                             ("ffn_norm", names.ffn_norm)):
+            yield _Entry((layer, norm, "weight"), (f"{ref}.{theirs}.weight",), False)
         for w in ("wq", "wk", "wv", "wo"):
-            yield _Entry((layer, "attention", w, "kernel"), (f"{ref}.attention.{w}.weight",), True)
-        ffn = f"{ref}.feed_forward"
+            yield _Entry((layer, "attention", w, "kernel"),
+                         (f"{ref}.{names.attention[w]}.weight",), True)
+        if config.qk_norm:
+            for w in ("q_norm", "k_norm"):
+                yield _Entry((layer, "attention", w, "weight"),
+                             (f"{ref}.{names.attention[w]}.weight",), False)
+        ffn = f"{ref}.{names.ffn}"
         if not config.use_moe:
-            for w in ("w1", "w2", "w3"):
-                yield _Entry((layer, "feed_forward", w, "kernel"), (f"{ffn}.{w}.weight",), True)
+            for w, theirs in names.ffn_weights.items():
+                yield _Entry((layer, "feed_forward", w, "kernel"), (f"{ffn}.{theirs}.weight",),
+                             True)
             continue
-        yield _Entry((layer, "feed_forward", "gate"), (f"{ffn}.gate.weight",), True)
-        for w in ("w1", "w2", "w3"):
-            experts = tuple(f"{ffn}.experts.{e}.{w}.weight" for e in range(config.n_routed_experts))
+        yield _Entry((layer, "feed_forward", "gate"), (f"{ffn}.{names.router}.weight",), True)
+        for w, theirs in names.ffn_weights.items():
+            experts = tuple(f"{ffn}.{names.expert.format(e=e)}.{theirs}.weight"
+                            for e in range(config.n_routed_experts))
             yield _Entry((layer, "feed_forward", w), experts, True)
             if config.n_shared_experts:
                 yield _Entry((layer, "feed_forward", "shared_experts", w, "kernel"),
-                             (f"{ffn}.shared_experts.{w}.weight",), True)
+                             (f"{ffn}.{names.shared_expert}.{theirs}.weight",), True)
 
 
 def _expected_shape(entry: _Entry, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -114,14 +173,15 @@ def params_from_state_dict(state_dict: dict, config: ModelConfig, source: str = 
     missing, unexpected and mis-shaped key.
     """
     sd = _normalise_keys(state_dict)
-    if "tok_embeddings.weight" not in sd and "output.weight" in sd:
-        sd["tok_embeddings.weight"] = sd["output.weight"]
-    embedding = sd.get("tok_embeddings.weight")
-    tied_mismatch = ("output.weight" in sd and sd["output.weight"] is not embedding
-                     and not np.array_equal(np.asarray(sd["output.weight"]), embedding))
+    names = key_names(config)
+    if names.embedding not in sd and names.head in sd:
+        sd[names.embedding] = sd[names.head]
+    embedding = sd.get(names.embedding)
+    tied_mismatch = (names.head in sd and sd[names.head] is not embedding
+                     and not np.array_equal(np.asarray(sd[names.head]), embedding))
     shapes = _param_shapes(config)
     entries = list(_entries(config))
-    expected = {key for e in entries for key in e.keys} | {"output.weight"}
+    expected = {key for e in entries for key in e.keys} | {names.head}
     missing = sorted({key for e in entries for key in e.keys} - set(sd))
     unexpected = sorted(set(sd) - expected)
     misshaped = []
@@ -141,7 +201,7 @@ def params_from_state_dict(state_dict: dict, config: ModelConfig, source: str = 
                 shown = items[:20] + more
                 lines.append(f"  {title} keys ({len(items)}): " + ", ".join(shown))
         if tied_mismatch:
-            lines.append("  output.weight differs from tok_embeddings.weight (they must be tied)")
+            lines.append(f"  {names.head} differs from {names.embedding} (they must be tied)")
         raise UserError("\n".join(lines))
 
     params: dict = {}
@@ -157,7 +217,8 @@ def params_from_state_dict(state_dict: dict, config: ModelConfig, source: str = 
 
 
 def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Our params -> reference-keyed float32 numpy state dict (both tied keys written)."""
+    """Our params -> reference-keyed float32 numpy state dict (both tied keys written), in
+    the naming of the config's family (`key_names`)."""
     params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), jax.device_get(params))
     if config.scan_layers:
         params = unstack_layers(params, config.n_layers)
@@ -167,7 +228,8 @@ def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]
         parts = list(value) if len(e.keys) > 1 else [value]
         for key, part in zip(e.keys, parts, strict=True):
             sd[key] = np.ascontiguousarray(part.T if e.transpose else part)
-    sd["output.weight"] = sd["tok_embeddings.weight"]
+    names = key_names(config)
+    sd[names.head] = sd[names.embedding]
     return sd
 
 
@@ -221,7 +283,9 @@ def save_state_dict(state_dict: dict[str, np.ndarray], path: str | pathlib.Path)
         import torch
 
         tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied, as the reference
+        names = _names_of(tensors)
+        if names.embedding in tensors:  # tied: one tensor under both keys, as the reference
+            tensors[names.head] = tensors[names.embedding]
         torch.save(tensors, path)
     elif suffix == ".safetensors":
         from safetensors.numpy import save_file
@@ -233,30 +297,52 @@ def save_state_dict(state_dict: dict[str, np.ndarray], path: str | pathlib.Path)
         raise UserError(f"unknown output format {path.suffix!r}: use .pth, .safetensors or .npz")
 
 
-def infer_config(state_dict: dict, base: ModelConfig) -> ModelConfig:
-    """Fill the shape fields a state dict determines (dim, layers, vocab, kv heads, hidden, MoE).
+# Fields that make a config minimind-3 apart from its shape (config._ARCH_DEFAULTS).
+_MINIMIND3_SWITCHES = ("norm_eps", "hidden_dim_rule", "qk_norm", "rope_layout",
+                       "norm_weight_fp32", "init_std", "num_experts_per_tok", "n_shared_experts",
+                       "aux_loss_alpha", "seq_aux", "renorm_top1")
 
-    n_heads cannot be read from the weights and comes from `base`.
+
+def infer_config(state_dict: dict, base: ModelConfig) -> ModelConfig:
+    """Fill the fields a state dict determines (dim, layers, vocab, kv heads, hidden, MoE).
+
+    minimind-3's naming also selects its numerics (on top of `base`, if `base` is not already
+    minimind-3) and gives n_heads (dim / the q_norm width); with MiniMind2's naming n_heads
+    cannot be read from the weights and comes from `base`.
     """
     sd = _normalise_keys(state_dict)
-    emb = sd.get("tok_embeddings.weight", sd.get("output.weight"))
+    names = _names_of(sd)
+    if names is MINIMIND3_KEYS and not base.qk_norm:
+        minimind3 = arch_defaults("minimind3")
+        base = base.replace(**{f: getattr(minimind3, f) for f in _MINIMIND3_SWITCHES})
+    emb = sd.get(names.embedding, sd.get(names.head))
     if emb is None:
-        raise UserError("state dict has neither tok_embeddings.weight nor output.weight")
+        raise UserError(f"state dict has neither {names.embedding} nor {names.head}")
     vocab_size, dim = np.shape(emb)
-    layer_ids = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
+    layer_prefix = names.layer.split("{")[0]
+    layer_ids = {int(k[len(layer_prefix):].split(".")[0]) for k in sd
+                 if k.startswith(layer_prefix)}
     n_layers = max(layer_ids) + 1 if layer_ids else 0
-    use_moe = any(".feed_forward.gate.weight" in k for k in sd)
+    first = names.layer.format(i=0)
+    use_moe = f"{first}.{names.ffn}.{names.router}.weight" in sd
     changes = dict(dim=int(dim), vocab_size=int(vocab_size), n_layers=n_layers, use_moe=use_moe)
-    head_dim = dim // base.n_heads
-    wk = sd.get("layers.0.attention.wk.weight")
+    q_norm = sd.get(f"{first}.{names.attention.get('q_norm', '-')}.weight")
+    head_dim = int(np.shape(q_norm)[0]) if q_norm is not None else dim // base.n_heads
+    if q_norm is not None:
+        changes["n_heads"] = int(dim // head_dim)
+    wk = sd.get(f"{first}.{names.attention['wk']}.weight")
     if wk is not None:
         changes["n_kv_heads"] = int(np.shape(wk)[0] // head_dim)
-    w1_key = "layers.0.feed_forward." + ("experts.0.w1.weight" if use_moe else "w1.weight")
-    if w1_key in sd:
-        changes["hidden_dim"] = int(np.shape(sd[w1_key])[0])
+    expert = f"{names.expert.format(e=0)}." if use_moe else ""
+    w1 = sd.get(f"{first}.{names.ffn}.{expert}{names.ffn_weights['w1']}.weight")
+    if w1 is not None:
+        changes["hidden_dim"] = int(np.shape(w1)[0])
     if use_moe:
-        changes["n_routed_experts"] = len({k.split(".")[4] for k in sd if ".experts." in k})
-        changes["n_shared_experts"] = int(any(".shared_experts." in k for k in sd))
+        expert_prefix = f"{first}.{names.ffn}.{names.expert.split('{')[0]}"
+        changes["n_routed_experts"] = len({k[len(expert_prefix):].split(".")[0] for k in sd
+                                           if k.startswith(expert_prefix)})
+        changes["n_shared_experts"] = int(names.shared_expert is not None and any(
+            f".{names.shared_expert}." in k for k in sd))
     return dataclasses.replace(base, **changes)
 
 
@@ -311,6 +397,45 @@ def export_hf_llama(params, config: ModelConfig, out_dir: str | pathlib.Path) ->
     return out_dir
 
 
+def export_hf_qwen3(params, config: ModelConfig, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write a Hugging Face `Qwen3ForCausalLM` (dense) or `Qwen3MoeForCausalLM` (MoE) folder
+    for a minimind-3 config. Its numerics are minimind-3's exactly: q/k RMSNorm over head_dim
+    before rotate-half RoPE, no biases, tied embeddings, one eps; HEAD's state-dict names are
+    already Qwen3's (the MoE experts in the per-expert layout transformers converts on load).
+    Training-only differences: HEAD's aux loss and its renormalisation epsilon (1e-20)."""
+    if not config.qk_norm or config.rope_layout != "rotate_half" or config.n_shared_experts:
+        raise UserError("the Qwen3 export is for minimind-3 models (--arch minimind3)")
+    from safetensors.numpy import save_file
+
+    sd = state_dict_from_params(params, config)
+    del sd[MINIMIND3_KEYS.head]  # tied: transformers re-ties lm_head to the embedding
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {
+        "architectures": ["Qwen3MoeForCausalLM" if config.use_moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if config.use_moe else "qwen3",
+        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": 32768, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "use_sliding_window": False, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+    }
+    if config.use_moe:
+        hf_config.update(num_experts=config.n_routed_experts,
+                         num_experts_per_tok=config.num_experts_per_tok,
+                         moe_intermediate_size=config.hidden_dim,
+                         norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1,
+                         mlp_only_layers=[], router_aux_loss_coef=config.aux_loss_alpha)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out_dir
+
+
 def load_params_any(path: str | pathlib.Path, config: ModelConfig | None):
     """Params (+ config) from a state-dict file or one of our orbax checkpoints/run folders.
 
@@ -338,6 +463,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.hf_llama:
         out = export_hf_llama(params, config, args.output)
         print(f"wrote Hugging Face Llama folder {out}")
+    elif args.hf_qwen3:
+        out = export_hf_qwen3(params, config, args.output)
+        print(f"wrote Hugging Face Qwen3{'Moe' if config.use_moe else ''} folder {out}")
     else:
         save_state_dict(state_dict_from_params(params, config), args.output)
         print(f"wrote reference-keyed state dict {args.output}")
@@ -351,14 +479,20 @@ def register(subparsers) -> None:
         "convert", formatter_class=HelpFormatter,
         help="convert weights: reference .pth/.safetensors/.npz <-> our checkpoints, HF Llama",
         description="Convert weights. INPUT is a reference-keyed state dict (.pth needs torch, "
-                    ".safetensors, .npz) or one of our checkpoint/run folders. OUTPUT is a state "
-                    "dict (format from its extension) or, with --hf_llama, a Hugging Face "
-                    "LlamaForCausalLM folder (dense models; RoPE rows permuted to HF's layout). "
-                    "Shapes are inferred from the weights; --n_heads must match the model "
-                    "(default 8).")
+                    ".safetensors, .npz; MiniMind2's or minimind-3's HF-style names, e.g. "
+                    "HEAD's float16 pretrain_768.pth or its *_resume.pth) or one of our "
+                    "checkpoint/run folders. OUTPUT is a state dict in the model family's names "
+                    "(format from its extension) or, with --hf_llama, a Hugging Face "
+                    "LlamaForCausalLM folder (MiniMind2 dense; RoPE rows permuted to HF's "
+                    "layout), or with --hf_qwen3 a Qwen3(Moe)ForCausalLM folder (minimind-3). "
+                    "Shapes are inferred from the weights; for MiniMind2 names --n_heads must "
+                    "match the model (default 8), minimind-3's give it.")
     p.add_argument("input", help="state-dict file or checkpoint/run folder to read")
-    p.add_argument("output", help="file (.pth/.safetensors/.npz) or folder (--hf_llama)")
+    p.add_argument("output", help="file (.pth/.safetensors/.npz) or folder (--hf_*)")
     p.add_argument("--hf_llama", action="store_true",
-                   help="write a Hugging Face Llama folder instead of a state dict")
+                   help="write a Hugging Face Llama folder instead of a state dict (MiniMind2)")
+    p.add_argument("--hf_qwen3", action="store_true",
+                   help="write a Hugging Face Qwen3ForCausalLM / Qwen3MoeForCausalLM folder "
+                        "(minimind-3, whose numerics and weight names are Qwen3's)")
     add_model_args(p)
     p.set_defaults(func=_run)

@@ -123,16 +123,17 @@ def _parse_line(raw: bytes, line_no: int, read_record):
 
 def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bool = False,
                       skips: SkipReport | None = None, chunk_bytes: int = 1 << 20,
-                      ) -> Iterator[tuple[list, int]]:
+                      read_record=None) -> Iterator[tuple[list, int]]:
     """Stream `(records, bytes_read)` chunks of about `chunk_bytes` from a JSONL file.
 
-    Records are texts (pretrain) or lists of turn contents (sft). Blank lines are ignored. A bad
+    Records are texts (pretrain) or lists of turn contents (sft), or what `read_record(obj)`
+    returns (it raises LineProblem on a bad record). Blank lines are ignored. A bad
     line raises UserError naming file, line and problem; with `skip_bad_lines` it is counted in
     `skips` instead. A file without any valid record raises UserError.
     """
     if stage not in RECORD_READERS:
         raise UserError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    read_record = RECORD_READERS[stage]
+    read_record = read_record or RECORD_READERS[stage]
     skips = skips if skips is not None else SkipReport(str(path))
     try:
         f = open(path, "rb")  # noqa: SIM115 -- closed below, and the generator may be abandoned
@@ -225,10 +226,11 @@ def _occurrences(ids_L: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
 
 
 def sft_loss_mask(ids_L: np.ndarray, start_ids: Sequence[int],
-                  end_ids: Sequence[int]) -> np.ndarray:
+                  end_ids: Sequence[int], offset: int = 1) -> np.ndarray:
     """The reference's SFT mask over one padded row (SPEC "Samples"): after each `<s>assistant`
     at i, from start = i + len(start_ids) to the next `</s>` at `end` (or the row end), mark
-    start+1 <= j < min(end + len(end_ids) + 1, L), then continue after that `</s>`."""
+    start+o <= j < min(end + len(end_ids) + o, L), then continue after that `</s>`. MiniMind2
+    marks the shifted targets (o = 1); minimind-3 marks its unshifted labels (o = 0)."""
     ids_L = np.asarray(ids_L)
     length = len(ids_L)
     mask = np.zeros(length, np.int64)
@@ -240,7 +242,7 @@ def sft_loss_mask(ids_L: np.ndarray, start_ids: Sequence[int],
         start = i + len(start_ids)
         k = np.searchsorted(ends, start)
         end = int(ends[k]) if k < len(ends) else length
-        mask[start + 1:min(end + len(end_ids) + 1, length)] = 1
+        mask[start + offset:min(end + len(end_ids) + offset, length)] = 1
         resume_at = end + len(end_ids) if k < len(ends) else length
     return mask
 

@@ -2,9 +2,14 @@
 
 A source has `__len__()` and `get_batch(indices) -> dict` of [b, T] arrays, T = max_seq_len - 1:
 `input_ids`, `labels` (int32), `loss_mask` (float32), plus `positions` and `segment_ids` (int32)
-for packed rows. `Loader` orders rows by a pure function of (seed, epoch), so the position to
-checkpoint is just (epoch, batch index), and it computes batches ahead in background threads
-(grain's thread-pool prefetch over a MapDataset of batch indices).
+for packed rows. minimind-3 sources give T = max_seq_len (HEAD feeds the whole row to the model
+and drops the last logit; the row's last position has no target), which matters for the MoE
+aux loss (it averages over every fed token). A source with `for_epoch(epoch, order)` gives the
+per-epoch view batches are taken from (minimind-3's SFT draws).
+
+`Loader` orders rows by a pure function of (seed, epoch), so the position to checkpoint is just
+(epoch, batch index), and it computes batches ahead in background threads (grain's thread-pool
+prefetch over a MapDataset of batch indices).
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from minimind_jax import samples3, torch_rng
 from minimind_jax.data import pad_rows, sft_loss_mask, shift
 from minimind_jax.errors import UserError
 from minimind_jax.token_cache import TokenCache, prepare_token_cache
 from minimind_jax.tokenizer import Tokenizer, load_tokenizer
 
 _INT_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+PERMUTATIONS = ("numpy", "torch")
 
 
-def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray) -> dict[str, np.ndarray]:
+def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray,
+              full_rows: bool = False) -> dict[str, np.ndarray]:
+    """Model inputs and next-token targets of padded rows whose `mask_BL` marks the supervised
+    positions (unshifted). MiniMind2 feeds ids[:-1]; `full_rows` (minimind-3) feeds all ids
+    and gives the last position no target."""
     x, y, m = shift(ids_BL, mask_BL)
+    if full_rows:
+        pad = np.zeros((len(ids_BL), 1), ids_BL.dtype)
+        x, y, m = ids_BL, np.concatenate([y, pad], 1), np.concatenate([m, pad], 1)
     return {"input_ids": x.astype(np.int32), "labels": y.astype(np.int32),
             "loss_mask": m.astype(np.float32)}
 
@@ -58,6 +72,7 @@ class CachedSource:
         self.stage = cache.meta["stage"]
         self.pad_id = cache.meta["pad_id"]
         self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
+        self.full_rows = cache.meta.get("rules", "minimind2") == "minimind3"
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -76,7 +91,69 @@ class CachedSource:
             mask = np.zeros(rows.shape, np.int64)
             for row, row_mask in zip(rows, mask, strict=True):
                 row_mask[:] = sft_loss_mask(row, *self.markers)
-        return _as_batch(rows, mask)
+        return _as_batch(rows, mask, self.full_rows)
+
+
+class HeadSFTSource:
+    """minimind-3 SFT conversations from a cache of `samples3.SLOTS` id lists each; every epoch
+    draws HEAD's random variants (system prompt, think stripping) with `random.Random(seed +
+    epoch)` in the epoch's order (`for_epoch`), or none with `randomize=False`."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int, system_ids, *, seed: int,
+                 randomize: bool = True):
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.pad_id = cache.meta["pad_id"]
+        self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
+        self.system_ids = system_ids
+        self.seed = seed
+        self.randomize = randomize
+        lengths = cache.lengths.reshape(-1, samples3.SLOTS)
+        self.has_empty_think = lengths[:, 1] > 0
+        self.draws_system = lengths[:, 2] > 0
+
+    def __len__(self) -> int:
+        return len(self.cache) // samples3.SLOTS
+
+    @property
+    def padding_fraction(self) -> float:
+        lengths = self.cache.lengths.reshape(-1, samples3.SLOTS)[:, 0]
+        return 1.0 - float(np.minimum(lengths, self.max_seq_len).sum()) / (
+            len(self) * self.max_seq_len)
+
+    def draws(self, epoch: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(system prompt index or -1, think stripped) per conversation for `epoch`."""
+        if not self.randomize:
+            return np.full(len(self), -1), np.zeros(len(self), np.int64)
+        return samples3.draw_variants(self.draws_system, self.has_empty_think, order,
+                                      self.seed + epoch)
+
+    def for_epoch(self, epoch: int, order: np.ndarray):
+        system_idx, stripped = self.draws(epoch, order)
+        return _DrawnSFT(self, system_idx, stripped)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Without an epoch: the draws of epoch 0 in file order."""
+        return self.for_epoch(0, np.arange(len(self))).get_batch(indices)
+
+
+class _DrawnSFT:
+    """One epoch's view of a HeadSFTSource: its variants fixed."""
+
+    def __init__(self, source: HeadSFTSource, system_idx: np.ndarray, stripped: np.ndarray):
+        self.source, self.system_idx, self.stripped = source, system_idx, stripped
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        src = self.source
+        ids_list = []
+        for i in np.asarray(indices).tolist():
+            slots = [src.cache.sample(samples3.SLOTS * i + k) for k in range(2)]
+            ids = samples3.variant_ids(slots, src.system_ids, int(self.system_idx[i]),
+                                       bool(self.stripped[i]))
+            ids_list.append(ids[:src.max_seq_len])
+        rows = pad_rows(ids_list, src.max_seq_len, src.pad_id, np.int32)
+        mask = np.stack([sft_loss_mask(row, *src.markers, offset=0) for row in rows])
+        return _as_batch(rows, mask, full_rows=True)
 
 
 def pack_row_starts(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -138,17 +215,27 @@ class PackedSource:
 
 def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack: bool = False,
                 cache_dir=None, skip_bad_lines: bool = False, force: bool = False,
-                progress: bool | None = None, log=None):
+                progress: bool | None = None, log=None, rules: str = "minimind2",
+                sft_seed: int = 42, sft_random: bool = True):
     """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
-    on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer."""
+    on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer.
+    `rules` "minimind3" gives HEAD's samples; its SFT draws use `sft_seed + epoch` (or none
+    without `sft_random`)."""
     if pack and stage != "pretrain":
         raise UserError("--pack works with pretrain data only")
+    if pack and rules != "minimind2":
+        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are HEAD's)")
     tokenizer = (tokenizer_path if isinstance(tokenizer_path, Tokenizer)
                  else load_tokenizer(tokenizer_path))
     cache = prepare_token_cache(data_path, tokenizer, stage, max_seq_len, cache_dir=cache_dir,
                                 skip_bad_lines=skip_bad_lines, force=force, progress=progress,
-                                log=log)
-    return PackedSource(cache, max_seq_len) if pack else CachedSource(cache, max_seq_len)
+                                log=log, rules=rules)
+    if pack:
+        return PackedSource(cache, max_seq_len)
+    if rules == "minimind3" and stage == "sft":
+        return HeadSFTSource(cache, max_seq_len, samples3.system_block_ids(tokenizer),
+                             seed=sft_seed, randomize=sft_random)
+    return CachedSource(cache, max_seq_len)
 
 
 class Loader:
@@ -158,7 +245,7 @@ class Loader:
 
     def __init__(self, source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  num_shards: int = 1, shard_index: int = 0, pad_to_multiple: int = 1,
-                 prefetch: int = 2, num_threads: int = 1):
+                 prefetch: int = 2, num_threads: int = 1, permutation: str = "numpy"):
         if len(source) == 0:
             raise UserError("the dataset has no samples")
         if batch_size < 1 or pad_to_multiple < 1 or num_shards < 1:
@@ -168,6 +255,9 @@ class Loader:
                             f"{num_shards}")
         if not 0 <= shard_index < num_shards:
             raise UserError(f"shard_index {shard_index} is not in [0, {num_shards})")
+        if permutation not in PERMUTATIONS:
+            raise UserError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        self.permutation = permutation
         self.source = source
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -183,9 +273,12 @@ class Loader:
         return math.ceil(len(self.source) / self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Row order of `epoch`: file order, or a permutation seeded by (seed, epoch)."""
+        """Row order of `epoch`: file order, or a permutation seeded by (seed, epoch): numpy's,
+        or minimind-3's `torch.randperm` after `torch.manual_seed(seed + epoch)`."""
         if not self.shuffle:
             return np.arange(len(self.source))
+        if self.permutation == "torch":
+            return torch_rng.randperm(len(self.source), self.seed + epoch)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         return rng.permutation(len(self.source))
 
@@ -198,9 +291,9 @@ class Loader:
         mine = rows[begin:begin + per_shard]
         return mine, per_shard - len(mine)
 
-    def _batch(self, order: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    def _batch(self, order: np.ndarray, source, batch: int) -> dict[str, np.ndarray]:
         rows, n_padding = self.local_rows(order, batch)
-        arrays = self.source.get_batch(rows)
+        arrays = source.get_batch(rows)
         if n_padding:
             arrays = {k: np.concatenate([v, np.zeros((n_padding, *v.shape[1:]), v.dtype)])
                       for k, v in arrays.items()}
@@ -213,8 +306,11 @@ class Loader:
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise UserError(f"start batch {start_batch} is outside epoch of "
                             f"{self.batches_per_epoch} batches")
+        order = self.order(epoch)
+        for_epoch = getattr(self.source, "for_epoch", None)
+        source = for_epoch(epoch, order) if for_epoch else self.source
         batches = grain.MapDataset.range(start_batch, self.batches_per_epoch).map(
-            functools.partial(self._batch, self.order(epoch)))
+            functools.partial(self._batch, order, source))
         threads = self.num_threads if self.prefetch > 0 else 0
         return iter(batches.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=max(self.prefetch, 0))))

@@ -1,8 +1,10 @@
-"""The MiniMind2 transformer as Flax linen modules (pure init/apply over explicit param pytrees).
+"""The MiniMind transformer as Flax linen modules (pure init/apply over explicit param pytrees).
 
-Numerics follow the PyTorch reference (see shared/SPEC.md): pre-norm blocks, RMSNorm in float32,
-interleaved (complex) RoPE, grouped-query causal attention, SwiGLU or MoE feed-forward, and an
-output projection tied to the token embedding. Logits are always float32.
+Numerics follow the PyTorch references (shared/SPEC.md for MiniMind2, shared/SPEC3.md for
+minimind-3): pre-norm blocks, RMSNorm in float32, RoPE (MiniMind2's interleaved pairs or
+minimind-3's rotate-half, after minimind-3's per-head q/k RMSNorm), grouped-query causal
+attention, SwiGLU or MoE feed-forward, and an output projection tied to the token embedding.
+The config's switches select the family; there is one code path. Logits are always float32.
 
 Param layout: Dense kernels are [in, out] (the reference's Linear weights transposed); expert
 weights are stacked [E, in, out]; with `scan_layers` the blocks live under "layers" with a leading
@@ -35,6 +37,21 @@ def tied_embedding_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def kernel_init(config: ModelConfig):
+    """N(0, init_std^2) when the config sets `init_std` (minimind-3), else PyTorch's Linear
+    default U(+-1/sqrt(fan_in)) (MiniMind2)."""
+    if config.init_std > 0:
+        return nn.initializers.normal(config.init_std)
+    return uniform_fan_in_init
+
+
+def embedding_init(config: ModelConfig):
+    """The tied [vocab, dim] matrix: N(0, init_std^2), or the output Linear's uniform init."""
+    if config.init_std > 0:
+        return nn.initializers.normal(config.init_std)
+    return tied_embedding_init
+
+
 def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float):
     """cos/sin [B, T, head_dim/2] of angle pos * theta^(-2i/head_dim), in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -42,31 +59,49 @@ def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float):
     return jnp.cos(angles_BTF), jnp.sin(angles_BTF)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array) -> jax.Array:
-    """Rotate feature pairs (2i, 2i+1) of every head: the reference's complex layout."""
-    x = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], -1, 2)
-    even, odd = x[..., 0], x[..., 1]
+def apply_rope(x_BTNH: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array,
+               layout: str = "interleaved") -> jax.Array:
+    """Rotate every head by its position's angles. `interleaved` pairs features (2i, 2i+1)
+    (MiniMind2's complex layout); `rotate_half` pairs (i, i + hd/2) (HF/NeoX, minimind-3)."""
+    x = x_BTNH.astype(jnp.float32)
     cos, sin = cos_BTF[:, :, None, :], sin_BTF[:, :, None, :]
+    if layout == "rotate_half":
+        first, second = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+        return rotated.astype(x_BTNH.dtype)
+    x = x.reshape(*x_BTNH.shape[:-1], -1, 2)
+    even, odd = x[..., 0], x[..., 1]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return rotated.reshape(x_BTNH.shape).astype(x_BTNH.dtype)
 
 
 class RMSNorm(nn.Module):
+    """Normalised in float32; MiniMind2 casts back to x's dtype before the weight multiply,
+    minimind-3 (`weight_fp32`) multiplies in float32 and casts after."""
+
     eps: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    weight_fp32: bool = False
 
     @nn.compact
     def __call__(self, x):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight_fp32:
+            return (weight.astype(jnp.float32) * normed).astype(x.dtype).astype(self.dtype)
         return (weight.astype(jnp.float32) * normed.astype(x.dtype)).astype(self.dtype)
+
+
+def _norm(config: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(config.norm_eps, config.dtype, config.param_dtype, config.norm_weight_fp32,
+                   name=name)
 
 
 def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=uniform_fan_in_init, name=name)
+                    kernel_init=kernel_init(config), name=name)
 
 
 def _attention_impl(config: ModelConfig, has_mask: bool, seq_len: int,
@@ -132,8 +167,11 @@ class Attention(nn.Module):
         q_BTNH = _dense(cfg, cfg.n_heads * hd, "wq")(x_BTD).reshape(B, T, cfg.n_heads, hd)
         k_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wk")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
         v_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wv")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
-        q_BTNH = apply_rope(q_BTNH, cos_BTF, sin_BTF)
-        k_BTKH = apply_rope(k_BTKH, cos_BTF, sin_BTF)
+        if cfg.qk_norm:  # minimind-3: one [hd] RMSNorm shared by all heads, before RoPE
+            q_BTNH = _norm(cfg, "q_norm")(q_BTNH)
+            k_BTKH = _norm(cfg, "k_norm")(k_BTKH)
+        q_BTNH = apply_rope(q_BTNH, cos_BTF, sin_BTF, cfg.rope_layout)
+        k_BTKH = apply_rope(k_BTKH, cos_BTF, sin_BTF, cfg.rope_layout)
 
         new_cache = None
         if layer_cache is not None:
@@ -175,6 +213,14 @@ def moe_aux_loss(scores_BTE, topk_idx_BTK, alpha: float) -> jax.Array:
     picks_BE = jax.nn.one_hot(topk_idx_BTK, E, dtype=jnp.float32).sum(axis=(1, 2))
     load_BE = picks_BE / (T * K / E)
     return alpha * jnp.mean(jnp.sum(load_BE * scores_BTE.mean(axis=1), axis=-1))
+
+
+def moe_batch_aux_loss(scores_NE, topk_idx_NK, alpha: float) -> jax.Array:
+    """minimind-3's balance loss over all N tokens of the micro-batch (padding included):
+    alpha * E * sum_e (picks of e / N) * mean_t scores[t, e]; no division by k."""
+    N, E = scores_NE.shape
+    picks_E = jax.nn.one_hot(topk_idx_NK, E, dtype=jnp.float32).sum(axis=(0, 1))
+    return alpha * E * jnp.sum(picks_E / N * scores_NE.mean(axis=0))
 
 
 def _swiglu_experts_ragged(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
@@ -231,17 +277,22 @@ class MoEFeedForward(nn.Module):
         B, T, D = x_BTD.shape
         E, K, H = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_dim
         pdt = cfg.param_dtype
-        gate_DE = self.param("gate", uniform_fan_in_init, (D, E), pdt)
-        w1_EDH = self.param("w1", uniform_fan_in_init, (E, D, H), pdt).astype(cfg.dtype)
-        w3_EDH = self.param("w3", uniform_fan_in_init, (E, D, H), pdt).astype(cfg.dtype)
-        w2_EHD = self.param("w2", uniform_fan_in_init, (E, H, D), pdt).astype(cfg.dtype)
+        init = kernel_init(cfg)
+        gate_DE = self.param("gate", init, (D, E), pdt)
+        w1_EDH = self.param("w1", init, (E, D, H), pdt).astype(cfg.dtype)
+        w3_EDH = self.param("w3", init, (E, D, H), pdt).astype(cfg.dtype)
+        w2_EHD = self.param("w2", init, (E, H, D), pdt).astype(cfg.dtype)
 
         scores_BTE = jax.nn.softmax(
             jnp.dot(x_BTD.astype(jnp.float32), gate_DE.astype(jnp.float32)), axis=-1)
         weights_BTK, idx_BTK = jax.lax.top_k(scores_BTE, K)
-        if K > 1 and cfg.norm_topk_prob:
+        if cfg.norm_topk_prob and (K > 1 or cfg.renorm_top1):
             weights_BTK = weights_BTK / (weights_BTK.sum(axis=-1, keepdims=True) + 1e-20)
-        aux = moe_aux_loss(scores_BTE, idx_BTK, cfg.aux_loss_alpha)
+        if cfg.seq_aux:
+            aux = moe_aux_loss(scores_BTE, idx_BTK, cfg.aux_loss_alpha)
+        else:
+            aux = moe_batch_aux_loss(scores_BTE.reshape(B * T, E), idx_BTK.reshape(B * T, K),
+                                     cfg.aux_loss_alpha)
 
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK = weights_BTK.reshape(B * T, K)
@@ -276,11 +327,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn_out, new_cache = Attention(cfg, name="attention")(
-            norm("attention_norm")(x_BTD), cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+            _norm(cfg, "attention_norm")(x_BTD), cos_BTF, sin_BTF, mask_B1TS, layer_cache)
         h_BTD = x_BTD + attn_out
-        ffn_in = norm("ffn_norm")(h_BTD)
+        ffn_in = _norm(cfg, "ffn_norm")(h_BTD)
         if cfg.use_moe:
             ffn_out, aux = MoEFeedForward(cfg, name="feed_forward")(ffn_in)
         else:
@@ -328,7 +378,8 @@ def _cache_mask(segment_ids_BT, cache):
 
 
 class MiniMind(nn.Module):
-    """MiniMind2 causal LM: `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
+    """MiniMind causal LM (MiniMind2 or minimind-3, by config):
+    `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
 
     Optional `positions` [B, T] (default 0..T-1, or continuing from the cache) and
     `segment_ids` [B, T] (attention stays within equal ids; 0 marks padding). With `cache`
@@ -341,7 +392,7 @@ class MiniMind(nn.Module):
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None):
         cfg = self.config
         B, T = input_ids_BT.shape
-        embedding_VD = self.param("tok_embeddings", tied_embedding_init,
+        embedding_VD = self.param("tok_embeddings", embedding_init(cfg),
                                   (cfg.vocab_size, cfg.dim), cfg.param_dtype)
         x_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.dtype)
 
@@ -384,7 +435,7 @@ class MiniMind(nn.Module):
                     vs.append(new_layer_cache["v"])
             new_layer_caches = {"k": jnp.stack(ks), "v": jnp.stack(vs)} if ks else None
 
-        h_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x_BTD)
+        h_BTD = _norm(cfg, "norm")(x_BTD)
         logits_BTV = jnp.dot(h_BTD, embedding_VD.astype(cfg.dtype).T,
                              preferred_element_type=jnp.float32)
         if cache is None:

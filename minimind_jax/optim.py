@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "minimind2")
+SCHEDULES = ("cosine", "minimind2", "minimind3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,9 @@ class Schedule:
     """LR as a function of the global micro-step s (0-based) of a run of `total_steps`.
 
     `minimind2`: lr/10 + lr/2 * (1 + cos(pi * s / total)), the reference's `get_lr` (starts at
-    1.1 * lr, no warmup). `cosine`: counted in updates u = s // accumulation_steps: linear
+    1.1 * lr, no warmup). `minimind3`: lr * (0.1 + 0.45 * (1 + cos(pi * (s + 1) / total))),
+    HEAD's `get_lr` of the 1-based micro-step (starts at ~lr, ends at lr/10).
+    `cosine`: counted in updates u = s // accumulation_steps: linear
     warmup lr * (u + 1) / warmup_iters over the first `warmup_iters` updates, then a cosine from
     lr down to lr/10 at the last update.
     """
@@ -53,6 +55,8 @@ class Schedule:
         lr = self.learning_rate
         if self.name == "minimind2":
             return lr / 10 + 0.5 * lr * (1 + xp.cos(math.pi * step / self.total_steps))
+        if self.name == "minimind3":
+            return lr * (0.1 + 0.45 * (1 + xp.cos(math.pi * (step + 1) / self.total_steps)))
         on_host = xp is math
         update = step // self.accumulation_steps
         total_updates = max(self.total_steps // self.accumulation_steps, 1)
@@ -109,21 +113,48 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def make_optimizer(*, accumulation_steps: int = 1, grad_clip: float = 1.0,
-                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.MultiSteps:
-    """torch.optim.AdamW (decoupled decay on every parameter) after torch-style clipping.
-
-    Gradients of `accumulation_steps` micro-batches are averaged (MultiSteps) before the
-    clip + AdamW step. Call `update(grads, state, params, learning_rate=lr)`.
-    """
-    inner = optax.chain(
+def make_inner_optimizer(*, grad_clip: float = 1.0, weight_decay: float = 0.01,
+                         b1: float = 0.9, b2: float = 0.999,
+                         eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+    """torch.optim.AdamW (decoupled decay on every parameter) after torch-style clipping;
+    `update(grads, state, params, learning_rate=lr)`."""
+    return optax.chain(
         clip_by_global_norm_like_torch(grad_clip),
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.add_decayed_weights(weight_decay),
         scale_by_learning_rate_arg(),
     )
+
+
+def make_optimizer(*, accumulation_steps: int = 1, **inner_args) -> optax.MultiSteps:
+    """`make_inner_optimizer(**inner_args)` inside optax.MultiSteps: gradients of
+    `accumulation_steps` micro-batches are averaged before the clip + AdamW step.
+    Call `update(grads, state, params, learning_rate=lr)`.
+    """
+    inner = make_inner_optimizer(**inner_args)
     return optax.MultiSteps(inner, every_k_schedule=accumulation_steps)
+
+
+def flush_partial_window(inner, opt_state: optax.MultiStepsState, params, learning_rate,
+                         accumulation_steps: int):
+    """minimind-3's end-of-epoch flush: if m > 0 micro-batches are accumulated, one clip +
+    AdamW step with their summed gradients / accumulation_steps (HEAD's `.grad` after m
+    backward passes of loss / accumulation_steps; not renormalised to m), then an empty window.
+    `inner` is the MultiSteps' inner optimizer (`make_inner_optimizer` with the same args).
+    -> (params, opt_state)."""
+    m = opt_state.mini_step
+
+    def flush(params, opt_state):
+        # MultiSteps keeps the running mean of the window; HEAD's sum / k is mean * m / k.
+        scale = m.astype(jnp.float32) / accumulation_steps
+        grads = jax.tree.map(lambda a: (a * scale).astype(a.dtype), opt_state.acc_grads)
+        updates, inner_state = inner.update(grads, opt_state.inner_opt_state, params,
+                                            learning_rate=learning_rate)
+        return optax.apply_updates(params, updates), opt_state._replace(
+            mini_step=jnp.zeros_like(m), gradient_step=opt_state.gradient_step + 1,
+            inner_opt_state=inner_state, acc_grads=jax.tree.map(jnp.zeros_like, grads))
+
+    return jax.lax.cond(m > 0, flush, lambda p, o: (p, o), params, opt_state)
 
 
 def last_grad_norm(opt_state: Any) -> jax.Array:

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
                         help="record format: pretrain ({\"text\"}) or sft ({\"conversations\"})")
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="training sequence length; samples are cached truncated to it")
+    parser.add_argument("--arch", choices=("minimind2", "minimind3"), default="minimind2",
+                        help="whose sample rules: MiniMind2's or minimind-3's (HEAD's "
+                             "PretrainDataset/SFTDataset; match the training run's --arch)")
     parser.add_argument("--pack", action="store_true",
                         help="also report the packed layout (pretrain; packing reuses the same "
                              "cache)")
@@ -56,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--pack works with pretrain data only")
     source = open_source(args.data_path, args.tokenizer, args.stage, args.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
-                         force=args.force, log=print)
+                         force=args.force, log=print, rules=args.arch)
     meta = source.cache.meta
     print(f"cache: {source.cache.path}")
-    print(f"{meta['num_samples']:,} samples, {meta['num_tokens']:,} tokens, "
+    print(f"{len(source):,} samples, {meta['num_tokens']:,} tokens, "
           f"{meta['num_truncated']:,} truncated to {args.max_seq_len}, "
           f"{meta['skipped_lines']:,} bad lines skipped")
     print(f"padding fraction at max_seq_len {args.max_seq_len}: {source.padding_fraction:.4f} "

@@ -267,3 +267,17 @@ def _sharded_state_step(model: MiniMind, optimizer, schedule, mesh: Mesh, shardi
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     return jax.jit(step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, whole), donate_argnums=0)
+
+
+def make_flush_step(inner_optimizer, schedule: Callable[[jax.Array], jax.Array],
+                    accumulation_steps: int, shardings) -> Callable[[TrainState], TrainState]:
+    """The jitted end-of-epoch flush (`optim.flush_partial_window`) at the LR of the last
+    micro-step; the state keeps the layout `shardings` and its buffers are donated."""
+
+    def flush(state: TrainState) -> TrainState:
+        params, opt_state = optim.flush_partial_window(
+            inner_optimizer, state.opt_state, state.params, schedule(state.step - 1),
+            accumulation_steps)
+        return state.replace(params=params, opt_state=opt_state)
+
+    return jax.jit(flush, out_shardings=shardings, donate_argnums=0)

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minimind_jax import samples3
 from minimind_jax.data import (
+    RECORD_READERS,
     SAMPLE_IDS,
     STAGES,
     SkipReport,
@@ -40,6 +42,32 @@ from minimind_jax.data import (
     truncate_ids,
 )
 from minimind_jax.errors import UserError
+
+SAMPLE_RULES = ("minimind2", "minimind3")
+
+
+@dataclass(frozen=True)
+class SampleRules:
+    """How one reference turns JSONL records into cached id lists."""
+
+    read_record: object  # record -> text / messages, or LineProblem
+    sample_ids: object  # (tokenizer, records, None) -> id lists, untruncated
+    truncate: object  # (id lists, max_seq_len) -> id lists
+    markers: object  # tokenizer -> (start ids, end ids) of a supervised span
+
+
+def sample_rules(stage: str, rules: str) -> SampleRules:
+    """MiniMind2's (shared/SPEC.md) or minimind-3's (samples3.py) rules for `stage`."""
+    if rules not in SAMPLE_RULES:
+        raise UserError(f"unknown sample rules {rules!r}; expected one of {SAMPLE_RULES}")
+    if rules == "minimind2":
+        return SampleRules(RECORD_READERS[stage], SAMPLE_IDS[stage], truncate_ids,
+                           sft_mask_markers)
+    if stage == "pretrain":
+        return SampleRules(RECORD_READERS[stage], samples3.pretrain3_ids_batch,
+                           samples3.pretrain3_truncate, samples3.sft3_markers)
+    return SampleRules(samples3.sft3_messages, samples3.sft3_ids_batch, truncate_ids,
+                       samples3.sft3_markers)
 
 CACHE_FORMAT = 1
 CACHE_DIRNAME = ".minimind_cache"
@@ -87,11 +115,13 @@ def data_file_signature(path: Path) -> dict:
 
 
 def cache_entry_path(data_path, tokenizer, stage: str, max_seq_len: int,
-                     cache_dir=None) -> Path:
+                     cache_dir=None, rules: str = "minimind2") -> Path:
     """Where the cache entry for these inputs lives (whether or not it exists yet)."""
     data_path = Path(data_path)
     key_fields = {"format": CACHE_FORMAT, "stage": stage, "max_seq_len": max_seq_len,
                   "data": data_file_signature(data_path), "tokenizer": tokenizer.fingerprint}
+    if rules != "minimind2":  # MiniMind2 entries keep the keys they always had
+        key_fields["rules"] = rules
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else data_path.parent / CACHE_DIRNAME
     return root / f"{data_path.name}.{stage}.L{max_seq_len}.{key}"
@@ -230,10 +260,12 @@ def _progress_bar(total: int, enabled: bool | None):
 def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, cache_dir=None,
                         skip_bad_lines: bool = False, force: bool = False,
                         progress: bool | None = None, chunk_bytes: int = 1 << 20,
-                        workers: int | None = None, log=None) -> TokenCache:
+                        workers: int | None = None, log=None,
+                        rules: str = "minimind2") -> TokenCache:
     """The token cache of `data_path` for (tokenizer, stage, max_seq_len): reused when it
     exists, else built by streaming the JSONL through batched tokenization (memory bounded by
-    a few `chunk_bytes` chunks, whatever the file size). `log(str)` receives a summary."""
+    a few `chunk_bytes` chunks, whatever the file size). `log(str)` receives a summary.
+    `rules`: whose sample rules (`minimind2` or `minimind3`, see `sample_rules`)."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     if max_seq_len < 2:
@@ -242,7 +274,7 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     if not data_path.is_file():
         raise UserError(f"{data_path}: data file not found")
     log = log or (lambda message: print(message, file=sys.stderr))
-    entry = cache_entry_path(data_path, tokenizer, stage, max_seq_len, cache_dir)
+    entry = cache_entry_path(data_path, tokenizer, stage, max_seq_len, cache_dir, rules)
     if entry.is_dir() and not force:
         log(f"token cache: reusing {entry}")
         return load_token_cache(entry)
@@ -257,7 +289,8 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     tmp.mkdir()
     try:
         meta = _write_entry(tmp, data_path, tokenizer, stage, max_seq_len, skip_bad_lines,
-                            progress, chunk_bytes, workers or default_workers())
+                            progress, chunk_bytes, workers or default_workers(),
+                            sample_rules(stage, rules), rules)
         if force:
             shutil.rmtree(entry, ignore_errors=True)
         try:
@@ -268,7 +301,11 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rate = meta["data"]["size"] / 2**20 / max(meta["seconds"], 1e-9)
-    log(f"prepared {meta['num_samples']:,} {stage} samples, {meta['num_tokens']:,} tokens "
+    what = f"{meta['num_samples']:,} {stage} samples"
+    if rules == "minimind3" and stage == "sft":
+        what = (f"{meta['num_samples'] // samples3.SLOTS:,} minimind-3 conversations "
+                f"({samples3.SLOTS} id lists each: as is, think-stripped, system-coin flag)")
+    log(f"prepared {what}, {meta['num_tokens']:,} tokens "
         f"({meta['num_truncated']:,} truncated to {max_seq_len}) in {meta['seconds']:.1f} s "
         f"({rate:.1f} MiB/s) -> {entry}")
     if meta["skipped_lines"]:
@@ -278,11 +315,11 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
 
 def _write_entry(folder: Path, data_path: Path, tokenizer, stage: str, max_seq_len: int,
                  skip_bad_lines: bool, progress: bool | None, chunk_bytes: int,
-                 workers: int) -> dict:
+                 workers: int, rules: SampleRules, rules_name: str) -> dict:
     started = time.perf_counter()
     signature = data_file_signature(data_path)
     skips = SkipReport(str(data_path))
-    sample_ids = SAMPLE_IDS[stage]
+    sample_ids = rules.sample_ids
     dtype = _id_dtype(tokenizer.vocab_size)
     # JSON parsing runs in a thread, tokenization + conversion to numpy in a few more (the
     # Rust/C++ encoders release the GIL and use every core; several chunks in flight keep the
@@ -293,12 +330,13 @@ def _write_entry(folder: Path, data_path: Path, tokenizer, stage: str, max_seq_l
         lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
         n_truncated = int((lengths > max_seq_len).sum())
         lengths = np.minimum(lengths, max_seq_len)
-        flat = np.fromiter(itertools.chain.from_iterable(truncate_ids(ids_lists, max_seq_len)),
+        flat = np.fromiter(itertools.chain.from_iterable(rules.truncate(ids_lists, max_seq_len)),
                            dtype, int(lengths.sum()))
         return flat, lengths, n_truncated, n_bytes
 
     chunks = _in_background(iter_jsonl_chunks(data_path, stage, skip_bad_lines=skip_bad_lines,
-                                              skips=skips, chunk_bytes=chunk_bytes))
+                                              skips=skips, chunk_bytes=chunk_bytes,
+                                              read_record=rules.read_record))
     ids_file = _NpyAppender(folder / "ids.npy", dtype)
     offsets_file = _NpyAppender(folder / "offsets.npy", np.int64)
     offsets_file.append(np.zeros(1, np.int64))
@@ -319,9 +357,9 @@ def _write_entry(folder: Path, data_path: Path, tokenizer, stage: str, max_seq_l
         raise
     ids_file.close()
     offsets_file.close()
-    start_ids, end_ids = sft_mask_markers(tokenizer)
+    start_ids, end_ids = rules.markers(tokenizer)
     meta = {
-        "format": CACHE_FORMAT, "stage": stage, "max_seq_len": max_seq_len,
+        "format": CACHE_FORMAT, "stage": stage, "max_seq_len": max_seq_len, "rules": rules_name,
         "data": {"path": str(data_path.resolve()), **signature},
         "tokenizer": {"files": [str(p) for p in tokenizer.files],
                       "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},

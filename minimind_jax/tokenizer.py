@@ -42,6 +42,10 @@ def compile_chat_template(template: str, where: str = "chat template"):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    # transformers' own `tojson`: no HTML escaping, keys in order (minimind-3's tools block).
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+        sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                    separators=separators, sort_keys=sort_keys)
     try:
         return env.from_string(template)
     except TemplateError as err:

@@ -17,14 +17,15 @@ import time
 
 import jax
 
-from minimind_jax import checkpoint, distributed, host_memory, optim, prepare
-from minimind_jax.config import ModelConfig
+from minimind_jax import checkpoint, distributed, host_memory, optim, prepare, recipes
+from minimind_jax.config import ModelConfig, arch_of
 from minimind_jax.errors import UserError
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
+HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
                 "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                "scan_layers")
+                "scan_layers", "qk_norm", "rope_layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,20 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
         candidates.append(pathlib.Path(args.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
     if stage.command == "sft" and not args.init_from:
         candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
-    candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
+    candidates.append(pathlib.Path(HEAD_TOKENIZER_DIR if cli_arch(args) == "minimind3"
+                                   else REFERENCE_TOKENIZER_DIR))
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
     raise UserError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json, e.g. the "
                     "reference's model/minimind_tokenizer); looked in "
                     + ", ".join(str(c) for c in candidates))
+
+
+def cli_arch(args: argparse.Namespace) -> str:
+    from minimind_jax import cli
+
+    return cli.arch_from_args(args)
 
 
 def _tag_from_args(args: argparse.Namespace) -> str:
@@ -102,7 +110,10 @@ def initial_params(args: argparse.Namespace, stage: Stage, config: ModelConfig):
                             ".safetensors or .npz)")
     else:
         return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
-    return checkpoint.load_init_params(source, config), str(source)
+    params = checkpoint.load_init_params(source, config)
+    if stage.command == "sft" and recipes.recipe_of(args).fp16_sft_init:
+        return recipes.round_to_float16(params), f"{source} (rounded to float16, as HEAD)"
+    return params, str(source)
 
 
 def _is_main_process() -> bool:
@@ -185,6 +196,24 @@ def reference_line(epoch: int, epochs: int, batch: int, batches: int, loss: floa
             f"epoch_Time:{minutes_left}min:")
 
 
+def is_logged_batch(batch: int, batches: int, interval: int, head_style: bool) -> bool:
+    """MiniMind2 logs 0-based batches b % interval == 0; minimind-3 (HEAD) logs 1-based steps
+    s % interval == 0 and each epoch's last one, so the same micro-steps appear in both logs."""
+    if head_style:
+        return (batch + 1) % interval == 0 or batch + 1 == batches
+    return batch % interval == 0
+
+
+def head_reference_line(epoch: int, epochs: int, batch: int, batches: int, loss: float,
+                        aux: float, lr: float, epoch_seconds: float, batches_done: int) -> str:
+    """minimind-3's (HEAD's) line: `Epoch:[e/E](s/iters), loss: .., logits_loss: .., aux_loss:
+    .., lr: .., epoch_time: ..min` with s 1-based (logits_loss = loss - aux)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {loss:.4f}, "
+            f"logits_loss: {loss - aux:.4f}, aux_loss: {aux:.4f}, lr: {lr:.8f}, "
+            f"epoch_time: {eta_min:.1f}min")
+
+
 # ------------------------------------------------------------------------------------- the run
 
 
@@ -211,6 +240,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     from minimind_jax.tokenizer import load_tokenizer
 
     distributed.initialize(args)  # before any other JAX call
+    recipes.apply_defaults(args, stage.command)
     for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -225,9 +255,10 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
 
     mesh = train_step.data_mesh()
     source = _open_source_once(args, stage, tokenizer, config)
+    recipe = recipes.recipe_of(args)
     loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
-                    pad_to_multiple=jax.local_device_count())
+                    pad_to_multiple=jax.local_device_count(), permutation=recipe.permutation)
     batches = loader.batches_per_epoch
     total_steps = args.epochs * batches
     if args.max_steps is not None:
@@ -241,6 +272,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
                               args.warmup_iters)
     optimizer = optim.make_optimizer(accumulation_steps=accumulation, grad_clip=args.grad_clip,
                                      weight_decay=args.weight_decay)
+    flush_at_epoch_end = recipe.flush_epoch_end and batches % accumulation != 0
 
     abstract = train_step.abstract_train_state(config, optimizer, mesh, fsdp=args.fsdp)
     shardings = train_step.shardings_of(abstract)
@@ -286,10 +318,15 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     log = RunLog(run_dir, start_step, total_steps, _is_main_process())
     step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
                                          shardings=shardings if args.fsdp else None)
+    flush_fn = None
+    if flush_at_epoch_end:
+        inner = optim.make_inner_optimizer(grad_clip=args.grad_clip,
+                                           weight_decay=args.weight_decay)
+        flush_fn = train_step.make_flush_step(inner, schedule, accumulation, shardings)
     try:
         state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
                             schedule, start=(start_step, epoch, batch), total_steps=total_steps,
-                            elapsed_before=elapsed_before)
+                            elapsed_before=elapsed_before, flush_fn=flush_fn)
     finally:
         log.close()
         manager.wait_until_finished()
@@ -310,7 +347,9 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
                            pack=args.pack, cache_dir=args.cache_dir,
                            skip_bad_lines=args.skip_bad_lines,
                            progress=False if quiet else None,
-                           log=(lambda message: None) if quiet else None)
+                           log=(lambda message: None) if quiet else None,
+                           rules=arch_of(config), sft_seed=args.seed,
+                           sft_random=not args.no_sft_random)
 
     if not _is_main_process():
         distributed.barrier("train:token_cache")
@@ -340,8 +379,9 @@ class TooManySkips(Exception):
 
 
 def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log, schedule, *,
-                start, total_steps, elapsed_before):
-    """Consume batches from `start` = (global step, epoch, batch) until `total_steps`.
+                start, total_steps, elapsed_before, flush_fn=None):
+    """Consume batches from `start` = (global step, epoch, batch) until `total_steps`;
+    `flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush).
 
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
@@ -380,6 +420,8 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
                 info = {"step": step, "epoch": epoch, "batch": b,
                         "seq_len": host_batch["input_ids"].shape[1]}
                 step += 1
+                if flush_fn is not None and b + 1 == batches:
+                    state = flush_fn(state)
                 position = (epoch + 1, 0) if b + 1 >= batches else (epoch, b + 1)
                 log.advance()
                 drain()  # the previous step's metrics (this step runs meanwhile)
@@ -407,7 +449,8 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
     """Turn one step's fetched metrics into a record (and a line) if it is a logged step."""
     # Rows of the global batch (other processes load the other rows).
     window["tokens"] += int(metrics["n_rows"]) * info["seq_len"]
-    if info["batch"] % args.log_interval:
+    head_style = cli_arch(args) == "minimind3"
+    if not is_logged_batch(info["batch"], batches, args.log_interval, head_style):
         return
     now = time.time()
     record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
@@ -421,9 +464,14 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
     record["elapsed_s"] = elapsed_before + now - run_start
     window.update(tokens=0, since=now)
     epoch_seconds = now - epoch_clock["start"]
-    line = reference_line(info["epoch"], args.epochs, info["batch"], batches, record["loss"],
-                          record["lr"], epoch_seconds,
-                          max(info["batch"] - epoch_clock["first"] + 1, 1))
+    done = max(info["batch"] - epoch_clock["first"] + 1, 1)
+    if head_style:
+        line = head_reference_line(info["epoch"], args.epochs, info["batch"], batches,
+                                   record["loss"], record["aux"], record["lr"], epoch_seconds,
+                                   done)
+    else:
+        line = reference_line(info["epoch"], args.epochs, info["batch"], batches,
+                              record["loss"], record["lr"], epoch_seconds, done)
     if int(metrics["consecutive_skips"]):
         line += (f" (non-finite loss or gradient: skipped, {record['skipped']} so far, "
                  f"{int(metrics['consecutive_skips'])} in a row)")
@@ -443,27 +491,48 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "the run's own copy with --resume, "
                         + ("else the pretrain run's copy, " if stage.command == "sft" else "")
                         + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the data")
-    g.add_argument("--batch_size", type=int, default=32,
-                   help="sequences per micro-batch, over all devices")
-    g.add_argument("--learning_rate", type=float, default=stage.learning_rate, help="peak LR")
-    g.add_argument("--accumulation_steps", type=int, default=stage.accumulation_steps,
-                   help="micro-batches whose mean gradient makes one optimizer update")
+    ours = recipes.stage_defaults(stage.command, "minimind2")
+    head = recipes.stage_defaults(stage.command, "minimind3")
+    g.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the data (default {ours['epochs']}; --arch minimind3: "
+                        f"{head['epochs']})")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help=f"sequences per micro-batch, over all devices (default "
+                        f"{ours['batch_size']}; --arch minimind3: {head['batch_size']})")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help=f"peak LR (default {ours['learning_rate']}; --arch minimind3: "
+                        f"{head['learning_rate']})")
+    g.add_argument("--accumulation_steps", type=int, default=None,
+                   help=f"micro-batches whose mean gradient makes one optimizer update (default "
+                        f"{ours['accumulation_steps']}; --arch minimind3: "
+                        f"{head['accumulation_steps']}). --arch minimind3 also defaults "
+                        f"--max_seq_len to {head['max_seq_len']}")
+    g.add_argument("--recipe", choices=recipes.RECIPES, default=None,
+                   help="reproduce a reference's trainer: minimind2 = --no_shuffle "
+                        "--lr_schedule minimind2; minimind3 = HEAD's per-epoch torch.randperm "
+                        "seeded 42+epoch, its LR formula, end-of-epoch flush of a partial "
+                        "accumulation window, SFT draws seeded 42+epoch, SFT from the "
+                        "pretrain weights rounded to float16")
+    g.add_argument("--no_sft_random", action="store_true",
+                   help="minimind-3 SFT: no random system prompts and keep every empty think "
+                        "block (HEAD adds a prompt with p=0.2 and strips with p=0.8)")
     g.add_argument("--grad_clip", type=float, default=1.0,
                    help="clip the global gradient norm to this (<= 0: no clipping)")
     g.add_argument("--weight_decay", type=float, default=0.01,
                    help="AdamW decoupled weight decay, on every parameter (torch default)")
-    g.add_argument("--lr_schedule", choices=optim.SCHEDULES, default="cosine",
-                   help="cosine: linear warmup over --warmup_iters updates, then cosine to lr/10; "
-                        "minimind2: the reference's lr/10 + lr/2*(1+cos(pi*step/total)) per "
-                        "micro-step (no warmup; use it to reproduce reference curves)")
+    g.add_argument("--lr_schedule", choices=optim.SCHEDULES, default=None,
+                   help="cosine (default): linear warmup over --warmup_iters updates, then cosine "
+                        "to lr/10; minimind2: the reference's lr/10 + lr/2*(1+cos(pi*step/total)) "
+                        "per micro-step (no warmup; use it to reproduce reference curves); "
+                        "minimind3: HEAD's lr*(0.1+0.45*(1+cos(pi*(step+1)/total)))")
     g.add_argument("--warmup_iters", type=int, default=0,
                    help="warmup updates of the cosine schedule (the reference ignores it)")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many micro-steps in total; the LR schedule then spans "
                         "them instead of all epochs")
-    g.add_argument("--seed", type=int, default=1337,
-                   help="seed of the random init and of the shuffling order")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the random init and of the shuffling order (default 1337; "
+                        "--recipe minimind3: 42, HEAD's epoch e uses seed + e)")
     g.add_argument("--no_shuffle", action="store_true",
                    help="file order every epoch, as the reference's DataLoader(shuffle=False)")
     g.add_argument("--pack", action="store_true",
@@ -511,8 +580,11 @@ def register(subparsers) -> None:
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
-                        "epoch_Time:..min:`; writes config.json, metrics.jsonl, TensorBoard "
-                        "events and orbax checkpoints into the run folder.")
+                        "epoch_Time:..min:` (--arch minimind3: HEAD's `Epoch:[e/E](s/iters), "
+                        "loss: .., logits_loss: .., aux_loss: .., lr: .., epoch_time: ..min`); "
+                        "writes config.json, metrics.jsonl, TensorBoard events and orbax "
+                        "checkpoints into the run folder. Exact reference runs: --recipe "
+                        "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
         cli.add_model_args(parser)
         distributed.add_distributed_args(parser)

@@ -12,6 +12,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 GOLDEN_PATH = FIXTURES / "minimind2_golden.npz"
 TOKENIZER_DIR = FIXTURES / "minimind_tokenizer"
+GOLDEN3_PATH = FIXTURES / "minimind3_golden.npz"
+TOKENIZER3_DIR = FIXTURES / "minimind3_tokenizer"
 PRETRAIN_JSONL = FIXTURES / "pretrain.jsonl"
 SFT_JSONL = FIXTURES / "sft.jsonl"
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -23,10 +25,21 @@ def golden():
         return {k: data[k] for k in data.files}
 
 
+@pytest.fixture(scope="session")
+def golden3():
+    """minimind-3 (upstream HEAD) goldens, SPEC3 section 6."""
+    with np.load(GOLDEN3_PATH) as data:
+        return {k: data[k] for k in data.files}
+
+
 def golden_state_dict(golden: dict, prefix: str) -> dict:
-    """The reference state dict stored under `prefix` (e.g. "dense/init/"), tied key restored."""
+    """The reference state dict stored under `prefix` (e.g. "dense/init/"), tied key restored
+    (MiniMind2's `output.weight` or minimind-3's `lm_head.weight`)."""
     sd = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
-    sd["output.weight"] = sd["tok_embeddings.weight"]
+    if "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    else:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd
 
 

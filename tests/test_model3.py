@@ -1,0 +1,105 @@
+"""minimind-3 (upstream HEAD) architecture against HEAD's golden logits, through the same model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimind_jax.config import arch_defaults, preset
+from minimind_jax.convert import params_from_state_dict, state_dict_from_params
+from minimind_jax.model import MiniMind, count_params, init_cache, init_params
+from tests.conftest import golden_state_dict
+
+TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
+TINY3_MOE = TINY3.replace(use_moe=True)
+CONFIGS = {"dense": TINY3, "moe": TINY3_MOE}
+
+
+def _golden_params(golden3, name, config):
+    return params_from_state_dict(golden_state_dict(golden3, f"{name}/init/"), config)
+
+
+@pytest.mark.parametrize("name,changes", [
+    ("dense", {}), ("dense", {"attention_impl": "xla", "scan_layers": True, "remat": True}),
+    ("moe", {}), ("moe", {"moe_impl": "dense"}),
+    ("moe", {"moe_impl": "ragged", "attention_impl": "xla"})])
+def test_golden_logits(golden3, name, changes):
+    config = CONFIGS[name].replace(**changes)
+    params = _golden_params(golden3, name, config)
+    ids = golden3["pre_input_ids"][:2, :16]
+    logits, _ = jax.jit(MiniMind(config).apply)({"params": params}, jnp.asarray(ids))
+    diff = float(np.abs(np.asarray(logits) - golden3[f"{name}/logits"]).max())
+    print(f"{name} {changes}: max |logits - golden| = {diff:.3g}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_state_dict_round_trip_uses_head_names(golden3, name):
+    config = CONFIGS[name]
+    expected = golden_state_dict(golden3, f"{name}/init/")
+    got = state_dict_from_params(_golden_params(golden3, name, config), config)
+    assert set(got) == set(expected)
+    assert len(got) == (25 if name == "dense" else 45)  # SPEC3: lm_head.weight included
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_parameter_counts_match_spec3():
+    """SPEC3 section 1's counts (tied matrix once)."""
+    shapes = {"minimind3": 63_912_192, "minimind3-moe": 198_416_640}
+    for name, expected in shapes.items():
+        params = jax.eval_shape(lambda name=name: init_params(preset(name), 0))
+        assert count_params(params) == expected, name
+    for config, expected in ((TINY3, 532_832), (TINY3_MOE, 828_256)):
+        assert count_params(jax.eval_shape(lambda c=config: init_params(c, 0))) == expected
+
+
+def test_init_is_normal_002():
+    """HEAD's post_init: every matrix ~ N(0, 0.02^2), norms (q/k norm too) = 1 (the MoE
+    router and experts take the same `kernel_init`)."""
+    sd = state_dict_from_params(init_params(TINY3, 0), TINY3)
+    for key, value in sd.items():
+        if key.endswith("norm.weight") or "layernorm" in key:
+            assert np.all(value == 1), key
+        elif value.size > 1000:
+            assert abs(value.std() - 0.02) < 0.002 and abs(value.mean()) < 0.002, key
+
+
+@pytest.mark.parametrize("name,changes", [("dense", {}),
+                                          ("moe", {"moe_impl": "ragged", "scan_layers": True})])
+def test_kv_cache_prefill_decode_equals_full_forward(golden3, name, changes):
+    config = CONFIGS[name].replace(**changes)
+    params = _golden_params(golden3, name, CONFIGS[name])
+    if config.scan_layers:
+        from minimind_jax.convert import stack_layers
+
+        params = stack_layers(jax.device_get(params), config.n_layers)
+    ids = jnp.asarray(golden3["pre_input_ids"][:2, :12])
+    apply = jax.jit(MiniMind(config).apply)
+    full, _ = apply({"params": params}, ids)
+    cache = init_cache(config, 2, 16)
+    logits, _, cache = apply({"params": params}, ids[:, :8], cache=cache)
+    steps = [logits]
+    for t in range(8, 12):
+        step_logits, _, cache = apply({"params": params}, ids[:, t:t + 1], cache=cache)
+        steps.append(step_logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_batch_aux_loss_is_heads_formula(golden3):
+    """The MoE aux of the init model on a batch equals SPEC3's formula recomputed in numpy."""
+    config = TINY3_MOE
+    params = _golden_params(golden3, "moe", config)
+    ids = jnp.asarray(golden3["pre_input_ids"][:3, :20])
+    (_, aux), state = jax.jit(lambda p, x: MiniMind(config).apply(
+        {"params": p}, x, capture_intermediates=lambda m, _: m.name == "ffn_norm"))(params, ids)
+    expected = 0.0
+    for i in range(config.n_layers):
+        x = np.asarray(state["intermediates"][f"layers_{i}"]["ffn_norm"]["__call__"][0])
+        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        z = x @ golden3[f"moe/init/model.layers.{i}.mlp.gate.weight"].T.astype(np.float64)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        f = np.bincount(p.argmax(-1), minlength=4) / len(p)
+        expected += 5e-4 * 4 * np.sum(f * p.mean(0))
+    assert abs(float(aux) - expected) < 1e-8, (float(aux), expected)
