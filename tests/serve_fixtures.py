@@ -1,0 +1,73 @@
+"""A live `serve` app on 127.0.0.1 (random free port) around a tiny model, for the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import jax
+
+from minimind_jax import generate as gen
+from minimind_jax.config import ModelConfig
+from minimind_jax.model import init_params
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER_DIR
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,
+                   max_seq_len=128)
+API_KEY = "sk-test-key"
+
+
+def tiny_model(seed: int = 0, scale: float = 4.0):
+    """Random params with sharpened linear kernels, so greedy answers vary with the prompt."""
+    params = init_params(TINY, seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * scale if "embeddings" not in jax.tree_util.keystr(path) else x,
+        params)
+
+
+def expected_answer(params, tokenizer, text: str, max_tokens: int) -> tuple[str, str]:
+    """What `generate` answers greedily to one user message: (text, finish_reason)."""
+    ids = gen.encode_prompt(tokenizer, text, template=True)
+    sampling = gen.SamplingConfig(temperature=0.0, max_new_tokens=max_tokens)
+    new = gen.generate_tokens(params, TINY, [ids], sampling, tokenizer.eos_id)[0]
+    reason = "stop" if new and new[-1] == tokenizer.eos_id else "length"
+    return tokenizer.decode([t for t in new if t != tokenizer.eos_id]), reason
+
+
+@contextlib.contextmanager
+def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
+                max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192):
+    """Yields (base_url, engine); the server runs in a thread of this process."""
+    import uvicorn
+
+    from minimind_jax.serve_app import ServeSettings, build_app
+    from minimind_jax.serve_engine import BatchEngine, EngineConfig
+
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    engine = BatchEngine(params, TINY, tokenizer.eos_id, tokenizer.pad_id,
+                         EngineConfig(max_batch=max_batch, max_queue=max_queue,
+                                      max_context=max_context, batch_wait_s=0.05))
+    settings = ServeSettings(model_name="tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,
+                             default_max_tokens=16, max_context=max_context)
+    app = build_app(engine, tokenizer, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        engine.stop()
