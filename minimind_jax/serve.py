@@ -8,8 +8,12 @@ Concurrent requests are decoded together in batches of the jit-compiled generati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
+import socket
 import sys
+import threading
+import time
 
 from minimind_jax.errors import UserError
 
@@ -80,6 +84,30 @@ def run_serve(args: argparse.Namespace) -> int:
         print("warning: reachable from other machines without --api_key", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+@contextlib.contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 60):
+    """Serve `app` with uvicorn in a background thread (port 0: a free one); yields the base
+    URL and stops the server on exit. For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 def register(subparsers) -> None:

@@ -192,7 +192,8 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
     def health() -> JSONResponse:
         body = {"status": "ok" if engine.alive else "stopped", "model": settings.model_name,
                 "queued": engine.queued, "max_batch": engine.config.max_batch,
-                "batches_run": engine.batches_run, "largest_batch": engine.largest_batch}
+                "batches_run": engine.batches_run, "largest_batch": engine.largest_batch,
+                "tokens_generated": engine.tokens_generated}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")

@@ -101,6 +101,7 @@ class BatchEngine:
         self._seeds = itertools.count(config.seed)
         self.batches_run = 0
         self.largest_batch = 0
+        self.tokens_generated = 0  # over all completions, EOS included
         self._worker = threading.Thread(target=self._work, name="minimind-decode", daemon=True)
         self._worker.start()
 
@@ -203,6 +204,7 @@ class BatchEngine:
                 stop_B[row] = True
                 continue
             completion.generated += 1
+            self.tokens_generated += 1
             if token == self.eos_id:
                 completion.finish(("end", "stop"))
                 continue

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 
 import jax
 
@@ -41,8 +38,7 @@ def expected_answer(params, tokenizer, text: str, max_tokens: int) -> tuple[str,
 def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
                 max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192):
     """Yields (base_url, engine); the server runs in a thread of this process."""
-    import uvicorn
-
+    from minimind_jax.serve import running_server
     from minimind_jax.serve_app import ServeSettings, build_app
     from minimind_jax.serve_engine import BatchEngine, EngineConfig
 
@@ -52,22 +48,8 @@ def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
                                       max_context=max_context, batch_wait_s=0.05))
     settings = ServeSettings(model_name="tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,
                              default_max_tokens=16, max_context=max_context)
-    app = build_app(engine, tokenizer, settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", engine
+        with running_server(build_app(engine, tokenizer, settings)) as url:
+            yield url, engine
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         engine.stop()

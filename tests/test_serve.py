@@ -153,7 +153,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, expe
     assert [m.id for m in models.data] == ["tiny"]
 
 
-def test_a_full_queue_answers_429_and_recovers(params, expected):
+def test_a_full_queue_answers_429_and_recovers(server, expected):
     async def flood(url, n):
         async with httpx.AsyncClient(timeout=120) as http:
             body = {**GOOD, "max_tokens": 48}
@@ -162,10 +162,11 @@ def test_a_full_queue_answers_429_and_recovers(params, expected):
                           headers={"Authorization": f"Bearer {API_KEY}"}) for _ in range(n)])
         return [r.status_code for r in responses]
 
-    with live_server(params, max_batch=2, max_queue=2) as (url, _):
-        statuses = asyncio.run(flood(url, 12))
-        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
-        assert ask(url, QUESTIONS[2], stream=True)[:2] == expected[QUESTIONS[2]]
+    url, engine = server  # at most max_batch (8) decoding + max_queue (8) waiting
+    statuses = asyncio.run(flood(url, 40))
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 8, statuses
+    assert engine.queued == 0
+    assert ask(url, QUESTIONS[2], stream=True)[:2] == expected[QUESTIONS[2]]
 
 
 def test_a_cancelled_completion_stops_its_row_and_ends_the_loop(params, tokenizer):
@@ -191,3 +192,53 @@ def test_a_cancelled_completion_stops_its_row_and_ends_the_loop(params, tokenize
         assert completion.generated == 3  # the row stopped at once, 37 steps were not run
     finally:
         engine.stop()
+
+
+@pytest.mark.slow
+def test_the_serve_command_answers_over_http(params, expected, tmp_path):
+    """`minimind-jax serve` as a user starts it: weights file + tokenizer flags, then the API."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from minimind_jax import convert
+    from tests.conftest import subprocess_env
+
+    weights = tmp_path / "tiny.npz"
+    convert.save_state_dict(convert.state_dict_from_params(params, TINY), weights)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights),
+            "--tokenizer", str(TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--n_heads",
+            "4", "--n_kv_heads", "2", "--port", str(port), "--api_key", API_KEY,
+            "--log_level", "warning"]
+    server = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"},
+                             timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        assert ask(url, QUESTIONS[3], stream=False)[:2] == expected[QUESTIONS[3]]
+        assert httpx.get(url + "/").status_code == 401  # the page wants the key too
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_bad_serve_flags_are_one_error_line(capsys):
+    from minimind_jax import cli
+
+    code = cli.main(["serve", "--ckpt", str(TOKENIZER_DIR), "--max_tokens", "0"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --max_tokens must be >= 1, got 0; --default_max_tokens must be in "
+        "[1, --max_tokens], got 256")
