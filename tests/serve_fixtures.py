@@ -1,8 +1,12 @@
-"""A live `serve` app on 127.0.0.1 (random free port) around a tiny model, for the tests."""
+"""A live `serve` app on 127.0.0.1 (random free port) around a tiny model, and a headless
+Chromium that uses its chat page: for the tests and docs/serve_screenshot.py."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+import time
 
 import jax
 
@@ -53,3 +57,45 @@ def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
             yield url, engine
     finally:
         engine.stop()
+
+
+@contextlib.contextmanager
+def headless_chromium(binary: str, driver_path: str, size: str = "1100,720"):
+    """A selenium driver for Debian's chromium (root-safe flags, a throwaway profile)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="minimind-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--window-size={size}", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def send_and_wait(driver, text: str, n_answers: int, timeout: float = 120) -> dict:
+    """Type `text` into the chat page, send it, wait for answer number `n_answers` to end;
+    returns its {state, chunks, text, stats}."""
+    driver.find_element("id", "input").send_keys(text)
+    driver.find_element("id", "send").click()
+    deadline, states = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        answers = driver.execute_script(
+            "return [...document.querySelectorAll('.msg.assistant')].map(m => ({state: "
+            "m.dataset.state, chunks: Number(m.dataset.chunks), "
+            "text: m.querySelector('.text').textContent, "
+            "stats: m.querySelector('.stats').textContent}))")
+        if len(answers) == n_answers:
+            states.append(answers[-1]["state"])
+            if answers[-1]["state"] != "streaming":
+                return answers[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no answer within {timeout}s (states seen: {set(states)})")

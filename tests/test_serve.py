@@ -146,6 +146,9 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, expe
     print("\n" + "\n".join(f"  {status}  {name}" for name, status in got.items()))
     assert got == {**{name: status for name, _, _, status in BAD_REQUESTS},
                    "GET /nowhere": 404, "GET /health without key": 401}
+    page = httpx.get(url + "/")
+    assert page.headers["www-authenticate"].startswith("Basic")  # browsers prompt for the key
+    assert httpx.get(url + "/", auth=("anyone", API_KEY)).text.startswith("<!doctype html>")
     health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert ask(url, QUESTIONS[1], stream=False)[:2] == expected[QUESTIONS[1]]

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-import time
 
 import pytest
 
 from minimind_jax import generate as gen
 from minimind_jax.tokenizer import load_tokenizer
 from tests.conftest import TOKENIZER_DIR
-from tests.serve_fixtures import TINY, live_server, tiny_model
+from tests.serve_fixtures import TINY, headless_chromium, live_server, send_and_wait, tiny_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -31,22 +29,8 @@ MAX_TOKENS = 24
 
 @pytest.fixture
 def browser():
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="minimind-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1100,720", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with headless_chromium(CHROMIUM, CHROMEDRIVER) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def greedy_reply(params, tokenizer, history: list[dict], question: str) -> str:
@@ -54,25 +38,6 @@ def greedy_reply(params, tokenizer, history: list[dict], question: str) -> str:
     sampling = gen.SamplingConfig(temperature=0.0, max_new_tokens=MAX_TOKENS)
     new = gen.generate_tokens(params, TINY, [ids], sampling, tokenizer.eos_id)[0]
     return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-
-
-def send_and_wait(driver, text: str, n_answers: int, timeout: float = 120) -> dict:
-    box = driver.find_element("id", "input")
-    box.send_keys(text)
-    driver.find_element("id", "send").click()
-    deadline, states = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        answers = driver.execute_script(
-            "return [...document.querySelectorAll('.msg.assistant')].map(m => ({state: "
-            "m.dataset.state, chunks: Number(m.dataset.chunks), "
-            "text: m.querySelector('.text').textContent, "
-            "stats: m.querySelector('.stats').textContent}))")
-        if len(answers) == n_answers:
-            states.append(answers[-1]["state"])
-            if answers[-1]["state"] != "streaming":
-                return answers[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no answer within {timeout}s (states seen: {set(states)})")
 
 
 def test_chat_page_streams_answers_and_keeps_the_conversation(browser):
