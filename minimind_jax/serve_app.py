@@ -80,8 +80,14 @@ class ChatFormat:
         if request.tools and not self.supports_tools:
             raise ApiError(400, "this model's chat template does not support tools",
                            param="tools")
-        text = self.tokenizer.apply_chat_template(self.messages(request),
-                                                  add_generation_prompt=True)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(self.messages(request),
+                                                      add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a template that insists on a role order
+            raise ApiError(400, f"the chat template rejects these messages: {err}",
+                           param="messages") from None
         return self.tokenizer.encode(text)
 
     def reply(self, text: str) -> tuple[dict, str | None]:
