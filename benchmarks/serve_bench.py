@@ -4,10 +4,10 @@
 
 A live server (random weights, the reference tokenizer from tests/fixtures) in this process,
 driven by the official `openai` client from `--concurrency` threads. Every level sends the
-same `--requests` prompts (concurrency 1 = one at a time, the baseline); a first untimed round
-at each level compiles the shapes it uses. Reports requests/s, generated tokens/s (from
-`usage`), p50/p95 request latency, and the machine's load average, since a shared machine
-moves the figures.
+same `--requests` prompts (concurrency 1 = one at a time, the baseline), first in untimed
+rounds until one compiles nothing new, then timed. Reports requests/s, generated tokens/s
+(from `usage`), p50/p95 request latency, and the machine's load average, since a shared
+machine moves the figures.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from minimind_jax import generate  # noqa: E402
 from minimind_jax.config import preset  # noqa: E402
 from minimind_jax.model import count_params, init_params  # noqa: E402
 from minimind_jax.serve import running_server  # noqa: E402
@@ -38,6 +39,11 @@ TOPICS = ["春天", "大海", "月亮", "朋友", "学习", "音乐", "城市", 
 def prompts(n: int) -> list[str]:
     kinds = ["写一句关于{}的话", "介绍一下{}"]
     return [kinds[i % 2].format(TOPICS[i // 2 % len(TOPICS)]) + f"（{i}）" for i in range(n)]
+
+
+def compilations() -> int:
+    """Programs compiled so far by the generation loop (to keep compiling out of timings)."""
+    return generate._generate_padded._cache_size()
 
 
 def run_level(url: str, questions: list[str], concurrency: int, max_tokens: int,
@@ -92,17 +98,24 @@ def main() -> None:
     try:
         with running_server(app) as url:
             for concurrency in args.concurrency:
-                run_level(url, questions, concurrency, args.max_tokens, args.temperature)
+                for _ in range(3):  # untimed rounds until one compiles nothing new
+                    compiled = compilations()
+                    run_level(url, questions, concurrency, args.max_tokens, args.temperature)
+                    if compilations() == compiled:
+                        break
+                compiled = compilations()
                 load_before = os.getloadavg()[0]
                 batches_before = engine.batches_run
                 level = run_level(url, questions, concurrency, args.max_tokens,
                                   args.temperature)
                 level.update(concurrency=concurrency, load=(load_before, os.getloadavg()[0]),
-                             batches=engine.batches_run - batches_before)
+                             batches=engine.batches_run - batches_before,
+                             compiled=compilations() - compiled)
                 rows.append(level)
                 print(f"  concurrency {concurrency}: {level['requests_s']:.2f} req/s, "
                       f"{level['tokens_s']:.1f} tokens/s, p50 {level['p50']:.2f}s, p95 "
-                      f"{level['p95']:.2f}s, {level['batches']} batches", flush=True)
+                      f"{level['p95']:.2f}s, {level['batches']} batches, {level['compiled']} "
+                      "compilations while timed", flush=True)
     finally:
         engine.stop()
     base = rows[0]["tokens_s"]
