@@ -32,9 +32,10 @@ def main() -> None:
     serve_argv = [a for a in args.serve_args if a != "--"]
     serve_args = cli.build_parser().parse_args(["serve", *serve_argv])
     app, _ = build_server_app(serve_args)
-    questions = args.question or ["「画蛇添足」是什么意思？", "「对牛弹琴」怎么读？"]
+    questions = args.question or [
+        "「画蛇添足」是什么意思？", "「对牛弹琴」怎么读？", "「守株待兔」出自哪里？"]
     with running_server(app) as url, headless_chromium(
-            shutil.which("chromium"), shutil.which("chromedriver"), size="1000,560") as driver:
+            shutil.which("chromium"), shutil.which("chromedriver"), size="1000,800") as driver:
         driver.get(url + "/")
         driver.execute_script(
             "for (const [id, v] of [['temperature', '0'], ['max_tokens', arguments[0]]]) {"
