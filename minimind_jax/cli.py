@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "tokenizer_cli",  # tokenizer
     "convert",  # convert
     "generate",  # generate, chat
+    "serve",  # serve
     "compare",  # compare
     "demo",  # demo
     "bench",  # bench

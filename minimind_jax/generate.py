@@ -124,13 +124,20 @@ def _generate_padded(params, ids_BP, valid_BP, rng, sampling: dict, eos_id, *,
     seen_BV = jnp.zeros((B, config.vocab_size), jnp.int32)
     seen_BV = seen_BV.at[jnp.arange(B)[:, None], ids_BP].add(segment_BP) > 0
 
+    def host_step(token_B, done_B):
+        stop_B = on_tokens(token_B, done_B)
+        return np.zeros(B, bool) if stop_B is None else np.asarray(stop_B, bool)
+
     def emit(token_B, done_B, seen_BV):
-        """Record the token picked at `step` (pad for rows already finished)."""
+        """Record the token picked at `step` (pad for rows already finished); rows finish at
+        EOS or when the host callback asks them to stop."""
         token_B = jnp.where(done_B, 0, token_B)
+        new_done_B = done_B | (token_B == eos_id)
         if on_tokens is not None:
-            io_callback(on_tokens, None, token_B, done_B, ordered=True)
+            new_done_B |= io_callback(host_step, jax.ShapeDtypeStruct((B,), jnp.bool_),
+                                      token_B, done_B, ordered=True)
         seen_BV = seen_BV.at[jnp.arange(B), token_B].set(True)
-        return token_B, done_B | (token_B == eos_id), seen_BV
+        return token_B, new_done_B, seen_BV
 
     rng, first_rng = jax.random.split(rng)
     done_B = jnp.zeros((B,), bool)
@@ -163,14 +170,18 @@ def _generate_padded(params, ids_BP, valid_BP, rng, sampling: dict, eos_id, *,
 
 def generate_tokens(params, config: ModelConfig, prompts: list[list[int]],
                     sampling: SamplingConfig | None = None, eos_id: int | None = 2,
-                    seed: int = 0, on_tokens: Callable | None = None) -> list[list[int]]:
+                    seed: int = 0, on_tokens: Callable | None = None,
+                    prompt_bucket: int = PROMPT_BUCKET) -> list[list[int]]:
     """Continue each prompt (token ids); returns the new tokens of each, up to and including EOS.
 
     `on_tokens(tokens_B, done_B)` (numpy arrays) is called after every decode step, from inside
     the compiled loop, for streaming; pass the same callable each time to reuse the compilation.
+    It may return a bool mask of rows to stop after this token (None: none), e.g. rows whose
+    reader went away or reached its own token limit. The prompts are left-padded to a multiple
+    of `prompt_bucket` tokens.
     """
     sampling = sampling or SamplingConfig()
-    ids_BP, valid_BP = left_pad(prompts)
+    ids_BP, valid_BP = left_pad(prompts, prompt_bucket)
     scalars = {"temperature": jnp.float32(max(sampling.temperature, 1e-6)),
                "top_p": jnp.float32(sampling.top_p), "top_k": jnp.int32(sampling.top_k),
                "repetition_penalty": jnp.float32(sampling.repetition_penalty)}

@@ -1,0 +1,247 @@
+"""`serve`: a live server on 127.0.0.1 driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+
+import pytest
+
+from minimind_jax.generate import SamplingConfig
+from minimind_jax.serve_engine import BatchEngine, Completion, EngineConfig
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER_DIR
+from tests.serve_fixtures import API_KEY, TINY, expected_answer, live_server, tiny_model
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+QUESTIONS = ["你好", "介绍一下你自己", "1+1等于几？", "What is JAX?", "写一首关于春天的诗",
+             "北京在哪里", "推荐一本书", "今天天气怎么样"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def server(params):
+    with live_server(params) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def expected(params, tokenizer):
+    return {q: expected_answer(params, tokenizer, q, MAX_TOKENS) for q in QUESTIONS}
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def ask(url: str, question: str, stream: bool) -> tuple[str, str, int]:
+    """(answer, finish_reason, completion_tokens) from the openai client."""
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": question}],
+                  temperature=0, max_tokens=MAX_TOKENS)
+    if not stream:
+        reply = client(url).chat.completions.create(**kwargs)
+        return (reply.choices[0].message.content, reply.choices[0].finish_reason,
+                reply.usage.completion_tokens)
+    pieces, finish, usage = [], None, None
+    for chunk in client(url).chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert len([p for p in pieces if p]) > 1, "the answer came in one piece: not streamed"
+    return "".join(pieces), finish, usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_openai_client_answer_equals_generate(server, expected, stream):
+    url, _ = server
+    answer, finish, n_tokens = ask(url, QUESTIONS[0], stream)
+    assert (answer, finish) == expected[QUESTIONS[0]]
+    # usage counts the generated tokens, EOS included (as `generate` returns them)
+    assert n_tokens == MAX_TOKENS if finish == "length" else n_tokens <= MAX_TOKENS
+    assert len({a for a, _ in expected.values()}) == len(QUESTIONS)  # answers differ
+
+
+def test_eight_concurrent_clients_are_batched_and_get_their_own_answers(server, expected):
+    url, engine = server
+    largest_before = engine.largest_batch
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def one(i):
+        barrier.wait()
+        return ask(url, QUESTIONS[i], stream=bool(i % 2))
+
+    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        answers = list(pool.map(one, range(len(QUESTIONS))))
+    for question, (answer, finish, _) in zip(QUESTIONS, answers, strict=True):
+        assert (answer, finish) == expected[question], question
+    assert engine.largest_batch > 1 or largest_before > 1  # decoded together, not one by one
+
+
+def _post(url: str, body, headers: dict | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + "/v1/chat/completions", content=content, timeout=60,
+                      headers={"Content-Type": "application/json", **headers})
+
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
+BAD_REQUESTS = [  # (name, body, headers, status)
+    ("no API key", GOOD, {"Authorization": ""}, 401),
+    ("wrong API key", GOOD, {"Authorization": "Bearer nope"}, 401),
+    ("malformed JSON", b'{"messages": [', None, 400),
+    ("not an object", b'[1, 2]', None, 422),
+    ("messages missing", {"model": "tiny"}, None, 422),
+    ("messages empty", {**GOOD, "messages": []}, None, 422),
+    ("content a number", {**GOOD, "messages": [{"role": "user", "content": 5}]}, None, 422),
+    ("unknown role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, None, 422),
+    ("temperature a string", {**GOOD, "temperature": "hot"}, None, 422),
+    ("temperature negative", {**GOOD, "temperature": -1}, None, 422),
+    ("max_tokens a float", {**GOOD, "max_tokens": 2.5}, None, 422),
+    ("stream a string", {**GOOD, "stream": "yes"}, None, 422),
+    ("max_tokens above the cap", {**GOOD, "max_tokens": 10_000}, None, 400),
+    ("prompt longer than the context",
+     {**GOOD, "messages": [{"role": "user", "content": "你好" * 400}]}, None, 400),
+    ("prompt + max_tokens over the context",
+     {**GOOD, "max_tokens": 48, "messages": [{"role": "user", "content": "你好" * 120}]}, None,
+     400),
+    ("n=2", {**GOOD, "n": 2}, None, 400),
+    ("tools with a template without tools", {**GOOD, "tools": [{"type": "function"}]}, None,
+     400),
+    ("image content", {**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, None, 400),
+    ("body over 1 MiB", b"x" * ((1 << 20) + 1), None, 413),
+]
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, expected):
+    url, _ = server
+    got = {}
+    for name, body, headers, _ in BAD_REQUESTS:
+        response = _post(url, body, headers)
+        got[name] = response.status_code
+        error = response.json().get("error", {})
+        assert error.get("message") and error.get("type"), (name, response.text)
+    got["GET /nowhere"] = httpx.get(url + "/nowhere",
+                                    headers={"Authorization": f"Bearer {API_KEY}"}).status_code
+    got["GET /health without key"] = httpx.get(url + "/health").status_code
+    print("\n" + "\n".join(f"  {status}  {name}" for name, status in got.items()))
+    assert got == {**{name: status for name, _, _, status in BAD_REQUESTS},
+                   "GET /nowhere": 404, "GET /health without key": 401}
+    page = httpx.get(url + "/")
+    assert page.headers["www-authenticate"].startswith("Basic")  # browsers prompt for the key
+    assert httpx.get(url + "/", auth=("anyone", API_KEY)).text.startswith("<!doctype html>")
+    health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert ask(url, QUESTIONS[1], stream=False)[:2] == expected[QUESTIONS[1]]
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_a_full_queue_answers_429_and_recovers(server, expected):
+    async def flood(url, n):
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {**GOOD, "max_tokens": 48}
+            responses = await asyncio.gather(*[
+                http.post(url + "/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) for _ in range(n)])
+        return [r.status_code for r in responses]
+
+    url, engine = server  # at most max_batch (8) decoding + max_queue (8) waiting
+    statuses = asyncio.run(flood(url, 40))
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 8, statuses
+    assert engine.queued == 0
+    assert ask(url, QUESTIONS[2], stream=True)[:2] == expected[QUESTIONS[2]]
+
+
+def test_a_cancelled_completion_stops_its_row_and_ends_the_loop(params, tokenizer):
+    """What a client hanging up does (the routes call `cancel`): no more tokens for it, and a
+    batch with nobody left stops decoding instead of running to max_tokens."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=tokenizer.pad_id,
+                         config=EngineConfig(max_batch=2, batch_wait_s=0.0))
+    try:
+        events, done = [], threading.Event()
+
+        def on_event(event):
+            events.append(event)
+            if len(events) == 3:
+                completion.cancel()
+            if event[0] != "token":
+                done.set()
+
+        completion = Completion([1, 5, 6, 7], SamplingConfig(temperature=0, max_new_tokens=40),
+                                on_event)
+        engine.submit(completion)
+        assert done.wait(120)
+        assert [e[0] for e in events] == ["token"] * 3 + ["end"]
+        assert completion.generated == 3  # the row stopped at once, 37 steps were not run
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow
+def test_the_serve_command_answers_over_http(params, expected, tmp_path):
+    """`minimind-jax serve` as a user starts it: weights file + tokenizer flags, then the API."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from minimind_jax import convert
+    from tests.conftest import subprocess_env
+
+    weights = tmp_path / "tiny.npz"
+    convert.save_state_dict(convert.state_dict_from_params(params, TINY), weights)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights),
+            "--tokenizer", str(TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--n_heads",
+            "4", "--n_kv_heads", "2", "--port", str(port), "--api_key", API_KEY,
+            "--log_level", "warning"]
+    server = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"},
+                             timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        assert ask(url, QUESTIONS[3], stream=False)[:2] == expected[QUESTIONS[3]]
+        assert httpx.get(url + "/").status_code == 401  # the page wants the key too
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_bad_serve_flags_are_one_error_line(capsys):
+    from minimind_jax import cli
+
+    code = cli.main(["serve", "--ckpt", str(TOKENIZER_DIR), "--max_tokens", "0"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --max_tokens must be >= 1, got 0; --default_max_tokens must be in "
+        "[1, --max_tokens], got 256")
