@@ -35,7 +35,11 @@ def parse_flag_bool(text: str) -> bool:
 
 def add_reference_args(parser: argparse.ArgumentParser) -> None:
     """The reference-only flags of the training scripts, in their own --help group."""
-    g = parser.add_argument_group(GROUP_TITLE)
+    g = parser.add_argument_group(GROUP_TITLE, description=(
+        "Their other flags are ours under the same name: --out_dir --data_path --epochs\n"
+        "--batch_size --learning_rate --accumulation_steps --grad_clip --warmup_iters\n"
+        "--log_interval --save_interval --dim --n_layers --max_seq_len --dtype,\n"
+        "--use_moe 0|1|True|False (model), --use_wandb --wandb_project (experiment tracking)."))
     g.add_argument("--hidden_size", type=int, default=None, help="minimind-3's name of --dim")
     g.add_argument("--num_hidden_layers", type=int, default=None,
                    help="minimind-3's name of --n_layers")

@@ -31,7 +31,7 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
                    help="where the scalars go besides metrics.jsonl: tensorboard (tb/ in the "
                         "run folder; the default), wandb or swanlab (each also writes "
                         "tb/; pip install 'minimind_jax[wandb]' / '[swanlab]'), none. "
-                        "Offline: WANDB_MODE=offline; SwanLab: SWANLAB_MODE=local")
+                        "Offline: WANDB_MODE=offline; SwanLab: SWANLAB_MODE=offline")
     g.add_argument("--use_wandb", action="store_true",
                    help="the reference's flag: --tracker wandb (minimind-3 sends it to "
                         "SwanLab: add --tracker swanlab)")
@@ -118,7 +118,7 @@ class WandbTracker:
 
 
 class SwanLabTracker:
-    """A SwanLab run (files in RUN/swanlog/; SWANLAB_MODE=local or offline needs no login)."""
+    """A SwanLab run (files in RUN/swanlog/; SWANLAB_MODE=offline needs no login)."""
 
     def __init__(self, run_dir: pathlib.Path, project: str, name: str, config: dict,
                  run_id: str | None):
@@ -129,7 +129,7 @@ class SwanLabTracker:
                                     resume="allow" if run_id else None, reinit=True)
         except Exception as err:
             raise UserError(f"swanlab could not start a run: {err} (log in with `swanlab "
-                            "login`, or set SWANLAB_MODE=local)") from None
+                            "login`, or set SWANLAB_MODE=offline and sync later)") from None
         self.id = self.run.id
 
     def log(self, scalars: dict[str, float], step: int) -> None:

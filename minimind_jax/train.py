@@ -72,6 +72,8 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
         candidates.append(pathlib.Path(args.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
     if stage.command == "sft" and not args.init_from:
         candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
+    elif args.init_from and pathlib.Path(args.init_from).is_dir():  # one of our run folders
+        candidates.append(pathlib.Path(args.init_from) / "tokenizer")
     candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
     for candidate in candidates:
         if candidate.is_dir():

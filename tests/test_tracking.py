@@ -14,7 +14,7 @@ TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4
         "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR),
         "--data_path", str(PRETRAIN_JSONL), "--batch_size", "8", "--accumulation_steps", "1",
         "--log_interval", "1", "--eval_data", str(PRETRAIN_JSONL), "--eval_batches", "2"]
-OFFLINE = {"wandb": ("WANDB_MODE", "offline"), "swanlab": ("SWANLAB_MODE", "local")}
+OFFLINE = {"wandb": ("WANDB_MODE", "offline"), "swanlab": ("SWANLAB_MODE", "offline")}
 HISTORY = {"wandb": wandb_history, "swanlab": swanlab_history}
 FLAGS = {"wandb": ["--use_wandb", "--wandb_project", "minimind-jax-test"],
          "swanlab": ["--tracker", "swanlab", "--wandb_project", "minimind-jax-test"]}
