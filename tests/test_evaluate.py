@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from minimind_jax import checkpoint, cli
 from minimind_jax.data import pretrain_sample, sft_sample
 from minimind_jax.model import MiniMind
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, subprocess_env
 
 TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
         "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR)]
@@ -67,6 +69,14 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
                          "--stage", "pretrain", "--batch_size", batch_size,
                          "--cache_dir", str(cache)]) == 0
         assert abs(eval_figure(capsys.readouterr().out) - expected) < 2e-5
+    # Two devices, an odd batch (zero-mask padding rows on one device): the same figure.
+    proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", "eval", "--ckpt",
+                           str(run_dir), "--data_path", str(PRETRAIN_JSONL), "--stage",
+                           "pretrain", "--batch_size", "3", "--cache_dir", str(cache)],
+                          env=subprocess_env(n_devices=2), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(eval_figure(proc.stdout) - expected) < 2e-5
     assert cli.main(["eval", "--ckpt", str(run_dir), "--data_path", str(SFT_JSONL),
                      "--stage", "sft", "--batch_size", "7", "--cache_dir", str(cache)]) == 0
     conversations = [json.loads(line)["conversations"]
