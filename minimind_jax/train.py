@@ -258,11 +258,10 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     source = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
     evaluator = None
     if args.eval_data:
-        from minimind_jax.evaluate import Evaluator
-
-        evaluator = Evaluator(_open_source_once(args, stage, tokenizer, config, args.eval_data,
-                                                pack=False),
-                              config, mesh, args.batch_size, args.eval_batches)
+        eval_source = _open_source_once(args, stage, tokenizer, config, args.eval_data,
+                                        pack=False)
+        evaluator = evaluate.Evaluator(eval_source, config, mesh, args.batch_size,
+                                       args.eval_batches)
     loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=jax.local_device_count())
@@ -568,7 +567,7 @@ def register(subparsers) -> None:
                         "epoch_Time:..min:`; writes config.json, metrics.jsonl, TensorBoard "
                         "events and orbax checkpoints into the run folder.")
         _add_train_args(parser, stage)
-        cli.add_model_args(parser)
+        cli.add_model_args(parser, moe_value=True)
         evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)
         tracking.add_tracker_args(parser)
