@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from minimind_jax import host_memory, xla_flags
+from minimind_jax import compat_flags, host_memory, xla_flags
 from minimind_jax.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
 from minimind_jax.errors import UserError
 
@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "prepare",  # prepare
     "tokenizer_cli",  # tokenizer
     "convert",  # convert
+    "evaluate",  # eval
     "generate",  # generate, chat
     "serve",  # serve
     "compare",  # compare
@@ -34,8 +35,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults and keeps the description's line breaks."""
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Model-shape flags shared by every command that builds a model (reference names)."""
+def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> None:
+    """Model-shape flags shared by every command that builds a model (reference names).
+
+    `moe_value`: `--use_moe` also takes the reference scripts' value (0|1|True|False); only for
+    commands without positional arguments, which the optional value could swallow.
+    """
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHES, default=None,
                    help="reference family: minimind2 (jingyaogong/minimind d9453ed, the "
@@ -52,8 +57,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="vocabulary size (default: the tokenizer's, else 6400)")
     g.add_argument("--max_seq_len", type=int, default=None,
                    help="training sequence length in tokens (default 512)")
-    g.add_argument("--use_moe", action="store_true", default=None,
-                   help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
+    moe_help = "mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)"
+    if moe_value:
+        g.add_argument("--use_moe", nargs="?", const=True, default=None,
+                       type=compat_flags.parse_flag_bool, metavar="0|1",
+                       help=moe_help + "; alone or 1/True = on, 0/False = off (minimind-3's "
+                            "`--use_moe 1`, MiniMind2's `--use_moe True`; MiniMind2's bool() "
+                            "parser read even `False` as on)")
+    else:
+        g.add_argument("--use_moe", action="store_true", default=None, help=moe_help)
     g.add_argument("--moe_impl", choices=("auto", "ragged", "blocked", "dense"), default=None,
                    help="MoE kernel: auto = ragged_dot grouped GEMM on GPU/TPU, blocked scan on "
                         "CPU; dense = every expert on every token (for checks)")

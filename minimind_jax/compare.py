@@ -92,8 +92,9 @@ def parse_log_steps(text: str) -> tuple[int, int]:
     return interval, iters
 
 
-def parse_metrics_jsonl(lines, path: pathlib.Path) -> list[tuple[int, float]]:
-    """(step, loss) of each record of our metrics.jsonl; records without a loss are skipped."""
+def parse_metrics_jsonl(lines, path: pathlib.Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, loss) of each record of our metrics.jsonl; records without `key` (e.g.
+    "eval_loss" for the validation curve) are skipped."""
     pairs = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -102,10 +103,10 @@ def parse_metrics_jsonl(lines, path: pathlib.Path) -> list[tuple[int, float]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or "loss" not in record:
+        if not isinstance(record, dict) or key not in record:
             continue
         try:
-            pairs.append((int(record["step"]), float(record["loss"])))
+            pairs.append((int(record["step"]), float(record[key])))
         except KeyError:
             raise UserError(f"{path}:{number}: record has a 'loss' but no 'step' field") from None
         except (TypeError, ValueError):
@@ -177,7 +178,8 @@ def load_curve(path: str | pathlib.Path, name: str | None = None, step_column: s
     if REFERENCE_LINE.search(text):
         return _curve(name, "reference log", parse_reference_log(lines, path), path)
     if first.startswith("{"):
-        return _curve(name, "metrics", parse_metrics_jsonl(lines, path), path)
+        return _curve(name, "metrics", parse_metrics_jsonl(lines, path, loss_column or "loss"),
+                      path)
     if path.suffix.lower() == ".csv" or (first.count(",") and "loss" in first.lower()):
         pairs = parse_csv(lines, path, step_column, loss_column)
         if csv_log_steps:
@@ -407,7 +409,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no_diff", action="store_true",
                         help="only plot/list the curves (runs of different stages, no alignment)")
     parser.add_argument("--step_column", default=None, help="CSV step column (default: by name)")
-    parser.add_argument("--loss_column", default=None, help="CSV loss column (default: by name)")
+    parser.add_argument("--loss_column", default=None,
+                        help="CSV loss column (default: by name); for metrics.jsonl the record "
+                             "key, e.g. eval_loss for the validation curve (default loss)")
     parser.add_argument("--csv_log_steps", default=None, metavar="INTERVAL:ITERS",
                         help="the CSV's step column counts log calls of a minimind-3 (HEAD) run "
                              "logging every INTERVAL micro-steps with ITERS per epoch (wandb/"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import pathlib
 import sys
 import time
@@ -285,13 +286,38 @@ def run_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs = generate_tokens(params, config, ids, sampling, tokenizer.eos_id, args.seed)
     seconds = time.perf_counter() - start
-    for prompt, new in zip(prompts, outputs, strict=True):
-        text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-        print(f"prompt: {prompt}\nanswer: {text}\n")
+    results = [answer_record(prompt, prompt_ids, new, tokenizer, sampling, seconds, len(prompts))
+               for prompt, prompt_ids, new in zip(prompts, ids, outputs, strict=True)]
+    if args.output:
+        write_records(args.output, results)
+    for result in results:
+        if args.jsonl:
+            print(json.dumps(result, ensure_ascii=False))
+        elif not args.output:
+            print(f"prompt: {result['prompt']}\nanswer: {result['answer']}\n")
     n_new = sum(len(o) for o in outputs)
     print(f"[{len(prompts)} prompts, {n_new} new tokens in {seconds:.2f}s incl. compilation]",
           file=sys.stderr)
     return 0
+
+
+def answer_record(prompt: str, prompt_ids: list[int], new: list[int], tokenizer,
+                  sampling: SamplingConfig, seconds: float, batch_size: int) -> dict:
+    """One prompt's result for `--jsonl` / `--output`."""
+    stopped = "eos" if new and new[-1] == tokenizer.eos_id else "max_new_tokens"
+    return {"prompt": prompt, "answer": tokenizer.decode([t for t in new if t != tokenizer.eos_id]),
+            "prompt_tokens": len(prompt_ids), "new_tokens": len(new), "stopped": stopped,
+            "temperature": sampling.temperature, "batch_size": batch_size,
+            "batch_seconds": round(seconds, 4)}
+
+
+def write_records(path: str, records: list[dict]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise UserError(f"{path}: cannot write ({err.strerror})") from None
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -361,6 +387,13 @@ def register(subparsers) -> None:
     _add_common(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--prompt_file", default=None, help="a text file with one prompt per line")
+    gen.add_argument("--jsonl", action="store_true",
+                     help="print one JSON object per prompt instead of text: prompt, answer, "
+                          "prompt_tokens, new_tokens, stopped (eos|max_new_tokens), "
+                          "temperature, batch_size, batch_seconds (the whole batched call, "
+                          "compilation included)")
+    gen.add_argument("--output", default=None, metavar="FILE.jsonl",
+                     help="write those JSON objects to this file (one per line)")
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(

@@ -6,6 +6,19 @@ import jax
 import jax.numpy as jnp
 
 
+def masked_cross_entropy_sum(logits_BTV: jax.Array, labels_BT: jax.Array,
+                             mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE * mask, sum of mask) in float32: the parts of the masked mean, for sums over
+    several batches (validation)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    mask_BT = mask_BT.astype(jnp.float32)
+    target_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None].astype(jnp.int32),
+                                    axis=-1)[..., 0]
+    ce_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+    # where() rather than a product: a non-finite CE on a masked-out token must not leak in.
+    return jnp.sum(jnp.where(mask_BT > 0, ce_BT * mask_BT, 0.0)), mask_BT.sum()
+
+
 def masked_cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: jax.Array,
                          *, axis_name: str | None = None) -> jax.Array:
     """sum(CE * mask) / sum(mask) in float32, the reference's per-micro-batch loss.
@@ -14,14 +27,7 @@ def masked_cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: j
     With `axis_name` (inside shard_map) the mask is counted over every device on that axis and
     each device returns its own share, so the shares sum (psum) to the global masked mean.
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    mask_BT = mask_BT.astype(jnp.float32)
-    target_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None].astype(jnp.int32),
-                                    axis=-1)[..., 0]
-    ce_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
-    count = mask_BT.sum()
+    total, count = masked_cross_entropy_sum(logits_BTV, labels_BT, mask_BT)
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
-    # where() rather than a product: a non-finite CE on a masked-out token must not leak in.
-    total = jnp.sum(jnp.where(mask_BT > 0, ce_BT * mask_BT, 0.0))
     return total / jnp.where(count > 0, count, 1.0)

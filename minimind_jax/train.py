@@ -17,7 +17,17 @@ import time
 
 import jax
 
-from minimind_jax import checkpoint, distributed, host_memory, optim, prepare, recipes
+from minimind_jax import (
+    checkpoint,
+    compat_flags,
+    distributed,
+    evaluate,
+    host_memory,
+    optim,
+    prepare,
+    recipes,
+    tracking,
+)
 from minimind_jax.config import ModelConfig, arch_of
 from minimind_jax.errors import UserError
 
@@ -64,6 +74,8 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
         candidates.append(pathlib.Path(args.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
     if stage.command == "sft" and not args.init_from:
         candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
+    elif args.init_from and pathlib.Path(args.init_from).is_dir():  # one of our run folders
+        candidates.append(pathlib.Path(args.init_from) / "tokenizer")
     candidates.append(pathlib.Path(HEAD_TOKENIZER_DIR if cli_arch(args) == "minimind3"
                                    else REFERENCE_TOKENIZER_DIR))
     for candidate in candidates:
@@ -98,6 +110,8 @@ def initial_params(args: argparse.Namespace, stage: Stage, config: ModelConfig):
     """--init_from; else sft: the latest pretrain checkpoint; else a seeded random init."""
     from minimind_jax.model import init_params
 
+    if args.init_from == "none":  # minimind-3's --from_weight none
+        return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
     if args.init_from:
         source = pathlib.Path(args.init_from)
     elif stage.command == "sft":
@@ -131,23 +145,21 @@ def _say(message: str) -> None:
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard + the reference-style line + the tqdm bar (main process)."""
+    """metrics.jsonl + the tracker (TensorBoard, wandb, ...) + the reference-style line + the
+    tqdm bar (main process)."""
 
     def __init__(self, run_dir: pathlib.Path, start_step: int, total_steps: int,
-                 enabled: bool):
+                 enabled: bool, tracker=None):
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.file = self.writer = self.bar = None
+        self.file = self.tracker = self.bar = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
         self._keep_records_before(start_step)
-        if start_step == 0:  # a fresh run: no curves of an earlier run under the same name
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.file = self.metrics_path.open("a", encoding="utf-8")
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        self.tracker = tracker or tracking.MultiTracker([])
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), file=sys.stderr)
 
@@ -158,7 +170,9 @@ class RunLog:
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line)["step"] < step:
+                record = json.loads(line)
+                # An evaluation after `step` micro-steps came before the checkpoint resumed.
+                if record["step"] < step or (record["step"] == step and "eval_loss" in record):
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # e.g. a half-written last line of a killed run
@@ -169,13 +183,23 @@ class RunLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for key in ("loss", "aux", "lr", "grad_norm", "tokens_per_sec"):
-            if key in record:
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        self.tracker.log({f"train/{key}": record[key] for key in
+                          ("loss", "aux", "lr", "grad_norm", "tokens_per_sec") if key in record},
+                         record["step"])
         if line:
             self.bar.write(line, file=sys.stdout)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+
+    def record_eval(self, result: dict, step: int, line: str) -> None:
+        """A validation result (`evaluate.EvalResult.record()`) after `step` micro-steps."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **result}) + "\n")
+        self.file.flush()
+        self.tracker.log({"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]},
+                         step)
+        self.bar.write(line, file=sys.stdout)
 
     def advance(self) -> None:
         if self.enabled:
@@ -184,7 +208,7 @@ class RunLog:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.writer.close()
+            self.tracker.close()
             self.file.close()
 
 
@@ -239,9 +263,17 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     from minimind_jax.model import count_params
     from minimind_jax.tokenizer import load_tokenizer
 
+    notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
     distributed.initialize(args)  # before any other JAX call
     recipes.apply_defaults(args, stage.command)
-    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval"):
+    if getattr(args, "run_prefix", None):  # minimind-3's --save_weight
+        stage = dataclasses.replace(stage, run_prefix=args.run_prefix)
+    for note in notes:
+        _say(note)
+    if args.eval_interval is None:
+        args.eval_interval = args.save_interval
+    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval",
+                 "eval_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     tokenizer_dir = resolve_tokenizer(args, stage)
@@ -254,8 +286,14 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     run_dir = run_dir_for(args.out_dir, stage, config)
 
     mesh = train_step.data_mesh()
-    source = _open_source_once(args, stage, tokenizer, config)
+    source = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
     recipe = recipes.recipe_of(args)
+    evaluator = None
+    if args.eval_data:
+        eval_source = _open_source_once(args, stage, tokenizer, config, args.eval_data,
+                                        pack=False)
+        evaluator = evaluate.Evaluator(eval_source, config, mesh, args.batch_size,
+                                       args.eval_batches)
     loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=jax.local_device_count(), permutation=recipe.permutation)
@@ -315,7 +353,9 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
 
-    log = RunLog(run_dir, start_step, total_steps, _is_main_process())
+    tracker = (tracking.open_tracker(args, stage.command, run_dir, start_step)
+               if _is_main_process() else None)
+    log = RunLog(run_dir, start_step, total_steps, _is_main_process(), tracker)
     step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
                                          shardings=shardings if args.fsdp else None)
     flush_fn = None
@@ -326,7 +366,8 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     try:
         state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
                             schedule, start=(start_step, epoch, batch), total_steps=total_steps,
-                            elapsed_before=elapsed_before, flush_fn=flush_fn)
+                            elapsed_before=elapsed_before, flush_fn=flush_fn,
+                            evaluator=evaluator)
     finally:
         log.close()
         manager.wait_until_finished()
@@ -337,14 +378,15 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     return 0
 
 
-def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
-    """The training rows; with several processes, process 0 builds a missing token cache
+def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig, data_path: str,
+                      pack: bool):
+    """The rows of `data_path`; with several processes, process 0 builds a missing token cache
     first, so the others find it (shared storage) instead of racing on it."""
     from minimind_jax.loader import open_source
 
     def open_it(quiet: bool):
-        return open_source(args.data_path, tokenizer, stage.data_stage, config.max_seq_len,
-                           pack=args.pack, cache_dir=args.cache_dir,
+        return open_source(data_path, tokenizer, stage.data_stage, config.max_seq_len,
+                           pack=pack, cache_dir=args.cache_dir,
                            skip_bad_lines=args.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None,
@@ -379,9 +421,10 @@ class TooManySkips(Exception):
 
 
 def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log, schedule, *,
-                start, total_steps, elapsed_before, flush_fn=None):
+                start, total_steps, elapsed_before, flush_fn=None, evaluator=None):
     """Consume batches from `start` = (global step, epoch, batch) until `total_steps`;
-    `flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush).
+    `flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush); with an
+    `evaluator`, validate every --eval_interval micro-steps and at the end.
 
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
@@ -405,6 +448,14 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
             if int(metrics["consecutive_skips"]) >= args.max_consecutive_skips:
                 raise TooManySkips(info["step"])
 
+    evaluated = {"step": None}
+
+    def validate():
+        drain()
+        result = evaluator(state.params)
+        log.record_eval(result.record(), step, f"step {step}: " + result.line())
+        evaluated["step"] = step
+
     def save(position):
         drain()
         checkpoint.save(manager, state, epoch=position[0], batch=position[1], config=config,
@@ -426,12 +477,16 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
                 log.advance()
                 drain()  # the previous step's metrics (this step runs meanwhile)
                 pending.append((metrics, info))
+                if evaluator is not None and step % args.eval_interval == 0:
+                    validate()
                 if step % args.save_interval == 0:
                     save(position)
                 if step >= total_steps:
                     break
             else:
                 position = (epoch + 1, 0)  # in case an epoch had fewer batches than announced
+        if evaluator is not None and evaluated["step"] != step:
+            validate()
         save(position)
     except TooManySkips as err:
         pending.clear()
@@ -586,7 +641,10 @@ def register(subparsers) -> None:
                         "checkpoints into the run folder. Exact reference runs: --recipe "
                         "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
-        cli.add_model_args(parser)
+        cli.add_model_args(parser, moe_value=True)
+        evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)
+        tracking.add_tracker_args(parser)
+        compat_flags.add_reference_args(parser)
         parser.set_defaults(func=lambda args, stage=stage: run_stage(args, stage),
                             host_hugepages=True)

@@ -26,6 +26,26 @@ def test_corpus_has_the_showcase_idioms_and_clean_records(tmp_path):
     assert tokenizer_texts.count("<s>assistant\\n") == 50  # rendered with the chat template
 
 
+def test_held_out_split_and_scoring(tmp_path):
+    paths = demo.build_corpus(tmp_path, n_idioms=40, seed=2, per_idiom=2, n_held_out=10,
+                              max_text_chars=140)
+    held_in, held_out = demo.read_dialogues(paths["sft"]), demo.read_dialogues(paths["sft_eval"])
+    assert len(held_in) == 2 * 30 and len(held_out) == 2 * 10
+    words = lambda pairs: {q.split("「")[1].split("」")[0] for q, _ in pairs}
+    assert not words(held_in) & words(held_out)
+    texts = paths["pretrain"].read_text(encoding="utf-8")
+    assert all(w + "，读作" in texts for w in words(held_out))  # held-out idioms are pretrained
+    unseen = paths["pretrain_eval"].read_text(encoding="utf-8").splitlines()
+    assert len(unseen) == 10 and not any(line in texts for line in unseen)
+    shown = set(demo.showcase_questions())
+    assert shown <= {q for q, _ in held_in}  # the shown questions are always held-in
+    sets = demo.scored_sets(paths, 5)
+    assert [q for q, _ in sets["held-in"][:4]] == [q for q, _ in held_in if q in shown]
+    result = demo.score(["「画蛇添足」的意思是：比喻多余", "x", "abc"],
+                        ["「画蛇添足」的意思是：比喻多余。", "y", "abc"])
+    assert (result.exact, result.near, result.questions) == (1, 2, 3)
+
+
 def test_idiom_fields_are_cleaned():
     assert demo._clean("无", "画蛇添足") == ""
     cleaned = demo._clean("这也是～，为此奇谈。★《花月痕》", "画蛇添足")
@@ -40,15 +60,19 @@ def test_tiny_demo_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout
-    for n in range(1, 7):
-        assert f"=== [{n}/6]" in log
+    for n in range(1, 8):
+        assert f"=== [{n}/7]" in log
     # SFT restored the pretrain checkpoint, not a random init.
     assert re.search(r"initial weights: \S*pretrain_64/checkpoints/\d+", log)
     assert log.count("after pretrain: ") == 4 and log.count("after SFT: ") == 4
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("pretrain_64", "full_sft_64"):
-        records = (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()
-        assert records and all("loss" in json.loads(r) for r in records)
+        records = [json.loads(r) for r in
+                   (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert any("loss" in r for r in records) and any("eval_loss" in r for r in records)
+    assert re.search(r"held-in  questions: \d+/8 exact", log)
+    assert re.search(r"held-out questions: \d+/8 exact", log)
+    assert "sft eval: " in log  # the plot's eval curves
 
     # The chat prompt the demo asks with tokenizes as a prefix of a training conversation.
     from minimind_jax.generate import encode_prompt

@@ -152,6 +152,31 @@ def test_generate_command_on_reference_weights(reference_npz, capsys):
     assert "2 prompts" in captured.err
 
 
+def test_generate_jsonl_and_output_file(reference_npz, capsys, tmp_path):
+    import json
+
+    from minimind_jax import cli
+    from minimind_jax.tokenizer import load_tokenizer
+
+    argv = ["generate", "--ckpt", str(reference_npz), "--tokenizer", str(TOKENIZER_DIR),
+            "--n_heads", "4", "--raw", "--temperature", "0", "--max_new_tokens", "6",
+            "--prompt", "床前明月光", "--prompt", "白日依山尽，黄河入海流"]
+    assert cli.main(argv) == 0
+    text_answers = [line[len("answer: "):] for line in capsys.readouterr().out.splitlines()
+                    if line.startswith("answer: ")]
+    output = tmp_path / "answers.jsonl"
+    assert cli.main([*argv, "--jsonl", "--output", str(output)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [json.loads(line) for line in output.read_text().splitlines()]
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    for record, prompt, answer in zip(printed, ["床前明月光", "白日依山尽，黄河入海流"],
+                                      text_answers, strict=True):
+        assert (record["prompt"], record["answer"]) == (prompt, answer)
+        assert record["prompt_tokens"] == 1 + len(tokenizer.encode(prompt))  # <s> + text
+        assert 1 <= record["new_tokens"] <= 6 and record["batch_size"] == 2
+        assert record["stopped"] in ("eos", "max_new_tokens") and record["batch_seconds"] > 0
+
+
 def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
     from minimind_jax import cli, convert
     from minimind_jax.tokenizer import load_tokenizer

@@ -1,0 +1,86 @@
+"""Validation loss: training's `eval_loss` and `minimind-jax eval` against a per-sample loop."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minimind_jax import checkpoint, cli
+from minimind_jax.data import pretrain_sample, sft_sample
+from minimind_jax.model import MiniMind
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, subprocess_env
+
+TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
+        "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR)]
+
+
+def per_sample_masked_mean(params, config, samples) -> float:
+    """sum of token CE / number of supervised tokens, one unpadded sample at a time, with the
+    log-softmax in float64 numpy (independent of the batched eval step and its reductions)."""
+    model = MiniMind(config)
+    total, count = 0.0, 0
+    for x, y, mask in samples:
+        logits, _ = model.apply({"params": params}, np.asarray(x, np.int32)[None])
+        logits = np.asarray(logits[0], np.float64)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        ce = -log_probs[np.arange(len(y)), y]
+        total += float((ce * mask).sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def eval_figure(text: str) -> float:
+    return float(re.search(r"eval_loss:([0-9.]+)", text).group(1))
+
+
+@pytest.mark.slow
+def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    common = ["--out_dir", str(out), "--cache_dir", str(cache), *TINY]
+    assert cli.main(["pretrain", "--data_path", str(PRETRAIN_JSONL), "--batch_size", "8",
+                     "--accumulation_steps", "1", "--learning_rate", "2e-3", "--max_steps", "4",
+                     "--eval_data", str(PRETRAIN_JSONL), "--eval_interval", "2",
+                     "--log_interval", "1", *common]) == 0
+    text = capsys.readouterr().out
+    run_dir = out / "pretrain_64"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in line]
+    assert [r["step"] for r in evals] == [2, 4]  # every 2 micro-steps; the end is step 4
+    assert "step 4: eval_loss:" in text
+    assert evals[1]["eval_ppl"] == pytest.approx(np.exp(evals[1]["eval_loss"]))
+
+    params, config = checkpoint.restore_params(run_dir)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
+    expected = per_sample_masked_mean(params, config,
+                                      [pretrain_sample(tokenizer, t, 64) for t in texts])
+    assert evals[1]["eval_tokens"] == sum(int(pretrain_sample(tokenizer, t, 64)[2].sum())
+                                          for t in texts)
+    assert abs(evals[1]["eval_loss"] - expected) < 2e-5
+
+    # The eval command, at another batch size, on the same weights; and on SFT data.
+    for batch_size in ("3", "32"):
+        assert cli.main(["eval", "--ckpt", str(run_dir), "--data_path", str(PRETRAIN_JSONL),
+                         "--stage", "pretrain", "--batch_size", batch_size,
+                         "--cache_dir", str(cache)]) == 0
+        assert abs(eval_figure(capsys.readouterr().out) - expected) < 2e-5
+    # Two devices, an odd batch (zero-mask padding rows on one device): the same figure.
+    proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", "eval", "--ckpt",
+                           str(run_dir), "--data_path", str(PRETRAIN_JSONL), "--stage",
+                           "pretrain", "--batch_size", "3", "--cache_dir", str(cache)],
+                          env=subprocess_env(n_devices=2), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(eval_figure(proc.stdout) - expected) < 2e-5
+    assert cli.main(["eval", "--ckpt", str(run_dir), "--data_path", str(SFT_JSONL),
+                     "--stage", "sft", "--batch_size", "7", "--cache_dir", str(cache)]) == 0
+    conversations = [json.loads(line)["conversations"]
+                     for line in SFT_JSONL.read_text().splitlines()]
+    expected_sft = per_sample_masked_mean(params, config,
+                                          [sft_sample(tokenizer, c, 64) for c in conversations])
+    assert abs(eval_figure(capsys.readouterr().out) - expected_sft) < 2e-5

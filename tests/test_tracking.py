@@ -1,0 +1,66 @@
+"""Experiment trackers for real, offline: the recorded history equals metrics.jsonl, a resumed
+run continues the same tracker run, and a missing package is a clear error."""
+
+import json
+import sys
+
+import pytest
+
+from minimind_jax import cli, tracking
+from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR
+from tests.tracker_logs import run_ids, swanlab_history, wandb_history
+
+TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
+        "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR),
+        "--data_path", str(PRETRAIN_JSONL), "--batch_size", "8", "--accumulation_steps", "1",
+        "--log_interval", "1", "--eval_data", str(PRETRAIN_JSONL), "--eval_batches", "2"]
+OFFLINE = {"wandb": ("WANDB_MODE", "offline"), "swanlab": ("SWANLAB_MODE", "offline")}
+HISTORY = {"wandb": wandb_history, "swanlab": swanlab_history}
+FLAGS = {"wandb": ["--use_wandb", "--wandb_project", "minimind-jax-test"],
+         "swanlab": ["--tracker", "swanlab", "--wandb_project", "minimind-jax-test"]}
+
+
+def test_tracker_choice_and_run_name():
+    parse = cli.build_parser().parse_args
+    assert tracking.tracker_kind(parse(["pretrain"])) == "tensorboard"
+    assert tracking.tracker_kind(parse(["pretrain", "--use_wandb"])) == "wandb"
+    assert tracking.tracker_kind(parse(["sft", "--use_wandb", "--tracker", "swanlab"])) == \
+        "swanlab"
+    assert tracking.run_name("sft", parse(["sft"])) == \
+        "MiniMind-Full-SFT-Epoch-1-BatchSize-32-LearningRate-5e-05"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wandb", "swanlab"])
+def test_offline_run_records_the_logged_losses_and_resumes_the_same_run(kind, tmp_path,
+                                                                        monkeypatch):
+    pytest.importorskip(kind)
+    monkeypatch.setenv(*OFFLINE[kind])
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["pretrain", "--out_dir", str(tmp_path / "out"), "--cache_dir",
+              str(tmp_path / "cache"), *TINY, *FLAGS[kind]]
+    assert cli.main([*common, "--max_steps", "3", "--save_interval", "2",
+                     "--eval_interval", "2"]) == 0
+    assert cli.main([*common, "--max_steps", "5", "--resume", "--eval_interval", "2"]) == 0
+
+    run_dir = tmp_path / "out" / "pretrain_64"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = HISTORY[kind](run_dir)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(losses) == [0, 1, 2, 3, 4] and sorted(evals) == [2, 3, 4, 5]  # 3, 5: ends
+    assert history["train/loss"] == losses
+    assert history["train/lr"] == {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert history["eval/loss"] == evals
+
+    saved = json.loads((run_dir / tracking.STATE_FILE).read_text())
+    ids = run_ids(run_dir, kind)
+    assert saved["kind"] == kind and len(ids) == 2 and set(ids) == {saved["id"]}
+
+
+def test_missing_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    code = cli.main(["pretrain", "--out_dir", str(tmp_path / "out"), "--cache_dir",
+                     str(tmp_path / "cache"), *TINY, "--max_steps", "1", "--use_wandb"])
+    assert code == 2
+    assert "pip install 'minimind_jax[wandb]'" in capsys.readouterr().err
