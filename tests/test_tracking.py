@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minimind_jax import cli, tracking
+from minimind_jax import cli, recipes, tracking
 from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR
 from tests.tracker_logs import run_ids, swanlab_history, wandb_history
 
@@ -26,7 +26,9 @@ def test_tracker_choice_and_run_name():
     assert tracking.tracker_kind(parse(["pretrain", "--use_wandb"])) == "wandb"
     assert tracking.tracker_kind(parse(["sft", "--use_wandb", "--tracker", "swanlab"])) == \
         "swanlab"
-    assert tracking.run_name("sft", parse(["sft"])) == \
+    args = parse(["sft"])
+    recipes.apply_defaults(args, "sft")  # as run_stage does before it opens the tracker
+    assert tracking.run_name("sft", args) == \
         "MiniMind-Full-SFT-Epoch-1-BatchSize-32-LearningRate-5e-05"
 
 
