@@ -18,6 +18,10 @@ from minimind_jax.errors import UserError
 
 GROUP_TITLE = "reference compatibility (flags of MiniMind2's and minimind-3's training scripts)"
 
+# Flags only minimind-3's scripts have: a command line with one of them is a minimind-3 run.
+HEAD_ONLY_FLAGS = ("hidden_size", "num_hidden_layers", "save_dir", "save_weight", "from_weight",
+                   "from_resume", "use_compile")
+
 FALSE_WORDS = ("0", "false", "no", "off", "")
 TRUE_WORDS = ("1", "true", "yes", "on")
 
@@ -68,9 +72,10 @@ def add_reference_args(parser: argparse.ArgumentParser) -> None:
 def _tag(args: argparse.Namespace) -> str:
     """The run-name suffix of the model flags, without touching JAX (whose devices
     `--device` may still choose)."""
-    from minimind_jax.config import PRESETS, ModelConfig
+    from minimind_jax.config import PRESETS, arch_defaults
 
-    config = PRESETS[args.preset] if getattr(args, "preset", None) else ModelConfig()
+    config = (PRESETS[args.preset] if getattr(args, "preset", None)
+              else arch_defaults(getattr(args, "arch", None) or "minimind2"))
     changes = {f: getattr(args, f) for f in ("dim", "use_moe") if getattr(args, f) is not None}
     return config.replace(**changes).tag
 
@@ -117,6 +122,11 @@ def apply(args: argparse.Namespace) -> list[str]:
     Runs before JAX picks its devices, so `--device cpu` can still select the CPU.
     """
     notes: list[str] = []
+    given = [f"--{f}" for f in HEAD_ONLY_FLAGS if getattr(args, f) is not None]
+    if given and args.arch is None and args.preset is None:
+        args.arch = "minimind3"
+        notes.append(f"{' '.join(given)}: minimind-3's script flags, so --arch minimind3 "
+                     "(give --arch minimind2 for a MiniMind2 model)")
     if args.device is not None:
         notes.append(_device(args.device))
     if args.save_dir is not None:

@@ -76,8 +76,10 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
         candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
     elif args.init_from and pathlib.Path(args.init_from).is_dir():  # one of our run folders
         candidates.append(pathlib.Path(args.init_from) / "tokenizer")
-    candidates.append(pathlib.Path(HEAD_TOKENIZER_DIR if cli_arch(args) == "minimind3"
-                                   else REFERENCE_TOKENIZER_DIR))
+    if cli_arch(args) == "minimind3":  # HEAD's scripts run from trainer/ and read ../model
+        candidates += [pathlib.Path(HEAD_TOKENIZER_DIR), pathlib.Path("..") / HEAD_TOKENIZER_DIR]
+    else:
+        candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
     for candidate in candidates:
         if candidate.is_dir():
             return candidate

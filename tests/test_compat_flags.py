@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minimind_jax import cli, compat_flags
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",
         "--tokenizer", str(TOKENIZER_DIR)]
@@ -36,11 +36,15 @@ def test_minimind3_flags_map_onto_ours(tmp_path):
     assert (args.out_dir, args.dim, args.n_layers, args.run_prefix, args.resume) == \
         (str(tmp_path), 64, 2, "my_sft", True)
     assert args.init_from == str(tmp_path / "pretrain_64")
-    assert len(notes) == 9  # one line per flag given
+    assert args.arch == "minimind3"  # flags only minimind-3's scripts have
+    assert len(notes) == 10  # one line per flag given, and the arch they imply
     assert any(n.startswith("--use_compile 1: ignored") for n in notes)
     none = parse(["sft", "--from_weight", "none"])
     compat_flags.apply(none)
     assert none.init_from == "none"
+    explicit = parse(["pretrain", "--arch", "minimind2", "--hidden_size", "64"])
+    compat_flags.apply(explicit)
+    assert (explicit.arch, explicit.dim) == ("minimind2", 64)
     with pytest.raises(compat_flags.UserError, match="disagree"):
         compat_flags.apply(parse(["pretrain", "--hidden_size", "64", "--dim", "128"]))
     with pytest.raises(compat_flags.UserError, match="neither"):
@@ -75,17 +79,29 @@ def test_reference_command_lines_run(tmp_path, capsys):
     assert "--ddp: nothing to switch on" in text and "--device cpu: running on the CPU" in text
     assert (out / "pretrain_64" / "checkpoints" / "2").is_dir()
 
+    head = ["--max_seq_len", "64", "--tokenizer", str(TOKENIZER3_DIR),
+            "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2"]
+    minimind3_pretrain = ["pretrain", "--save_dir", str(out), "--save_weight", "pretrain",
+                          "--epochs", "1", "--batch_size", "4", "--learning_rate", "5e-4",
+                          "--device", "cpu", "--dtype", "float32", "--num_workers", "8",
+                          "--accumulation_steps", "2", "--grad_clip", "1.0", "--log_interval",
+                          "1", "--save_interval", "1000", "--hidden_size", "64",
+                          "--num_hidden_layers", "2", "--use_moe", "0", "--data_path",
+                          str(PRETRAIN_JSONL), "--from_weight", "none", "--from_resume", "0",
+                          "--use_compile", "0", *head]
+    assert cli.main(minimind3_pretrain) == 0
+    assert "so --arch minimind3" in capsys.readouterr().out
+
     minimind3 = ["sft", "--save_dir", str(out), "--save_weight", "full_sft", "--epochs", "1",
                  "--batch_size", "4", "--learning_rate", "1e-5", "--device", "cpu",
                  "--dtype", "bfloat16", "--num_workers", "8", "--accumulation_steps", "1",
                  "--grad_clip", "1.0", "--log_interval", "1", "--save_interval", "1000",
                  "--hidden_size", "64", "--num_hidden_layers", "2", "--use_moe", "0",
                  "--data_path", str(SFT_JSONL), "--from_weight", "pretrain", "--from_resume", "0",
-                 "--use_compile", "0", "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"),
-                 *TINY]
+                 "--use_compile", "0", *head]
     assert cli.main(minimind3) == 0
     text = capsys.readouterr().out
     assert f"initial weights: {out / 'pretrain_64'}" in text
     assert "--hidden_size 64: used as --dim 64" in text
     args = json.loads((out / "full_sft_64" / "train_args.json").read_text())
-    assert args["dim"] == 64 and args["dtype"] == "bfloat16"
+    assert args["dim"] == 64 and args["dtype"] == "bfloat16" and args["arch"] == "minimind3"
