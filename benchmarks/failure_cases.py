@@ -65,8 +65,10 @@ def changes(before: dict, after: dict) -> str:
     added = top(set(after) - set(before))
     removed = top(set(before) - set(after))
     changed = [p for p in set(before) & set(after) if before[p] != after[p]]
-    parts = [f"+{p}" for p in added] + [f"-{p}" for p in removed] + [f"~{p}" for p in
-                                                                        sorted(changed)]
+    def short(paths):  # at most 3 levels deep: pretrain_64/checkpoints/6
+        return sorted({"/".join(p.split("/")[:3]) for p in paths})
+    parts = ([f"+{p}" for p in short(added)] + [f"-{p}" for p in short(removed)]
+             + [f"~{p}" for p in short(changed)])
     return ", ".join(parts) if parts else "unchanged"
 
 
@@ -126,8 +128,8 @@ def main() -> int:
          train_argv("pretrain", work / "rerun", cache, "--max_steps", "2", "--overwrite"))
     # 3. damaged newest checkpoint
     d = copy("truncated")
-    victim = sorted((d / "pretrain_64/checkpoints/6/params").rglob("d/*"))[-1]
-    victim.write_bytes(victim.read_bytes()[:10])
+    for victim in (d / "pretrain_64/checkpoints/6/params").rglob("d/*"):
+        victim.write_bytes(victim.read_bytes()[:10])
     case("--resume, newest checkpoint has a truncated file", d,
          train_argv("pretrain", d, cache, "--max_steps", "8", "--save_interval", "2",
                     "--resume"))
@@ -189,7 +191,7 @@ def main() -> int:
     # 7. shapes and numbers
     for flags in (["--dim", "63"], ["--n_heads", "3"], ["--n_heads", "0"], ["--n_kv_heads", "0"],
                   ["--dim", "0"], ["--dim", "-64"], ["--n_layers", "0"],
-                  ["--learning_rate", "-1e-3"], ["--grad_clip", "inf"],
+                  ["--learning_rate=-1e-3"], ["--grad_clip", "inf"],
                   ["--weight_decay", "nan"], ["--max_steps", "0"]):
         case(" ".join(flags), new, train_argv("pretrain", new, cache, *flags))
     # 8. convert onto an existing file
