@@ -48,10 +48,28 @@ class _DropOrbaxRecords(logging.Filter):
         return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+    """tensorstore's late callback into the event loop of an orbax read that already failed
+    (a damaged checkpoint): harmless, and printed by the C++ thread as a bare traceback."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
 def _quiet_orbax() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropOrbaxRecords) for f in logger.filters):
         logger.addFilter(_DropOrbaxRecords())
+    hook = sys.unraisablehook  # where pybind11 reports an exception in a C++ callback
+    if not getattr(hook, "drops_closed_loop_callbacks", False):
+        def unraisablehook(unraisable):
+            if not _is_closed_loop_callback(unraisable.exc_type, unraisable.exc_value,
+                                            unraisable.exc_traceback):
+                hook(unraisable)
+
+        unraisablehook.drops_closed_loop_callbacks = True
+        sys.unraisablehook = unraisablehook
 
 
 def open_manager(run_dir: str | pathlib.Path, *, keep: int = 3,

@@ -132,10 +132,12 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning(finished, tmp_pat
         ["generate", "--ckpt", gen / "pretrain_64", "--prompt", "hi", "--max_new_tokens", "2",
          "--n_heads", "4"],
         train("pretrain", other, cache, "--resume", "--max_steps", "8")], parallel=2)
-    for (code, text), folder in ((resumed, out), (generated, gen)):
+    # generate reads params only, so checkpoint 4 (its train item lacks a file) serves it.
+    for (code, text), folder, steps in ((resumed, out, "64"), (generated, gen, "6")):
         assert code == 0 and "Traceback" not in text, text
         warnings = [line for line in text.splitlines() if line.startswith("warning:")]
-        for step in ("6", "4"):
+        assert len(warnings) == len(steps) + (folder == out), text  # + "moved ..." on resume
+        for step in steps:
             damaged = folder / "pretrain_64" / "checkpoints" / step
             assert any(f"checkpoint {damaged} is damaged" in w for w in warnings), text
     assert "answer:" in generated[1]
@@ -145,13 +147,18 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning(finished, tmp_pat
     assert_one_error(none_left, 2, "no intact checkpoint in", "damaged: 6, 4, 2")
 
 
+def mount_tmpfs(folder, size) -> bool:
+    """Mount a `size` tmpfs on `folder` if this process may (root); False otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and shutil.which("mount") is not None and not subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True).returncode
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tmp_path):
     mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)],
-            capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
+    if not mount_tmpfs(mount, "10m"):
+        pytest.skip("needs root to mount a small tmpfs (the next test injects ENOSPC instead)")
     try:
         run_dir = mount / "out" / "pretrain_64"
         result = run_all([train("pretrain", mount / "out", tmp_path / "cache", "--max_steps",
@@ -168,6 +175,10 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tmp_path
 def test_a_failed_save_is_one_line_without_root(tmp_path, monkeypatch, capsys):
     # Where no small filesystem can be mounted: the write itself fails with ENOSPC.
     import orbax.checkpoint as ocp
+
+    if mount_tmpfs(tmp_path / "probe", "1m"):
+        subprocess.run(["umount", str(tmp_path / "probe")], check=True)
+        pytest.skip("the real full-disk test above runs here")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -193,23 +204,19 @@ def test_errors_before_training_leave_nothing_behind(finished, tmp_path):
     blank.write_text("\n  \n\n")
     (weights / "exists.txt").write_text("keep me")
     cases = [  # (argv, exit code, message fragment)
-        (train("sft", new, cache), 2, f"no checkpoint in {new / 'pretrain_64'}"),
+        (train("sft", new, cache), 2, "starts from the pretrain weights, but there is no "
+                                      "checkpoint in"),
         (train("pretrain", new, cache, "--resume"), 2, "--resume: no checkpoint in"),
         (train("pretrain", new, cache, "--init_from", tmp_path / "nope.pth"), 2,
          "nope.pth does not exist"),
         (train("pretrain", new, cache, "--dim", "63"), 2, "dim=63 is not divisible by n_heads=4"),
-        (train("pretrain", new, cache, "--n_heads", "3"), 2, "not divisible by n_heads=3"),
         (train("pretrain", new, cache, "--n_heads", "0"), 2, "n_heads=0 must be >= 1"),
-        (train("pretrain", new, cache, "--n_kv_heads", "0"), 2, "n_kv_heads=0 must be >= 1"),
-        (train("pretrain", new, cache, "--dim", "0"), 2, "dim=0 must be >= 1"),
         (train("pretrain", new, cache, "--dim=-64"), 2, "dim=-64 must be >= 1"),
         (train("pretrain", new, cache, "--n_layers", "0"), 2, "n_layers=0 must be >= 1"),
         (train("pretrain", new, cache, "--learning_rate", "nan"), 2,
          "--learning_rate must be a finite number >= 0, got nan"),
         (train("pretrain", new, cache, "--learning_rate=-1e-3"), 2,
          "--learning_rate must be a finite number >= 0"),
-        (train("pretrain", new, cache, "--grad_clip", "inf"), 2,
-         "--grad_clip must be a finite number, got inf"),
         (train("pretrain", new, cache, "--max_steps", "0"), 2, "--max_steps must be >= 1, got 0"),
         (train("pretrain", new, cache, data=weights), 2, "is a folder; --data_path takes a"),
         (train("pretrain", new, cache, data=blank), 2, "its 3 line(s) are all blank"),
