@@ -86,12 +86,15 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cache = work / "cache"
+    logs = work / "logs"  # each case's whole output
+    logs.mkdir()
     rows = []
 
     def case(name, folder, argv, *, python=None, expect=None):
         folder.mkdir(parents=True, exist_ok=True)
         before = snapshot(folder)
         code, out, seconds = cli(argv, python=python)
+        (logs / f"{len(rows):02d}.txt").write_text(f"{argv}\n{out}")
         rows.append((name, code, message(out), changes(before, snapshot(folder)),
                      "Traceback" in out, seconds))
         print(rows[-1], flush=True)
