@@ -108,6 +108,9 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     first = text.splitlines()[0] if text else type(err).__name__
+    if '": ' in first:  # tensorstore: 'CODE: Error reading "key" in ... file "path": cause'
+        first = first.split(": ", 1)[0] + ": " + first.rsplit('": ', 1)[1]
+    first = first.split(" [tensorstore_spec=")[0]
     return first if len(first) <= 200 else first[:197] + "..."
 
 

@@ -103,6 +103,7 @@ def test_a_second_process_is_refused_and_kill_9_frees_the_folder(finished, tmp_p
     assert not (run_dir / run_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # trains
 def test_starting_over_needs_resume_or_overwrite(finished, tmp_path):
     out, cache = copy_run(finished, tmp_path)
     before = tree(out)
@@ -117,6 +118,7 @@ def test_starting_over_needs_resume_or_overwrite(finished, tmp_path):
     assert len((out / "pretrain_64" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow  # trains
 def test_damaged_newest_checkpoints_are_skipped_with_a_warning(finished, tmp_path):
     out, cache = copy_run(finished, tmp_path)
     ckpts = out / "pretrain_64" / "checkpoints"
@@ -155,6 +157,7 @@ def mount_tmpfs(folder, size) -> bool:
         capture_output=True).returncode
 
 
+@pytest.mark.slow  # trains
 def test_a_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tmp_path):
     mount = tmp_path / "disk"
     if not mount_tmpfs(mount, "10m"):
@@ -172,6 +175,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_checkpoint(tmp_path
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # trains
 def test_a_failed_save_is_one_line_without_root(tmp_path, monkeypatch, capsys):
     # Where no small filesystem can be mounted: the write itself fails with ENOSPC.
     import orbax.checkpoint as ocp
