@@ -14,7 +14,7 @@ import sys
 
 from minimind_jax import compat_flags, host_memory, xla_flags
 from minimind_jax.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
-from minimind_jax.errors import UserError
+from minimind_jax.errors import UserError, error_line_and_code
 
 # command module (in minimind_jax/) -> the commands it registers, in `--help` order.
 COMMAND_MODULES = (
@@ -121,7 +121,11 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
     if getattr(args, "scan_layers", False):
         changes["scan_layers"] = True
     changes.update(overrides)
-    return config.replace(**changes)
+    try:
+        return config.replace(**changes)
+    except ValueError as err:  # ModelConfig's own checks, worded with the flags' names
+        raise UserError(str(err).replace("invalid ModelConfig", "invalid model flags")
+                        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # the one place that turns errors into `error: ...` lines
+        reported = error_line_and_code(err)
+        if reported is None:
+            raise  # a bug: keep the traceback
+        message, code = reported
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return int(code or 0)
 
 

@@ -74,22 +74,30 @@ class ModelConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
-        errors = []
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
+                 "multiple_of")
+        errors = [f"{name}={getattr(self, name)} must be >= 1" for name in sizes
+                  if getattr(self, name) < 1]
+        if errors:  # the checks below divide by these
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
         if self.hidden_dim_rule not in HIDDEN_DIM_RULES:
             errors.append(f"hidden_dim_rule must be one of {sorted(HIDDEN_DIM_RULES)}, "
                           f"got {self.hidden_dim_rule!r}")
         elif self.hidden_dim is None:
             rule = HIDDEN_DIM_RULES[self.hidden_dim_rule]
             object.__setattr__(self, "hidden_dim", rule(self.dim, self.multiple_of))
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            errors.append(f"hidden_dim={self.hidden_dim} must be >= 1")
         if self.rope_layout not in ("interleaved", "rotate_half"):
             errors.append(f"rope_layout must be interleaved|rotate_half, got {self.rope_layout!r}")
         if self.dim % self.n_heads:
             errors.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:
+            errors.append(f"head_dim={self.dim // self.n_heads} (dim/n_heads) must be even for "
+                          "rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             errors.append(f"n_heads={self.n_heads} is not divisible by "
                           f"n_kv_heads={self.n_kv_heads}")
-        if (self.dim // max(self.n_heads, 1)) % 2:
-            errors.append("head_dim must be even for rotary embeddings")
         if self.use_moe and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
             errors.append("num_experts_per_tok must be in [1, n_routed_experts]")
         if self.n_shared_experts not in (0, 1):

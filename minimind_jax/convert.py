@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
+import zipfile
 from collections.abc import Iterator
 
 import jax
@@ -245,10 +247,13 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         except ImportError:
             raise UserError(f"reading {path} needs PyTorch: pip install 'minimind_jax[torch]'"
                             ) from None
+        if path.stat().st_size == 0:
+            raise UserError(f"{path} is empty (0 bytes), not a PyTorch state dict")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt/unsafe files
-            raise UserError(f"could not read {path} as a PyTorch state dict: {err}") from None
+            raise UserError(f"could not read {path} as a PyTorch state dict: "
+                            f"{_torch_load_reason(err)}") from None
         if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
             obj = obj["model"]
         if not isinstance(obj, dict):
@@ -265,6 +270,9 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         except Exception as err:
             raise UserError(f"could not read {path} as safetensors: {err}") from None
     if suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # else numpy suggests allow_pickle, which is no fix
+            raise UserError(f"{path} is not a .npz file (not a zip archive)"
+                            + (" but empty (0 bytes)" if path.stat().st_size == 0 else ""))
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
@@ -272,6 +280,17 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
             raise UserError(f"could not read {path} as .npz: {err}") from None
     raise UserError(f"unknown weights format {path.suffix!r} for {path}: "
                     "expected .pth, .safetensors or .npz")
+
+
+def _torch_load_reason(err: Exception) -> str:
+    """torch.load's error without its advice to load with weights_only=False (that runs
+    arbitrary code, and does not make a file that is no state dict into one)."""
+    text = " ".join(str(err).split())
+    if "weights_only" in text:
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        return ("not a plain dict of tensors as torch.save writes it"
+                + (f" ({detail.group(1).strip()[:160]})" if detail else ""))
+    return text[:200] or type(err).__name__
 
 
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
@@ -456,6 +475,12 @@ def load_params_any(path: str | pathlib.Path, config: ModelConfig | None):
 def _run(args: argparse.Namespace) -> int:
     from minimind_jax.cli import model_config_from_args
 
+    output = pathlib.Path(args.output)
+    if args.hf_llama and output.exists() and not output.is_dir():
+        raise UserError(f"--hf_llama writes a folder, but {output} is a file; name a folder")
+    if not args.hf_llama and output.is_dir():
+        raise UserError(f"{output} is a folder; name a .pth, .safetensors or .npz file "
+                        "(or pass --hf_llama to write a Hugging Face folder)")
     params, config = load_params_any(args.input, model_config_from_args(args))
     print(f"loaded {args.input}: dim={config.dim} n_layers={config.n_layers} "
           f"n_heads={config.n_heads} n_kv_heads={config.n_kv_heads} "

@@ -139,6 +139,8 @@ def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bo
         f = open(path, "rb")  # noqa: SIM115 -- closed below, and the generator may be abandoned
     except FileNotFoundError:
         raise UserError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; --data_path takes a JSONL file") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     line_no = 0
@@ -165,6 +167,8 @@ def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bo
         if skips.count:
             raise UserError(f"{path}: no valid samples (all {skips.count} non-blank lines were "
                             f"bad)\n{skips.summary()}")
+        if line_no:
+            raise UserError(f"{path}: no samples (its {line_no} line(s) are all blank)")
         raise UserError(f"{path}: no samples (the file is empty)")
 
 

@@ -354,7 +354,7 @@ def run_demo(args: argparse.Namespace) -> int:
                  "--character_coverage", str(plan.character_coverage)])
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    common = ["--out_dir", str(out / "runs"), "--tokenizer", str(tokenizer_dir),
+    common = ["--overwrite", "--out_dir", str(out / "runs"), "--tokenizer", str(tokenizer_dir),
               "--seed", str(args.seed), *plan.model_flags]
     progress.stage("pretrain (eval: texts of idioms outside the corpus)")
     run_command(["pretrain", "--data_path", str(paths["pretrain"]),

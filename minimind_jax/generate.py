@@ -236,9 +236,11 @@ def load_model(ckpt: str, args: argparse.Namespace) -> tuple[dict, ModelConfig]:
 
 def resolve_tokenizer_dir(args: argparse.Namespace) -> str:
     """--tokenizer, else a tokenizer saved next to the checkpoint, else the error."""
+    ckpt = pathlib.Path(args.ckpt)
+    if not ckpt.exists():  # said first: the missing checkpoint is why no tokenizer is beside it
+        raise UserError(f"checkpoint not found: {ckpt}")
     if args.tokenizer:
         return args.tokenizer
-    ckpt = pathlib.Path(args.ckpt)
     for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
         for name in ("tokenizer", "."):
             candidate = folder / name

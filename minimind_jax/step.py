@@ -179,18 +179,37 @@ def _real_rows(batch: dict) -> jax.Array:
     return jnp.any(batch["input_ids"] != 0, axis=1).sum()
 
 
+# Why a micro-step was skipped (metric "nonfinite"): what first came out non-finite.
+NONFINITE_REASONS = {1: "loss", 2: "gradient", 3: "update (new weights or optimizer state)"}
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule):
     """The update shared by both layouts: skip non-finite steps, else accumulate / clip /
-    AdamW at LR schedule(step). `totals` are the global loss, aux, n_tokens and n_rows."""
+    AdamW at LR schedule(step). A step is skipped (params and optimizer state unchanged) when
+    its loss, its gradient, or the weights and optimizer state it would produce are not
+    finite. `totals` are the global loss, aux, n_tokens and n_rows."""
     lr = schedule(state.step)
-    finite = jnp.isfinite(totals["loss"]) & jnp.isfinite(optax.tree.norm(grads))
+    loss_ok = jnp.isfinite(totals["loss"])
+    grads_ok = jnp.isfinite(optax.tree.norm(grads))
 
     def apply_update(params, opt_state):
-        updates, opt_state = optimizer.update(grads, opt_state, params, learning_rate=lr)
-        return optax.apply_updates(params, updates), opt_state
+        updates, new_opt_state = optimizer.update(grads, opt_state, params, learning_rate=lr)
+        new_params = optax.apply_updates(params, updates)
+        ok = _all_finite((new_params, new_opt_state))
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        return (jax.tree.map(keep, new_params, params),
+                jax.tree.map(keep, new_opt_state, opt_state), ok)
 
-    params, opt_state = jax.lax.cond(finite, apply_update, lambda p, o: (p, o),
-                                     state.params, state.opt_state)
+    params, opt_state, update_ok = jax.lax.cond(
+        loss_ok & grads_ok, apply_update, lambda p, o: (p, o, jnp.asarray(True)),
+        state.params, state.opt_state)
+    finite = loss_ok & grads_ok & update_ok
+    nonfinite = jnp.where(~loss_ok, 1, jnp.where(~grads_ok, 2, jnp.where(~update_ok, 3, 0)))
     skip = (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
@@ -199,7 +218,8 @@ def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule
     updated = optim.updates_applied(opt_state) > optim.updates_applied(state.opt_state)
     metrics = {**totals, "lr": lr, "grad_norm": optim.last_grad_norm(opt_state),
                "updated": updated, "update": optim.updates_applied(opt_state),
-               "skipped": new_state.skipped, "consecutive_skips": new_state.consecutive_skips}
+               "skipped": new_state.skipped, "consecutive_skips": new_state.consecutive_skips,
+               "nonfinite": nonfinite.astype(jnp.int32)}
     return new_state, metrics
 
 
@@ -210,10 +230,10 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
     One micro-batch: loss = masked mean CE + MoE aux; gradients go into the MultiSteps
     accumulator, and every `accumulation_steps` micro-steps clip + AdamW are applied with the LR
-    `schedule(step)`. A non-finite loss or gradient leaves params and optimizer state untouched
-    (the micro-step still counts, so data position and schedule stay aligned) and is counted.
-    Metrics: loss, aux, lr, grad_norm (of the latest update), updated, update, skipped,
-    consecutive_skips, n_tokens, n_rows.
+    `schedule(step)`. A non-finite loss, gradient or update leaves params and optimizer state
+    untouched (the micro-step still counts, so data position and schedule stay aligned) and is
+    counted. Metrics: loss, aux, lr, grad_norm (of the latest update), updated, update, skipped,
+    consecutive_skips, nonfinite (a NONFINITE_REASONS key, or 0), n_tokens, n_rows.
 
     `shardings` (a TrainState of NamedShardings, e.g. `state_shardings(..., fsdp=True)`) selects
     the sharded-state step; without it params and optimizer state are replicated.

@@ -271,6 +271,8 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     if max_seq_len < 2:
         raise UserError(f"max_seq_len must be at least 2, got {max_seq_len}")
     data_path = Path(data_path)
+    if data_path.is_dir():
+        raise UserError(f"{data_path} is a folder; --data_path takes a JSONL file")
     if not data_path.is_file():
         raise UserError(f"{data_path}: data file not found")
     log = log or (lambda message: print(message, file=sys.stderr))

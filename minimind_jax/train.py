@@ -8,8 +8,10 @@ A run writes `{out_dir}/{pretrain|full_sft}_{dim}{_moe}/`: `config.json` (the mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -26,10 +28,11 @@ from minimind_jax import (
     optim,
     prepare,
     recipes,
+    run_lock,
     tracking,
 )
 from minimind_jax.config import ModelConfig, arch_of
-from minimind_jax.errors import UserError
+from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
@@ -108,25 +111,54 @@ def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> Non
                         + "\n  ".join(diffs))
 
 
-def initial_params(args: argparse.Namespace, stage: Stage, config: ModelConfig):
-    """--init_from; else sft: the latest pretrain checkpoint; else a seeded random init."""
-    from minimind_jax.model import init_params
+def check_train_args(args: argparse.Namespace) -> None:
+    """Refuse numbers that make no run, before anything is created or opened."""
+    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval",
+                 "eval_interval", "max_consecutive_skips"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.warmup_iters < 0:
+        raise UserError(f"--warmup_iters must be >= 0, got {args.warmup_iters}")
+    for flag, at_least_zero in (("learning_rate", True), ("weight_decay", True),
+                                ("grad_clip", False)):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or (at_least_zero and value < 0):
+            raise UserError(f"--{flag} must be a finite number{' >= 0' if at_least_zero else ''}"
+                            f", got {value}")
 
+
+def init_source(args: argparse.Namespace, stage: Stage, config: ModelConfig
+                ) -> pathlib.Path | None:
+    """Where the initial weights come from: --init_from; else sft: the pretrain run folder;
+    else None (a seeded random init). Checked to exist, so a missing one fails early."""
     if args.init_from == "none":  # minimind-3's --from_weight none
-        return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
+        return None
     if args.init_from:
         source = pathlib.Path(args.init_from)
-    elif stage.command == "sft":
-        pretrain_dir = run_dir_for(args.out_dir, STAGES["pretrain"], config)
-        source = checkpoint.latest_checkpoint(pretrain_dir)
-        if source is None:
-            raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
-                            f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
-                            "and model flags, or pass --init_from (checkpoint folder, .pth, "
-                            ".safetensors or .npz)")
-    else:
+        if not source.exists():
+            raise UserError(f"--init_from: {source} does not exist")
+        return source
+    if stage.command != "sft":
+        return None
+    pretrain_dir = run_dir_for(args.out_dir, STAGES["pretrain"], config)
+    if checkpoint.latest_checkpoint(pretrain_dir) is None:
+        raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
+                        f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
+                        "and model flags, or pass --init_from (checkpoint folder, .pth, "
+                        ".safetensors or .npz)")
+    return pretrain_dir
+
+
+def initial_params(args: argparse.Namespace, stage: Stage, source: pathlib.Path | None,
+                   config: ModelConfig):
+    """(params, where they came from): `init_source`'s weights, or a seeded random init."""
+    from minimind_jax.model import init_params
+
+    if source is None:
         return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
-    params = checkpoint.load_init_params(source, config)
+    params = checkpoint.load_init_params(source, config, warn=_warn)
     if stage.command == "sft" and recipes.recipe_of(args).fp16_sft_init:
         return recipes.round_to_float16(params), f"{source} (rounded to float16, as HEAD)"
     return params, str(source)
@@ -136,11 +168,15 @@ def _is_main_process() -> bool:
     return distributed.is_main_process()
 
 
-def _say(message: str) -> None:
+def _say(message: str, file=None) -> None:
     if _is_main_process():
         from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stdout)
+        tqdm.write(message, file=file or sys.stdout)
+
+
+def _warn(message: str) -> None:
+    _say(message, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -260,24 +296,18 @@ def _write_run_files(run_dir: pathlib.Path, config: ModelConfig, args: argparse.
 
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     from minimind_jax import cli
-    from minimind_jax import step as train_step
-    from minimind_jax.loader import Loader
-    from minimind_jax.model import count_params
     from minimind_jax.tokenizer import load_tokenizer
 
     notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
-    distributed.initialize(args)  # before any other JAX call
     recipes.apply_defaults(args, stage.command)
+    if args.eval_interval is None:
+        args.eval_interval = args.save_interval
+    check_train_args(args)
+    distributed.initialize(args)  # before any other JAX call
     if getattr(args, "run_prefix", None):  # minimind-3's --save_weight
         stage = dataclasses.replace(stage, run_prefix=args.run_prefix)
     for note in notes:
         _say(note)
-    if args.eval_interval is None:
-        args.eval_interval = args.save_interval
-    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval",
-                 "eval_interval"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     tokenizer_dir = resolve_tokenizer(args, stage)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = {} if args.vocab_size is not None else {"vocab_size": tokenizer.vocab_size}
@@ -285,7 +315,61 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     if config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab_size {config.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
+    source = None if args.resume else init_source(args, stage, config)
     run_dir = run_dir_for(args.out_dir, stage, config)
+    with contextlib.ExitStack() as stack:  # what is opened below is closed on every path
+        stack.enter_context(_own_run_folder(run_dir))
+        try:
+            return _run_owned(args, stage, config, tokenizer, tokenizer_dir, source, run_dir,
+                              stack)
+        except OSError as err:  # writing a run file failed: say so, and what is intact
+            if err.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise RunFailure(f"writing {os_error_line(err)}; "
+                             + checkpoint.intact_note(run_dir / checkpoint.CHECKPOINT_DIR)
+                             ) from None
+
+
+@contextlib.contextmanager
+def _own_run_folder(run_dir: pathlib.Path):
+    """Process 0 holds the run folder's lock for the block; every process stops with the
+    same error when it is in use."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if _is_main_process():
+            try:
+                stack.enter_context(run_lock.hold(run_dir))
+            except UserError as err:
+                refused = err
+        if not distributed.agree(refused is None):
+            raise refused or UserError(f"run folder {run_dir} is in use (see process 0)")
+        yield
+
+
+def _previous_run(run_dir: pathlib.Path) -> str | None:
+    """What an earlier run left in `run_dir` that starting afresh would delete, if anything."""
+    steps = checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR)
+    if steps:
+        return f"checkpoints up to step {steps[0]}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        return "metrics.jsonl of a run without checkpoints"
+    return None
+
+
+def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir, source,
+               run_dir: pathlib.Path, stack: contextlib.ExitStack) -> int:
+    from minimind_jax import step as train_step
+    from minimind_jax.loader import Loader
+    from minimind_jax.model import count_params
+
+    previous = _previous_run(run_dir)
+    if args.resume and not checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR):
+        raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
+    if not args.resume and previous and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run ({previous}): pass --resume to "
+                        "continue it, or --overwrite to delete its checkpoints, metrics and "
+                        "TensorBoard events and start over")
 
     mesh = train_step.data_mesh()
     source = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
@@ -304,7 +388,8 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     if total_steps < 1:
-        raise UserError(f"nothing to train: {args.data_path} gives {batches} batches per epoch")
+        raise UserError(f"nothing to train: {args.data_path} gives {batches} batches of "
+                        f"--batch_size {args.batch_size} per epoch")
 
     learning_rate = args.learning_rate
     accumulation = args.accumulation_steps
@@ -316,32 +401,37 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
 
     abstract = train_step.abstract_train_state(config, optimizer, mesh, fsdp=args.fsdp)
     shardings = train_step.shardings_of(abstract)
-    manager = checkpoint.open_manager(run_dir)
     elapsed_before = 0.0
     if args.resume:
-        if manager.latest_step() is None:
-            raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
-        saved = checkpoint.restore_meta(manager)
-        check_same_shape(ModelConfig.from_dict(saved["model_config"]), config,
-                         f"{run_dir} (step {saved['step']})")
-        state, meta = checkpoint.restore_train_state(manager, abstract)
+        def same_shape(meta):
+            check_same_shape(ModelConfig.from_dict(meta["model_config"]), config,
+                             f"{run_dir} (step {meta['step']})")
+
+        state, meta, damaged = checkpoint.resume_state(run_dir, abstract, same_shape, _warn)
+        if damaged:
+            distributed.barrier("train:damaged_seen")  # all restored before one moves them
+            if _is_main_process():
+                moved = checkpoint.set_aside(run_dir, damaged)
+                _warn(f"warning: moved the damaged checkpoint(s) to {', '.join(map(str, moved))}")
+            distributed.barrier("train:damaged_moved")
         epoch, batch = meta["epoch"], meta["batch"]
         elapsed_before = float(meta.get("elapsed_s", 0.0))
         _say(f"resuming {run_dir} at step {meta['step']} (epoch {epoch + 1}, batch {batch})")
     else:
-        params, origin = initial_params(args, stage, config)
-        if manager.latest_step() is not None:
-            _say(f"starting over: removing the previous checkpoints of {run_dir}")
-            manager.close()
-            distributed.barrier("train:checkpoints_seen")  # all decided before one deletes
+        params, origin = initial_params(args, stage, source, config)
+        if previous:  # --overwrite, checked above
+            _say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
+            distributed.barrier("train:previous_seen")  # all decided before one deletes
             if _is_main_process():
-                shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR)
-            distributed.barrier("train:checkpoints_removed")
-            manager = checkpoint.open_manager(run_dir)
+                shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            distributed.barrier("train:previous_removed")
         state = train_step.init_train_state(params, optimizer, args.seed, shardings)
         del params
         epoch, batch = 0, 0
         _say(f"initial weights: {origin}")
+    manager = checkpoint.open_manager(run_dir)
+    stack.callback(checkpoint.close, manager)
     start_step = int(train_step.to_host(state.step))
     if _is_main_process():
         _write_run_files(run_dir, config, args, tokenizer_dir)
@@ -358,6 +448,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     tracker = (tracking.open_tracker(args, stage.command, run_dir, start_step)
                if _is_main_process() else None)
     log = RunLog(run_dir, start_step, total_steps, _is_main_process(), tracker)
+    stack.callback(log.close)
     step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
                                          shardings=shardings if args.fsdp else None)
     flush_fn = None
@@ -365,15 +456,10 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
         inner = optim.make_inner_optimizer(grad_clip=args.grad_clip,
                                            weight_decay=args.weight_decay)
         flush_fn = train_step.make_flush_step(inner, schedule, accumulation, shardings)
-    try:
-        state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
-                            schedule, start=(start_step, epoch, batch), total_steps=total_steps,
-                            elapsed_before=elapsed_before, flush_fn=flush_fn,
-                            evaluator=evaluator)
-    finally:
-        log.close()
-        manager.wait_until_finished()
-        manager.close()
+    state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
+                        schedule, start=(start_step, epoch, batch), total_steps=total_steps,
+                        elapsed_before=elapsed_before, flush_fn=flush_fn, evaluator=evaluator)
+    checkpoint.finish(manager)
     _say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
          f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
          f"{run_dir / checkpoint.CHECKPOINT_DIR}")
@@ -417,9 +503,9 @@ def _layout_line(state, fsdp: bool, n_devices: int) -> str:
 
 
 class TooManySkips(Exception):
-    def __init__(self, step: int):
-        super().__init__(step)
-        self.step = step
+    def __init__(self, step: int, reason: int):
+        super().__init__(step, reason)
+        self.step, self.reason = step, reason
 
 
 def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log, schedule, *,
@@ -448,7 +534,7 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
             _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches,
                       run_start, elapsed_before)
             if int(metrics["consecutive_skips"]) >= args.max_consecutive_skips:
-                raise TooManySkips(info["step"])
+                raise TooManySkips(info["step"], int(metrics["nonfinite"]))
 
     evaluated = {"step": None}
 
@@ -492,13 +578,27 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
         save(position)
     except TooManySkips as err:
         pending.clear()
-        checkpoint.save(manager, state, epoch=position[0], batch=position[1], config=config,
-                        stage=stage.command)
-        raise UserError(f"{args.max_consecutive_skips} micro-steps in a row had a non-finite "
-                        f"loss or gradient (last: step {err.step}); stopped. Lower "
-                        "--learning_rate or use --dtype float32; the state without them is "
-                        f"saved in {manager.directory}") from None
+        saved = checkpoint.save(manager, state, epoch=position[0], batch=position[1],
+                                config=config, stage=stage.command)
+        checkpoint.finish(manager)
+        raise UserError(_stop_message(args, config, err, f"{manager.directory}/{saved}")
+                        ) from None
     return state
+
+
+def _stop_message(args, config: ModelConfig, err: TooManySkips, saved: str) -> str:
+    """Why the run stopped after too many skipped micro-steps, and what to change."""
+    from minimind_jax.step import NONFINITE_REASONS
+
+    what = NONFINITE_REASONS.get(err.reason, "value")
+    if err.reason == 3:
+        advice = "The optimizer step overflowed: lower --learning_rate or --weight_decay."
+    else:
+        advice = "Lower --learning_rate" + (" or use --dtype float32" if config.dtype !=
+                                            "float32" else "") + "."
+    return (f"{args.max_consecutive_skips} micro-steps in a row were skipped, the last (step "
+            f"{err.step}) for a non-finite {what}; stopped. {advice} Checkpoint {saved} holds "
+            "the state without the skipped steps' changes.")
 
 
 def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, run_start,
@@ -530,7 +630,10 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
         line = reference_line(info["epoch"], args.epochs, info["batch"], batches,
                               record["loss"], record["lr"], epoch_seconds, done)
     if int(metrics["consecutive_skips"]):
-        line += (f" (non-finite loss or gradient: skipped, {record['skipped']} so far, "
+        from minimind_jax.step import NONFINITE_REASONS
+
+        what = NONFINITE_REASONS.get(int(metrics["nonfinite"]), "value")
+        line += (f" (non-finite {what}: skipped, {record['skipped']} so far, "
                  f"{int(metrics['consecutive_skips'])} in a row)")
     log.record(record, line)
 
@@ -608,12 +711,18 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                                               "OUT_DIR/pretrain_{dim}[_moe]"
                                               if stage.command == "sft" else
                                               "; default: random init from --seed"))
-    g.add_argument("--resume", action="store_true",
-                   help="continue this stage's run from its latest checkpoint: same weights, "
-                        "optimizer state, data position, schedule and RNG")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue this stage's run from its newest intact checkpoint: "
+                            "same weights, optimizer state, data position, schedule and RNG")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start this stage's run afresh even though its folder holds an "
+                            "earlier run: deletes that run's checkpoints, metrics and "
+                            "TensorBoard events (without it, such a start is refused)")
     g.add_argument("--max_consecutive_skips", type=int, default=20,
                    help="stop (with a checkpoint) after this many micro-steps in a row with a "
-                        "non-finite loss or gradient; single ones are skipped and counted")
+                        "non-finite loss, gradient or update; single ones are skipped and "
+                        "counted")
     g.add_argument("--fsdp", action="store_true",
                    help="shard params and optimizer state over all devices (each holds about "
                         "1/N; params are gathered for each step) instead of replicating them: "

@@ -125,7 +125,7 @@ def test_skip_bad_lines_counts_and_reports(tmp_path):
 def test_empty_and_blank_files(tmp_path):
     with pytest.raises(UserError, match=r"data\.jsonl: no samples \(the file is empty\)"):
         _read_all(tmp_path, b"")
-    with pytest.raises(UserError, match=r"no samples \(the file is empty\)"):
+    with pytest.raises(UserError, match=r"no samples \(its 3 line\(s\) are all blank\)"):
         _read_all(tmp_path, b"\n  \n\n")
     with pytest.raises(UserError, match=r"no valid samples \(all 2 non-blank lines were bad\)"):
         _read_all(tmp_path, b"{}\n[]\n", skip_bad_lines=True)

@@ -79,3 +79,20 @@ def test_batch_without_targets_gives_zero_loss_and_finite_update(setup):
     state, metrics = step_fn(state, train_step.put_batch(empty, mesh))
     assert float(metrics["loss"]) == 0.0
     assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) == 0.0
+
+
+def test_non_finite_update_is_skipped_like_a_non_finite_gradient():
+    # Finite loss and gradient, but lr x decay x weight overflows float32: the new weights
+    # would be inf. The step must keep the old state and say why it skipped.
+    mesh = train_step.data_mesh()
+    optimizer = optim.make_optimizer(accumulation_steps=1, weight_decay=1e38)
+    schedule = optim.Schedule("minimind2", 1e38, total_steps=10)
+    step_fn = train_step.make_train_step(CONFIG, optimizer, schedule, mesh)
+    state = train_step.put_replicated(
+        train_step.create_train_state(init_params(CONFIG, 0), optimizer), mesh)
+    before = host((state.params, state.opt_state))
+    state, m = step_fn(state, train_step.put_batch(batch(), mesh))
+    assert np.isfinite(float(m["loss"]))
+    assert (int(m["skipped"]), int(m["nonfinite"]), bool(m["updated"])) == (1, 3, False)
+    assert train_step.NONFINITE_REASONS[3].startswith("update")
+    jax.tree.map(np.testing.assert_array_equal, before, host((state.params, state.opt_state)))
