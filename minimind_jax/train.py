@@ -372,7 +372,7 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
                         "TensorBoard events and start over")
 
     mesh = train_step.data_mesh()
-    source = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
+    data = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
     recipe = recipes.recipe_of(args)
     evaluator = None
     if args.eval_data:
@@ -380,7 +380,7 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
                                         pack=False)
         evaluator = evaluate.Evaluator(eval_source, config, mesh, args.batch_size,
                                        args.eval_batches)
-    loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
+    loader = Loader(data, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=jax.local_device_count(), permutation=recipe.permutation)
     batches = loader.batches_per_epoch
