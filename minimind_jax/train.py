@@ -158,10 +158,10 @@ def initial_params(args: argparse.Namespace, stage: Stage, source: pathlib.Path 
 
     if source is None:
         return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
-    params = checkpoint.load_init_params(source, config, warn=_warn)
+    params, origin = checkpoint.load_init_params(source, config, warn=_warn)
     if stage.command == "sft" and recipes.recipe_of(args).fp16_sft_init:
-        return recipes.round_to_float16(params), f"{source} (rounded to float16, as HEAD)"
-    return params, str(source)
+        return recipes.round_to_float16(params), f"{origin} (rounded to float16, as HEAD)"
+    return params, origin
 
 
 def _is_main_process() -> bool:
