@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minimind_jax import reply_text
 from minimind_jax.generate import SamplingConfig
 from minimind_jax.serve_engine import BatchEngine, Completion, EngineStopped, QueueFull
 from minimind_jax.serve_schema import (
@@ -53,10 +54,9 @@ class ServeSettings:
 class ChatFormat:
     """Messages -> prompt token ids, and reply text -> an OpenAI assistant message.
 
-    This one renders the tokenizer's chat template (MiniMind2's knows no tools). A template
-    with tools (minimind-3) plugs in as a subclass: `supports_tools = True`, pass
-    `request.tools` to the template in `prompt_ids`, and return `tool_calls` from `reply`
-    (finish_reason "tool_calls"); the routes already handle both.
+    This one renders the tokenizer's chat template and knows no tools (MiniMind2's template);
+    `ToolChatFormat` adds them for templates that take `tools` (minimind-3's).
+    `chat_format_for` picks the one a tokenizer's template needs.
     """
 
     supports_tools = False
@@ -68,10 +68,13 @@ class ChatFormat:
         out = []
         for i, message in enumerate(request.messages):
             role = "system" if message.role == "developer" else message.role
-            if role == "tool" and not self.supports_tools:
+            if (role == "tool" or message.tool_calls) and not self.supports_tools:
                 raise ApiError(400, "this model's chat template has no tool messages",
-                               param=f"messages.{i}.role")
-            out.append({"role": role, "content": message_text(message, i)})
+                               param=f"messages.{i}")
+            item = {"role": role, "content": message_text(message, i)}
+            if message.tool_calls:
+                item["tool_calls"] = message.tool_calls
+            out.append(item)
         if self.system and out[0]["role"] != "system":
             out.insert(0, {"role": "system", "content": self.system})
         return out
@@ -82,9 +85,10 @@ class ChatFormat:
                            param="tools")
         from jinja2.exceptions import TemplateError
 
+        extra = {"tools": request.tools} if request.tools else {}
         try:
             text = self.tokenizer.apply_chat_template(self.messages(request),
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, **extra)
         except TemplateError as err:  # e.g. a template that insists on a role order
             raise ApiError(400, f"the chat template rejects these messages: {err}",
                            param="messages") from None
@@ -94,12 +98,53 @@ class ChatFormat:
         """(assistant message, finish_reason override or None)."""
         return {"role": "assistant", "content": text}, None
 
+    def streamable(self, text: str) -> int:
+        """How much of the growing answer `text` may be streamed as content already."""
+        return len(text)
+
+    def unstreamed_content(self, text: str, streamed: int) -> str:
+        """The content still to stream once the answer is complete, `streamed` chars sent."""
+        return text[streamed:]
+
+
+class ToolChatFormat(ChatFormat):
+    """A template that takes `tools` (minimind-3's): the answer's well-formed
+    `<tool_call>{"name", "arguments"}</tool_call>` blocks come back as OpenAI `tool_calls`
+    (finish_reason "tool_calls"), as HEAD's server returns them; malformed ones stay text.
+    While streaming, text from a `<tool_call>` on is held back until the answer ends."""
+
+    supports_tools = True
+
+    def reply(self, text: str) -> tuple[dict, str | None]:
+        content, calls = reply_text.parse_tool_calls(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, None
+        tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                       "function": call} for call in calls]
+        return ({"role": "assistant", "content": content.strip() or None,
+                 "tool_calls": tool_calls}, "tool_calls")
+
+    def streamable(self, text: str) -> int:
+        return reply_text.streamable_length(text)
+
+    def unstreamed_content(self, text: str, streamed: int) -> str:
+        content, calls = reply_text.parse_tool_calls(text)
+        # the streamed part precedes the first <tool_call>, so it is a prefix of `content`
+        return content[streamed:].strip() if calls else content[streamed:]
+
+
+def chat_format_for(tokenizer, system: str | None = None) -> ChatFormat:
+    """`ToolChatFormat` when the tokenizer's chat template takes `tools`, else `ChatFormat`."""
+    takes_tools = "tools" in tokenizer.chat_template_variables
+    return (ToolChatFormat if takes_tools else ChatFormat)(tokenizer, system)
+
 
 class IncrementalDecoder:
-    """Text of a growing token list, released in pieces; incomplete UTF-8 is held back."""
+    """Text of a growing token list, released in pieces; incomplete UTF-8 is held back, and
+    whatever `streamable(text)` (a length) says is not ready yet."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.released = tokenizer, [], 0
+    def __init__(self, tokenizer, streamable=len):
+        self.tokenizer, self.streamable, self.tokens, self.released = tokenizer, streamable, [], 0
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens)
@@ -109,12 +154,8 @@ class IncrementalDecoder:
         text = self.text()
         if text.endswith("\ufffd"):
             return ""
-        piece, self.released = text[self.released:], len(text)
-        return piece
-
-    def rest(self) -> str:
-        text = self.text()
-        piece, self.released = text[self.released:], len(text)
+        ready = max(self.streamable(text), self.released)
+        piece, self.released = text[self.released:ready], ready
         return piece
 
 
@@ -163,7 +204,7 @@ async def _read_body(request: Request) -> bytes:
 def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
               chat_format: ChatFormat | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which it stops on shutdown)."""
-    chat_format = chat_format or ChatFormat(tokenizer, settings.system)
+    chat_format = chat_format or chat_format_for(tokenizer, settings.system)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -310,7 +351,7 @@ async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokeni
         body = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer, chat_format.streamable)
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -323,12 +364,13 @@ async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokeni
             if kind == "error":
                 yield f"data: {json.dumps(ApiError(503, value).body())}\n\n"
                 break
-            piece = decoder.rest()
+            text = decoder.text()
+            piece = chat_format.unstreamed_content(text, decoder.released)
             if piece:
                 yield chunk({"content": piece})
-            message, reason = chat_format.reply(decoder.text())
-            if message.get("tool_calls"):
-                yield chunk({"tool_calls": message["tool_calls"]})
+            message, reason = chat_format.reply(text)
+            for index, call in enumerate(message.get("tool_calls") or []):
+                yield chunk({"tool_calls": [{"index": index, **call}]})
             yield chunk({}, reason or value)
             if include_usage:
                 yield chunk(None, usage=_usage(prompt_tokens, completion.generated))

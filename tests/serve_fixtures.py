@@ -40,14 +40,15 @@ def expected_answer(params, tokenizer, text: str, max_tokens: int) -> tuple[str,
 
 @contextlib.contextmanager
 def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
-                max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192):
+                max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192,
+                config: ModelConfig = TINY, tokenizer_dir=TOKENIZER_DIR):
     """Yields (base_url, engine); the server runs in a thread of this process."""
     from minimind_jax.serve import running_server
     from minimind_jax.serve_app import ServeSettings, build_app
     from minimind_jax.serve_engine import BatchEngine, EngineConfig
 
-    tokenizer = load_tokenizer(TOKENIZER_DIR)
-    engine = BatchEngine(params, TINY, tokenizer.eos_id, tokenizer.pad_id,
+    tokenizer = load_tokenizer(tokenizer_dir)
+    engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=max_batch, max_queue=max_queue,
                                       max_context=max_context, batch_wait_s=0.05))
     settings = ServeSettings(model_name="tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,
