@@ -160,12 +160,17 @@ def _stream(tokenizer, chat_format, text: str) -> list[dict]:
         for token in tokenizer.encode(text):  # the engine sends no EOS token
             events.put_nowait(("token", token))
         events.put_nowait(("end", "stop"))
-        return [piece async for piece in _sse({"id": "x"}, _FinishedCompletion(), events,
+        meta = {"id": "chatcmpl-x", "created": 0, "model": "tiny"}
+        return [piece async for piece in _sse(meta, _FinishedCompletion(), events,
                                               tokenizer, chat_format, 5, False)]
 
     pieces = asyncio.run(run())
     assert pieces[-1] == "data: [DONE]\n\n"
-    return [json.loads(p[len("data: "):]) for p in pieces[:-1]]
+    chunks = [json.loads(p[len("data: "):]) for p in pieces[:-1]]
+    openai = pytest.importorskip("openai")
+    for chunk in chunks:  # OpenAI's chunk schema, tool-call deltas included
+        openai.types.chat.ChatCompletionChunk.model_validate(chunk)
+    return chunks
 
 
 def test_streamed_tool_calls_come_as_deltas_not_text(tok3):
