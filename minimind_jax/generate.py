@@ -26,7 +26,7 @@ from jax.experimental import io_callback
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_cache
-from minimind_jax.reply_text import split_thinking
+from minimind_jax.reply_text import split_opened_thinking, split_thinking
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct compilations
 
@@ -304,7 +304,10 @@ def run_generate(args: argparse.Namespace) -> int:
     outputs = generate_tokens(params, config, ids, sampling, tokenizer.eos_id, args.seed)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, outputs, strict=True):
-        reasoning, answer = split_thinking(answer_text(tokenizer, new))
+        text = answer_text(tokenizer, new)
+        # with --think the prompt opened the block: all is reasoning until </think>
+        reasoning, answer = (split_opened_thinking(text)[:2] if args.think
+                             else split_thinking(text))
         thinking = f"thinking: {reasoning}\n" if reasoning is not None else ""
         print(f"prompt: {prompt}\n{thinking}answer: {answer}\n")
     n_new = sum(len(o) for o in outputs)

@@ -61,13 +61,21 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     return "".join(kept), calls
 
 
-def streamable_length(text: str) -> int:
-    """How much of a growing answer can be streamed as content now: everything before the
-    first `<tool_call>` (or before a tail that may yet become one)."""
-    start = text.find(TOOL_OPEN)
+def split_opened_thinking(text: str) -> tuple[str, str, bool]:
+    """(reasoning, answer, closed) of an answer whose prompt opened a `<think>` block: the
+    reasoning runs to `</think>` (all of the text while it is still open); the answer follows
+    without its leading newlines (as HEAD's server streams it)."""
+    reasoning, close, answer = text.partition(THINK_CLOSE)
+    return reasoning, answer.lstrip("\n"), bool(close)
+
+
+def safe_length(text: str, marker: str) -> int:
+    """How much of a growing text can be released before `marker`: everything before its
+    first occurrence, or before a tail that may yet become it."""
+    start = text.find(marker)
     if start >= 0:
         return start
-    for size in range(min(len(TOOL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_OPEN.startswith(text[-size:]):
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
             return len(text) - size
     return len(text)

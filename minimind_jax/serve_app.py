@@ -24,14 +24,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind_jax import reply_text
+from minimind_jax.chat_format import ChatFormat, ReplyStream, chat_format_for
 from minimind_jax.generate import SamplingConfig
 from minimind_jax.serve_engine import BatchEngine, Completion, EngineStopped, QueueFull
 from minimind_jax.serve_schema import (
     MAX_BODY_BYTES,
     ApiError,
     ChatRequest,
-    message_text,
     parse_request,
 )
 
@@ -51,112 +50,19 @@ class ServeSettings:
     system: str | None = None  # used when the messages carry no system message
 
 
-class ChatFormat:
-    """Messages -> prompt token ids, and reply text -> an OpenAI assistant message.
-
-    This one renders the tokenizer's chat template and knows no tools (MiniMind2's template);
-    `ToolChatFormat` adds them for templates that take `tools` (minimind-3's).
-    `chat_format_for` picks the one a tokenizer's template needs.
-    """
-
-    supports_tools = False
-
-    def __init__(self, tokenizer, system: str | None = None):
-        self.tokenizer, self.system = tokenizer, system
-
-    def messages(self, request: ChatRequest) -> list[dict]:
-        out = []
-        for i, message in enumerate(request.messages):
-            role = "system" if message.role == "developer" else message.role
-            if (role == "tool" or message.tool_calls) and not self.supports_tools:
-                raise ApiError(400, "this model's chat template has no tool messages",
-                               param=f"messages.{i}")
-            item = {"role": role, "content": message_text(message, i)}
-            if message.tool_calls:
-                item["tool_calls"] = message.tool_calls
-            out.append(item)
-        if self.system and out[0]["role"] != "system":
-            out.insert(0, {"role": "system", "content": self.system})
-        return out
-
-    def prompt_ids(self, request: ChatRequest) -> list[int]:
-        if request.tools and not self.supports_tools:
-            raise ApiError(400, "this model's chat template does not support tools",
-                           param="tools")
-        from jinja2.exceptions import TemplateError
-
-        extra = {"tools": request.tools} if request.tools else {}
-        try:
-            text = self.tokenizer.apply_chat_template(self.messages(request),
-                                                      add_generation_prompt=True, **extra)
-        except TemplateError as err:  # e.g. a template that insists on a role order
-            raise ApiError(400, f"the chat template rejects these messages: {err}",
-                           param="messages") from None
-        return self.tokenizer.encode(text)
-
-    def reply(self, text: str) -> tuple[dict, str | None]:
-        """(assistant message, finish_reason override or None)."""
-        return {"role": "assistant", "content": text}, None
-
-    def streamable(self, text: str) -> int:
-        """How much of the growing answer `text` may be streamed as content already."""
-        return len(text)
-
-    def unstreamed_content(self, text: str, streamed: int) -> str:
-        """The content still to stream once the answer is complete, `streamed` chars sent."""
-        return text[streamed:]
-
-
-class ToolChatFormat(ChatFormat):
-    """A template that takes `tools` (minimind-3's): the answer's well-formed
-    `<tool_call>{"name", "arguments"}</tool_call>` blocks come back as OpenAI `tool_calls`
-    (finish_reason "tool_calls"), as HEAD's server returns them; malformed ones stay text.
-    While streaming, text from a `<tool_call>` on is held back until the answer ends."""
-
-    supports_tools = True
-
-    def reply(self, text: str) -> tuple[dict, str | None]:
-        content, calls = reply_text.parse_tool_calls(text)
-        if not calls:
-            return {"role": "assistant", "content": text}, None
-        tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                       "function": call} for call in calls]
-        return ({"role": "assistant", "content": content.strip() or None,
-                 "tool_calls": tool_calls}, "tool_calls")
-
-    def streamable(self, text: str) -> int:
-        return reply_text.streamable_length(text)
-
-    def unstreamed_content(self, text: str, streamed: int) -> str:
-        content, calls = reply_text.parse_tool_calls(text)
-        # the streamed part precedes the first <tool_call>, so it is a prefix of `content`
-        return content[streamed:].strip() if calls else content[streamed:]
-
-
-def chat_format_for(tokenizer, system: str | None = None) -> ChatFormat:
-    """`ToolChatFormat` when the tokenizer's chat template takes `tools`, else `ChatFormat`."""
-    takes_tools = "tools" in tokenizer.chat_template_variables
-    return (ToolChatFormat if takes_tools else ChatFormat)(tokenizer, system)
-
-
 class IncrementalDecoder:
-    """Text of a growing token list, released in pieces; incomplete UTF-8 is held back, and
-    whatever `streamable(text)` (a length) says is not ready yet."""
+    """Text of a growing token list; None while it ends in an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, streamable=len):
-        self.tokenizer, self.streamable, self.tokens, self.released = tokenizer, streamable, [], 0
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens = tokenizer, []
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens)
 
-    def push(self, token: int) -> str:
+    def push(self, token: int) -> str | None:
         self.tokens.append(token)
         text = self.text()
-        if text.endswith("\ufffd"):
-            return ""
-        ready = max(self.streamable(text), self.released)
-        piece, self.released = text[self.released:ready], ready
-        return piece
+        return None if text.endswith("\ufffd") else text
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -258,8 +164,8 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse(meta, completion, events, tokenizer, chat_format, len(prompt_ids),
-                     include_usage),
+                _sse(meta, completion, events, tokenizer,
+                     ReplyStream(chat_format, chat.thinking), len(prompt_ids), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(_cancel_on_disconnect(request, completion, events))
@@ -278,7 +184,7 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
             completion.cancel()
         if finish == "cancelled":
             return JSONResponse({}, status_code=499)  # nobody is listening
-        message, reason = chat_format.reply(decoder.text())
+        message, reason = chat_format.reply(decoder.text(), chat.thinking)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": reason or finish}],
@@ -341,7 +247,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokenizer,
-               chat_format: ChatFormat, prompt_tokens: int, include_usage: bool):
+               stream: ReplyStream, prompt_tokens: int, include_usage: bool):
     """The completion as OpenAI `chat.completion.chunk` events, then `data: [DONE]`. Starlette
     cancels this generator when the client hangs up; `finally` then stops the row."""
 
@@ -351,24 +257,23 @@ async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokeni
         body = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    decoder = IncrementalDecoder(tokenizer, chat_format.streamable)
+    decoder = IncrementalDecoder(tokenizer)
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
             kind, value = await events.get()
             if kind == "token":
-                piece = decoder.push(value)
-                if piece:
-                    yield chunk({"content": piece})
+                text = decoder.push(value)
+                for delta in stream.deltas(text) if text is not None else ():
+                    yield chunk(delta)
                 continue
             if kind == "error":
                 yield f"data: {json.dumps(ApiError(503, value).body())}\n\n"
                 break
             text = decoder.text()
-            piece = chat_format.unstreamed_content(text, decoder.released)
-            if piece:
-                yield chunk({"content": piece})
-            message, reason = chat_format.reply(text)
+            for delta in stream.finish(text):
+                yield chunk(delta)
+            message, reason = stream.chat_format.reply(text, stream.thinking)
             for index, call in enumerate(message.get("tool_calls") or []):
                 yield chunk({"tool_calls": [{"index": index, **call}]})
             yield chunk({}, reason or value)

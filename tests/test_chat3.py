@@ -12,7 +12,12 @@ import pytest
 from minimind_jax import generate as gen
 from minimind_jax.config import arch_defaults
 from minimind_jax.model import init_params
-from minimind_jax.reply_text import parse_tool_calls, split_thinking, streamable_length
+from minimind_jax.reply_text import (
+    parse_tool_calls,
+    safe_length,
+    split_opened_thinking,
+    split_thinking,
+)
 from minimind_jax.tokenizer import load_tokenizer
 from tests.conftest import TOKENIZER3_DIR, TOKENIZER_DIR
 
@@ -77,8 +82,7 @@ def test_generate_prompts_equal_transformers(tok3, hf3):
 def test_tool_prompts_equal_transformers(tok3, hf3):
     """The server's prompt for requests with `tools`, assistant `tool_calls` and `tool`
     results: the ids transformers gives HEAD's template with the same tools."""
-    pytest.importorskip("fastapi")
-    from minimind_jax.serve_app import ToolChatFormat, chat_format_for
+    from minimind_jax.chat_format import ToolChatFormat, chat_format_for
     from minimind_jax.serve_schema import parse_request
 
     chat_format = chat_format_for(tok3)
@@ -112,19 +116,15 @@ def test_think_and_tool_call_blocks_in_answers():
     assert parse_tool_calls(mixed) == ("<tool_call>oops</tool_call>",
                                        [{"name": "get_weather",
                                          "arguments": '{"city": "北京"}'}])
-    assert [streamable_length(t) for t in ("abc", "abc<tool", "ab<tool_call>{", "a<", "<t>")] \
-        == [3, 3, 2, 1, 3]
-
-
-def _tool_format():
-    pytest.importorskip("fastapi")
-    from minimind_jax.serve_app import ChatFormat, ToolChatFormat
-
-    return ChatFormat, ToolChatFormat
+    assert [safe_length(t, "<tool_call>") for t in ("abc", "abc<tool", "ab<tool_call>{", "a<",
+                                                    "<t>")] == [3, 3, 2, 1, 3]
+    assert split_opened_thinking("想\n</think>\n\n答") == ("想\n", "答", True)
+    assert split_opened_thinking("还在想") == ("还在想", "", False)
 
 
 def test_reply_builder_returns_openai_tool_calls(tok3):
-    ChatFormat, ToolChatFormat = _tool_format()
+    from minimind_jax.chat_format import ChatFormat, ToolChatFormat
+
     text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
             '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
     message, reason = ToolChatFormat(tok3).reply(text)
@@ -151,8 +151,10 @@ class _FinishedCompletion:
         pass
 
 
-def _stream(tokenizer, chat_format, text: str) -> list[dict]:
+def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[dict]:
     """The chunks `_sse` sends for an answer whose tokens are those of `text`."""
+    pytest.importorskip("fastapi")
+    from minimind_jax.chat_format import ReplyStream
     from minimind_jax.serve_app import _sse
 
     async def run():
@@ -161,8 +163,9 @@ def _stream(tokenizer, chat_format, text: str) -> list[dict]:
             events.put_nowait(("token", token))
         events.put_nowait(("end", "stop"))
         meta = {"id": "chatcmpl-x", "created": 0, "model": "tiny"}
+        stream = ReplyStream(chat_format, thinking)
         return [piece async for piece in _sse(meta, _FinishedCompletion(), events,
-                                              tokenizer, chat_format, 5, False)]
+                                              tokenizer, stream, 5, False)]
 
     pieces = asyncio.run(run())
     assert pieces[-1] == "data: [DONE]\n\n"
@@ -174,7 +177,8 @@ def _stream(tokenizer, chat_format, text: str) -> list[dict]:
 
 
 def test_streamed_tool_calls_come_as_deltas_not_text(tok3):
-    _, ToolChatFormat = _tool_format()
+    from minimind_jax.chat_format import ToolChatFormat
+
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
     chunks = _stream(tok3, ToolChatFormat(tok3), "我查一下。\n" + call + "\n" + call)
     deltas = [c["choices"][0]["delta"] for c in chunks]
@@ -192,6 +196,36 @@ def test_streamed_tool_calls_come_as_deltas_not_text(tok3):
     assert "".join(d.get("content") or "" for d in deltas) == malformed
     assert not any("tool_calls" in d for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3):
+    """`chat_template_kwargs.enable_thinking` (or `open_thinking`) opens the think block as
+    transformers renders it; the reasoning comes back as `reasoning_content`, streamed apart
+    from the content; MiniMind2's template has no such switch."""
+    from minimind_jax.chat_format import ChatFormat, chat_format_for
+    from minimind_jax.serve_schema import ApiError, parse_request
+
+    messages = [{"role": "user", "content": "北京天气？"}]
+    for body in ({"open_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}},
+                 {"chat_template_kwargs": {"open_thinking": True}, "tools": [WEATHER]}):
+        request = parse_request(json.dumps({"messages": messages, **body}).encode())
+        assert request.thinking
+        assert chat_format_for(tok3).prompt_ids(request) == hf_ids(
+            hf3, messages, open_thinking=True, tools=body.get("tools"))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    text = "先查天气。\n</think>\n\n" + call
+    message, reason = chat_format_for(tok3).reply(text, thinking=True)
+    assert (message["reasoning_content"], message["content"], reason) == (
+        "先查天气。", None, "tool_calls")
+    chunks = _stream(tok3, chat_format_for(tok3), "先想想，再答\n</think>\n\n答案是2", True)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert (reasoning, content) == ("先想想，再答\n", "答案是2")
+    assert sum(1 for d in deltas if d.get("reasoning_content")) > 1  # streamed, not at the end
+    request = parse_request(json.dumps({"messages": messages, "open_thinking": True}).encode())
+    with pytest.raises(ApiError, match="thinking"):
+        ChatFormat(load_tokenizer(TOKENIZER_DIR)).prompt_ids(request)
 
 
 @pytest.fixture(scope="module")
