@@ -21,9 +21,9 @@ TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,
 API_KEY = "sk-test-key"
 
 
-def tiny_model(seed: int = 0, scale: float = 4.0):
+def tiny_model(seed: int = 0, scale: float = 4.0, config: ModelConfig = TINY):
     """Random params with sharpened linear kernels, so greedy answers vary with the prompt."""
-    params = init_params(TINY, seed)
+    params = init_params(config, seed)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * scale if "embeddings" not in jax.tree_util.keystr(path) else x,
         params)

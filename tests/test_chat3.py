@@ -11,7 +11,6 @@ import pytest
 
 from minimind_jax import generate as gen
 from minimind_jax.config import arch_defaults
-from minimind_jax.model import init_params
 from minimind_jax.reply_text import (
     parse_tool_calls,
     safe_length,
@@ -230,7 +229,9 @@ def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3):
 
 @pytest.fixture(scope="module")
 def params3():
-    return init_params(TINY3, 0)
+    from tests.serve_fixtures import tiny_model
+
+    return tiny_model(config=TINY3, scale=16.0)  # N(0, 0.02) init: sharper, or it says "\n"
 
 
 def test_live_server_takes_tools_with_the_minimind3_template(params3):
@@ -260,6 +261,15 @@ def test_live_server_takes_tools_with_the_minimind3_template(params3):
         pieces = [c.choices[0].delta.content or "" for c in
                   client.chat.completions.create(**kwargs, stream=True) if c.choices]
         assert "".join(pieces) == choice.message.content  # greedy: the same answer
+        thinking = dict(kwargs, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        message = client.chat.completions.create(**thinking).choices[0].message
+        deltas = [c.choices[0].delta for c in
+                  client.chat.completions.create(**thinking, stream=True) if c.choices]
+        streamed = ["".join(getattr(d, key, None) or "" for d in deltas)
+                    for key in ("reasoning_content", "content")]
+        assert message.reasoning_content  # 8 tokens, no </think>: all reasoning
+        assert [streamed[0].strip(), streamed[1]] == [message.reasoning_content,
+                                                      message.content]
 
 
 def test_generate_command_with_a_minimind3_model(params3, tmp_path, capsys):
