@@ -48,6 +48,15 @@ def tok3():
 
 
 @pytest.fixture(scope="module")
+def formats():
+    """minimind_jax.chat_format (the server's; needs pydantic, which the serve extra brings)."""
+    pytest.importorskip("pydantic")
+    from minimind_jax import chat_format
+
+    return chat_format
+
+
+@pytest.fixture(scope="module")
 def hf3():
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER3_DIR))
@@ -78,12 +87,12 @@ def test_generate_prompts_equal_transformers(tok3, hf3):
     assert gen.encode_prompt(tok3, "床前", False) == [1] + tok3.encode("床前")  # HEAD's bos+text
 
 
-def test_tool_prompts_equal_transformers(tok3, hf3):
+def test_tool_prompts_equal_transformers(tok3, hf3, formats):
     """The server's prompt for requests with `tools`, assistant `tool_calls` and `tool`
     results: the ids transformers gives HEAD's template with the same tools."""
-    from minimind_jax.chat_format import ToolChatFormat, chat_format_for
     from minimind_jax.serve_schema import parse_request
 
+    ToolChatFormat, chat_format_for = formats.ToolChatFormat, formats.chat_format_for
     chat_format = chat_format_for(tok3)
     assert isinstance(chat_format, ToolChatFormat)
     for messages, tools in TOOL_CONVERSATIONS:
@@ -121,9 +130,8 @@ def test_think_and_tool_call_blocks_in_answers():
     assert split_opened_thinking("还在想") == ("还在想", "", False)
 
 
-def test_reply_builder_returns_openai_tool_calls(tok3):
-    from minimind_jax.chat_format import ChatFormat, ToolChatFormat
-
+def test_reply_builder_returns_openai_tool_calls(tok3, formats):
+    ChatFormat, ToolChatFormat = formats.ChatFormat, formats.ToolChatFormat
     text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
             '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
     message, reason = ToolChatFormat(tok3).reply(text)
@@ -175,9 +183,8 @@ def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[d
     return chunks
 
 
-def test_streamed_tool_calls_come_as_deltas_not_text(tok3):
-    from minimind_jax.chat_format import ToolChatFormat
-
+def test_streamed_tool_calls_come_as_deltas_not_text(tok3, formats):
+    ToolChatFormat = formats.ToolChatFormat
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
     chunks = _stream(tok3, ToolChatFormat(tok3), "我查一下。\n" + call + "\n" + call)
     deltas = [c["choices"][0]["delta"] for c in chunks]
@@ -197,13 +204,13 @@ def test_streamed_tool_calls_come_as_deltas_not_text(tok3):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3):
+def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats):
     """`chat_template_kwargs.enable_thinking` (or `open_thinking`) opens the think block as
     transformers renders it; the reasoning comes back as `reasoning_content`, streamed apart
     from the content; MiniMind2's template has no such switch."""
-    from minimind_jax.chat_format import ChatFormat, chat_format_for
     from minimind_jax.serve_schema import ApiError, parse_request
 
+    ChatFormat, chat_format_for = formats.ChatFormat, formats.chat_format_for
     messages = [{"role": "user", "content": "北京天气？"}]
     for body in ({"open_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}},
                  {"chat_template_kwargs": {"open_thinking": True}, "tools": [WEATHER]}):
