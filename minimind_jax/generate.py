@@ -27,6 +27,7 @@ from jax.experimental import io_callback
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_cache
+from minimind_jax.reply_text import split_opened_thinking, split_thinking
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct compilations
 
@@ -257,13 +258,28 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def encode_prompt(tokenizer, text: str, template: bool, system: str | None = None,
-                  history: list[dict] | None = None) -> list[int]:
-    """Chat-template a user turn (with history), or `<s>` + raw text for pretrained models."""
+                  history: list[dict] | None = None, think: bool = False) -> list[int]:
+    """Chat-template a user turn (with history) and the generation prompt, or `<s>` + raw text
+    for pretrained models. `think` opens a reasoning block (minimind-3's `open_thinking`;
+    without it that template closes an empty one, as HEAD's eval_llm.py does by default)."""
     if template:
         messages = ([{"role": "system", "content": system}] if system else []) + (history or [])
         messages = messages + [{"role": "user", "content": text}]
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        extra = {"open_thinking": True} if think else {}
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                              **extra))
     return [tokenizer.bos_id] + tokenizer.encode(text)
+
+
+def check_think_flag(tokenizer, args: argparse.Namespace) -> None:
+    if args.think and (args.raw or "open_thinking" not in tokenizer.chat_template_variables):
+        raise UserError("--think needs a chat template with a thinking switch (minimind-3's "
+                        "open_thinking)" + ("; --raw has no template" if args.raw else ""))
+
+
+def answer_text(tokenizer, new: list[int]) -> str:
+    """The text of generated tokens, end-of-sequence token left out."""
+    return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 
 # ---------------------------------------------------------------- commands
@@ -283,12 +299,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("give at least one --prompt or a --prompt_file")
     sampling = sampling_from_args(args)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    check_think_flag(tokenizer, args)
     params, config = load_model(args.ckpt, args)
-    ids = [encode_prompt(tokenizer, p, not args.raw, args.system) for p in prompts]
+    ids = [encode_prompt(tokenizer, p, not args.raw, args.system, think=args.think)
+           for p in prompts]
     start = time.perf_counter()
     outputs = generate_tokens(params, config, ids, sampling, tokenizer.eos_id, args.seed)
     seconds = time.perf_counter() - start
-    results = [answer_record(prompt, prompt_ids, new, tokenizer, sampling, seconds, len(prompts))
+    results = [answer_record(prompt, prompt_ids, new, tokenizer, sampling, seconds, len(prompts),
+                             think=args.think)
                for prompt, prompt_ids, new in zip(prompts, ids, outputs, strict=True)]
     if args.output:
         write_records(args.output, results)
@@ -296,7 +315,8 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.jsonl:
             print(json.dumps(result, ensure_ascii=False))
         elif not args.output:
-            print(f"prompt: {result['prompt']}\nanswer: {result['answer']}\n")
+            thinking = f"thinking: {result['thinking']}\n" if "thinking" in result else ""
+            print(f"prompt: {result['prompt']}\n{thinking}answer: {result['answer']}\n")
     n_new = sum(len(o) for o in outputs)
     print(f"[{len(prompts)} prompts, {n_new} new tokens in {seconds:.2f}s incl. compilation]",
           file=sys.stderr)
@@ -304,12 +324,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def answer_record(prompt: str, prompt_ids: list[int], new: list[int], tokenizer,
-                  sampling: SamplingConfig, seconds: float, batch_size: int) -> dict:
-    """One prompt's result for `--jsonl` / `--output`."""
+                  sampling: SamplingConfig, seconds: float, batch_size: int,
+                  think: bool = False) -> dict:
+    """One prompt's result (printed, or a line of `--jsonl` / `--output`); `thinking` only when
+    the answer has a reasoning block."""
+    text = answer_text(tokenizer, new)
+    # with --think the prompt opened the block: all is reasoning until </think>
+    reasoning, answer = split_opened_thinking(text)[:2] if think else split_thinking(text)
     stopped = "eos" if new and new[-1] == tokenizer.eos_id else "max_new_tokens"
-    return {"prompt": prompt, "answer": tokenizer.decode([t for t in new if t != tokenizer.eos_id]),
-            "prompt_tokens": len(prompt_ids), "new_tokens": len(new), "stopped": stopped,
-            "temperature": sampling.temperature, "batch_size": batch_size,
+    record = {"prompt": prompt, "answer": answer}
+    if reasoning is not None:
+        record["thinking"] = reasoning
+    return {**record, "prompt_tokens": len(prompt_ids), "new_tokens": len(new),
+            "stopped": stopped, "temperature": sampling.temperature, "batch_size": batch_size,
             "batch_seconds": round(seconds, 4)}
 
 
@@ -327,6 +354,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    check_think_flag(tokenizer, args)
     params, config = load_model(args.ckpt, args)
     streamer = TextStreamer(tokenizer)
     history: list[dict] = []
@@ -341,12 +369,14 @@ def run_chat(args: argparse.Namespace) -> int:
         if not question:
             return 0
         ids = encode_prompt(tokenizer, question, not args.raw, args.system,
-                            history[-args.history:] if args.history else [])
+                            history[-args.history:] if args.history else [], args.think)
         print("model: ", end="", flush=True)
         streamer.reset()
         new = generate_tokens(params, config, [ids], sampling, tokenizer.eos_id, seed,
                               on_tokens=streamer)[0]
-        answer = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+        # streamed as written, `</think>` included; the template takes the reasoning apart
+        # again when this answer is history (HEAD's eval_llm.py keeps it the same way)
+        answer = answer_text(tokenizer, new)
         print(answer[streamer.printed:], flush=True)
         history += [{"role": "user", "content": question},
                     {"role": "assistant", "content": answer}]
@@ -373,7 +403,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true",
                         help="no chat template: '<s>' + prompt (for pretrained-only models)")
     parser.add_argument("--system", default=None,
-                        help="system prompt (default: the template's MiniMind one)")
+                        help="system prompt (default: the template's own: MiniMind2's built-in "
+                             "one, none for minimind-3)")
+    parser.add_argument("--think", action="store_true",
+                        help="minimind-3: open a <think> block for the model to reason in "
+                             "(HEAD's open_thinking); by default the template closes an empty one")
     cli.add_model_args(parser)
 
 

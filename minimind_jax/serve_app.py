@@ -24,13 +24,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minimind_jax.chat_format import ChatFormat, ReplyStream, chat_format_for
 from minimind_jax.generate import SamplingConfig
 from minimind_jax.serve_engine import BatchEngine, Completion, EngineStopped, QueueFull
 from minimind_jax.serve_schema import (
     MAX_BODY_BYTES,
     ApiError,
     ChatRequest,
-    message_text,
     parse_request,
 )
 
@@ -50,72 +50,19 @@ class ServeSettings:
     system: str | None = None  # used when the messages carry no system message
 
 
-class ChatFormat:
-    """Messages -> prompt token ids, and reply text -> an OpenAI assistant message.
-
-    This one renders the tokenizer's chat template (MiniMind2's knows no tools). A template
-    with tools (minimind-3) plugs in as a subclass: `supports_tools = True`, pass
-    `request.tools` to the template in `prompt_ids`, and return `tool_calls` from `reply`
-    (finish_reason "tool_calls"); the routes already handle both.
-    """
-
-    supports_tools = False
-
-    def __init__(self, tokenizer, system: str | None = None):
-        self.tokenizer, self.system = tokenizer, system
-
-    def messages(self, request: ChatRequest) -> list[dict]:
-        out = []
-        for i, message in enumerate(request.messages):
-            role = "system" if message.role == "developer" else message.role
-            if role == "tool" and not self.supports_tools:
-                raise ApiError(400, "this model's chat template has no tool messages",
-                               param=f"messages.{i}.role")
-            out.append({"role": role, "content": message_text(message, i)})
-        if self.system and out[0]["role"] != "system":
-            out.insert(0, {"role": "system", "content": self.system})
-        return out
-
-    def prompt_ids(self, request: ChatRequest) -> list[int]:
-        if request.tools and not self.supports_tools:
-            raise ApiError(400, "this model's chat template does not support tools",
-                           param="tools")
-        from jinja2.exceptions import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(self.messages(request),
-                                                      add_generation_prompt=True)
-        except TemplateError as err:  # e.g. a template that insists on a role order
-            raise ApiError(400, f"the chat template rejects these messages: {err}",
-                           param="messages") from None
-        return self.tokenizer.encode(text)
-
-    def reply(self, text: str) -> tuple[dict, str | None]:
-        """(assistant message, finish_reason override or None)."""
-        return {"role": "assistant", "content": text}, None
-
-
 class IncrementalDecoder:
-    """Text of a growing token list, released in pieces; incomplete UTF-8 is held back."""
+    """Text of a growing token list; None while it ends in an incomplete UTF-8 character."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.released = tokenizer, [], 0
+        self.tokenizer, self.tokens = tokenizer, []
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens)
 
-    def push(self, token: int) -> str:
+    def push(self, token: int) -> str | None:
         self.tokens.append(token)
         text = self.text()
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.released = text[self.released:], len(text)
-        return piece
-
-    def rest(self) -> str:
-        text = self.text()
-        piece, self.released = text[self.released:], len(text)
-        return piece
+        return None if text.endswith("\ufffd") else text
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -163,7 +110,7 @@ async def _read_body(request: Request) -> bytes:
 def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
               chat_format: ChatFormat | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which it stops on shutdown)."""
-    chat_format = chat_format or ChatFormat(tokenizer, settings.system)
+    chat_format = chat_format or chat_format_for(tokenizer, settings.system)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -217,8 +164,8 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse(meta, completion, events, tokenizer, chat_format, len(prompt_ids),
-                     include_usage),
+                _sse(meta, completion, events, tokenizer,
+                     ReplyStream(chat_format, chat.thinking), len(prompt_ids), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(_cancel_on_disconnect(request, completion, events))
@@ -237,7 +184,7 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
             completion.cancel()
         if finish == "cancelled":
             return JSONResponse({}, status_code=499)  # nobody is listening
-        message, reason = chat_format.reply(decoder.text())
+        message, reason = chat_format.reply(decoder.text(), chat.thinking)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": reason or finish}],
@@ -300,7 +247,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokenizer,
-               chat_format: ChatFormat, prompt_tokens: int, include_usage: bool):
+               stream: ReplyStream, prompt_tokens: int, include_usage: bool):
     """The completion as OpenAI `chat.completion.chunk` events, then `data: [DONE]`. Starlette
     cancels this generator when the client hangs up; `finally` then stops the row."""
 
@@ -316,19 +263,19 @@ async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokeni
         while True:
             kind, value = await events.get()
             if kind == "token":
-                piece = decoder.push(value)
-                if piece:
-                    yield chunk({"content": piece})
+                text = decoder.push(value)
+                for delta in stream.deltas(text) if text is not None else ():
+                    yield chunk(delta)
                 continue
             if kind == "error":
                 yield f"data: {json.dumps(ApiError(503, value).body())}\n\n"
                 break
-            piece = decoder.rest()
-            if piece:
-                yield chunk({"content": piece})
-            message, reason = chat_format.reply(decoder.text())
-            if message.get("tool_calls"):
-                yield chunk({"tool_calls": message["tool_calls"]})
+            text = decoder.text()
+            for delta in stream.finish(text):
+                yield chunk(delta)
+            message, reason = stream.chat_format.reply(text, stream.thinking)
+            for index, call in enumerate(message.get("tool_calls") or []):
+                yield chunk({"tool_calls": [{"index": index, **call}]})
             yield chunk({}, reason or value)
             if include_usage:
                 yield chunk(None, usage=_usage(prompt_tokens, completion.generated))

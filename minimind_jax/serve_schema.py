@@ -67,6 +67,15 @@ class ChatRequest(_Strict):
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    open_thinking: bool = False  # HEAD's server's switch, also read from chat_template_kwargs
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the prompt opens a think block (HEAD's server reads these three)."""
+        kwargs = self.chat_template_kwargs or {}
+        return bool(self.open_thinking or kwargs.get("open_thinking")
+                    or kwargs.get("enable_thinking"))
 
     @property
     def token_limit(self) -> int | None:

@@ -30,9 +30,9 @@ def default_chat_template() -> str:
     return text.read_text(encoding="utf-8").rstrip("\n")
 
 
-def compile_chat_template(template: str, where: str = "chat template"):
-    """A Jinja chat template compiled with the environment settings of transformers'
-    apply_chat_template, so templates written for it render identically."""
+def _template_environment():
+    """A Jinja environment with the settings of transformers' apply_chat_template, so
+    templates written for it render identically."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -46,8 +46,15 @@ def compile_chat_template(template: str, where: str = "chat template"):
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
         sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
                                     separators=separators, sort_keys=sort_keys)
+    return env
+
+
+def compile_chat_template(template: str, where: str = "chat template"):
+    """A Jinja chat template compiled as transformers' apply_chat_template compiles it."""
+    from jinja2.exceptions import TemplateError
+
     try:
-        return env.from_string(template)
+        return _template_environment().from_string(template)
     except TemplateError as err:
         raise UserError(f"{where}: chat template does not compile: {err}") from err
 
@@ -130,6 +137,20 @@ class Tokenizer:
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token, eos_token=self.eos_token, unk_token=self.unk_token,
             pad_token=self.pad_token, **extra)
+
+    @cached_property
+    def chat_template_variables(self) -> frozenset[str]:
+        """Names the chat template reads from its caller, e.g. `tools` or `open_thinking`
+        (minimind-3's), beside `messages` and `add_generation_prompt`."""
+        from jinja2 import meta
+        from jinja2.exceptions import TemplateError
+
+        try:
+            tree = _template_environment().parse(self.chat_template)
+        except TemplateError as err:
+            raise UserError(f"{self.files[0].parent}: chat template does not compile: {err}"
+                            ) from err
+        return frozenset(meta.find_undeclared_variables(tree))
 
     @cached_property
     def _compiled_template(self):

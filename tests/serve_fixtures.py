@@ -21,9 +21,9 @@ TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,
 API_KEY = "sk-test-key"
 
 
-def tiny_model(seed: int = 0, scale: float = 4.0):
+def tiny_model(seed: int = 0, scale: float = 4.0, config: ModelConfig = TINY):
     """Random params with sharpened linear kernels, so greedy answers vary with the prompt."""
-    params = init_params(TINY, seed)
+    params = init_params(config, seed)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * scale if "embeddings" not in jax.tree_util.keystr(path) else x,
         params)
@@ -40,14 +40,15 @@ def expected_answer(params, tokenizer, text: str, max_tokens: int) -> tuple[str,
 
 @contextlib.contextmanager
 def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
-                max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192):
+                max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192,
+                config: ModelConfig = TINY, tokenizer_dir=TOKENIZER_DIR):
     """Yields (base_url, engine); the server runs in a thread of this process."""
     from minimind_jax.serve import running_server
     from minimind_jax.serve_app import ServeSettings, build_app
     from minimind_jax.serve_engine import BatchEngine, EngineConfig
 
-    tokenizer = load_tokenizer(TOKENIZER_DIR)
-    engine = BatchEngine(params, TINY, tokenizer.eos_id, tokenizer.pad_id,
+    tokenizer = load_tokenizer(tokenizer_dir)
+    engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=max_batch, max_queue=max_queue,
                                       max_context=max_context, batch_wait_s=0.05))
     settings = ServeSettings(model_name="tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,

@@ -126,6 +126,10 @@ BAD_REQUESTS = [  # (name, body, headers, status)
     ("n=2", {**GOOD, "n": 2}, None, 400),
     ("tools with a template without tools", {**GOOD, "tools": [{"type": "function"}]}, None,
      400),
+    ("a tool message with a template without tools",
+     {**GOOD, "messages": [{"role": "tool", "content": "{}"}]}, None, 400),
+    ("thinking with a template without a think switch",
+     {**GOOD, "chat_template_kwargs": {"enable_thinking": True}}, None, 400),
     ("image content", {**GOOD, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, None, 400),
     ("body over 1 MiB", b"x" * ((1 << 20) + 1), None, 413),

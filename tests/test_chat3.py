@@ -1,0 +1,296 @@
+"""minimind-3's chat template in `generate`/`chat` and `serve`: prompts as transformers renders
+HEAD's template (system, history, thinking, tools), answers' think and tool-call blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from minimind_jax import generate as gen
+from minimind_jax.config import arch_defaults
+from minimind_jax.reply_text import (
+    parse_tool_calls,
+    safe_length,
+    split_opened_thinking,
+    split_thinking,
+)
+from minimind_jax.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER3_DIR, TOKENIZER_DIR
+
+TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                           max_seq_len=512)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "城市天气 <now> & \"quotes\"",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "now", "description": "current time",
+                                          "parameters": {"type": "object", "properties": {}}}}
+CALLED = {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}},
+    {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": {}}}]}
+TOOL_CONVERSATIONS = [  # (messages, tools)
+    ([{"role": "user", "content": "北京天气？"}], [WEATHER]),
+    ([{"role": "system", "content": "你是助手"}, {"role": "user", "content": "几点了"}],
+     [WEATHER, CLOCK]),
+    ([{"role": "user", "content": "北京天气和时间？"}, CALLED,
+      {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 20}"},
+      {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}], [WEATHER, CLOCK]),
+]
+
+
+@pytest.fixture(scope="module")
+def tok3():
+    return load_tokenizer(TOKENIZER3_DIR)
+
+
+@pytest.fixture(scope="module")
+def formats():
+    """minimind_jax.chat_format (the server's; needs pydantic, which the serve extra brings)."""
+    pytest.importorskip("pydantic")
+    from minimind_jax import chat_format
+
+    return chat_format
+
+
+@pytest.fixture(scope="module")
+def hf3():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER3_DIR))
+
+
+def hf_ids(hf, messages, **kwargs) -> list[int]:
+    out = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_generate_prompts_equal_transformers(tok3, hf3):
+    """`generate`/`chat` prompts (system, history with and without reasoning, --think) have
+    the ids transformers gives HEAD's template, ending in HEAD's generation prompt."""
+    history = [{"role": "user", "content": "你好"},
+               {"role": "assistant", "content": "<think>\n打个招呼\n</think>\n\n你好！"},
+               {"role": "user", "content": "1+1?"},
+               {"role": "assistant", "content": "想一想\n</think>\n\n2"}]  # as --think returns it
+    cases = [("你是谁", None, [], False), ("你是谁", "你是MiniMind", [], False),
+             ("再见", None, history, False), ("再见", "简短回答", history, True)]
+    for text, system, past, think in cases:
+        ids = gen.encode_prompt(tok3, text, True, system, past, think)
+        messages = ([{"role": "system", "content": system}] if system else []) + past + [
+            {"role": "user", "content": text}]
+        assert ids == hf_ids(hf3, messages, open_thinking=think), (text, system, think)
+        tail = "<|im_start|>assistant\n<think>\n" + ("" if think else "\n</think>\n\n")
+        assert tok3.decode(ids).endswith(tail)
+    assert tok3.eos_id == 2 and tok3.eos_token == "<|im_end|>"  # generation stops there
+    assert gen.encode_prompt(tok3, "床前", False) == [1] + tok3.encode("床前")  # HEAD's bos+text
+
+
+def test_tool_prompts_equal_transformers(tok3, hf3, formats):
+    """The server's prompt for requests with `tools`, assistant `tool_calls` and `tool`
+    results: the ids transformers gives HEAD's template with the same tools."""
+    from minimind_jax.serve_schema import parse_request
+
+    ToolChatFormat, chat_format_for = formats.ToolChatFormat, formats.chat_format_for
+    chat_format = chat_format_for(tok3)
+    assert isinstance(chat_format, ToolChatFormat)
+    for messages, tools in TOOL_CONVERSATIONS:
+        request = parse_request(json.dumps({"messages": messages, "tools": tools}).encode())
+        ids = chat_format.prompt_ids(request)
+        assert ids == hf_ids(hf3, messages, tools=tools), messages
+        assert "# Tools" in tok3.decode(ids)
+    assert not isinstance(chat_format_for(load_tokenizer(TOKENIZER_DIR)), ToolChatFormat)
+
+
+def test_think_and_tool_call_blocks_in_answers():
+    assert split_thinking("<think>\n嗯\n</think>\n\n答案") == ("嗯", "答案")
+    assert split_thinking("推理\n</think>\n\n答案") == ("推理", "答案")  # opened by the prompt
+    assert split_thinking("just text") == (None, "just text")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    text, calls = parse_tool_calls("好的。\n" + call + "\n" + call.replace("北京", "上海"))
+    assert text == "好的。\n\n"
+    assert calls == [{"name": "get_weather", "arguments": '{"city": "北京"}'},
+                     {"name": "get_weather", "arguments": '{"city": "上海"}'}]
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+                            )[1] == [{"name": "f", "arguments": '{"a": 1}'}]  # already a string
+    assert parse_tool_calls('<tool_call>{"name": "f"}</tool_call>')[1] == [
+        {"name": "f", "arguments": "{}"}]
+    for malformed in ('<tool_call>{"name": "f", "arguments": {</tool_call>',  # bad JSON
+                      '<tool_call>{"arguments": {}}</tool_call>',  # no name
+                      '<tool_call>["f"]</tool_call>', '<tool_call>{"name": "f"}'):  # unclosed
+        assert parse_tool_calls("x" + malformed) == ("x" + malformed, [])
+    mixed = f'<tool_call>oops</tool_call>{call}'
+    assert parse_tool_calls(mixed) == ("<tool_call>oops</tool_call>",
+                                       [{"name": "get_weather",
+                                         "arguments": '{"city": "北京"}'}])
+    assert [safe_length(t, "<tool_call>") for t in ("abc", "abc<tool", "ab<tool_call>{", "a<",
+                                                    "<t>")] == [3, 3, 2, 1, 3]
+    assert split_opened_thinking("想\n</think>\n\n答") == ("想\n", "答", True)
+    assert split_opened_thinking("还在想") == ("还在想", "", False)
+
+
+def test_reply_builder_returns_openai_tool_calls(tok3, formats):
+    ChatFormat, ToolChatFormat = formats.ChatFormat, formats.ToolChatFormat
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+            '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    message, reason = ToolChatFormat(tok3).reply(text)
+    assert reason == "tool_calls" and message["content"] is None
+    assert [c["function"] for c in message["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "北京"}'},
+        {"name": "now", "arguments": "{}"}]
+    ids = [c["id"] for c in message["tool_calls"]]
+    assert all(i.startswith("call_") for i in ids) and len(set(ids)) == 2
+    assert all(c["type"] == "function" for c in message["tool_calls"])
+    malformed = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+    assert ToolChatFormat(tok3).reply(malformed) == (
+        {"role": "assistant", "content": malformed}, None)
+    assert ChatFormat(tok3).reply(text) == ({"role": "assistant", "content": text}, None)
+    openai = pytest.importorskip("openai")
+    parsed = openai.types.chat.ChatCompletionMessage.model_validate(message)
+    assert parsed.tool_calls[0].function.name == "get_weather"
+
+
+class _FinishedCompletion:
+    generated = 0
+
+    def cancel(self):
+        pass
+
+
+def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[dict]:
+    """The chunks `_sse` sends for an answer whose tokens are those of `text`."""
+    pytest.importorskip("fastapi")
+    from minimind_jax.chat_format import ReplyStream
+    from minimind_jax.serve_app import _sse
+
+    async def run():
+        events = asyncio.Queue()
+        for token in tokenizer.encode(text):  # the engine sends no EOS token
+            events.put_nowait(("token", token))
+        events.put_nowait(("end", "stop"))
+        meta = {"id": "chatcmpl-x", "created": 0, "model": "tiny"}
+        stream = ReplyStream(chat_format, thinking)
+        return [piece async for piece in _sse(meta, _FinishedCompletion(), events,
+                                              tokenizer, stream, 5, False)]
+
+    pieces = asyncio.run(run())
+    assert pieces[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(p[len("data: "):]) for p in pieces[:-1]]
+    openai = pytest.importorskip("openai")
+    for chunk in chunks:  # OpenAI's chunk schema, tool-call deltas included
+        openai.types.chat.ChatCompletionChunk.model_validate(chunk)
+    return chunks
+
+
+def test_streamed_tool_calls_come_as_deltas_not_text(tok3, formats):
+    ToolChatFormat = formats.ToolChatFormat
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    chunks = _stream(tok3, ToolChatFormat(tok3), "我查一下。\n" + call + "\n" + call)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content == "我查一下。\n" and "<tool_call>" not in content
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert all(c["function"] == {"name": "get_weather", "arguments": '{"city": "北京"}'}
+               and c["type"] == "function" and c["id"] for c in calls)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # malformed: everything arrives as text, finish_reason from the decoder
+    malformed = "看看<tool_call>{oops}</tool_call>完"
+    chunks = _stream(tok3, ToolChatFormat(tok3), malformed)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == malformed
+    assert not any("tool_calls" in d for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats):
+    """`chat_template_kwargs.enable_thinking` (or `open_thinking`) opens the think block as
+    transformers renders it; the reasoning comes back as `reasoning_content`, streamed apart
+    from the content; MiniMind2's template has no such switch."""
+    from minimind_jax.serve_schema import ApiError, parse_request
+
+    ChatFormat, chat_format_for = formats.ChatFormat, formats.chat_format_for
+    messages = [{"role": "user", "content": "北京天气？"}]
+    for body in ({"open_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}},
+                 {"chat_template_kwargs": {"open_thinking": True}, "tools": [WEATHER]}):
+        request = parse_request(json.dumps({"messages": messages, **body}).encode())
+        assert request.thinking
+        assert chat_format_for(tok3).prompt_ids(request) == hf_ids(
+            hf3, messages, open_thinking=True, tools=body.get("tools"))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    text = "先查天气。\n</think>\n\n" + call
+    message, reason = chat_format_for(tok3).reply(text, thinking=True)
+    assert (message["reasoning_content"], message["content"], reason) == (
+        "先查天气。", None, "tool_calls")
+    chunks = _stream(tok3, chat_format_for(tok3), "先想想，再答\n</think>\n\n答案是2", True)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert (reasoning, content) == ("先想想，再答\n", "答案是2")
+    assert sum(1 for d in deltas if d.get("reasoning_content")) > 1  # streamed, not at the end
+    request = parse_request(json.dumps({"messages": messages, "open_thinking": True}).encode())
+    with pytest.raises(ApiError, match="thinking"):
+        ChatFormat(load_tokenizer(TOKENIZER_DIR)).prompt_ids(request)
+
+
+@pytest.fixture(scope="module")
+def params3():
+    from tests.serve_fixtures import tiny_model
+
+    return tiny_model(config=TINY3, scale=16.0)  # N(0, 0.02) init: sharper, or it says "\n"
+
+
+def test_live_server_takes_tools_with_the_minimind3_template(params3):
+    """The openai client sends `tools` (and a history with tool calls and results) to a
+    minimind-3 model: 200 and a well-formed answer, streamed and not."""
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    from tests.serve_fixtures import API_KEY, live_server
+
+    messages = [{"role": "user", "content": "北京天气？"}, CALLED,
+                {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 20}"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}]
+    with live_server(params3, config=TINY3, tokenizer_dir=TOKENIZER3_DIR,
+                     max_context=512) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0,
+                               timeout=120)
+        kwargs = dict(model="tiny", messages=messages, tools=[WEATHER, CLOCK],
+                      temperature=0, max_tokens=8)
+        reply = client.chat.completions.create(**kwargs)
+        choice = reply.choices[0]
+        assert choice.finish_reason in ("stop", "length", "tool_calls")
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+        tok3 = load_tokenizer(TOKENIZER3_DIR)  # the tools reached the template:
+        rendered = tok3.apply_chat_template(messages, add_generation_prompt=True,
+                                            tools=[WEATHER, CLOCK])
+        assert reply.usage.prompt_tokens == len(tok3.encode(rendered)) > 250
+        pieces = [c.choices[0].delta.content or "" for c in
+                  client.chat.completions.create(**kwargs, stream=True) if c.choices]
+        assert "".join(pieces) == choice.message.content  # greedy: the same answer
+        thinking = dict(kwargs, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        message = client.chat.completions.create(**thinking).choices[0].message
+        deltas = [c.choices[0].delta for c in
+                  client.chat.completions.create(**thinking, stream=True) if c.choices]
+        streamed = ["".join(getattr(d, key, None) or "" for d in deltas)
+                    for key in ("reasoning_content", "content")]
+        assert message.reasoning_content  # 8 tokens, no </think>: all reasoning
+        assert [streamed[0].strip(), streamed[1]] == [message.reasoning_content,
+                                                      message.content]
+
+
+def test_generate_command_with_a_minimind3_model(params3, tmp_path, capsys):
+    """`generate` on a minimind-3 weights file with HEAD's tokenizer, with and without
+    --think; --think on MiniMind2's template is a user error."""
+    from minimind_jax import cli, convert
+
+    path = tmp_path / "full_sft_64.npz"
+    np.savez(path, **convert.state_dict_from_params(params3, TINY3))
+    base = ["generate", "--ckpt", str(path), "--tokenizer", str(TOKENIZER3_DIR), "--n_heads",
+            "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好"]
+    for extra in ([], ["--think", "--system", "简短回答"]):
+        assert cli.main(base + extra) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("prompt: 你好\n") and "answer: " in out
+    assert cli.main(base[:4] + [str(TOKENIZER_DIR)] + base[5:] + ["--think"]) == 2
+    assert "--think needs" in capsys.readouterr().err
