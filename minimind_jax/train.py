@@ -20,6 +20,7 @@ import jax
 from minimind_jax import checkpoint, distributed, host_memory, optim, prepare
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
@@ -282,6 +283,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
+    _say(_rows_line(source, args))
 
     log = RunLog(run_dir, start_step, total_steps, _is_main_process())
     step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
@@ -307,7 +309,8 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
 
     def open_it(quiet: bool):
         return open_source(args.data_path, tokenizer, stage.data_stage, config.max_seq_len,
-                           pack=args.pack, cache_dir=args.cache_dir,
+                           pack=args.pack, pack_window=args.pack_window,
+                           cache_dir=args.cache_dir,
                            skip_bad_lines=args.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None)
@@ -319,6 +322,16 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
         return open_it(quiet=False)
     finally:
         distributed.barrier("train:token_cache")  # reached on failure too: nobody hangs
+
+
+def _rows_line(source, args) -> str:
+    """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
+    fill = 1.0 - source.padding_fraction
+    if args.pack:
+        how = ("next fit in file order" if args.pack_window == 0
+               else f"best fit over windows of {args.pack_window:,} documents")
+        return f"rows: {len(source):,} packed ({how}), filled {fill:.1%}"
+    return f"rows: {len(source):,}, one sample each, filled {fill:.1%}"
 
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
@@ -469,6 +482,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--pack", action="store_true",
                    help="pack several documents per row (attention stays within a document) "
                         "instead of one padded document per row")
+    g.add_argument("--pack_window", type=int, default=DEFAULT_PACK_WINDOW,
+                   help="--pack: best fit (longest first, tightest row) over windows of this "
+                        "many documents in file order, whole documents only; 0 = next fit in "
+                        "file order (fewer full rows)")
     prepare.add_cache_args(g)
     g.add_argument("--log_interval", type=int, default=100,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "
