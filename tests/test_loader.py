@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from minimind_jax import packing
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax import packing
 from minimind_jax.loader import ArraySource, Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
