@@ -1,4 +1,6 @@
-"""`minimind-jax bench`: train-step throughput, MFU and memory, beside an eager-PyTorch baseline.
+"""`minimind-jax bench`: train-step throughput, MFU and memory, beside an eager-PyTorch baseline
+(transformers' Llama sized alike) and, with `--reference_dir`, the real reference's own model
+and step from a checkout of jingyaogong/minimind.
 
 MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len, against a
 peak measured in the same run, before and after the steps (the higher counts): on CPU the float32
@@ -20,6 +22,7 @@ import numpy as np
 
 from minimind_jax import host_memory
 from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -35,6 +38,7 @@ class StepStats:
     tokens_per_s: float
     peak_bytes: int | None
     page_faults_per_step: float  # host minor faults: memory the allocator handed back and refetched
+    first_loss: float | None = None  # loss of the first step: equal weights give equal losses
 
 
 def model_flops_per_token(n_params: int, config: ModelConfig, seq_len: int) -> float:
@@ -75,7 +79,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> StepStats:
     """Time the first call (compile), `warmup` more, then the median of `steps` calls."""
     start = time.perf_counter()
-    one_step()
+    first_loss = one_step()
     first_s = time.perf_counter() - start
     for _ in range(warmup):
         one_step()
@@ -88,7 +92,8 @@ def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> St
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
     step_s = float(np.median(times))
     return StepStats(name, step_s, first_s, batch["input_ids"].size / step_s,
-                     _peak_memory_bytes(), faults)
+                     _peak_memory_bytes(), faults,
+                     None if first_loss is None else float(first_loss))
 
 
 def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
@@ -109,7 +114,7 @@ def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tupl
     def one_step():
         nonlocal state
         state, metrics = step_fn(state, device_batch)
-        jax.block_until_ready(metrics["loss"])
+        return jax.block_until_ready(metrics["loss"])
 
     return _time_steps("jax", one_step, batch, steps, warmup), n_params
 
@@ -153,10 +158,36 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        return loss
+        return float(loss.detach())
 
     stats = _time_steps("torch-eager", one_step, batch, steps, warmup)
     # On CPU the process's peak RSS is JAX's as much as torch's, so none is claimed for torch.
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return dataclasses.replace(stats, peak_bytes=peak)
+
+
+def bench_reference(config: ModelConfig, batch: dict, steps: int, warmup: int,
+                    reference_dir) -> StepStats:
+    """The real reference's model and train step from the checkout at `reference_dir`, with
+    our config and our initial weights (`reference_bench`)."""
+    import pathlib
+
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--reference_dir needs torch (pip install -e '.[torch]')") from None
+
+    from minimind_jax import reference_bench
+    from minimind_jax.model import init_params
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
+                                                    init_params(config, 0), device)
+    autocast = "float16 autocast + GradScaler" if device == "cuda" else "float32"
+    print(f"  reference: {layout.name} {layout.model_class} from {reference_dir} ({device}, "
+          f"{autocast}, as its train_pretrain.py)")
+    stats = _time_steps("reference", reference_bench.reference_step(model, batch, device),
+                        batch, steps, warmup)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return dataclasses.replace(stats, peak_bytes=peak)
 
@@ -166,8 +197,9 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
-              with_torch: bool) -> dict:
-    """Measure peak, our step and (optionally) the eager-PyTorch step; print and return figures."""
+              with_torch: bool, reference_dir=None) -> dict:
+    """Measure peak, our step and (optionally) the eager-PyTorch step and the real reference's
+    step from a checkout; print and return figures."""
     backend = jax.default_backend()
     device = jax.devices()[0]
     peak_dtype = "float32" if backend == "cpu" else "bfloat16"
@@ -191,6 +223,8 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
         theirs = bench_torch(config, batch, steps, warmup, config.dtype)
         if theirs:
             runs.append(theirs)
+    if reference_dir is not None:
+        runs.append(bench_reference(config, batch, steps, warmup, reference_dir))
     # A neighbour's load during one peak measurement would inflate every MFU: measure again
     # after the steps and divide by the higher of the two.
     peak_after = measured_peak_flops(peak_dtype, peak_size)
@@ -214,11 +248,17 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
               f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
               f"  page faults/step {run.page_faults_per_step:,.0f}  MFU {mfu:.1%}{sheet}")
         results[run.name] = dataclasses.asdict(run) | {"mfu": mfu}
-    if len(runs) == 2:
-        ratio = runs[0].tokens_per_s / runs[1].tokens_per_s
-        print(f"  jax / torch-eager tokens/s: {ratio:.2f}x")
-        results["speedup_vs_torch"] = ratio
+    for other in runs[1:]:
+        ratio = runs[0].tokens_per_s / other.tokens_per_s
+        print(f"  jax / {other.name} tokens/s: {ratio:.2f}x")
+        results[SPEEDUP_KEYS[other.name]] = ratio
+    if reference_dir is not None:
+        print(f"  first-step loss (same weights, same batch): jax {ours.first_loss:.6f}, "
+              f"reference {runs[-1].first_loss:.6f}")
     return results
+
+
+SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_reference"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -227,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
-                        with_torch=not args.no_torch)
+                        with_torch=not args.no_torch, reference_dir=args.reference_dir)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -249,5 +289,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
+    p.add_argument("--reference_dir", default=None,
+                   help="a checkout of jingyaogong/minimind (d9453ed): also time its own model "
+                        "class and train step with our config and initial weights (needs torch)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=_run, host_hugepages=True)
