@@ -197,13 +197,13 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
-              with_torch: bool, reference_dir=None) -> dict:
+              with_torch: bool, reference_dir=None, peak_size: int | None = None) -> dict:
     """Measure peak, our step and (optionally) the eager-PyTorch step and the real reference's
     step from a checkout; print and return figures."""
     backend = jax.default_backend()
     device = jax.devices()[0]
     peak_dtype = "float32" if backend == "cpu" else "bfloat16"
-    peak_size = 2048 if backend == "cpu" else 8192
+    peak_size = peak_size or (2048 if backend == "cpu" else 8192)
     peak_before = measured_peak_flops(peak_dtype, peak_size)
     print(f"device: {device.device_kind} x{jax.device_count()} ({backend}); "
           f"measured {peak_dtype} matmul peak {peak_before / 1e9:.1f} GFLOP/s")
@@ -267,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
-                        with_torch=not args.no_torch, reference_dir=args.reference_dir)
+                        with_torch=not args.no_torch, reference_dir=args.reference_dir,
+                        peak_size=args.peak_size)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -292,5 +293,8 @@ def register(subparsers) -> None:
     p.add_argument("--reference_dir", default=None,
                    help="a checkout of jingyaogong/minimind (d9453ed): also time its own model "
                         "class and train step with our config and initial weights (needs torch)")
+    p.add_argument("--peak_size", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default 2048 on "
+                        "CPU, 8192 on GPU/TPU)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=_run, host_hugepages=True)
