@@ -228,7 +228,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     source = _open_source_once(args, stage, tokenizer, config)
     loader = Loader(source, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
-                    pad_to_multiple=jax.local_device_count())
+                    pad_to_multiple=_rows_multiple(config, args.batch_size))
     batches = loader.batches_per_epoch
     total_steps = args.epochs * batches
     if args.max_steps is not None:
@@ -322,6 +322,19 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig):
         return open_it(quiet=False)
     finally:
         distributed.barrier("train:token_cache")  # reached on failure too: nobody hangs
+
+
+def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
+    """What this process's rows of a batch are padded to a multiple of (zero-mask rows).
+
+    Dense models: the whole per-process batch, so the last partial batch of an epoch keeps the
+    compiled shape instead of compiling the step a second time (seconds on CPU; the masked
+    mean loss ignores the empty rows exactly). MoE models: only the local device count, since
+    the reference's per-sequence aux loss is a mean over the batch's rows."""
+    per_process, devices = batch_size // jax.process_count(), jax.local_device_count()
+    if not config.use_moe and per_process % devices == 0:
+        return per_process
+    return devices
 
 
 def _rows_line(source, args) -> str:
