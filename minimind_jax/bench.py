@@ -196,6 +196,10 @@ def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+# JSON key of "ours / that run" tokens/s for each baseline.
+SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_reference"}
+
+
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
               with_torch: bool, reference_dir=None, peak_size: int | None = None) -> dict:
     """Measure peak, our step and (optionally) the eager-PyTorch step and the real reference's
@@ -257,8 +261,6 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
               f"reference {runs[-1].first_loss:.6f}")
     return results
 
-
-SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_reference"}
 
 
 def _run(args: argparse.Namespace) -> int:

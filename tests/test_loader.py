@@ -241,6 +241,9 @@ def test_packed_padding_rows_keep_gradients_finite(short_docs):
 def test_pack_is_pretrain_only(short_docs):
     with pytest.raises(UserError, match="--pack works with pretrain data only"):
         open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
+    with pytest.raises(UserError, match="--pack_window must be 0"):
+        open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, pack_window=-1,
+                    log=lambda m: None)
 
 
 def test_packed_epochs_resume_and_shard_alike(short_docs):
