@@ -92,7 +92,7 @@ def markdown(env, golden, rows, epoch, steps, total_s) -> str:
             f"| {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['mfu']:.1%} "
             f"| {r['compile_s']:.1f} | {_gib(r['peak_bytes'])} | {torch_cell} | {ref_cell} "
             f"| {_cell(r.get('speedup_vs_reference'), '.2f')} |")
-    peaks = sorted({round(r["peak_tflops"], 1) for r in rows if "peak_tflops" in r})
+    peaks = sorted({float(f"{r['peak_tflops']:.3g}") for r in rows if "peak_tflops" in r})
     if peaks:
         lines += ["", f"MFU: PaLM's 6N + 12·L·d·T FLOPs per token over the matmul peak measured "
                       f"in each bench process (before and after its steps, the higher): "
@@ -109,9 +109,10 @@ def markdown(env, golden, rows, epoch, steps, total_s) -> str:
                 lines.append(f"| {mode} | {e.get('rows', '')} | "
                              f"{_cell(e.get('fill'), '.1%')} | {e['steps']} | "
                              f"{e['wall_s']:.1f} | {_cell(e.get('steady_s'), '.1f')} |")
-        ratios = [f"{k}: {v:.2f}x" for k, v in epoch.items() if "/" in k]
+        ratios = [f"{k.split('/')[1]} over {k.split('/')[0]} {v:.2f}x"
+                  for k, v in epoch.items() if "/" in k]
         if ratios:
-            lines += ["", "Epoch speed-ups (wall): " + "; ".join(ratios) + "."]
+            lines += ["", "Epoch speed-ups (wall time): " + "; ".join(ratios) + "."]
     else:
         lines += ["", f"not measured ({steps.get('epoch', {}).get('status', 'not run')})."]
     lines += ["", "## Steps", "", "| step | status | seconds |", "|---|---|---|"]
