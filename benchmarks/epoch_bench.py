@@ -1,19 +1,30 @@
-"""Whole-run epoch time of `train.py pretrain`, padded rows vs `--pack`, on short documents.
+"""Whole-run epoch time of `train.py pretrain` on short documents: padded rows, `--pack` with
+next fit (`--pack_window 0`, the old packing) and with best fit (the default), and, with
+`--reference_dir`, the reference's own `train_pretrain.py` on the same file in the same run.
 
 Writes a corpus of short documents (5..max_chars characters of the fixture poems; at the
 default 150, about 110 tokens on average) to a temp folder, prepares the token cache once,
-then times one full epoch of the real CLI for each mode (cache + background prefetch in both)
-and prints wall time, training-loop time and steady-state epoch time (compilation excluded).
+then times one full epoch of the real CLI for each mode (cache + background prefetch in all)
+and prints wall time, training-loop time, steady-state epoch time (compilation excluded) and
+the rows' fill fraction. The reference runs in a subprocess in its checkout (it opens
+./model/minimind_tokenizer) with torch and transformers imported before its clock starts, as
+ours runs in this already-started process; its epoch is its DataLoader (on-the-fly
+tokenization, one worker, its defaults), float32 on CPU and fp16 autocast on CUDA, with the
+same model shape (its LMConfig: 8 heads, 2 KV heads), batch, max_seq_len and accumulation 1.
 
     python benchmarks/epoch_bench.py [--n_docs 1000 --dim 64 --n_layers 2 --batch_size 8]
+    python benchmarks/epoch_bench.py --n_docs 480 --dim 512 --n_layers 8 \
+        --reference_dir /tmp/minimind_d9453ed --modes next_fit,best_fit
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,16 +34,50 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.loader_bench import TOKENIZER, write_corpora  # noqa: E402
 from minimind_jax.cli import main as cli_main  # noqa: E402
+from minimind_jax.packing import DEFAULT_WINDOW  # noqa: E402
+
+# mode -> extra `pretrain` flags
+MODES = {"padded": [], "next_fit": ["--pack", "--pack_window", "0"], "best_fit": ["--pack"]}
+
+# Runs the reference's script as `python train_pretrain.py ARGS` would, in its checkout, and
+# prints the seconds from its first line to its last (imports of torch/transformers excluded).
+REFERENCE_DRIVER = """
+import runpy, sys, time
+import torch, transformers, pandas  # noqa: F401  (imported before the clock, as ours are)
+sys.argv = ["train_pretrain.py"] + sys.argv[1:]
+start = time.perf_counter()
+runpy.run_path("train_pretrain.py", run_name="__main__")
+print("REFERENCE_EPOCH_S", time.perf_counter() - start)
+"""
 
 
-def run_epoch(data: pathlib.Path, out: pathlib.Path, args, pack: bool) -> dict:
+def run_reference_epoch(data: pathlib.Path, out: pathlib.Path, args) -> dict:
+    """One epoch of the reference's own train_pretrain.py on `data`, timed in a subprocess."""
+    argv = ["--data_path", str(data), "--out_dir", str(out), "--epochs", "1",
+            "--batch_size", str(args.batch_size), "--dim", str(args.dim),
+            "--n_layers", str(args.n_layers), "--max_seq_len", str(args.max_seq_len),
+            "--accumulation_steps", "1", "--log_interval", "1000000",
+            "--save_interval", "1000000000"]
+    env = dict(os.environ, PYTHONPATH=str(args.reference_dir))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", REFERENCE_DRIVER, *argv],
+                          cwd=args.reference_dir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"reference train_pretrain.py failed (its requirements.txt installed? it "
+                 f"imports pandas and scikit-learn):\n{done.stderr[-3000:]}")
+    epoch_s = float(done.stdout.rsplit("REFERENCE_EPOCH_S", 1)[1])
+    steps = -(-args.n_docs // args.batch_size)
+    return {"wall_s": epoch_s, "process_wall_s": wall, "steps": steps}
+
+
+def run_epoch(data: pathlib.Path, out: pathlib.Path, args, mode: str) -> dict:
     argv = ["pretrain", "--data_path", str(data), "--tokenizer", str(TOKENIZER),
             "--out_dir", str(out), "--dim", str(args.dim), "--n_layers", str(args.n_layers),
-            "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", str(args.max_seq_len),
+            "--n_heads", "8", "--n_kv_heads", "2", "--max_seq_len", str(args.max_seq_len),
             "--batch_size", str(args.batch_size), "--accumulation_steps", "1", "--epochs", "1",
-            "--log_interval", "1", "--save_interval", "1000000", "--dtype", "float32"]
-    if pack:
-        argv.append("--pack")
+            "--log_interval", "1", "--save_interval", "1000000", "--dtype", args.dtype,
+            *MODES[mode]]
     start = time.perf_counter()
     assert cli_main(argv) == 0
     wall = time.perf_counter() - start
@@ -60,31 +105,64 @@ def main() -> None:
     parser.add_argument("--n_layers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--dtype", default="float32",
+                        help="our compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"which of ours to run, comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--reference_dir", type=pathlib.Path, default=None,
+                        help="a jingyaogong/minimind checkout (d9453ed): also time its "
+                             "train_pretrain.py on the same documents")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown --modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     from minimind_jax.loader import open_source
-    from minimind_jax.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         data, _ = write_corpora(tmp, args.n_docs, max_chars=args.max_chars)
-        tokenizer = load_tokenizer(TOKENIZER)
-        lengths = [len(tokenizer.encode(json.loads(line)["text"])) + 2 for line in data.open()]
-        print(f"{args.n_docs} documents, {sum(lengths) / len(lengths):.1f} tokens on average "
+        start = time.perf_counter()
+        cached = open_source(data, TOKENIZER, "pretrain", args.max_seq_len, progress=False,
+                             log=lambda message: None)  # the token cache, reused by every run
+        prepare_s = time.perf_counter() - start
+        lengths = cached.cache.lengths
+        print(f"{args.n_docs} documents, {lengths.mean():.1f} tokens on average "
               f"(with <s> </s>), max_seq_len {args.max_seq_len}, batch {args.batch_size}, "
-              f"model dim {args.dim} x {args.n_layers} layers")
-        results = {}
-        for pack in (False, True):
-            open_source(data, TOKENIZER, "pretrain", args.max_seq_len, pack=pack)  # warm cache
-            out = tmp / ("packed" if pack else "padded")
-            results[pack] = r = run_epoch(data, out, args, pack)
+              f"model dim {args.dim} x {args.n_layers} layers (8/2 heads), dtype {args.dtype}; "
+              f"token cache built in {prepare_s:.1f} s (not in the epochs below); "
+              f"load average {os.getloadavg()[0]:.2f}")
+        results = {"n_docs": args.n_docs, "mean_tokens": float(lengths.mean()),
+                   "prepare_s": prepare_s, "args": {k: str(v) for k, v in vars(args).items()}}
+        for mode in modes:
+            source = open_source(data, TOKENIZER, "pretrain", args.max_seq_len,
+                                 pack=mode != "padded", pack_window=0 if mode == "next_fit"
+                                 else DEFAULT_WINDOW, progress=False, log=lambda message: None)
+            out = tmp / mode
+            r = run_epoch(data, out, args, mode)
             shutil.rmtree(out)
-            print(f"  {'--pack' if pack else 'padded':7s}: {r['steps']:5d} steps, "
-                  f"epoch wall {r['wall_s']:7.1f} s, training loop {r['loop_s']:7.1f} s, "
-                  f"steady-state epoch {r['steady_s']:7.1f} s")
-        padded, packed = results[False], results[True]
-        print(f"  epoch speed-up with --pack: {padded['wall_s'] / packed['wall_s']:.2f}x wall, "
-              f"{padded['loop_s'] / packed['loop_s']:.2f}x training loop, "
-              f"{padded['steady_s'] / packed['steady_s']:.2f}x steady state")
+            r["rows"], r["fill"] = len(source), 1.0 - source.padding_fraction
+            results[mode] = r
+            print(f"  {mode:9s}: {r['rows']:5d} rows filled {r['fill']:6.1%}, {r['steps']:4d} "
+                  f"steps, epoch wall {r['wall_s']:7.1f} s, training loop {r['loop_s']:7.1f} s, "
+                  f"steady-state epoch {r['steady_s']:7.1f} s", flush=True)
+        if args.reference_dir is not None:
+            r = results["reference"] = run_reference_epoch(data, tmp / "reference", args)
+            print(f"  reference: train_pretrain.py, {r['steps']:4d} steps of padded rows, epoch "
+                  f"{r['wall_s']:7.1f} s ({r['process_wall_s']:.1f} s with its imports)")
+        for base in ("padded", "reference"):
+            for mode in ("next_fit", "best_fit"):
+                if base in results and mode in results:
+                    ratio = results[base]["wall_s"] / results[mode]["wall_s"]
+                    results[f"{base}/{mode}"] = ratio
+                    print(f"  epoch speed-up {mode} vs {base}: {ratio:.2f}x wall", end="")
+                    if base == "padded":
+                        steady = results[base]["steady_s"] / results[mode]["steady_s"]
+                        print(f", {steady:.2f}x steady state", end="")
+                    print()
+        print(f"  load average now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

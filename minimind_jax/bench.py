@@ -1,4 +1,9 @@
-"""`minimind-jax bench`: train-step throughput, MFU and memory, beside an eager-PyTorch baseline.
+"""`minimind-jax bench`: train-step throughput, MFU and memory, beside an eager-PyTorch baseline
+(transformers' Llama sized alike) and, with `--reference_dir`, the real reference's own model
+and step from a checkout of jingyaogong/minimind.
+
+The implementations' timed steps are interleaved (one step of each in turn, median of each), so
+a shared machine's changing load falls on all of them alike.
 
 MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len, against a
 peak measured in the same run, before and after the steps (the higher counts): on CPU the float32
@@ -14,12 +19,14 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from minimind_jax import host_memory
 from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -35,6 +42,7 @@ class StepStats:
     tokens_per_s: float
     peak_bytes: int | None
     page_faults_per_step: float  # host minor faults: memory the allocator handed back and refetched
+    first_loss: float | None = None  # loss of the first step: equal weights give equal losses
 
 
 def model_flops_per_token(n_params: int, config: ModelConfig, seq_len: int) -> float:
@@ -72,27 +80,59 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> StepStats:
-    """Time the first call (compile), `warmup` more, then the median of `steps` calls."""
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """One implementation's train step on the fixed batch, ready to time."""
+
+    name: str
+    one_step: Callable[[], float | None]  # runs one step to completion, returns its loss
+    peak_bytes: Callable[[], int | None]  # its peak memory so far (None: not attributable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Warm:
+    """A runner after its first call (compile) and warm-up steps."""
+
+    runner: Runner
+    first_s: float
+    first_loss: float | None
+    peak_bytes: int | None  # read right after its own warm-up, before the next runner is built
+
+
+def warm_up(runner: Runner, warmup: int) -> Warm:
+    """Time the first call (compile), then run `warmup` more."""
     start = time.perf_counter()
-    one_step()
+    loss = runner.one_step()
     first_s = time.perf_counter() - start
     for _ in range(warmup):
-        one_step()
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    times = []
+        runner.one_step()
+    return Warm(runner, first_s, None if loss is None else float(loss), runner.peak_bytes())
+
+
+def time_interleaved(warmed: list[Warm], batch: dict, steps: int) -> list[StepStats]:
+    """`steps` rounds of one step of each runner in turn, so that a neighbour's load on a shared
+    machine falls on all of them alike; each gets the median of its own step times."""
+    times = {w.runner.name: [] for w in warmed}
+    faults = dict.fromkeys(times, 0)
     for _ in range(steps):
-        start = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - start)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
-    step_s = float(np.median(times))
-    return StepStats(name, step_s, first_s, batch["input_ids"].size / step_s,
-                     _peak_memory_bytes(), faults)
+        for w in warmed:
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            w.runner.one_step()
+            times[w.runner.name].append(time.perf_counter() - start)
+            faults[w.runner.name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt \
+                - faults_before
+    stats = []
+    for w in warmed:
+        step_s = float(np.median(times[w.runner.name]))
+        stats.append(StepStats(w.runner.name, step_s, w.first_s,
+                               batch["input_ids"].size / step_s, w.peak_bytes,
+                               faults[w.runner.name] / steps, w.first_loss))
+    return stats
 
 
-def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
-    """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
+def bench_jax(config: ModelConfig, batch: dict) -> tuple[Runner, int]:
+    """Our jitted train step (the one `train.py` runs) on a fixed batch; and the param count."""
     from minimind_jax import optim
     from minimind_jax import step as train_step
     from minimind_jax.model import count_params, init_params
@@ -109,13 +149,22 @@ def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tupl
     def one_step():
         nonlocal state
         state, metrics = step_fn(state, device_batch)
-        jax.block_until_ready(metrics["loss"])
+        return jax.block_until_ready(metrics["loss"])
 
-    return _time_steps("jax", one_step, batch, steps, warmup), n_params
+    return Runner("jax", one_step, _peak_memory_bytes), n_params
 
 
-def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
-                dtype: str) -> StepStats | None:
+def _torch_peak(device: str) -> Callable[[], int | None]:
+    """Torch's peak CUDA memory from now on (the counter is reset here, when a torch runner is
+    built); on CPU the process's peak RSS is JAX's as much as torch's: none is claimed."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return lambda: torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+
+def bench_torch(config: ModelConfig, batch: dict, dtype: str) -> Runner | None:
     """Eager PyTorch: transformers' LlamaForCausalLM sized alike, masked CE, clip, AdamW."""
     try:
         import torch
@@ -130,6 +179,7 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
         num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
         max_position_embeddings=max(config.max_seq_len, 1024), tie_word_embeddings=True,
         attention_bias=False, mlp_bias=False)
+    peak = _torch_peak(device)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).to(device).train()
     if hasattr(model.config, "_attn_implementation"):
@@ -153,25 +203,50 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        return loss
+        return float(loss.detach())
 
-    stats = _time_steps("torch-eager", one_step, batch, steps, warmup)
-    # On CPU the process's peak RSS is JAX's as much as torch's, so none is claimed for torch.
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return dataclasses.replace(stats, peak_bytes=peak)
+    return Runner("torch-eager", one_step, peak)
+
+
+def bench_reference(config: ModelConfig, batch: dict, reference_dir) -> Runner:
+    """The real reference's model and train step from the checkout at `reference_dir`, with
+    our config and our initial weights (`reference_bench`)."""
+    import pathlib
+
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--reference_dir needs torch (pip install -e '.[torch]')") from None
+
+    from minimind_jax import reference_bench
+    from minimind_jax.model import init_params
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    peak = _torch_peak(device)
+    model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
+                                                    init_params(config, 0), device)
+    autocast = "float16 autocast + GradScaler" if device == "cuda" else "float32"
+    print(f"  reference: {layout.name} {layout.model_class} from {reference_dir} ({device}, "
+          f"{autocast}, as its train_pretrain.py)")
+    return Runner("reference", reference_bench.reference_step(model, batch, device), peak)
 
 
 def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+# JSON key of "ours / that run" tokens/s for each baseline.
+SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_reference"}
+
+
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
-              with_torch: bool) -> dict:
-    """Measure peak, our step and (optionally) the eager-PyTorch step; print and return figures."""
+              with_torch: bool, reference_dir=None, peak_size: int | None = None) -> dict:
+    """Measure peak, our step and (optionally) the eager-PyTorch step and the real reference's
+    step from a checkout; print and return figures."""
     backend = jax.default_backend()
     device = jax.devices()[0]
     peak_dtype = "float32" if backend == "cpu" else "bfloat16"
-    peak_size = 2048 if backend == "cpu" else 8192
+    peak_size = peak_size or (2048 if backend == "cpu" else 8192)
     peak_before = measured_peak_flops(peak_dtype, peak_size)
     print(f"device: {device.device_kind} x{jax.device_count()} ({backend}); "
           f"measured {peak_dtype} matmul peak {peak_before / 1e9:.1f} GFLOP/s")
@@ -185,12 +260,16 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
           f"{config.n_kv_heads} moe={config.use_moe} dtype={config.dtype} "
           f"attention={config.attention_impl} remat={config.remat} scan={config.scan_layers}; "
           f"batch {batch_size} x {seq_len}")
-    ours, n_params = bench_jax(config, batch, steps, warmup)
-    runs = [ours]
-    if with_torch:
-        theirs = bench_torch(config, batch, steps, warmup, config.dtype)
+    ours, n_params = bench_jax(config, batch)
+    warmed = [warm_up(ours, warmup)]  # each runner is built after the previous one warmed up,
+    if with_torch:                    # so a peak read after warm-up is that runner's own
+        theirs = bench_torch(config, batch, config.dtype)
         if theirs:
-            runs.append(theirs)
+            warmed.append(warm_up(theirs, warmup))
+    if reference_dir is not None:
+        warmed.append(warm_up(bench_reference(config, batch, reference_dir), warmup))
+    runs = time_interleaved(warmed, batch, steps)
+    ours = runs[0]
     # A neighbour's load during one peak measurement would inflate every MFU: measure again
     # after the steps and divide by the higher of the two.
     peak_after = measured_peak_flops(peak_dtype, peak_size)
@@ -214,11 +293,15 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
               f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
               f"  page faults/step {run.page_faults_per_step:,.0f}  MFU {mfu:.1%}{sheet}")
         results[run.name] = dataclasses.asdict(run) | {"mfu": mfu}
-    if len(runs) == 2:
-        ratio = runs[0].tokens_per_s / runs[1].tokens_per_s
-        print(f"  jax / torch-eager tokens/s: {ratio:.2f}x")
-        results["speedup_vs_torch"] = ratio
+    for other in runs[1:]:
+        ratio = runs[0].tokens_per_s / other.tokens_per_s
+        print(f"  jax / {other.name} tokens/s: {ratio:.2f}x")
+        results[SPEEDUP_KEYS[other.name]] = ratio
+    if reference_dir is not None:
+        print(f"  first-step loss (same weights, same batch): jax {ours.first_loss:.6f}, "
+              f"reference {runs[-1].first_loss:.6f}")
     return results
+
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -227,7 +310,8 @@ def _run(args: argparse.Namespace) -> int:
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
-                        with_torch=not args.no_torch)
+                        with_torch=not args.no_torch, reference_dir=args.reference_dir,
+                        peak_size=args.peak_size)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -249,5 +333,11 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
+    p.add_argument("--reference_dir", default=None,
+                   help="a checkout of jingyaogong/minimind (d9453ed): also time its own model "
+                        "class and train step with our config and initial weights (needs torch)")
+    p.add_argument("--peak_size", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default 2048 on "
+                        "CPU, 8192 on GPU/TPU)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=_run, host_hugepages=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from minimind_jax import samples3, torch_rng
+from minimind_jax import packing, samples3, torch_rng
 from minimind_jax.data import pad_rows, sft_loss_mask, shift
 from minimind_jax.errors import UserError
 from minimind_jax.token_cache import TokenCache, prepare_token_cache
@@ -156,54 +156,50 @@ class _DrawnSFT:
         return _as_batch(rows, mask, full_rows=True)
 
 
-def pack_row_starts(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """Next-fit packing in file order: index of the first document of each row, then N.
-    Documents never exceed `capacity` (they are cached truncated to max_seq_len)."""
-    starts = [0]
-    used = 0
-    for i, n in enumerate(lengths.tolist()):
-        if used + n > capacity:
-            starts.append(i)
-            used = 0
-        used += n
-    starts.append(len(lengths))
-    return np.asarray(starts, np.int64)
-
-
 class PackedSource:
-    """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len) packed in file order into
-    rows of max_seq_len tokens. Segment ids count documents 1, 2, ... within a row (0 = padding),
+    """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len), whole, packed into rows
+    of max_seq_len tokens by `packing.pack` (best fit over windows of `window` documents; 0:
+    next fit in file order). Segment ids count documents 1, 2, ... within a row (0 = padding),
     positions restart at 0 per document, and a label is masked where it would cross a document
     boundary, so each document gives exactly the targets it gives unpacked."""
 
-    def __init__(self, cache: TokenCache, max_seq_len: int):
+    def __init__(self, cache: TokenCache, max_seq_len: int,
+                 window: int = packing.DEFAULT_WINDOW):
         if cache.meta["stage"] != "pretrain":
             raise UserError("packing is for pretrain data only (SFT rows keep one conversation)")
+        if window < 0:
+            raise UserError(f"--pack_window must be 0 (next fit) or positive, got {window}")
         self.cache = cache
         self.max_seq_len = max_seq_len
         self.pad_id = cache.meta["pad_id"]
-        self.row_starts = pack_row_starts(cache.lengths, max_seq_len)
+        self.lengths = cache.lengths
+        self.doc_order, self.row_starts = packing.pack(self.lengths, max_seq_len, window)
 
     def __len__(self) -> int:
         return len(self.row_starts) - 1
 
     @property
     def padding_fraction(self) -> float:
-        return 1.0 - self.cache.meta["num_tokens"] / (len(self) * self.max_seq_len)
+        return 1.0 - packing.fill_fraction(self.lengths, self.row_starts, self.max_seq_len)
+
+    def documents(self, row: int) -> np.ndarray:
+        """Ids of the documents in `row`, in the order they sit in it."""
+        return self.doc_order[self.row_starts[row]:self.row_starts[row + 1]]
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         shape = (len(indices), self.max_seq_len)
         ids, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
         ids[:] = self.pad_id
-        offsets = self.cache.offsets
         for r, row in enumerate(indices):
-            first, last = self.row_starts[row], self.row_starts[row + 1]
-            begin, end = offsets[first], offsets[last]
-            ids[r, :end - begin] = self.cache.ids[begin:end]
-            doc_lengths = np.diff(offsets[first:last + 1])
-            segments[r, :end - begin] = np.repeat(np.arange(1, last - first + 1), doc_lengths)
-            doc_starts = np.repeat(offsets[first:last] - begin, doc_lengths)
-            positions[r, :end - begin] = np.arange(end - begin) - doc_starts
+            docs = self.documents(row)
+            doc_lengths = self.lengths[docs]
+            n = int(doc_lengths.sum())
+            # Where each token sits in the row's first slot of its document, and in the cache.
+            row_doc_starts = np.repeat(np.cumsum(doc_lengths) - doc_lengths, doc_lengths)
+            positions[r, :n] = np.arange(n) - row_doc_starts
+            ids[r, :n] = self.cache.ids[np.repeat(self.cache.offsets[docs], doc_lengths)
+                                        + positions[r, :n]]
+            segments[r, :n] = np.repeat(np.arange(1, len(docs) + 1), doc_lengths)
         same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
         mask = np.zeros(shape, bool)
         mask[:, 1:] = same_doc & (ids[:, 1:] != self.pad_id)
@@ -214,7 +210,8 @@ class PackedSource:
 
 
 def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack: bool = False,
-                cache_dir=None, skip_bad_lines: bool = False, force: bool = False,
+                pack_window: int = packing.DEFAULT_WINDOW, cache_dir=None,
+                skip_bad_lines: bool = False, force: bool = False,
                 progress: bool | None = None, log=None, rules: str = "minimind2",
                 sft_seed: int = 42, sft_random: bool = True):
     """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
@@ -231,7 +228,7 @@ def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack
                                 skip_bad_lines=skip_bad_lines, force=force, progress=progress,
                                 log=log, rules=rules)
     if pack:
-        return PackedSource(cache, max_seq_len)
+        return PackedSource(cache, max_seq_len, pack_window)
     if rules == "minimind3" and stage == "sft":
         return HeadSFTSource(cache, max_seq_len, samples3.system_block_ids(tokenizer),
                              seed=sft_seed, randomize=sft_random)

@@ -33,6 +33,7 @@ from minimind_jax import (
 )
 from minimind_jax.config import ModelConfig, arch_of
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
+from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
@@ -382,7 +383,8 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
                                        args.eval_batches)
     loader = Loader(data, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
-                    pad_to_multiple=jax.local_device_count(), permutation=recipe.permutation)
+                    pad_to_multiple=_rows_multiple(config, args.batch_size),
+                    permutation=recipe.permutation)
     batches = loader.batches_per_epoch
     total_steps = args.epochs * batches
     if args.max_steps is not None:
@@ -444,6 +446,7 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
     _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
+    _say(_rows_line(source, args))
 
     tracker = (tracking.open_tracker(args, stage.command, run_dir, start_step)
                if _is_main_process() else None)
@@ -474,7 +477,7 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig, data_p
 
     def open_it(quiet: bool):
         return open_source(data_path, tokenizer, stage.data_stage, config.max_seq_len,
-                           pack=pack, cache_dir=args.cache_dir,
+                           pack=pack, pack_window=args.pack_window, cache_dir=args.cache_dir,
                            skip_bad_lines=args.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None,
@@ -488,6 +491,29 @@ def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig, data_p
         return open_it(quiet=False)
     finally:
         distributed.barrier("train:token_cache")  # reached on failure too: nobody hangs
+
+
+def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
+    """What this process's rows of a batch are padded to a multiple of (zero-mask rows).
+
+    Dense models: the whole per-process batch, so the last partial batch of an epoch keeps the
+    compiled shape instead of compiling the step a second time (seconds on CPU; the masked
+    mean loss ignores the empty rows exactly). MoE models: only the local device count, since
+    the reference's per-sequence aux loss is a mean over the batch's rows."""
+    per_process, devices = batch_size // jax.process_count(), jax.local_device_count()
+    if not config.use_moe and per_process % devices == 0:
+        return per_process
+    return devices
+
+
+def _rows_line(source, args) -> str:
+    """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
+    fill = 1.0 - source.padding_fraction
+    if args.pack:
+        how = ("next fit in file order" if args.pack_window == 0
+               else f"best fit over windows of {args.pack_window:,} documents")
+        return f"rows: {len(source):,} packed ({how}), filled {fill:.1%}"
+    return f"rows: {len(source):,}, one sample each, filled {fill:.1%}"
 
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
@@ -698,6 +724,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--pack", action="store_true",
                    help="pack several documents per row (attention stays within a document) "
                         "instead of one padded document per row")
+    g.add_argument("--pack_window", type=int, default=DEFAULT_PACK_WINDOW,
+                   help="--pack: best fit (longest first, tightest row) over windows of this "
+                        "many documents in file order, whole documents only; 0 = next fit in "
+                        "file order (fewer full rows)")
     prepare.add_cache_args(g)
     g.add_argument("--log_interval", type=int, default=100,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "

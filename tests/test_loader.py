@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from minimind_jax import packing
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.loader import ArraySource, Loader, open_source, pack_row_starts
+from minimind_jax.loader import ArraySource, Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
 from minimind_jax.tokenizer import load_tokenizer
@@ -124,24 +125,47 @@ def short_docs(tmp_path_factory):
     return path
 
 
-def test_pack_row_starts_next_fit():
-    np.testing.assert_array_equal(pack_row_starts(np.array([3, 4, 2, 5, 1]), 7), [0, 2, 4, 5])
+def test_next_fit_rows_in_file_order():
+    order, starts = packing.next_fit(np.array([3, 4, 2, 5, 1]), 7)
+    np.testing.assert_array_equal(order, np.arange(5))
+    np.testing.assert_array_equal(starts, [0, 2, 4, 5])
 
 
-def test_packed_rows_keep_every_document_target(short_docs):
+def test_best_fit_takes_the_tightest_row():
+    # Longest first: 5 opens row A (2 free), 4 opens B (3 free), 3 fills B, 2 fills A, 1 opens C.
+    order, starts = packing.best_fit(np.array([3, 4, 2, 5, 1]), 7)
+    rows = [order[a:b].tolist() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert rows == [[0, 1], [2, 3], [4]]
+
+
+def test_best_fit_fills_short_documents_without_splitting_them():
+    lengths = np.random.default_rng(0).integers(3, 230, 5000)
+    order, starts = packing.best_fit(lengths, 512, window=1000)
+    assert sorted(order.tolist()) == list(range(len(lengths)))  # every document once, whole
+    row_tokens = np.add.reduceat(lengths[order], starts[:-1])
+    assert row_tokens.max() <= 512
+    assert packing.fill_fraction(lengths, starts, 512) >= 0.99
+    assert packing.fill_fraction(lengths, packing.next_fit(lengths, 512)[1], 512) < 0.9
+    again = packing.best_fit(lengths.copy(), 512, window=1000)  # a pure function of the lengths
+    np.testing.assert_array_equal(again[0], order)
+    np.testing.assert_array_equal(again[1], starts)
+
+
+@pytest.mark.parametrize("window", [packing.DEFAULT_WINDOW, 7, 0])
+def test_packed_rows_keep_every_document_target(short_docs, window):
     unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
     packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
-                         log=lambda m: None)
+                         pack_window=window, log=lambda m: None)
     assert len(packed) < len(unpacked) / 2
     assert packed.padding_fraction < unpacked.padding_fraction / 3
     rows = packed.get_batch(np.arange(len(packed)))
     docs = unpacked.get_batch(np.arange(len(unpacked)))
     # Walk the packed rows document by document: positions restart at 0, segment ids count
     # 1, 2, ... within a row, and the supervised (input, label) pairs are the document's own.
-    doc = 0
+    seen = []
     for r in range(len(packed)):
         seg, pos = rows["segment_ids"][r], rows["positions"][r]
-        for s in range(1, seg.max() + 1):
+        for s, doc in enumerate(packed.documents(r), start=1):
             where = np.flatnonzero(seg == s)
             np.testing.assert_array_equal(pos[where], np.arange(len(where)))
             n = len(where)
@@ -150,9 +174,10 @@ def test_packed_rows_keep_every_document_target(short_docs):
             np.testing.assert_array_equal(mask, docs["loss_mask"][doc, :n])
             np.testing.assert_array_equal(rows["labels"][r, where][mask > 0],
                                           docs["labels"][doc, :n][mask > 0])
-            doc += 1
+            seen.append(doc)
+        assert seg.max() == len(packed.documents(r))
         assert not rows["loss_mask"][r, seg == 0].any()
-    assert doc == len(unpacked)
+    assert sorted(seen) == list(range(len(unpacked)))
     assert rows["loss_mask"].sum() == docs["loss_mask"].sum()
 
 
@@ -162,7 +187,7 @@ def test_packed_logits_equal_unpacked(short_docs):
     unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
     row = packed.get_batch(np.array([0]))
     n_docs = int(row["segment_ids"].max())
-    docs = unpacked.get_batch(np.arange(n_docs))
+    docs = unpacked.get_batch(packed.documents(0))
     model, params = MiniMind(TINY), init_params(TINY, 0)
     packed_logits, _ = model.apply({"params": params}, jnp.asarray(row["input_ids"]),
                                    positions=jnp.asarray(row["positions"]),
@@ -216,3 +241,25 @@ def test_packed_padding_rows_keep_gradients_finite(short_docs):
 def test_pack_is_pretrain_only(short_docs):
     with pytest.raises(UserError, match="--pack works with pretrain data only"):
         open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
+    with pytest.raises(UserError, match="--pack_window must be 0"):
+        open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, pack_window=-1,
+                    log=lambda m: None)
+
+
+def test_packed_epochs_resume_and_shard_alike(short_docs):
+    # Two processes each build their own packing from the same cache: together they must give
+    # one process's batches, and a resumed epoch must continue exactly where it stopped.
+    def packed():
+        return open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, pack_window=16,
+                           log=lambda m: None)
+
+    whole = list(Loader(packed(), 4, seed=3).epoch(1))
+    halves = [list(Loader(packed(), 4, seed=3, num_shards=2, shard_index=i).epoch(1))
+              for i in range(2)]
+    resumed = list(Loader(packed(), 4, seed=3).epoch(1, start_batch=2))
+    for k, batch in enumerate(whole):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(
+                value, np.concatenate([halves[0][k][key], halves[1][k][key]]))
+            if k >= 2:
+                np.testing.assert_array_equal(value, resumed[k - 2][key])

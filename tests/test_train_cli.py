@@ -133,5 +133,5 @@ def test_help_explains_every_flag(capsys):
                      "--save_interval", "--dim", "--n_layers", "--max_seq_len", "--use_moe",
                      "--data_path", "--tokenizer", "--n_heads", "--n_kv_heads", "--seed",
                      "--no_shuffle", "--lr_schedule", "--weight_decay", "--init_from",
-                     "--resume", "--pack", "--max_steps"):
+                     "--resume", "--pack", "--pack_window", "--max_steps"):
             assert flag in text, (command, flag)

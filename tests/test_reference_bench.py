@@ -1,0 +1,102 @@
+"""`bench --reference_dir`: the reference's own model class from a checkout, timed beside ours.
+
+The plumbing is checked against a fake checkout (a minimal module with the reference's
+interface); the real reference is used when a d9453ed checkout is named by
+MINIMIND_REFERENCE_DIR (or lies at /tmp/minimind_d9453ed), else that test skips.
+"""
+
+import os
+import pathlib
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimind_jax import bench, reference_bench
+from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
+from minimind_jax.loss import masked_cross_entropy
+from minimind_jax.model import MiniMind, init_params
+
+torch = pytest.importorskip("torch")
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=64)
+REAL_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_DIR", "/tmp/minimind_d9453ed"))
+
+FAKE_CONFIG = '''
+class LMConfig:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+'''
+
+# The reference's interface: MiniMindLM(LMConfig) -> out.logits, out.aux_loss; it records the
+# config and the state dict keys it was given, so the test sees what the bench passed in.
+FAKE_MODEL = '''
+import types
+import torch
+from .LMConfig import LMConfig
+
+SEEN = {}
+
+
+class MiniMindLM(torch.nn.Module):
+    def __init__(self, params: LMConfig):
+        super().__init__()
+        SEEN["config"] = dict(vars(params))
+        self.tok_embeddings = torch.nn.Embedding(params.vocab_size, params.dim)
+
+    def load_state_dict(self, state_dict, strict=True):
+        SEEN["keys"] = sorted(state_dict)
+        return super().load_state_dict(
+            {"tok_embeddings.weight": state_dict["tok_embeddings.weight"]}, strict=strict)
+
+    def forward(self, input_ids):
+        h = self.tok_embeddings(input_ids)
+        return types.SimpleNamespace(logits=h @ self.tok_embeddings.weight.T, aux_loss=0)
+'''
+
+
+@pytest.fixture
+def fake_checkout(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "LMConfig.py").write_text(textwrap.dedent(FAKE_CONFIG))
+    (tmp_path / "model" / "model.py").write_text(textwrap.dedent(FAKE_MODEL))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_bench_times_the_checkouts_model_beside_ours(fake_checkout, capsys):
+    results = bench.run_bench(TINY, 2, 32, steps=1, warmup=0, with_torch=False,
+                              reference_dir=fake_checkout)
+    import model.model as fake  # what the bench imported from the fake checkout
+
+    assert pathlib.Path(fake.__file__).parent.parent == fake_checkout
+    assert fake.SEEN["config"]["dim"] == 64 and fake.SEEN["config"]["n_kv_heads"] == 2
+    assert "layers.1.feed_forward.w3.weight" in fake.SEEN["keys"]
+    assert results["reference"]["tokens_per_s"] > 0 and results["speedup_vs_reference"] > 0
+    out = capsys.readouterr().out
+    assert "reference: minimind2 (d9453ed) MiniMindLM" in out
+    assert "jax / reference tokens/s" in out
+
+
+def test_not_a_checkout_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a jingyaogong/minimind checkout"):
+        reference_bench.find_layout(tmp_path)
+    with pytest.raises(UserError, match="not a folder"):
+        reference_bench.find_layout(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not (REAL_DIR / "model" / "model.py").is_file(),
+                    reason="no d9453ed checkout (set MINIMIND_REFERENCE_DIR)")
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_real_reference_gets_our_weights(use_moe):
+    # The reference model built by the bench gives our loss on the same batch: same weights.
+    config = TINY.replace(use_moe=use_moe)
+    params = init_params(config, 0)
+    batch = bench.synthetic_batch(2, 32, config.vocab_size)
+    model, _ = reference_bench.build_reference(REAL_DIR, config, params, "cpu")
+    reference_loss = reference_bench.reference_step(model, batch, "cpu")()
+    logits, aux = MiniMind(config).apply({"params": params}, jnp.asarray(batch["input_ids"]))
+    ours = masked_cross_entropy(logits, batch["labels"], batch["loss_mask"]) + aux
+    np.testing.assert_allclose(reference_loss, float(ours), rtol=1e-5)
