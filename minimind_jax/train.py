@@ -446,7 +446,7 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
     _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
          f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
          f"({args.lr_schedule})")
-    _say(_rows_line(source, args))
+    _say(_rows_line(data, args))
 
     tracker = (tracking.open_tracker(args, stage.command, run_dir, start_step)
                if _is_main_process() else None)
@@ -506,14 +506,14 @@ def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
     return devices
 
 
-def _rows_line(source, args) -> str:
+def _rows_line(data, args) -> str:
     """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
-    fill = 1.0 - source.padding_fraction
+    fill = 1.0 - data.padding_fraction
     if args.pack:
         how = ("next fit in file order" if args.pack_window == 0
                else f"best fit over windows of {args.pack_window:,} documents")
-        return f"rows: {len(source):,} packed ({how}), filled {fill:.1%}"
-    return f"rows: {len(source):,}, one sample each, filled {fill:.1%}"
+        return f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
+    return f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
 
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
