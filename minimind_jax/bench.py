@@ -2,9 +2,6 @@
 (transformers' Llama sized alike) and, with `--reference_dir`, the real reference's own model
 and step from a checkout of jingyaogong/minimind.
 
-The implementations' timed steps are interleaved (one step of each in turn, median of each), so
-a shared machine's changing load falls on all of them alike.
-
 MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len, against a
 peak measured in the same run, before and after the steps (the higher counts): on CPU the float32
 GFLOP/s of a 2048^3 matmul, on GPU a large bfloat16 matmul (the card's dense bf16 peak is printed
@@ -19,7 +16,6 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -80,59 +76,28 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Runner:
-    """One implementation's train step on the fixed batch, ready to time."""
-
-    name: str
-    one_step: Callable[[], float | None]  # runs one step to completion, returns its loss
-    peak_bytes: Callable[[], int | None]  # its peak memory so far (None: not attributable)
-
-
-@dataclasses.dataclass(frozen=True)
-class Warm:
-    """A runner after its first call (compile) and warm-up steps."""
-
-    runner: Runner
-    first_s: float
-    first_loss: float | None
-    peak_bytes: int | None  # read right after its own warm-up, before the next runner is built
-
-
-def warm_up(runner: Runner, warmup: int) -> Warm:
-    """Time the first call (compile), then run `warmup` more."""
+def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> StepStats:
+    """Time the first call (compile), `warmup` more, then the median of `steps` calls."""
     start = time.perf_counter()
-    loss = runner.one_step()
+    first_loss = one_step()
     first_s = time.perf_counter() - start
     for _ in range(warmup):
-        runner.one_step()
-    return Warm(runner, first_s, None if loss is None else float(loss), runner.peak_bytes())
-
-
-def time_interleaved(warmed: list[Warm], batch: dict, steps: int) -> list[StepStats]:
-    """`steps` rounds of one step of each runner in turn, so that a neighbour's load on a shared
-    machine falls on all of them alike; each gets the median of its own step times."""
-    times = {w.runner.name: [] for w in warmed}
-    faults = dict.fromkeys(times, 0)
+        one_step()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = []
     for _ in range(steps):
-        for w in warmed:
-            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            w.runner.one_step()
-            times[w.runner.name].append(time.perf_counter() - start)
-            faults[w.runner.name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt \
-                - faults_before
-    stats = []
-    for w in warmed:
-        step_s = float(np.median(times[w.runner.name]))
-        stats.append(StepStats(w.runner.name, step_s, w.first_s,
-                               batch["input_ids"].size / step_s, w.peak_bytes,
-                               faults[w.runner.name] / steps, w.first_loss))
-    return stats
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+    step_s = float(np.median(times))
+    return StepStats(name, step_s, first_s, batch["input_ids"].size / step_s,
+                     _peak_memory_bytes(), faults,
+                     None if first_loss is None else float(first_loss))
 
 
-def bench_jax(config: ModelConfig, batch: dict) -> tuple[Runner, int]:
-    """Our jitted train step (the one `train.py` runs) on a fixed batch; and the param count."""
+def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
+    """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
     from minimind_jax import optim
     from minimind_jax import step as train_step
     from minimind_jax.model import count_params, init_params
@@ -151,20 +116,11 @@ def bench_jax(config: ModelConfig, batch: dict) -> tuple[Runner, int]:
         state, metrics = step_fn(state, device_batch)
         return jax.block_until_ready(metrics["loss"])
 
-    return Runner("jax", one_step, _peak_memory_bytes), n_params
+    return _time_steps("jax", one_step, batch, steps, warmup), n_params
 
 
-def _torch_peak(device: str) -> Callable[[], int | None]:
-    """Torch's peak CUDA memory from now on (the counter is reset here, when a torch runner is
-    built); on CPU the process's peak RSS is JAX's as much as torch's: none is claimed."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    return lambda: torch.cuda.max_memory_allocated() if device == "cuda" else None
-
-
-def bench_torch(config: ModelConfig, batch: dict, dtype: str) -> Runner | None:
+def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
+                dtype: str) -> StepStats | None:
     """Eager PyTorch: transformers' LlamaForCausalLM sized alike, masked CE, clip, AdamW."""
     try:
         import torch
@@ -179,7 +135,6 @@ def bench_torch(config: ModelConfig, batch: dict, dtype: str) -> Runner | None:
         num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
         max_position_embeddings=max(config.max_seq_len, 1024), tie_word_embeddings=True,
         attention_bias=False, mlp_bias=False)
-    peak = _torch_peak(device)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).to(device).train()
     if hasattr(model.config, "_attn_implementation"):
@@ -205,10 +160,14 @@ def bench_torch(config: ModelConfig, batch: dict, dtype: str) -> Runner | None:
             torch.cuda.synchronize()
         return float(loss.detach())
 
-    return Runner("torch-eager", one_step, peak)
+    stats = _time_steps("torch-eager", one_step, batch, steps, warmup)
+    # On CPU the process's peak RSS is JAX's as much as torch's, so none is claimed for torch.
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return dataclasses.replace(stats, peak_bytes=peak)
 
 
-def bench_reference(config: ModelConfig, batch: dict, reference_dir) -> Runner:
+def bench_reference(config: ModelConfig, batch: dict, steps: int, warmup: int,
+                    reference_dir) -> StepStats:
     """The real reference's model and train step from the checkout at `reference_dir`, with
     our config and our initial weights (`reference_bench`)."""
     import pathlib
@@ -222,13 +181,15 @@ def bench_reference(config: ModelConfig, batch: dict, reference_dir) -> Runner:
     from minimind_jax.model import init_params
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    peak = _torch_peak(device)
     model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
                                                     init_params(config, 0), device)
     autocast = "float16 autocast + GradScaler" if device == "cuda" else "float32"
     print(f"  reference: {layout.name} {layout.model_class} from {reference_dir} ({device}, "
           f"{autocast}, as its train_pretrain.py)")
-    return Runner("reference", reference_bench.reference_step(model, batch, device), peak)
+    stats = _time_steps("reference", reference_bench.reference_step(model, batch, device),
+                        batch, steps, warmup)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return dataclasses.replace(stats, peak_bytes=peak)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -260,16 +221,14 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
           f"{config.n_kv_heads} moe={config.use_moe} dtype={config.dtype} "
           f"attention={config.attention_impl} remat={config.remat} scan={config.scan_layers}; "
           f"batch {batch_size} x {seq_len}")
-    ours, n_params = bench_jax(config, batch)
-    warmed = [warm_up(ours, warmup)]  # each runner is built after the previous one warmed up,
-    if with_torch:                    # so a peak read after warm-up is that runner's own
-        theirs = bench_torch(config, batch, config.dtype)
+    ours, n_params = bench_jax(config, batch, steps, warmup)
+    runs = [ours]
+    if with_torch:
+        theirs = bench_torch(config, batch, steps, warmup, config.dtype)
         if theirs:
-            warmed.append(warm_up(theirs, warmup))
+            runs.append(theirs)
     if reference_dir is not None:
-        warmed.append(warm_up(bench_reference(config, batch, reference_dir), warmup))
-    runs = time_interleaved(warmed, batch, steps)
-    ours = runs[0]
+        runs.append(bench_reference(config, batch, steps, warmup, reference_dir))
     # A neighbour's load during one peak measurement would inflate every MFU: measure again
     # after the steps and divide by the higher of the two.
     peak_after = measured_peak_flops(peak_dtype, peak_size)
