@@ -81,6 +81,7 @@ def test_reference_command_lines_run(tmp_path, capsys):
 
     head = ["--max_seq_len", "64", "--tokenizer", str(TOKENIZER3_DIR),
             "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2"]
+    out = tmp_path / "out3"  # minimind-3's lines, in a folder of their own (same run names)
     minimind3_pretrain = ["pretrain", "--save_dir", str(out), "--save_weight", "pretrain",
                           "--epochs", "1", "--batch_size", "4", "--learning_rate", "5e-4",
                           "--device", "cpu", "--dtype", "float32", "--num_workers", "8",
