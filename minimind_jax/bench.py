@@ -183,10 +183,11 @@ def bench_reference(config: ModelConfig, batch: dict, steps: int, warmup: int,
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
                                                     init_params(config, 0), device)
-    autocast = "float16 autocast + GradScaler" if device == "cuda" else "float32"
+    scaler = " + GradScaler" if layout.grad_scaler else ""
+    autocast = f"{layout.cuda_autocast} autocast{scaler}" if device == "cuda" else "float32"
     print(f"  reference: {layout.name} {layout.model_class} from {reference_dir} ({device}, "
           f"{autocast}, as its train_pretrain.py)")
-    stats = _time_steps("reference", reference_bench.reference_step(model, batch, device),
+    stats = _time_steps("reference", reference_bench.reference_step(model, layout, batch, device),
                         batch, steps, warmup)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return dataclasses.replace(stats, peak_bytes=peak)
@@ -293,8 +294,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
     p.add_argument("--reference_dir", default=None,
-                   help="a checkout of jingyaogong/minimind (d9453ed): also time its own model "
-                        "class and train step with our config and initial weights (needs torch)")
+                   help="a checkout of jingyaogong/minimind (d9453ed for --arch minimind2, HEAD "
+                        "d65ef2c for --arch minimind3): also time its own model class and train "
+                        "step with our config and initial weights (needs torch)")
     p.add_argument("--peak_size", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 on "
                         "CPU, 8192 on GPU/TPU)")

@@ -2,7 +2,8 @@
 
 The plumbing is checked against a fake checkout (a minimal module with the reference's
 interface); the real reference is used when a d9453ed checkout is named by
-MINIMIND_REFERENCE_DIR (or lies at /tmp/minimind_d9453ed), else that test skips.
+MINIMIND_REFERENCE_DIR (or lies at /tmp/minimind_d9453ed) and a HEAD (d65ef2c) checkout by
+MINIMIND_REFERENCE_HEAD_DIR (or lies at /tmp/minimind_head), else those tests skip.
 """
 
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import bench, reference_bench
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import ModelConfig, arch_defaults
 from minimind_jax.errors import UserError
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
@@ -23,6 +24,8 @@ torch = pytest.importorskip("torch")
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=64)
 REAL_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_DIR", "/tmp/minimind_d9453ed"))
+HEAD_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_HEAD_DIR", "/tmp/minimind_head"))
+TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
 
 FAKE_CONFIG = '''
 class LMConfig:
@@ -87,16 +90,38 @@ def test_not_a_checkout_is_a_user_error(tmp_path):
         reference_bench.find_layout(tmp_path / "missing")
 
 
-@pytest.mark.skipif(not (REAL_DIR / "model" / "model.py").is_file(),
-                    reason="no d9453ed checkout (set MINIMIND_REFERENCE_DIR)")
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_real_reference_gets_our_weights(use_moe):
-    # The reference model built by the bench gives our loss on the same batch: same weights.
-    config = TINY.replace(use_moe=use_moe)
+def _first_step_losses(checkout, config):
+    """(the reference's first-step loss, ours) on one batch, from the same initial weights."""
     params = init_params(config, 0)
     batch = bench.synthetic_batch(2, 32, config.vocab_size)
-    model, _ = reference_bench.build_reference(REAL_DIR, config, params, "cpu")
-    reference_loss = reference_bench.reference_step(model, batch, "cpu")()
+    batch["loss_mask"][:, :5] = 0  # some unsupervised targets (-100 labels for HEAD's model)
+    model, layout = reference_bench.build_reference(checkout, config, params, "cpu")
+    reference_loss = reference_bench.reference_step(model, layout, batch, "cpu")()
     logits, aux = MiniMind(config).apply({"params": params}, jnp.asarray(batch["input_ids"]))
     ours = masked_cross_entropy(logits, batch["labels"], batch["loss_mask"]) + aux
-    np.testing.assert_allclose(reference_loss, float(ours), rtol=1e-5)
+    return reference_loss, float(ours)
+
+
+NO_MINIMIND2 = pytest.mark.skipif(not (REAL_DIR / "model" / "model.py").is_file(),
+                                  reason="no d9453ed checkout (set MINIMIND_REFERENCE_DIR)")
+NO_HEAD = pytest.mark.skipif(not (HEAD_DIR / "model" / "model_minimind.py").is_file(),
+                             reason="no HEAD (d65ef2c) checkout (set MINIMIND_REFERENCE_HEAD_DIR)")
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+@pytest.mark.parametrize("checkout, config", [
+    pytest.param(REAL_DIR, TINY, marks=NO_MINIMIND2, id="minimind2"),
+    # HEAD's MiniMindForCausalLM takes our minimind3 weights under its names and the batch as
+    # labels with -100; its loss is its own CE + its batch-level aux loss.
+    pytest.param(HEAD_DIR, TINY3, marks=NO_HEAD, id="head"),
+])
+def test_real_reference_gets_our_weights(checkout, config, use_moe):
+    # The reference model built by the bench gives our first-step loss on the same batch.
+    reference_loss, ours = _first_step_losses(checkout, config.replace(use_moe=use_moe))
+    np.testing.assert_allclose(reference_loss, ours, atol=1e-5)
+
+
+@NO_HEAD
+def test_head_checkout_needs_the_minimind3_arch():
+    with pytest.raises(UserError, match="needs --arch minimind3"):
+        reference_bench.build_reference(HEAD_DIR, TINY, init_params(TINY, 0), "cpu")
