@@ -800,6 +800,14 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "the run's own copy with --resume, "
                         + ("else the pretrain run's copy, " if stage.command == "sft" else "")
                         + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
+    _add_optim_flags(g, stage)
+    _add_rows_flags(g)
+    _add_run_flags(g, stage)
+
+
+def _add_optim_flags(g, stage: Stage) -> None:
+    """OptimConfig's flags, with --batch_size, --recipe, --no_sft_random and --seed (in the
+    order --help lists them)."""
     ours = recipes.stage_defaults(stage.command, "minimind2")
     head = recipes.stage_defaults(stage.command, "minimind3")
     g.add_argument("--epochs", type=int, default=None,
@@ -842,6 +850,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the random init and of the shuffling order (default 1337; "
                         "--recipe minimind3: 42, HEAD's epoch e uses seed + e)")
+
+
+def _add_rows_flags(g) -> None:
+    """How DataConfig's rows are made and ordered."""
     g.add_argument("--no_shuffle", action="store_true",
                    help="file order every epoch, as the reference's DataLoader(shuffle=False)")
     g.add_argument("--pack", action="store_true",
@@ -852,6 +864,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "many documents in file order, whole documents only; 0 = next fit in "
                         "file order (fewer full rows)")
     prepare.add_cache_args(g)
+
+
+def _add_run_flags(g, stage: Stage) -> None:
+    """RunConfig's flags, with --fsdp."""
     g.add_argument("--log_interval", type=int, default=100,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "
                         "the reference-style line)")
