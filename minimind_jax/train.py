@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import sys
@@ -100,24 +99,6 @@ def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> Non
     if diffs:
         raise UserError(f"{where} was trained with another model shape; pass matching flags:\n  "
                         + "\n  ".join(diffs))
-
-
-def check_train_args(args: argparse.Namespace) -> None:
-    """Refuse numbers that make no run, before anything is created or opened."""
-    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval",
-                 "eval_interval", "max_consecutive_skips"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if args.warmup_iters < 0:
-        raise UserError(f"--warmup_iters must be >= 0, got {args.warmup_iters}")
-    for flag, at_least_zero in (("learning_rate", True), ("weight_decay", True),
-                                ("grad_clip", False)):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or (at_least_zero and value < 0):
-            raise UserError(f"--{flag} must be a finite number{' >= 0' if at_least_zero else ''}"
-                            f", got {value}")
 
 
 def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
@@ -358,14 +339,14 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     recipes.apply_defaults(args, stage.command)
     if args.eval_interval is None:
         args.eval_interval = args.save_interval
-    check_train_args(args)
     tracker = tracking.tracker_kind(args.tracker, args.use_wandb)
+    settings = train_config.settings_from_args(args, tracker)  # all but the model
+    train_config.check_settings(settings)  # before anything is created or opened
     # Before any other JAX call (the model flags' dtype `auto` asks for the backend).
-    distributed.initialize(train_config.distributed_from_args(args))
+    distributed.initialize(settings["distributed"])
     for note in notes:
         _say(note)
-    model = cli.model_config_from_args(args)
-    return run(train_config.from_args(args, model, tracker), stage)
+    return run(TrainConfig(model=cli.model_config_from_args(args), **settings), stage)
 
 
 def run(config: TrainConfig, stage: Stage | str) -> int:
@@ -375,6 +356,7 @@ def run(config: TrainConfig, stage: Stage | str) -> int:
     from minimind_jax import step as train_step
 
     stage = STAGES[stage] if isinstance(stage, str) else stage
+    train_config.check_settings(vars(config))
     distributed.initialize(config.distributed)  # a no-op when the command started it
     with contextlib.ExitStack() as stack:  # what is opened below is closed on every path
         trainer = build_run(config, stage, stack)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from minimind_jax.config import ModelConfig
+from minimind_jax.errors import UserError
 from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 
 
@@ -112,10 +114,10 @@ def distributed_from_args(args: argparse.Namespace) -> DistributedConfig:
         fsdp=bool(getattr(args, "fsdp", False)))
 
 
-def from_args(args: argparse.Namespace, model: ModelConfig, tracker: str) -> TrainConfig:
-    """The training flags (after `compat_flags.apply` and `recipes.apply_defaults`)."""
-    return TrainConfig(
-        model=model,
+def settings_from_args(args: argparse.Namespace, tracker: str) -> dict:
+    """The training flags (after `compat_flags.apply` and `recipes.apply_defaults`) as the
+    fields of a `TrainConfig` but its model (whose dtype `auto` needs the JAX backend)."""
+    return dict(
         data=DataConfig(data_path=args.data_path, tokenizer=args.tokenizer,
                         batch_size=args.batch_size, shuffle=not args.no_shuffle, pack=args.pack,
                         pack_window=args.pack_window, cache_dir=args.cache_dir,
@@ -137,3 +139,26 @@ def from_args(args: argparse.Namespace, model: ModelConfig, tracker: str) -> Tra
         seed=args.seed,
         recipe=args.recipe,
         vocab_from_tokenizer=args.vocab_size is None)
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse numbers that make no run (named by their flags), before anything is created or
+    opened. `settings`: a TrainConfig's fields (`settings_from_args`, or `vars(config)`)."""
+    data, optim, run = settings["data"], settings["optim"], settings["run"]
+    for flag, value in (("batch_size", data.batch_size), ("epochs", optim.epochs),
+                        ("accumulation_steps", optim.accumulation_steps),
+                        ("log_interval", run.log_interval), ("save_interval", run.save_interval),
+                        ("eval_interval", settings["eval"].interval),
+                        ("max_consecutive_skips", run.max_consecutive_skips)):
+        if value < 1:
+            raise UserError(f"--{flag} must be >= 1, got {value}")
+    if optim.max_steps is not None and optim.max_steps < 1:
+        raise UserError(f"--max_steps must be >= 1, got {optim.max_steps}")
+    if optim.warmup_iters < 0:
+        raise UserError(f"--warmup_iters must be >= 0, got {optim.warmup_iters}")
+    for flag, value, at_least_zero in (("learning_rate", optim.learning_rate, True),
+                                       ("weight_decay", optim.weight_decay, True),
+                                       ("grad_clip", optim.grad_clip, False)):
+        if not math.isfinite(value) or (at_least_zero and value < 0):
+            raise UserError(f"--{flag} must be a finite number{' >= 0' if at_least_zero else ''}"
+                            f", got {value}")

@@ -9,6 +9,7 @@ import torch
 
 from minimind_jax import checkpoint, cli, train
 from minimind_jax.config import arch_defaults
+from minimind_jax.errors import UserError
 from minimind_jax.loader import Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind
@@ -151,6 +152,16 @@ def test_training_from_python_matches_the_command(tmp_path, capsys):
         [{k: r.get(k) for k in keys} for r in from_cli]
     recorded = json.loads((run_dir / "train_args.json").read_text())
     assert recorded["optim"]["learning_rate"] == 5e-4 and recorded["model"]["dim"] == 64
+
+
+def test_training_from_python_checks_its_numbers_first(tmp_path):
+    config = TrainConfig(model=arch_defaults("minimind2"),
+                         data=DataConfig(data_path=str(PRETRAIN_JSONL), batch_size=0),
+                         optim=OptimConfig(learning_rate=1e-3),
+                         run=RunConfig(out_dir=str(tmp_path / "out")))
+    with pytest.raises(UserError, match="^--batch_size must be >= 1, got 0$"):
+        train.run(config, "pretrain")
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_explains_every_flag(capsys):
