@@ -1,5 +1,20 @@
 """minimind_jax: a pure-functional JAX port of the MiniMind2 pretrain + full-SFT pipeline.
 
+The training path, flags to checkpoint (`pretrain`/`sft`; `train.run` from Python)::
+
+    flags --cli/train.run_stage--> TrainConfig (train_config: model, data, optim, run, eval,
+                                                distributed; frozen, built once)
+    TrainConfig --train.build_run--> Run (tokenizer, model, locked run folder, data, train
+                                          state fresh or resumed, step functions, checkpoint
+                                          manager, RunLog)
+    JSONL samples --data (parse, tokenize; token_cache: memory-mapped ids, built on first
+        use)--> rows --loader (CachedSource | PackedSource(packing) | HeadSFTSource)-->
+        Loader.epoch: numpy batches (shuffled per epoch, this process's share)
+        --step.put_batch--> device batch --step.make_train_step (model, loss, optim)-->
+        new train state + metrics
+    train.train_loop: metrics --RunLog--> metrics.jsonl, tracker, console line;
+                      state --train.save_checkpoint--> checkpoints/<step>/ (checkpoint: orbax)
+
 Importing it changes nothing in the process: the CPU tunings (`xla_flags.apply_cpu_defaults`,
 `host_memory.reexec_with_hugepages`) are applied by the CLI entry point, or by whoever calls them.
 """

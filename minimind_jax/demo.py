@@ -5,8 +5,8 @@
    with held-out sets: texts of idioms outside the corpus (pretrain eval) and the questions of
    idioms kept out of SFT (SFT eval);
 2. `tokenizer`: a sentencepiece BPE trained on the corpus;
-3. `pretrain`, then `sft` restoring the pretrain checkpoint (the real commands, run in-process,
-   with `--eval_data`);
+3. pretrain, then SFT restoring the pretrain checkpoint (`train.run` with a `TrainConfig`, the
+   code path of the `pretrain`/`sft` commands, with eval data);
 4. the showcase questions answered greedily before and after SFT (the `generate` code path);
 5. a score of the greedy answers to held-in and held-out questions against the corpus answers;
 6. the train and eval loss curves of both stages as a PNG.
@@ -25,7 +25,9 @@ import random
 import shlex
 import time
 
+from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
+from minimind_jax.train_config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 
 # Idioms always kept in the corpus: the questions asked before and after SFT are about them.
 SHOWCASE = (("画蛇添足", "meaning"), ("守株待兔", "origin"), ("一帆风顺", "example"),
@@ -39,6 +41,19 @@ QUESTIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One training stage of the demo: its optimisation and its logging, eval and saving."""
+
+    optim: OptimConfig
+    batch_size: int = 16
+    pack: bool = False
+    log_interval: int = 4
+    eval_interval: int = 100
+    eval_batches: int | None = None
+    save_interval: int = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoPlan:
     """Sizes of one demo run (the full one must fit 4 minutes on 2 CPU cores)."""
 
@@ -49,9 +64,9 @@ class DemoPlan:
     n_scored: int  # held-in and held-out questions scored after SFT
     vocab_size: int
     character_coverage: float
-    model_flags: tuple[str, ...]
-    pretrain_flags: tuple[str, ...]
-    sft_flags: tuple[str, ...]
+    model: dict  # ModelConfig fields over MiniMind2's defaults (the vocabulary: the tokenizer's)
+    pretrain: StagePlan
+    sft: StagePlan
     max_new_tokens: int
 
 
@@ -61,28 +76,20 @@ PLANS = {
     "full": DemoPlan(
         n_idioms=150, n_held_out=50, per_idiom=2, max_text_chars=140, n_scored=50,
         vocab_size=2000, character_coverage=0.995,
-        model_flags=("--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2",
-                     "--max_seq_len", "128"),
-        pretrain_flags=("--epochs", "30", "--batch_size", "16", "--accumulation_steps", "1",
-                        "--learning_rate", "5e-3", "--warmup_iters", "20", "--pack",
-                        "--log_interval", "4", "--eval_interval", "24",
-                        "--save_interval", "100000"),
-        sft_flags=("--epochs", "8", "--batch_size", "16", "--learning_rate", "2e-3",
-                   "--warmup_iters", "10", "--log_interval", "4", "--eval_interval", "13",
-                   "--save_interval", "100000"),
+        model={"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128},
+        pretrain=StagePlan(OptimConfig(learning_rate=5e-3, epochs=30, warmup_iters=20),
+                           pack=True, eval_interval=24),
+        sft=StagePlan(OptimConfig(learning_rate=2e-3, epochs=8, warmup_iters=10),
+                      eval_interval=13),
         max_new_tokens=96),
     "tiny": DemoPlan(
         n_idioms=300, n_held_out=8, per_idiom=1, max_text_chars=140, n_scored=8,
         vocab_size=2600, character_coverage=0.98,
-        model_flags=("--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
-                     "--max_seq_len", "96"),
-        pretrain_flags=("--epochs", "1", "--batch_size", "16", "--accumulation_steps", "1",
-                        "--learning_rate", "2e-3", "--pack", "--max_steps", "12",
-                        "--log_interval", "4", "--eval_interval", "6", "--eval_batches", "1",
-                        "--save_interval", "1000"),
-        sft_flags=("--epochs", "1", "--batch_size", "16", "--learning_rate", "1e-3",
-                   "--max_steps", "8", "--log_interval", "4", "--eval_interval", "4",
-                   "--save_interval", "1000"),
+        model={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 96},
+        pretrain=StagePlan(OptimConfig(learning_rate=2e-3, max_steps=12), pack=True,
+                           eval_interval=6, eval_batches=1, save_interval=1000),
+        sft=StagePlan(OptimConfig(learning_rate=1e-3, max_steps=8), eval_interval=4,
+                      save_interval=1000),
         max_new_tokens=12),
 }
 
@@ -256,6 +263,35 @@ def run_command(argv: list[str]) -> None:
         raise UserError(f"the demo's step `minimind-jax {argv[0]}` failed (exit {code})")
 
 
+def train_config(plan: DemoPlan, stage: str, data: pathlib.Path, eval_data: pathlib.Path,
+                 out: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int) -> TrainConfig:
+    """The demo's `stage` run, as `pretrain`/`sft` would build it from the flags."""
+    from minimind_jax.cli import resolve_dtype
+
+    stage_plan = getattr(plan, stage)
+    model = arch_defaults("minimind2").replace(**plan.model, dtype=resolve_dtype("auto"))
+    return TrainConfig(
+        model=model, vocab_from_tokenizer=True, seed=seed, optim=stage_plan.optim,
+        data=DataConfig(data_path=str(data), tokenizer=str(tokenizer_dir),
+                        batch_size=stage_plan.batch_size, pack=stage_plan.pack),
+        run=RunConfig(out_dir=str(out / "runs"), overwrite=True,
+                      log_interval=stage_plan.log_interval,
+                      save_interval=stage_plan.save_interval),
+        eval=EvalConfig(data_path=str(eval_data), interval=stage_plan.eval_interval,
+                        batches=stage_plan.eval_batches))
+
+
+def run_training(config: TrainConfig, stage: str) -> None:
+    """`train.run` in this process, saying what it trains."""
+    from minimind_jax import train
+
+    optim = config.optim
+    print(f">>> train.run({stage}): {config.data.data_path}, lr {optim.learning_rate}, "
+          f"{optim.epochs} epoch(s)" + (f", at most {optim.max_steps} steps"
+                                         if optim.max_steps else ""), flush=True)
+    train.run(config, stage)
+
+
 NEAR_EXACT = 0.9  # difflib similarity ratio that counts as a near-exact answer
 
 
@@ -264,7 +300,7 @@ def answer_questions(ckpt: pathlib.Path, tokenizer, questions: list[str],
     """Greedy answers by the model in `ckpt` (the `generate` code path, one batch)."""
     from minimind_jax import generate
 
-    params, config = generate.load_model(str(ckpt), argparse.Namespace(dtype="auto"))
+    params, config = generate.load_model(str(ckpt), arch_defaults("minimind2"))
     sampling = generate.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     prompts = [generate.encode_prompt(tokenizer, q, template=True) for q in questions]
     outputs = generate.generate_tokens(params, config, prompts, sampling, tokenizer.eos_id)
@@ -354,18 +390,16 @@ def run_demo(args: argparse.Namespace) -> int:
                  "--character_coverage", str(plan.character_coverage)])
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    common = ["--overwrite", "--out_dir", str(out / "runs"), "--tokenizer", str(tokenizer_dir),
-              "--seed", str(args.seed), *plan.model_flags]
     progress.stage("pretrain (eval: texts of idioms outside the corpus)")
-    run_command(["pretrain", "--data_path", str(paths["pretrain"]),
-                 "--eval_data", str(paths["pretrain_eval"]), *common, *plan.pretrain_flags])
+    run_training(train_config(plan, "pretrain", paths["pretrain"], paths["pretrain_eval"], out,
+                              tokenizer_dir, args.seed), "pretrain")
     pretrain_dir = next((out / "runs").glob("pretrain_*"))
     before = answer_questions(pretrain_dir, tokenizer, showcase_questions(),
                               plan.max_new_tokens)
 
     progress.stage("sft (restores the pretrain checkpoint; eval: the held-out questions)")
-    run_command(["sft", "--data_path", str(paths["sft"]), "--eval_data", str(paths["sft_eval"]),
-                 *common, *plan.sft_flags])
+    run_training(train_config(plan, "sft", paths["sft"], paths["sft_eval"], out, tokenizer_dir,
+                              args.seed), "sft")
     sft_dir = next((out / "runs").glob("full_sft_*"))
 
     progress.stage("the same questions, before and after SFT (greedy)")

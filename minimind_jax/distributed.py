@@ -15,6 +15,7 @@ import warnings
 import jax
 
 from minimind_jax.errors import UserError
+from minimind_jax.train_config import DistributedConfig
 
 
 def _device_ids(text: str) -> list[int]:
@@ -69,18 +70,20 @@ def detected_cluster() -> str | None:
     return None
 
 
-def initialize(args: argparse.Namespace) -> bool:
+def initialize(settings: DistributedConfig) -> bool:
     """Start jax.distributed if this run has several processes; True when it does.
 
+    `settings` holds the explicit values (None = unset).
     Explicit flags win (`--num_processes 1` alone keeps the process on its own); otherwise
     jax's auto-detection decides. Must run before any other JAX call of the process (those
     initialise the single-process backend). A no-op when jax's distributed runtime is up.
     """
     if jax.distributed.is_initialized():
         return True
-    explicit = {name: getattr(args, name, None) for name in
+    explicit = {name: getattr(settings, name) for name in
                 ("coordinator_address", "num_processes", "process_id", "local_device_ids")}
-    explicit = {name: value for name, value in explicit.items() if value is not None}
+    explicit = {name: list(value) if isinstance(value, tuple) else value
+                for name, value in explicit.items() if value is not None}
     if explicit.get("num_processes") == 1 and explicit.get("process_id", 0) == 0 \
             and "coordinator_address" not in explicit:
         return False  # asked to stay single-process, whatever the environment says

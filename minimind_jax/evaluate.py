@@ -99,7 +99,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax.step import data_mesh, put_replicated
     from minimind_jax.tokenizer import load_tokenizer
 
-    params, config = generate.load_model(args.ckpt, args)
+    params, config = generate.load_model_of(args)
     tokenizer = load_tokenizer(generate.resolve_tokenizer_dir(args))
     source = open_source(args.data_path, tokenizer, args.stage, config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines)

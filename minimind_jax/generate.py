@@ -222,17 +222,25 @@ class TextStreamer:
 # ---------------------------------------------------------------- loading models and prompts
 
 
-def load_model(ckpt: str, args: argparse.Namespace) -> tuple[dict, ModelConfig]:
-    """Our run/checkpoint folder or a reference weights file (shapes read from the weights),
-    computing in the dtype `--dtype` asks for."""
+def load_model(ckpt: str, flags: ModelConfig, dtype: str = "auto") -> tuple[dict, ModelConfig]:
+    """Our run/checkpoint folder or a reference weights file (shapes read from the weights,
+    the rest from `flags`), computing in `dtype` (`auto`: by platform)."""
     from minimind_jax import cli, convert
 
     path = pathlib.Path(ckpt)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    params, config = convert.load_params_any(path, cli.model_config_from_args(args))
-    config = config.replace(dtype=cli.resolve_dtype(getattr(args, "dtype", "auto")))
+    params, config = convert.load_params_any(path, flags)
+    config = config.replace(dtype=cli.resolve_dtype(dtype))
     return jax.tree.map(jnp.asarray, params), config
+
+
+def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
+    """`load_model` of the commands' --ckpt, model flags and --dtype."""
+    from minimind_jax import cli
+
+    return load_model(args.ckpt, cli.model_config_from_args(args),
+                      getattr(args, "dtype", "auto"))
 
 
 def resolve_tokenizer_dir(args: argparse.Namespace) -> str:
@@ -300,7 +308,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
     check_think_flag(tokenizer, args)
-    params, config = load_model(args.ckpt, args)
+    params, config = load_model_of(args)
     ids = [encode_prompt(tokenizer, p, not args.raw, args.system, think=args.think)
            for p in prompts]
     start = time.perf_counter()
@@ -355,7 +363,7 @@ def run_chat(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
     check_think_flag(tokenizer, args)
-    params, config = load_model(args.ckpt, args)
+    params, config = load_model_of(args)
     streamer = TextStreamer(tokenizer)
     history: list[dict] = []
     print("chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)

@@ -156,6 +156,15 @@ class _DrawnSFT:
         return _as_batch(rows, mask, full_rows=True)
 
 
+def check_packable(stage: str, rules: str) -> None:
+    """The rule of --pack: MiniMind2's pretrain documents only (an SFT row keeps one
+    conversation; minimind-3's rows are HEAD's)."""
+    if stage != "pretrain":
+        raise UserError("--pack works with pretrain data only (SFT rows keep one conversation)")
+    if rules != "minimind2":
+        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are HEAD's)")
+
+
 class PackedSource:
     """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len), whole, packed into rows
     of max_seq_len tokens by `packing.pack` (best fit over windows of `window` documents; 0:
@@ -165,8 +174,7 @@ class PackedSource:
 
     def __init__(self, cache: TokenCache, max_seq_len: int,
                  window: int = packing.DEFAULT_WINDOW):
-        if cache.meta["stage"] != "pretrain":
-            raise UserError("packing is for pretrain data only (SFT rows keep one conversation)")
+        check_packable(cache.meta["stage"], cache.meta.get("rules", "minimind2"))
         if window < 0:
             raise UserError(f"--pack_window must be 0 (next fit) or positive, got {window}")
         self.cache = cache
@@ -218,10 +226,8 @@ def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack
     on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer.
     `rules` "minimind3" gives HEAD's samples; its SFT draws use `sft_seed + epoch` (or none
     without `sft_random`)."""
-    if pack and stage != "pretrain":
-        raise UserError("--pack works with pretrain data only")
-    if pack and rules != "minimind2":
-        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are HEAD's)")
+    if pack:
+        check_packable(stage, rules)  # before the cache is built
     tokenizer = (tokenizer_path if isinstance(tokenizer_path, Tokenizer)
                  else load_tokenizer(tokenizer_path))
     cache = prepare_token_cache(data_path, tokenizer, stage, max_seq_len, cache_dir=cache_dir,

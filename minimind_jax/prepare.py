@@ -52,11 +52,10 @@ def add_cache_args(group) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minimind_jax.errors import UserError
-    from minimind_jax.loader import PackedSource, open_source
+    from minimind_jax.loader import PackedSource, check_packable, open_source
 
-    if args.pack and args.stage != "pretrain":
-        raise UserError("--pack works with pretrain data only")
+    if args.pack:
+        check_packable(args.stage, args.arch)  # before the cache is built
     source = open_source(args.data_path, args.tokenizer, args.stage, args.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
                          force=args.force, log=print, rules=args.arch)

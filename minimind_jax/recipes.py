@@ -54,7 +54,12 @@ _STAGE_DEFAULTS = {
 
 
 def recipe_of(args: argparse.Namespace) -> Recipe:
-    return _RECIPES[getattr(args, "recipe", None)]
+    return recipe_named(getattr(args, "recipe", None))
+
+
+def recipe_named(name: str | None) -> Recipe:
+    """--recipe NAME's settings (None: no recipe)."""
+    return _RECIPES[name]
 
 
 def stage_defaults(command: str, arch: str) -> dict:

@@ -53,7 +53,7 @@ def settings_from_args(args: argparse.Namespace, model_name: str):
 
 def build_server_app(args: argparse.Namespace):
     """Load tokenizer and model, start the decoder, return (app, settings)."""
-    from minimind_jax.generate import SamplingConfig, load_model, resolve_tokenizer_dir
+    from minimind_jax.generate import SamplingConfig, load_model_of, resolve_tokenizer_dir
     from minimind_jax.serve_app import build_app
     from minimind_jax.serve_engine import BatchEngine, EngineConfig
     from minimind_jax.tokenizer import load_tokenizer
@@ -63,7 +63,7 @@ def build_server_app(args: argparse.Namespace):
     model_name = args.model_name or pathlib.Path(args.ckpt).resolve().name
     settings = settings_from_args(args, model_name)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
-    params, config = load_model(args.ckpt, args)
+    params, config = load_model_of(args)
     engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,
                                       max_context=args.max_context,

@@ -40,19 +40,19 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
                         "MiniMind-Full-SFT, as the reference)")
 
 
-def tracker_kind(args: argparse.Namespace) -> str:
+def tracker_kind(tracker: str | None, use_wandb: bool) -> str:
     """--tracker, else wandb with --use_wandb, else tensorboard."""
-    if args.tracker:
-        if args.use_wandb and args.tracker not in EXTERNAL:
-            raise UserError(f"--use_wandb asks for a tracker but --tracker is {args.tracker}")
-        return args.tracker
-    return "wandb" if args.use_wandb else "tensorboard"
+    if tracker:
+        if use_wandb and tracker not in EXTERNAL:
+            raise UserError(f"--use_wandb asks for a tracker but --tracker is {tracker}")
+        return tracker
+    return "wandb" if use_wandb else "tensorboard"
 
 
-def run_name(command: str, args: argparse.Namespace) -> str:
+def run_name(command: str, epochs: int, batch_size: int, learning_rate: float) -> str:
     """The reference's run name, e.g. MiniMind-Pretrain-Epoch-1-BatchSize-32-LearningRate-0.0005."""
-    return (f"{PROJECTS[command]}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-"
-            f"LearningRate-{args.learning_rate}")
+    return (f"{PROJECTS[command]}-Epoch-{epochs}-BatchSize-{batch_size}-"
+            f"LearningRate-{learning_rate}")
 
 
 class MultiTracker:
@@ -150,19 +150,18 @@ def _saved_run_id(run_dir: pathlib.Path, kind: str) -> str | None:
     return saved.get("id") if saved.get("kind") == kind else None
 
 
-def open_tracker(args: argparse.Namespace, command: str, run_dir: pathlib.Path,
-                 start_step: int) -> MultiTracker:
-    """The trackers this run logs to (call on the main process only). A run resumed past
-    step 0 continues the external tracker's run stored in RUN/tracker.json."""
-    kind = tracker_kind(args)
+def open_tracker(kind: str, project: str | None, name: str, flags: dict, command: str,
+                 run_dir: pathlib.Path, start_step: int) -> MultiTracker:
+    """The trackers this run logs to (call on the main process only): `kind` (tracker_kind),
+    an external one named `name` in `project` with the scalar `flags` as its config. A run
+    resumed past step 0 continues the external tracker's run stored in RUN/tracker.json."""
     trackers = [] if kind == "none" else [TensorBoardTracker(run_dir, start_step)]
     if kind in EXTERNAL:
         run_id = _saved_run_id(run_dir, kind) if start_step > 0 else None
-        config = {k: v for k, v in vars(args).items()
+        config = {k: v for k, v in flags.items()
                   if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
         cls = WandbTracker if kind == "wandb" else SwanLabTracker
-        tracker = cls(run_dir, args.wandb_project or PROJECTS[command], run_name(command, args),
-                      config, run_id)
+        tracker = cls(run_dir, project or PROJECTS[command], name, config, run_id)
         (run_dir / STATE_FILE).write_text(json.dumps({"kind": kind, "id": tracker.id}) + "\n",
                                           encoding="utf-8")
         trackers.append(tracker)

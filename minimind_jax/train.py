@@ -11,17 +11,18 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import sys
 import time
+from typing import Any
 
 import jax
 
 from minimind_jax import (
     checkpoint,
     compat_flags,
+    data,
     distributed,
     evaluate,
     host_memory,
@@ -30,10 +31,12 @@ from minimind_jax import (
     recipes,
     run_lock,
     tracking,
+    train_config,
 )
 from minimind_jax.config import ModelConfig, arch_of
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
+from minimind_jax.train_config import DataConfig, RunConfig, TrainConfig
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
@@ -44,20 +47,18 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidde
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """Per-stage defaults (SPEC "Training recipe")."""
+    """A training stage (its hyper-parameter defaults: `recipes.stage_defaults`)."""
 
-    command: str  # CLI command
-    data_stage: str  # sample format for the loader
+    command: str  # CLI command, and the sample format it reads (one of data.STAGES)
     run_prefix: str  # run folder is {out_dir}/{run_prefix}_{tag}
-    learning_rate: float
-    accumulation_steps: int
-    data_path: str
+    data_path: str  # the reference's default data file
 
 
-STAGES = {
-    "pretrain": Stage("pretrain", "pretrain", "pretrain", 5e-4, 8, "./dataset/pretrain_hq.jsonl"),
-    "sft": Stage("sft", "sft", "full_sft", 5e-5, 1, "./dataset/sft_mini_512.jsonl"),
-}
+STAGES = {stage.command: stage for stage in (
+    Stage("pretrain", "pretrain", "./dataset/pretrain_hq.jsonl"),
+    Stage("sft", "full_sft", "./dataset/sft_mini_512.jsonl"),
+)}
+assert tuple(STAGES) == data.STAGES  # a training command per sample format
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -67,20 +68,20 @@ def run_dir_for(out_dir: str, stage: Stage, config: ModelConfig) -> pathlib.Path
     return pathlib.Path(out_dir) / f"{stage.run_prefix}_{config.tag}"
 
 
-def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
+def resolve_tokenizer(config: TrainConfig, stage: Stage) -> pathlib.Path:
     """--tokenizer; else the run's own copy (--resume) or, for sft, the pretrain run's copy;
     else the reference's ./model/minimind_tokenizer."""
-    if args.tokenizer:
-        return pathlib.Path(args.tokenizer)
-    tag = _tag_from_args(args)
+    if config.data.tokenizer:
+        return pathlib.Path(config.data.tokenizer)
+    tag, run = config.model.tag, config.run
     candidates = []
-    if args.resume:
-        candidates.append(pathlib.Path(args.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
-    if stage.command == "sft" and not args.init_from:
-        candidates.append(pathlib.Path(args.out_dir) / f"pretrain_{tag}" / "tokenizer")
-    elif args.init_from and pathlib.Path(args.init_from).is_dir():  # one of our run folders
-        candidates.append(pathlib.Path(args.init_from) / "tokenizer")
-    if cli_arch(args) == "minimind3":  # HEAD's scripts run from trainer/ and read ../model
+    if run.resume:
+        candidates.append(pathlib.Path(run.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
+    if stage.command == "sft" and not run.init_from:
+        candidates.append(pathlib.Path(run.out_dir) / f"pretrain_{tag}" / "tokenizer")
+    elif run.init_from and pathlib.Path(run.init_from).is_dir():  # one of our run folders
+        candidates.append(pathlib.Path(run.init_from) / "tokenizer")
+    if arch_of(config.model) == "minimind3":  # HEAD's scripts run from trainer/ and read ../model
         candidates += [pathlib.Path(HEAD_TOKENIZER_DIR), pathlib.Path("..") / HEAD_TOKENIZER_DIR]
     else:
         candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
@@ -92,18 +93,6 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
                     + ", ".join(str(c) for c in candidates))
 
 
-def cli_arch(args: argparse.Namespace) -> str:
-    from minimind_jax import cli
-
-    return cli.arch_from_args(args)
-
-
-def _tag_from_args(args: argparse.Namespace) -> str:
-    from minimind_jax import cli
-
-    return cli.model_config_from_args(args).tag
-
-
 def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> None:
     diffs = [f"{f}: checkpoint {getattr(saved, f)!r}, flags {getattr(config, f)!r}"
              for f in SHAPE_FIELDS if getattr(saved, f) != getattr(config, f)]
@@ -112,38 +101,20 @@ def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> Non
                         + "\n  ".join(diffs))
 
 
-def check_train_args(args: argparse.Namespace) -> None:
-    """Refuse numbers that make no run, before anything is created or opened."""
-    for flag in ("batch_size", "epochs", "accumulation_steps", "log_interval", "save_interval",
-                 "eval_interval", "max_consecutive_skips"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if args.warmup_iters < 0:
-        raise UserError(f"--warmup_iters must be >= 0, got {args.warmup_iters}")
-    for flag, at_least_zero in (("learning_rate", True), ("weight_decay", True),
-                                ("grad_clip", False)):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or (at_least_zero and value < 0):
-            raise UserError(f"--{flag} must be a finite number{' >= 0' if at_least_zero else ''}"
-                            f", got {value}")
-
-
-def init_source(args: argparse.Namespace, stage: Stage, config: ModelConfig
-                ) -> pathlib.Path | None:
+def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
     """Where the initial weights come from: --init_from; else sft: the pretrain run folder;
     else None (a seeded random init). Checked to exist, so a missing one fails early."""
-    if args.init_from == "none":  # minimind-3's --from_weight none
+    init_from = config.run.init_from
+    if init_from == "none":  # minimind-3's --from_weight none
         return None
-    if args.init_from:
-        source = pathlib.Path(args.init_from)
+    if init_from:
+        source = pathlib.Path(init_from)
         if not source.exists():
             raise UserError(f"--init_from: {source} does not exist")
         return source
     if stage.command != "sft":
         return None
-    pretrain_dir = run_dir_for(args.out_dir, STAGES["pretrain"], config)
+    pretrain_dir = run_dir_for(config.run.out_dir, STAGES["pretrain"], config.model)
     if checkpoint.latest_checkpoint(pretrain_dir) is None:
         raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
                         f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
@@ -152,15 +123,15 @@ def init_source(args: argparse.Namespace, stage: Stage, config: ModelConfig
     return pretrain_dir
 
 
-def initial_params(args: argparse.Namespace, stage: Stage, source: pathlib.Path | None,
-                   config: ModelConfig):
+def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | None,
+                   model: ModelConfig):
     """(params, where they came from): `init_source`'s weights, or a seeded random init."""
     from minimind_jax.model import init_params
 
     if source is None:
-        return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
-    params, origin = checkpoint.load_init_params(source, config, warn=_warn)
-    if stage.command == "sft" and recipes.recipe_of(args).fp16_sft_init:
+        return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
+    params, origin = checkpoint.load_init_params(source, model, warn=_warn)
+    if stage.command == "sft" and recipes.recipe_named(config.recipe).fp16_sft_init:
         return recipes.round_to_float16(params), f"{origin} (rounded to float16, as HEAD)"
     return params, origin
 
@@ -185,13 +156,18 @@ def _warn(message: str) -> None:
 
 class RunLog:
     """metrics.jsonl + the tracker (TensorBoard, wandb, ...) + the reference-style line + the
-    tqdm bar (main process)."""
+    tqdm bar (main process), and the clocks they report: run time, throughput since the last
+    logged step, time into the epoch."""
 
     def __init__(self, run_dir: pathlib.Path, start_step: int, total_steps: int,
-                 enabled: bool, tracker=None):
+                 enabled: bool, tracker=None, *, lines: LineStyle | None = None,
+                 elapsed_before: float = 0.0):
         self.enabled = enabled
+        self.lines = lines
+        self.elapsed_before = elapsed_before  # run time of the attempts before a resume
         self.metrics_path = run_dir / "metrics.jsonl"
         self.file = self.tracker = self.bar = None
+        self.start_clocks()
         if not enabled:
             return
         from tqdm import tqdm
@@ -201,6 +177,48 @@ class RunLog:
         self.tracker = tracker or tracking.MultiTracker([])
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), file=sys.stderr)
+
+    def start_clocks(self) -> None:
+        """Run time, the throughput window and the epoch clock start now."""
+        self.run_start = self.window_since = self.epoch_start = time.time()
+        self.window_tokens = 0
+        self.epoch_first = 0
+
+    def start_epoch(self, first_batch: int) -> None:
+        self.epoch_start, self.epoch_first = time.time(), first_batch
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over all attempts of the run."""
+        return self.elapsed_before + time.time() - self.run_start
+
+    def step(self, metrics: dict, info: dict, lr_at) -> None:
+        """One micro-step's fetched metrics (a record and a line if it is a logged step);
+        `lr_at(step)` is the schedule's learning rate."""
+        # Rows of the global batch (other processes load the other rows).
+        self.window_tokens += int(metrics["n_rows"]) * info["seq_len"]
+        style = self.lines
+        if not is_logged_batch(info["batch"], style.batches, style.interval, style.head):
+            return
+        now = time.time()
+        record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
+                  "update": int(metrics["update"]), "loss": float(metrics["loss"]),
+                  "aux": float(metrics["aux"]), "lr": lr_at(info["step"])}
+        if bool(metrics["updated"]):
+            record["grad_norm"] = float(metrics["grad_norm"])
+        if int(metrics["skipped"]):
+            record["skipped"] = int(metrics["skipped"])
+        record["tokens_per_sec"] = self.window_tokens / max(now - self.window_since, 1e-9)
+        record["elapsed_s"] = self.elapsed_before + now - self.run_start
+        self.window_tokens, self.window_since = 0, now
+        line = style.line(info["epoch"], info["batch"], record, now - self.epoch_start,
+                          max(info["batch"] - self.epoch_first + 1, 1))
+        if int(metrics["consecutive_skips"]):
+            from minimind_jax.step import NONFINITE_REASONS
+
+            what = NONFINITE_REASONS.get(int(metrics["nonfinite"]), "value")
+            line += (f" (non-finite {what}: skipped, {record['skipped']} so far, "
+                     f"{int(metrics['consecutive_skips'])} in a row)")
+        self.record(record, line)
 
     def _keep_records_before(self, step: int) -> None:
         """Drop records from a previous attempt at steps >= `step` (a resumed run redoes them)."""
@@ -277,15 +295,33 @@ def head_reference_line(epoch: int, epochs: int, batch: int, batches: int, loss:
             f"epoch_time: {eta_min:.1f}min")
 
 
+@dataclasses.dataclass(frozen=True)
+class LineStyle:
+    """Which reference's console line, and at which batches: MiniMind2's or minimind-3's."""
+
+    epochs: int
+    batches: int  # per epoch
+    interval: int  # --log_interval
+    head: bool  # minimind-3 (HEAD)
+
+    def line(self, epoch: int, batch: int, record: dict, epoch_seconds: float,
+             batches_done: int) -> str:
+        if self.head:
+            return head_reference_line(epoch, self.epochs, batch, self.batches, record["loss"],
+                                       record["aux"], record["lr"], epoch_seconds, batches_done)
+        return reference_line(epoch, self.epochs, batch, self.batches, record["loss"],
+                              record["lr"], epoch_seconds, batches_done)
+
+
 # ------------------------------------------------------------------------------------- the run
 
 
-def _write_run_files(run_dir: pathlib.Path, config: ModelConfig, args: argparse.Namespace,
+def _write_run_files(run_dir: pathlib.Path, model: ModelConfig, config: TrainConfig,
                      tokenizer_dir: pathlib.Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json() + "\n")
-    flags = {k: v for k, v in vars(args).items() if k != "func"}
-    (run_dir / "train_args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
+    (run_dir / checkpoint.CONFIG_FILE).write_text(model.to_json() + "\n")
+    (run_dir / "train_args.json").write_text(json.dumps(config.record(), indent=2, default=str)
+                                             + "\n")
     target = run_dir / "tokenizer"
     if tokenizer_dir.resolve() != target.resolve():
         if tokenizer_dir.is_dir():
@@ -296,39 +332,55 @@ def _write_run_files(run_dir: pathlib.Path, config: ModelConfig, args: argparse.
 
 
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
+    """The `pretrain`/`sft` command: its flags, once, into a `TrainConfig`; then `run`."""
     from minimind_jax import cli
-    from minimind_jax.tokenizer import load_tokenizer
 
     notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
     recipes.apply_defaults(args, stage.command)
     if args.eval_interval is None:
         args.eval_interval = args.save_interval
-    check_train_args(args)
-    distributed.initialize(args)  # before any other JAX call
-    if getattr(args, "run_prefix", None):  # minimind-3's --save_weight
-        stage = dataclasses.replace(stage, run_prefix=args.run_prefix)
+    tracker = tracking.tracker_kind(args.tracker, args.use_wandb)
+    settings = train_config.settings_from_args(args, tracker)  # all but the model
+    train_config.check_settings(settings)  # before anything is created or opened
+    # Before any other JAX call (the model flags' dtype `auto` asks for the backend).
+    distributed.initialize(settings["distributed"])
     for note in notes:
         _say(note)
-    tokenizer_dir = resolve_tokenizer(args, stage)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = {} if args.vocab_size is not None else {"vocab_size": tokenizer.vocab_size}
-    config = cli.model_config_from_args(args, **vocab)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"--vocab_size {config.vocab_size} is smaller than the tokenizer's "
-                        f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
-    source = None if args.resume else init_source(args, stage, config)
-    run_dir = run_dir_for(args.out_dir, stage, config)
+    return run(TrainConfig(model=cli.model_config_from_args(args), **settings), stage)
+
+
+def run(config: TrainConfig, stage: Stage | str) -> int:
+    """Train `stage` (`"pretrain"`, `"sft"` or a `Stage`) as `config` says; 0 when done.
+
+    Bad input raises UserError, an environment failure while writing RunFailure."""
+    from minimind_jax import step as train_step
+
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    train_config.check_settings(vars(config))
+    distributed.initialize(config.distributed)  # a no-op when the command started it
     with contextlib.ExitStack() as stack:  # what is opened below is closed on every path
-        stack.enter_context(_own_run_folder(run_dir))
-        try:
-            return _run_owned(args, stage, config, tokenizer, tokenizer_dir, source, run_dir,
-                              stack)
-        except OSError as err:  # writing a run file failed: say so, and what is intact
-            if err.errno not in ENVIRONMENT_ERRNOS:
-                raise
-            raise RunFailure(f"writing {os_error_line(err)}; "
-                             + checkpoint.intact_note(run_dir / checkpoint.CHECKPOINT_DIR)
-                             ) from None
+        trainer = build_run(config, stage, stack)
+        with _write_failures(trainer.run_dir):
+            state = train_loop(trainer)
+            checkpoint.finish(trainer.manager)
+            _say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
+                 f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
+                 f"{trainer.run_dir / checkpoint.CHECKPOINT_DIR}")
+    return 0
+
+
+@contextlib.contextmanager
+def _write_failures(run_dir: pathlib.Path):
+    """An environment error writing a run file (disk full, ...) becomes a RunFailure that says
+    so, and which checkpoints are intact."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise RunFailure(f"writing {os_error_line(err)}; "
+                         + checkpoint.intact_note(run_dir / checkpoint.CHECKPOINT_DIR)
+                         ) from None
 
 
 @contextlib.contextmanager
@@ -358,55 +410,156 @@ def _previous_run(run_dir: pathlib.Path) -> str | None:
     return None
 
 
-def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir, source,
-               run_dir: pathlib.Path, stack: contextlib.ExitStack) -> int:
-    from minimind_jax import step as train_step
-    from minimind_jax.loader import Loader
-    from minimind_jax.model import count_params
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run ready to train: all that `train_loop` consumes."""
 
+    config: TrainConfig
+    stage: Stage
+    model: ModelConfig  # config.model, with the tokenizer's vocabulary where it asks so
+    run_dir: pathlib.Path
+    state: Any  # the train state to start from, fresh or resumed
+    start: tuple[int, int, int]  # (global step, epoch, batch) of the next micro-step
+    total_steps: int
+    loader: Any
+    mesh: Any
+    schedule: optim.Schedule
+    step_fn: Any
+    flush_fn: Any  # minimind-3's end-of-epoch flush of a partial accumulation window, or None
+    evaluator: Any  # evaluate.Evaluator or None
+    manager: Any  # the orbax checkpoint manager
+    log: RunLog
+
+
+def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) -> Run:
+    """Tokenizer, model, run folder (locked), data, train state (fresh or resumed), step
+    functions, checkpoint manager, tracker and log; what is opened is closed by `stack`."""
+    from minimind_jax.tokenizer import load_tokenizer
+
+    if config.run.run_prefix:  # minimind-3's --save_weight
+        stage = dataclasses.replace(stage, run_prefix=config.run.run_prefix)
+    tokenizer_dir = resolve_tokenizer(config, stage)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = config.model
+    if config.vocab_from_tokenizer:
+        model = model.replace(vocab_size=tokenizer.vocab_size)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"--vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
+    source = None if config.run.resume else init_source(config, stage)
+    run_dir = run_dir_for(config.run.out_dir, stage, model)
+    stack.enter_context(_own_run_folder(run_dir))
+    with _write_failures(run_dir):
+        return _build_owned(config, stage, model, tokenizer, tokenizer_dir, source, run_dir,
+                            stack)
+
+
+def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
+                 tokenizer_dir: pathlib.Path, source, run_dir: pathlib.Path,
+                 stack: contextlib.ExitStack) -> Run:
+    """`build_run` once the run folder is ours."""
+    from minimind_jax import step as train_step
+
+    previous = _check_start(config.run, run_dir)
+    mesh = train_step.data_mesh()
+    data, loader, evaluator = _open_data(config, stage, tokenizer, model, mesh)
+    batches = loader.batches_per_epoch
+    total_steps = _total_steps(config, batches)
+    opt = config.optim
+    schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
+                              opt.accumulation_steps, opt.warmup_iters)
+    optimizer = optim.make_optimizer(accumulation_steps=opt.accumulation_steps,
+                                     grad_clip=opt.grad_clip, weight_decay=opt.weight_decay)
+    fsdp = config.distributed.fsdp
+    abstract = train_step.abstract_train_state(model, optimizer, mesh, fsdp=fsdp)
+    shardings = train_step.shardings_of(abstract)
+    state, (epoch, batch), elapsed_before = _start_state(
+        config, stage, model, source, run_dir, previous, abstract, optimizer, shardings)
+    manager = checkpoint.open_manager(run_dir)
+    stack.callback(checkpoint.close, manager)
+    start_step = int(train_step.to_host(state.step))
+    if _is_main_process():
+        _write_run_files(run_dir, model, config, tokenizer_dir)
+    _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps)
+
+    tracker = (tracking.open_tracker(config.run.tracker, config.run.tracker_project,
+                                     tracking.run_name(stage.command, opt.epochs,
+                                                       config.data.batch_size,
+                                                       opt.learning_rate),
+                                     config.record(), stage.command, run_dir, start_step)
+               if _is_main_process() else None)
+    lines = LineStyle(opt.epochs, batches, config.run.log_interval,
+                      head=arch_of(model) == "minimind3")
+    log = RunLog(run_dir, start_step, total_steps, _is_main_process(), tracker, lines=lines,
+                 elapsed_before=elapsed_before)
+    stack.callback(log.close)
+    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh,
+                                         shardings=shardings if fsdp else None)
+    flush_fn = None
+    if recipes.recipe_named(config.recipe).flush_epoch_end \
+            and batches % opt.accumulation_steps != 0:
+        inner = optim.make_inner_optimizer(grad_clip=opt.grad_clip,
+                                           weight_decay=opt.weight_decay)
+        flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings)
+    return Run(config=config, stage=stage, model=model, run_dir=run_dir, state=state,
+               start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
+               mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
+               evaluator=evaluator, manager=manager, log=log)
+
+
+def _check_start(run: RunConfig, run_dir: pathlib.Path) -> str | None:
+    """Refuse --resume without a checkpoint, and a fresh start over an earlier run without
+    --overwrite; returns what that earlier run left (`_previous_run`)."""
     previous = _previous_run(run_dir)
-    if args.resume and not checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR):
+    if run.resume and not checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR):
         raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
-    if not args.resume and previous and not args.overwrite:
+    if not run.resume and previous and not run.overwrite:
         raise UserError(f"{run_dir} already holds a run ({previous}): pass --resume to "
                         "continue it, or --overwrite to delete its checkpoints, metrics and "
                         "TensorBoard events and start over")
+    return previous
 
-    mesh = train_step.data_mesh()
-    data = _open_source_once(args, stage, tokenizer, config, args.data_path, args.pack)
-    recipe = recipes.recipe_of(args)
+
+def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh):
+    """(training rows, their loader, the evaluator or None)."""
+    from minimind_jax.loader import Loader
+
+    data_config = config.data
+    data = _open_source_once(config, stage, tokenizer, model, data_config.data_path,
+                             data_config.pack)
     evaluator = None
-    if args.eval_data:
-        eval_source = _open_source_once(args, stage, tokenizer, config, args.eval_data,
+    if config.eval.data_path:
+        eval_source = _open_source_once(config, stage, tokenizer, model, config.eval.data_path,
                                         pack=False)
-        evaluator = evaluate.Evaluator(eval_source, config, mesh, args.batch_size,
-                                       args.eval_batches)
-    loader = Loader(data, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed,
+        evaluator = evaluate.Evaluator(eval_source, model, mesh, data_config.batch_size,
+                                       config.eval.batches)
+    loader = Loader(data, data_config.batch_size, shuffle=data_config.shuffle, seed=config.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
-                    pad_to_multiple=_rows_multiple(config, args.batch_size),
-                    permutation=recipe.permutation)
-    batches = loader.batches_per_epoch
-    total_steps = args.epochs * batches
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+                    pad_to_multiple=_rows_multiple(model, data_config.batch_size),
+                    permutation=recipes.recipe_named(config.recipe).permutation)
+    return data, loader, evaluator
+
+
+def _total_steps(config: TrainConfig, batches: int) -> int:
+    total_steps = config.optim.epochs * batches
+    if config.optim.max_steps is not None:
+        total_steps = min(total_steps, config.optim.max_steps)
     if total_steps < 1:
-        raise UserError(f"nothing to train: {args.data_path} gives {batches} batches of "
-                        f"--batch_size {args.batch_size} per epoch")
+        raise UserError(f"nothing to train: {config.data.data_path} gives {batches} batches of "
+                        f"--batch_size {config.data.batch_size} per epoch")
+    return total_steps
 
-    learning_rate = args.learning_rate
-    accumulation = args.accumulation_steps
-    schedule = optim.Schedule(args.lr_schedule, learning_rate, total_steps, accumulation,
-                              args.warmup_iters)
-    optimizer = optim.make_optimizer(accumulation_steps=accumulation, grad_clip=args.grad_clip,
-                                     weight_decay=args.weight_decay)
-    flush_at_epoch_end = recipe.flush_epoch_end and batches % accumulation != 0
 
-    abstract = train_step.abstract_train_state(config, optimizer, mesh, fsdp=args.fsdp)
-    shardings = train_step.shardings_of(abstract)
-    elapsed_before = 0.0
-    if args.resume:
+def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, run_dir,
+                 previous: str | None, abstract, optimizer, shardings):
+    """(train state, (epoch, batch) of the next batch, run seconds so far): resumed from the
+    newest intact checkpoint, or fresh from `initial_params` (removing an earlier run's files
+    with --overwrite)."""
+    from minimind_jax import step as train_step
+
+    if config.run.resume:
         def same_shape(meta):
-            check_same_shape(ModelConfig.from_dict(meta["model_config"]), config,
+            check_same_shape(ModelConfig.from_dict(meta["model_config"]), model,
                              f"{run_dir} (step {meta['step']})")
 
         state, meta, damaged = checkpoint.resume_state(run_dir, abstract, same_shape, _warn)
@@ -417,72 +570,56 @@ def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir
                 _warn(f"warning: moved the damaged checkpoint(s) to {', '.join(map(str, moved))}")
             distributed.barrier("train:damaged_moved")
         epoch, batch = meta["epoch"], meta["batch"]
-        elapsed_before = float(meta.get("elapsed_s", 0.0))
         _say(f"resuming {run_dir} at step {meta['step']} (epoch {epoch + 1}, batch {batch})")
-    else:
-        params, origin = initial_params(args, stage, source, config)
-        if previous:  # --overwrite, checked above
-            _say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
-            distributed.barrier("train:previous_seen")  # all decided before one deletes
-            if _is_main_process():
-                shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            distributed.barrier("train:previous_removed")
-        state = train_step.init_train_state(params, optimizer, args.seed, shardings)
-        del params
-        epoch, batch = 0, 0
-        _say(f"initial weights: {origin}")
-    manager = checkpoint.open_manager(run_dir)
-    stack.callback(checkpoint.close, manager)
-    start_step = int(train_step.to_host(state.step))
-    if _is_main_process():
-        _write_run_files(run_dir, config, args, tokenizer_dir)
+        return state, (epoch, batch), float(meta.get("elapsed_s", 0.0))
+    params, origin = initial_params(config, stage, source, model)
+    if previous:  # --overwrite, checked by _check_start
+        _say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
+        distributed.barrier("train:previous_seen")  # all decided before one deletes
+        if _is_main_process():
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        distributed.barrier("train:previous_removed")
+    state = train_step.init_train_state(params, optimizer, config.seed, shardings)
+    _say(f"initial weights: {origin}")
+    return state, (0, 0), 0.0
+
+
+def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh, data,
+              run_dir: pathlib.Path, batches: int, total_steps: int) -> None:
+    """The run's opening lines: model size, devices, layout, host memory, schedule, rows."""
+    from minimind_jax.model import count_params
+
+    opt = config.optim
     n_params = count_params(state.params)
     _say(f"model parameters: {n_params / 1e6:.3f} M ({n_params:,}); {mesh.devices.size} "
          f"device(s) {jax.devices()[0].platform} in {jax.process_count()} process(es); "
-         f"dtype {config.dtype}; run folder {run_dir}")
-    _say(_layout_line(state, args.fsdp, mesh.devices.size))
+         f"dtype {model.dtype}; run folder {run_dir}")
+    _say(_layout_line(state, config.distributed.fsdp, mesh.devices.size))
     _say(host_memory.describe())
-    _say(f"{stage.command}: {args.epochs} epoch(s) x {batches} batches of {args.batch_size}, "
-         f"accumulation {accumulation}, {total_steps} micro-steps, lr {learning_rate} "
-         f"({args.lr_schedule})")
-    _say(_rows_line(data, args))
-
-    tracker = (tracking.open_tracker(args, stage.command, run_dir, start_step)
-               if _is_main_process() else None)
-    log = RunLog(run_dir, start_step, total_steps, _is_main_process(), tracker)
-    stack.callback(log.close)
-    step_fn = train_step.make_train_step(config, optimizer, schedule, mesh,
-                                         shardings=shardings if args.fsdp else None)
-    flush_fn = None
-    if flush_at_epoch_end:
-        inner = optim.make_inner_optimizer(grad_clip=args.grad_clip,
-                                           weight_decay=args.weight_decay)
-        flush_fn = train_step.make_flush_step(inner, schedule, accumulation, shardings)
-    state = _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
-                        schedule, start=(start_step, epoch, batch), total_steps=total_steps,
-                        elapsed_before=elapsed_before, flush_fn=flush_fn, evaluator=evaluator)
-    checkpoint.finish(manager)
-    _say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
-         f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
-         f"{run_dir / checkpoint.CHECKPOINT_DIR}")
-    return 0
+    _say(f"{stage.command}: {opt.epochs} epoch(s) x {batches} batches of "
+         f"{config.data.batch_size}, accumulation {opt.accumulation_steps}, {total_steps} "
+         f"micro-steps, lr {opt.learning_rate} ({opt.lr_schedule})")
+    _say(_rows_line(data, config.data))
 
 
-def _open_source_once(args, stage: Stage, tokenizer, config: ModelConfig, data_path: str,
-                      pack: bool):
+def _open_source_once(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
+                      data_path: str, pack: bool):
     """The rows of `data_path`; with several processes, process 0 builds a missing token cache
     first, so the others find it (shared storage) instead of racing on it."""
     from minimind_jax.loader import open_source
 
+    data_config = config.data
+
     def open_it(quiet: bool):
-        return open_source(data_path, tokenizer, stage.data_stage, config.max_seq_len,
-                           pack=pack, pack_window=args.pack_window, cache_dir=args.cache_dir,
-                           skip_bad_lines=args.skip_bad_lines,
+        return open_source(data_path, tokenizer, stage.command, model.max_seq_len,
+                           pack=pack, pack_window=data_config.pack_window,
+                           cache_dir=data_config.cache_dir,
+                           skip_bad_lines=data_config.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None,
-                           rules=arch_of(config), sft_seed=args.seed,
-                           sft_random=not args.no_sft_random)
+                           rules=arch_of(model), sft_seed=config.seed,
+                           sft_random=data_config.sft_random)
 
     if not _is_main_process():
         distributed.barrier("train:token_cache")
@@ -506,12 +643,12 @@ def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
     return devices
 
 
-def _rows_line(data, args) -> str:
+def _rows_line(data, data_config: DataConfig) -> str:
     """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
     fill = 1.0 - data.padding_fraction
-    if args.pack:
-        how = ("next fit in file order" if args.pack_window == 0
-               else f"best fit over windows of {args.pack_window:,} documents")
+    if data_config.pack:
+        how = ("next fit in file order" if data_config.pack_window == 0
+               else f"best fit over windows of {data_config.pack_window:,} documents")
         return f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
     return f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
 
@@ -534,85 +671,90 @@ class TooManySkips(Exception):
         self.step, self.reason = step, reason
 
 
-def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log, schedule, *,
-                start, total_steps, elapsed_before, flush_fn=None, evaluator=None):
-    """Consume batches from `start` = (global step, epoch, batch) until `total_steps`;
-    `flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush); with an
-    `evaluator`, validate every --eval_interval micro-steps and at the end.
+def train_loop(run: Run):
+    """Consume batches from `run.start` = (global step, epoch, batch) until `run.total_steps`;
+    `run.flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush);
+    with an evaluator, validate every --eval_interval micro-steps and at the end. Returns the
+    final train state.
 
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
     """
     from minimind_jax import step as train_step
 
-    step, epoch, batch = start
-    batches = loader.batches_per_epoch
-    run_start = time.time()
-    pending = []  # (device metrics, host info) of the dispatched step not logged yet
-    window = {"tokens": 0, "since": run_start}
-    epoch_clock = {"epoch": None, "start": run_start, "first": batch}
-
-    def drain():
-        """Log the dispatched steps; raise once too many in a row were non-finite."""
-        while pending:
-            metrics, info = pending.pop(0)
-            metrics = train_step.to_host(metrics)
-            _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches,
-                      run_start, elapsed_before)
-            if int(metrics["consecutive_skips"]) >= args.max_consecutive_skips:
-                raise TooManySkips(info["step"], int(metrics["nonfinite"]))
-
-    evaluated = {"step": None}
-
-    def validate():
-        drain()
-        result = evaluator(state.params)
-        log.record_eval(result.record(), step, f"step {step}: " + result.line())
-        evaluated["step"] = step
-
-    def save(position):
-        drain()
-        checkpoint.save(manager, state, epoch=position[0], batch=position[1], config=config,
-                        stage=stage.command, elapsed_s=elapsed_before + time.time() - run_start)
-
+    state, (step, epoch, batch) = run.state, run.start
+    batches, epochs = run.loader.batches_per_epoch, run.config.optim.epochs
+    run.log.start_clocks()
+    pending = []  # (device metrics, host info) of the dispatched steps not logged yet
+    evaluated_at = None  # the step of the last validation
     position = (epoch, batch)  # of the next batch to consume
     try:
-        while step < total_steps and position[0] < args.epochs:
+        while step < run.total_steps and position[0] < epochs:
             epoch, batch = position
-            epoch_clock.update(epoch=epoch, start=time.time(), first=batch)
-            for b, host_batch in enumerate(loader.epoch(epoch, start_batch=batch), start=batch):
-                state, metrics = step_fn(state, train_step.put_batch(host_batch, mesh))
+            run.log.start_epoch(batch)
+            for b, host_batch in enumerate(run.loader.epoch(epoch, start_batch=batch),
+                                           start=batch):
+                state, metrics = run.step_fn(state, train_step.put_batch(host_batch, run.mesh))
                 info = {"step": step, "epoch": epoch, "batch": b,
                         "seq_len": host_batch["input_ids"].shape[1]}
                 step += 1
-                if flush_fn is not None and b + 1 == batches:
-                    state = flush_fn(state)
+                if run.flush_fn is not None and b + 1 == batches:
+                    state = run.flush_fn(state)
                 position = (epoch + 1, 0) if b + 1 >= batches else (epoch, b + 1)
-                log.advance()
-                drain()  # the previous step's metrics (this step runs meanwhile)
+                run.log.advance()
+                _log_dispatched(run, pending)  # the previous step's (this one runs meanwhile)
                 pending.append((metrics, info))
-                if evaluator is not None and step % args.eval_interval == 0:
-                    validate()
-                if step % args.save_interval == 0:
-                    save(position)
-                if step >= total_steps:
+                if run.evaluator is not None and step % run.config.eval.interval == 0:
+                    evaluated_at = _validate(run, state, step, pending)
+                if step % run.config.run.save_interval == 0:
+                    _log_dispatched(run, pending)
+                    save_checkpoint(run, state, position)
+                if step >= run.total_steps:
                     break
             else:
                 position = (epoch + 1, 0)  # in case an epoch had fewer batches than announced
-        if evaluator is not None and evaluated["step"] != step:
-            validate()
-        save(position)
+        if run.evaluator is not None and evaluated_at != step:
+            _validate(run, state, step, pending)
+        _log_dispatched(run, pending)
+        save_checkpoint(run, state, position)
     except TooManySkips as err:
-        pending.clear()
-        saved = checkpoint.save(manager, state, epoch=position[0], batch=position[1],
-                                config=config, stage=stage.command)
-        checkpoint.finish(manager)
-        raise UserError(_stop_message(args, config, err, f"{manager.directory}/{saved}")
-                        ) from None
+        saved = save_checkpoint(run, state, position)
+        checkpoint.finish(run.manager)
+        raise UserError(_stop_message(run.config.run.max_consecutive_skips, run.model, err,
+                                      f"{run.manager.directory}/{saved}")) from None
     return state
 
 
-def _stop_message(args, config: ModelConfig, err: TooManySkips, saved: str) -> str:
+def _log_dispatched(run: Run, pending: list) -> None:
+    """Log the dispatched steps' metrics (emptying `pending`); raise TooManySkips once too many
+    in a row were non-finite."""
+    from minimind_jax import step as train_step
+
+    while pending:
+        metrics, info = pending.pop(0)
+        metrics = train_step.to_host(metrics)
+        run.log.step(metrics, info, run.schedule.host)
+        if int(metrics["consecutive_skips"]) >= run.config.run.max_consecutive_skips:
+            raise TooManySkips(info["step"], int(metrics["nonfinite"]))
+
+
+def _validate(run: Run, state, step: int, pending: list) -> int:
+    """Validate the params after `step` micro-steps (once the steps before are logged)."""
+    _log_dispatched(run, pending)
+    result = run.evaluator(state.params)
+    run.log.record_eval(result.record(), step, f"step {step}: " + result.line())
+    return step
+
+
+def save_checkpoint(run: Run, state, position: tuple[int, int]) -> int:
+    """Every checkpoint of the run: `state`, `position` = (epoch, batch) of the next batch,
+    the model, the stage and the run time so far. Returns the step (saved asynchronously)."""
+    return checkpoint.save(run.manager, state, epoch=position[0], batch=position[1],
+                           config=run.model, stage=run.stage.command,
+                           elapsed_s=run.log.elapsed())
+
+
+def _stop_message(max_skips: int, model: ModelConfig, err: TooManySkips, saved: str) -> str:
     """Why the run stopped after too many skipped micro-steps, and what to change."""
     from minimind_jax.step import NONFINITE_REASONS
 
@@ -620,48 +762,11 @@ def _stop_message(args, config: ModelConfig, err: TooManySkips, saved: str) -> s
     if err.reason == 3:
         advice = "The optimizer step overflowed: lower --learning_rate or --weight_decay."
     else:
-        advice = "Lower --learning_rate" + (" or use --dtype float32" if config.dtype !=
+        advice = "Lower --learning_rate" + (" or use --dtype float32" if model.dtype !=
                                             "float32" else "") + "."
-    return (f"{args.max_consecutive_skips} micro-steps in a row were skipped, the last (step "
+    return (f"{max_skips} micro-steps in a row were skipped, the last (step "
             f"{err.step}) for a non-finite {what}; stopped. {advice} Checkpoint {saved} holds "
             "the state without the skipped steps' changes.")
-
-
-def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, run_start,
-              elapsed_before):
-    """Turn one step's fetched metrics into a record (and a line) if it is a logged step."""
-    # Rows of the global batch (other processes load the other rows).
-    window["tokens"] += int(metrics["n_rows"]) * info["seq_len"]
-    head_style = cli_arch(args) == "minimind3"
-    if not is_logged_batch(info["batch"], batches, args.log_interval, head_style):
-        return
-    now = time.time()
-    record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
-              "update": int(metrics["update"]), "loss": float(metrics["loss"]),
-              "aux": float(metrics["aux"]), "lr": schedule.host(info["step"])}
-    if bool(metrics["updated"]):
-        record["grad_norm"] = float(metrics["grad_norm"])
-    if int(metrics["skipped"]):
-        record["skipped"] = int(metrics["skipped"])
-    record["tokens_per_sec"] = window["tokens"] / max(now - window["since"], 1e-9)
-    record["elapsed_s"] = elapsed_before + now - run_start
-    window.update(tokens=0, since=now)
-    epoch_seconds = now - epoch_clock["start"]
-    done = max(info["batch"] - epoch_clock["first"] + 1, 1)
-    if head_style:
-        line = head_reference_line(info["epoch"], args.epochs, info["batch"], batches,
-                                   record["loss"], record["aux"], record["lr"], epoch_seconds,
-                                   done)
-    else:
-        line = reference_line(info["epoch"], args.epochs, info["batch"], batches,
-                              record["loss"], record["lr"], epoch_seconds, done)
-    if int(metrics["consecutive_skips"]):
-        from minimind_jax.step import NONFINITE_REASONS
-
-        what = NONFINITE_REASONS.get(int(metrics["nonfinite"]), "value")
-        line += (f" (non-finite {what}: skipped, {record['skipped']} so far, "
-                 f"{int(metrics['consecutive_skips'])} in a row)")
-    log.record(record, line)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -677,6 +782,14 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "the run's own copy with --resume, "
                         + ("else the pretrain run's copy, " if stage.command == "sft" else "")
                         + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
+    _add_optim_flags(g, stage)
+    _add_rows_flags(g)
+    _add_run_flags(g, stage)
+
+
+def _add_optim_flags(g, stage: Stage) -> None:
+    """OptimConfig's flags, with --batch_size, --recipe, --no_sft_random and --seed (in the
+    order --help lists them)."""
     ours = recipes.stage_defaults(stage.command, "minimind2")
     head = recipes.stage_defaults(stage.command, "minimind3")
     g.add_argument("--epochs", type=int, default=None,
@@ -719,6 +832,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the random init and of the shuffling order (default 1337; "
                         "--recipe minimind3: 42, HEAD's epoch e uses seed + e)")
+
+
+def _add_rows_flags(g) -> None:
+    """How DataConfig's rows are made and ordered."""
     g.add_argument("--no_shuffle", action="store_true",
                    help="file order every epoch, as the reference's DataLoader(shuffle=False)")
     g.add_argument("--pack", action="store_true",
@@ -729,6 +846,10 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "many documents in file order, whole documents only; 0 = next fit in "
                         "file order (fewer full rows)")
     prepare.add_cache_args(g)
+
+
+def _add_run_flags(g, stage: Stage) -> None:
+    """RunConfig's flags, with --fsdp."""
     g.add_argument("--log_interval", type=int, default=100,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "
                         "the reference-style line)")

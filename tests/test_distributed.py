@@ -6,7 +6,6 @@ counts and the distributed runtime are per process); the pair talks through a co
 127.0.0.1 and gloo CPU collectives.
 """
 
-import argparse
 import json
 import shutil
 import socket
@@ -19,6 +18,7 @@ import pytest
 
 from minimind_jax import checkpoint, cli, distributed
 from minimind_jax import step as train_step
+from minimind_jax.train_config import DistributedConfig
 from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
 
 STEPS = 10
@@ -230,7 +230,7 @@ def test_cluster_detection_follows_jax(monkeypatch):
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     assert distributed.detected_cluster() == "slurm"
-    flags = argparse.Namespace(num_processes=1)  # the way out: stay single-process
+    flags = DistributedConfig(num_processes=1)  # the way out: stay single-process
     assert distributed.initialize(flags) is False and not jax.distributed.is_initialized()
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs single-process
     assert distributed.detected_cluster() is None

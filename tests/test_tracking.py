@@ -22,13 +22,17 @@ FLAGS = {"wandb": ["--use_wandb", "--wandb_project", "minimind-jax-test"],
 
 def test_tracker_choice_and_run_name():
     parse = cli.build_parser().parse_args
-    assert tracking.tracker_kind(parse(["pretrain"])) == "tensorboard"
-    assert tracking.tracker_kind(parse(["pretrain", "--use_wandb"])) == "wandb"
-    assert tracking.tracker_kind(parse(["sft", "--use_wandb", "--tracker", "swanlab"])) == \
-        "swanlab"
+
+    def kind(argv):
+        args = parse(argv)
+        return tracking.tracker_kind(args.tracker, args.use_wandb)
+
+    assert kind(["pretrain"]) == "tensorboard"
+    assert kind(["pretrain", "--use_wandb"]) == "wandb"
+    assert kind(["sft", "--use_wandb", "--tracker", "swanlab"]) == "swanlab"
     args = parse(["sft"])
     recipes.apply_defaults(args, "sft")  # as run_stage does before it opens the tracker
-    assert tracking.run_name("sft", args) == \
+    assert tracking.run_name("sft", args.epochs, args.batch_size, args.learning_rate) == \
         "MiniMind-Full-SFT-Epoch-1-BatchSize-32-LearningRate-5e-05"
 
 

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_jax import checkpoint, cli
+from minimind_jax import checkpoint, cli, train
+from minimind_jax.config import arch_defaults
+from minimind_jax.errors import UserError
 from minimind_jax.loader import Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind
+from minimind_jax.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, golden_state_dict
 
 TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
@@ -121,6 +124,44 @@ def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys)
     assert checkpoint.latest_checkpoint(run_dir) is not None
     params, _ = checkpoint.restore_params(run_dir)  # saved without the skipped steps' effects
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(params))
+    manager = checkpoint.open_manager(run_dir, create=False)
+    assert checkpoint.restore_meta(manager)["elapsed_s"] > 0  # saved like every checkpoint
+    checkpoint.close(manager)
+
+
+def test_training_from_python_matches_the_command(tmp_path, capsys):
+    """`train.run(TrainConfig(...))` is the `pretrain` command without the flags."""
+    steps = ["--batch_size", "4", "--accumulation_steps", "2", "--max_steps", "3",
+             "--log_interval", "1", "--seed", "7"]
+    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), *steps]) == 0
+    from_cli = records(tmp_path / "out" / "pretrain_64")
+    model = arch_defaults("minimind2").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                               max_seq_len=64, dtype="float32")
+    config = TrainConfig(
+        model=model, vocab_from_tokenizer=True, seed=7,
+        data=DataConfig(data_path=str(PRETRAIN_JSONL), tokenizer=str(TOKENIZER_DIR),
+                        batch_size=4, cache_dir=str(tmp_path / "cache")),
+        optim=OptimConfig(learning_rate=5e-4, accumulation_steps=2, max_steps=3),
+        run=RunConfig(out_dir=str(tmp_path / "py"), log_interval=1))
+    assert train.run(config, "pretrain") == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "py" / "pretrain_64"
+    from_python = records(run_dir)
+    keys = ("step", "update", "loss", "aux", "lr", "grad_norm")
+    assert [{k: r.get(k) for k in keys} for r in from_python] == \
+        [{k: r.get(k) for k in keys} for r in from_cli]
+    recorded = json.loads((run_dir / "train_args.json").read_text())
+    assert recorded["optim"]["learning_rate"] == 5e-4 and recorded["model"]["dim"] == 64
+
+
+def test_training_from_python_checks_its_numbers_first(tmp_path):
+    config = TrainConfig(model=arch_defaults("minimind2"),
+                         data=DataConfig(data_path=str(PRETRAIN_JSONL), batch_size=0),
+                         optim=OptimConfig(learning_rate=1e-3),
+                         run=RunConfig(out_dir=str(tmp_path / "out")))
+    with pytest.raises(UserError, match="^--batch_size must be >= 1, got 0$"):
+        train.run(config, "pretrain")
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_explains_every_flag(capsys):
