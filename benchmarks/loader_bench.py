@@ -95,8 +95,7 @@ def main() -> None:
 
     import jax
 
-    from minimind_jax import optim
-    from minimind_jax import step as train_step
+    from minimind_jax import optim, train_step
     from minimind_jax.cli import resolve_dtype
     from minimind_jax.config import ModelConfig, preset
     from minimind_jax.loader import Loader, open_source

@@ -133,8 +133,7 @@ def time_interleaved(warmed: list[Warm], batch: dict, steps: int) -> list[StepSt
 
 def bench_jax(config: ModelConfig, batch: dict) -> tuple[Runner, int]:
     """Our jitted train step (the one `train.py` runs) on a fixed batch; and the param count."""
-    from minimind_jax import optim
-    from minimind_jax import step as train_step
+    from minimind_jax import optim, train_step
     from minimind_jax.model import count_params, init_params
 
     mesh = train_step.data_mesh()

@@ -76,7 +76,7 @@ class Evaluator:
         self.step = make_eval_step(config)
 
     def __call__(self, params) -> EvalResult:
-        from minimind_jax.step import put_batch, to_host
+        from minimind_jax.train_step import put_batch, to_host
 
         sums = []
         for index, batch in enumerate(self.loader.epoch(0)):
@@ -96,8 +96,8 @@ class Evaluator:
 def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax import generate
     from minimind_jax.loader import open_source
-    from minimind_jax.step import data_mesh, put_replicated
     from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.train_step import data_mesh, put_replicated
 
     params, config = generate.load_model(args.ckpt, args)
     tokenizer = load_tokenizer(generate.resolve_tokenizer_dir(args))

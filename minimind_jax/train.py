@@ -360,7 +360,7 @@ def _previous_run(run_dir: pathlib.Path) -> str | None:
 
 def _run_owned(args, stage: Stage, config: ModelConfig, tokenizer, tokenizer_dir, source,
                run_dir: pathlib.Path, stack: contextlib.ExitStack) -> int:
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
     from minimind_jax.loader import Loader
     from minimind_jax.model import count_params
 
@@ -518,7 +518,7 @@ def _rows_line(data, args) -> str:
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
     """Where params and optimizer state live, with this device's share of the params."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
     local = train_step.local_bytes(state.params)
@@ -543,7 +543,7 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
     """
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     step, epoch, batch = start
     batches = loader.batches_per_epoch
@@ -614,7 +614,7 @@ def _train_loop(args, stage, config, state, step_fn, loader, mesh, manager, log,
 
 def _stop_message(args, config: ModelConfig, err: TooManySkips, saved: str) -> str:
     """Why the run stopped after too many skipped micro-steps, and what to change."""
-    from minimind_jax.step import NONFINITE_REASONS
+    from minimind_jax.train_step import NONFINITE_REASONS
 
     what = NONFINITE_REASONS.get(err.reason, "value")
     if err.reason == 3:
@@ -656,7 +656,7 @@ def _log_step(args, log, schedule, metrics, info, window, epoch_clock, batches, 
         line = reference_line(info["epoch"], args.epochs, info["batch"], batches,
                               record["loss"], record["lr"], epoch_seconds, done)
     if int(metrics["consecutive_skips"]):
-        from minimind_jax.step import NONFINITE_REASONS
+        from minimind_jax.train_step import NONFINITE_REASONS
 
         what = NONFINITE_REASONS.get(int(metrics["nonfinite"]), "value")
         line += (f" (non-finite {what}: skipped, {record['skipped']} so far, "
