@@ -27,6 +27,7 @@ import numpy as np
 from minimind_jax import host_memory
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import HelpFormatter, add_model_args, model_config_from_args
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -304,8 +305,6 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
 
 
 def _run(args: argparse.Namespace) -> int:
-    from minimind_jax.cli import model_config_from_args
-
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
@@ -319,8 +318,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter, add_model_args
-
     p = subparsers.add_parser(
         "bench", formatter_class=HelpFormatter,
         help="benchmark the train step: tokens/s, MFU, memory, vs eager PyTorch",

@@ -18,6 +18,7 @@ import math
 import jax
 import numpy as np
 
+from minimind_jax import model_args
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 
@@ -112,10 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli, prepare
+    from minimind_jax import prepare
 
     parser = subparsers.add_parser(
-        "eval", formatter_class=cli.HelpFormatter,
+        "eval", formatter_class=model_args.HelpFormatter,
         help="validation loss and perplexity of any weights on a JSONL file",
         description=__doc__)
     parser.add_argument("--ckpt", required=True,
@@ -131,7 +132,7 @@ def register(subparsers) -> None:
     parser.add_argument("--eval_batches", type=int, default=None,
                         help="only the first K batches (default: the whole file)")
     prepare.add_cache_args(parser)
-    cli.add_model_args(parser)
+    model_args.add_model_args(parser)
     parser.set_defaults(func=run_eval)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from minimind_jax import convert, model_args
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_cache
@@ -225,13 +226,11 @@ class TextStreamer:
 def load_model(ckpt: str, args: argparse.Namespace) -> tuple[dict, ModelConfig]:
     """Our run/checkpoint folder or a reference weights file (shapes read from the weights),
     computing in the dtype `--dtype` asks for."""
-    from minimind_jax import cli, convert
-
     path = pathlib.Path(ckpt)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    params, config = convert.load_params_any(path, cli.model_config_from_args(args))
-    config = config.replace(dtype=cli.resolve_dtype(getattr(args, "dtype", "auto")))
+    params, config, _ = convert.load_weights(path, model_args.model_config_from_args(args))
+    config = config.replace(dtype=model_args.resolve_dtype(getattr(args, "dtype", "auto")))
     return jax.tree.map(jnp.asarray, params), config
 
 
@@ -384,8 +383,6 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from minimind_jax import cli
-
     parser.add_argument("--ckpt", required=True,
                         help="our checkpoint directory, or reference weights (.pth, .safetensors,"
                              " .npz; shapes read from the file, --n_heads from the flags)")
@@ -408,14 +405,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", action="store_true",
                         help="minimind-3: open a <think> block for the model to reason in "
                              "(HEAD's open_thinking); by default the template closes an empty one")
-    cli.add_model_args(parser)
+    model_args.add_model_args(parser)
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter
-
     gen = subparsers.add_parser(
-        "generate", formatter_class=HelpFormatter,
+        "generate", formatter_class=model_args.HelpFormatter,
         help="answer prompts with a trained model (batched, KV-cached)",
         description=__doc__ + "\nexample:\n  minimind-jax generate --ckpt out/sft --prompt "
                               "'你好' --prompt '介绍一下你自己'",
@@ -433,7 +428,7 @@ def register(subparsers) -> None:
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(
-        "chat", formatter_class=HelpFormatter,
+        "chat", formatter_class=model_args.HelpFormatter,
         help="talk to a trained model interactively (streamed)",
         description="Interactive chat: applies the chat template, streams tokens as they come."
                     "\n\nexample:\n  minimind-jax chat --ckpt out/sft",

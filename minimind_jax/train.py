@@ -22,9 +22,11 @@ import jax
 from minimind_jax import (
     checkpoint,
     compat_flags,
+    convert,
     distributed,
     evaluate,
     host_memory,
+    model_args,
     optim,
     prepare,
     recipes,
@@ -93,15 +95,11 @@ def resolve_tokenizer(args: argparse.Namespace, stage: Stage) -> pathlib.Path:
 
 
 def cli_arch(args: argparse.Namespace) -> str:
-    from minimind_jax import cli
-
-    return cli.arch_from_args(args)
+    return model_args.arch_from_args(args)
 
 
 def _tag_from_args(args: argparse.Namespace) -> str:
-    from minimind_jax import cli
-
-    return cli.model_config_from_args(args).tag
+    return model_args.model_config_from_args(args).tag
 
 
 def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> None:
@@ -159,7 +157,7 @@ def initial_params(args: argparse.Namespace, stage: Stage, source: pathlib.Path 
 
     if source is None:
         return init_params(config, jax.random.PRNGKey(args.seed)), "random init"
-    params, origin = checkpoint.load_init_params(source, config, warn=_warn)
+    params, _, origin = convert.load_weights(source, config, exact=True, warn=_warn)
     if stage.command == "sft" and recipes.recipe_of(args).fp16_sft_init:
         return recipes.round_to_float16(params), f"{origin} (rounded to float16, as HEAD)"
     return params, origin
@@ -296,7 +294,6 @@ def _write_run_files(run_dir: pathlib.Path, config: ModelConfig, args: argparse.
 
 
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
-    from minimind_jax import cli
     from minimind_jax.tokenizer import load_tokenizer
 
     notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
@@ -312,7 +309,7 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     tokenizer_dir = resolve_tokenizer(args, stage)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = {} if args.vocab_size is not None else {"vocab_size": tokenizer.vocab_size}
-    config = cli.model_config_from_args(args, **vocab)
+    config = model_args.model_config_from_args(args, **vocab)
     if config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab_size {config.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
@@ -761,8 +758,6 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli
-
     descriptions = {
         "pretrain": "Pretrain a MiniMind2 model on {\"text\": ...} JSONL (the reference's "
                     "train_pretrain.py): next-token loss on every real token.",
@@ -772,7 +767,7 @@ def register(subparsers) -> None:
     }
     for name, stage in STAGES.items():
         parser = subparsers.add_parser(
-            name, formatter_class=cli.HelpFormatter,
+            name, formatter_class=model_args.HelpFormatter,
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
@@ -782,7 +777,7 @@ def register(subparsers) -> None:
                         "checkpoints into the run folder. Exact reference runs: --recipe "
                         "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
-        cli.add_model_args(parser, moe_value=True)
+        model_args.add_model_args(parser, moe_value=True)
         evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)
         tracking.add_tracker_args(parser)
