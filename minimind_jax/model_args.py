@@ -101,8 +101,4 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
     if getattr(args, "scan_layers", False):
         changes["scan_layers"] = True
     changes.update(overrides)
-    try:
-        return config.replace(**changes)
-    except ValueError as err:  # ModelConfig's own checks, worded with the flags' names
-        raise UserError(str(err).replace("invalid ModelConfig", "invalid model flags")
-                        ) from None
+    return config.replace(**changes)  # a ConfigError names the offending fields

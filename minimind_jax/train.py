@@ -33,15 +33,12 @@ from minimind_jax import (
     run_lock,
     tracking,
 )
-from minimind_jax.config import ModelConfig, arch_of
+from minimind_jax.config import SHAPE_FIELDS, ModelConfig, arch_of
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                "scan_layers", "qk_norm", "rope_layout")
 
 
 @dataclasses.dataclass(frozen=True)
