@@ -82,7 +82,7 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
     sorted_BV = jnp.where(ranks_V < k, sorted_BV, -jnp.inf)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = (mass_before_BV < top_p) & (ranks_V < k)
+    keep_BV = (mass_before_BV < top_p) & (ranks_V < k)[None, :]
     n_keep_B = jnp.maximum(keep_BV.sum(axis=-1), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
     return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
