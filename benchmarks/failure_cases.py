@@ -22,8 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
         "--n_kv_heads", "2", "--dtype", "float32"]
-SLOW_CLI = ("import sys, time\nfrom minimind_jax import cli, step\nput = step.put_batch\n"
-            "step.put_batch = lambda b, m: (time.sleep(0.3), put(b, m))[1]\n"
+SLOW_CLI = ("import sys, time\nfrom minimind_jax import cli, train_step\n"
+            "put = train_step.put_batch\n"
+            "train_step.put_batch = lambda b, m: (time.sleep(0.3), put(b, m))[1]\n"
             "sys.exit(cli.main(sys.argv[1:]))\n")
 
 

@@ -95,12 +95,11 @@ def main() -> None:
 
     import jax
 
-    from minimind_jax import optim
-    from minimind_jax import step as train_step
-    from minimind_jax.cli import resolve_dtype
+    from minimind_jax import optim, train_step
     from minimind_jax.config import ModelConfig, preset
     from minimind_jax.loader import Loader, open_source
     from minimind_jax.model import init_params
+    from minimind_jax.model_args import resolve_dtype
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="loader_bench_", dir="/tmp"))
     try:

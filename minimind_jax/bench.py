@@ -23,6 +23,7 @@ import numpy as np
 from minimind_jax import host_memory
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import HelpFormatter, add_model_args, model_config_from_args
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -98,8 +99,7 @@ def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> St
 
 def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
     """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
-    from minimind_jax import optim
-    from minimind_jax import step as train_step
+    from minimind_jax import optim, train_step
     from minimind_jax.model import count_params, init_params
 
     mesh = train_step.data_mesh()
@@ -265,8 +265,6 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
 
 
 def _run(args: argparse.Namespace) -> int:
-    from minimind_jax.cli import model_config_from_args
-
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
@@ -280,8 +278,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter, add_model_args
-
     p = subparsers.add_parser(
         "bench", formatter_class=HelpFormatter,
         help="benchmark the train step: tokens/s, MFU, memory, vs eager PyTorch",

@@ -337,11 +337,13 @@ def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None 
     Params come back whole on this process's first device, whatever layout (replicated or
     FSDP-sharded) they were saved in.
     """
-    params, config, _ = _restore_params(path, warn)
+    params, config, _ = restore_params_with_origin(path, warn)
     return params, config
 
 
-def _restore_params(path, warn) -> tuple[dict, ModelConfig, str]:
+def restore_params_with_origin(path: str | pathlib.Path,
+                               warn: Callable[[str], None] | None = None
+                               ) -> tuple[dict, ModelConfig, str]:
     """`restore_params` and the checkpoint folder it read."""
     from minimind_jax.model import init_params
 
@@ -377,25 +379,3 @@ def _restore_params(path, warn) -> tuple[dict, ModelConfig, str]:
         (params, config), step, _ = restore_newest_intact(root, restore, warn)
     return params, config, str(root / str(step))
 
-
-def load_init_params(path: str | pathlib.Path, config: ModelConfig,
-                     warn: Callable[[str], None] | None = None) -> tuple[dict, str]:
-    """(weights to start training from, where they came from): an orbax run folder (its
-    newest intact checkpoint) or checkpoint folder, .pth, .safetensors, .npz.
-
-    They must fit `config` exactly (reference keys and shapes); otherwise a UserError lists the
-    missing, unexpected and mis-shaped keys. Never falls back to a random init.
-    """
-    from minimind_jax import convert
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise UserError(f"--init_from: {path} does not exist")
-    origin = str(path)
-    if path.is_dir():
-        params, saved_config, origin = _restore_params(path, warn)
-        state_dict = convert.state_dict_from_params(params, saved_config)
-    else:
-        state_dict = convert.load_state_dict(path)
-    params = convert.params_from_state_dict(state_dict, config, source=str(path))
-    return jax.tree.map(np.asarray, params), origin

@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import HelpFormatter
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
 REFERENCE_LINE = re.compile(
@@ -388,8 +389,6 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter
-
     parser = subparsers.add_parser(
         "compare", formatter_class=HelpFormatter,
         help="compare loss curves (ours, the PyTorch reference's log, CSV exports)",

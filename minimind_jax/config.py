@@ -13,6 +13,8 @@ import json
 import math
 from typing import Any
 
+from minimind_jax.errors import ConfigError
+
 ARCHES = ("minimind2", "minimind3")
 
 
@@ -28,6 +30,12 @@ def minimind3_hidden_dim(dim: int, multiple_of: int) -> int:
 
 
 HIDDEN_DIM_RULES = {"minimind2": reference_hidden_dim, "minimind3": minimind3_hidden_dim}
+
+
+# The fields that fix the params' tree and shapes: a checkpoint only fits a config equal in these.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
+                "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+                "scan_layers", "qk_norm", "rope_layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +87,7 @@ class ModelConfig:
         errors = [f"{name}={getattr(self, name)} must be >= 1" for name in sizes
                   if getattr(self, name) < 1]
         if errors:  # the checks below divide by these
-            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+            raise ConfigError("invalid model config: " + "; ".join(errors))
         if self.hidden_dim_rule not in HIDDEN_DIM_RULES:
             errors.append(f"hidden_dim_rule must be one of {sorted(HIDDEN_DIM_RULES)}, "
                           f"got {self.hidden_dim_rule!r}")
@@ -110,7 +118,7 @@ class ModelConfig:
             errors.append("attention_impl must be auto|xla|cudnn|chunked, "
                           f"got {self.attention_impl!r}")
         if errors:
-            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+            raise ConfigError("invalid model config: " + "; ".join(errors))
 
     @property
     def head_dim(self) -> int:
@@ -137,7 +145,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+            raise ConfigError(f"unknown model config fields: {unknown}")
         return cls(**values)
 
 
@@ -157,7 +165,7 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 def arch_defaults(arch: str) -> ModelConfig:
     """The default config of a reference family: `minimind2` or `minimind3`."""
     if arch not in _ARCH_DEFAULTS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHES)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose from {list(ARCHES)}")
     return ModelConfig(**_ARCH_DEFAULTS[arch])
 
 
@@ -181,4 +189,4 @@ def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None

@@ -5,6 +5,7 @@ The references' keys are the interchange format: MiniMind2's (shared/SPEC.md "St
 MiniMind2 configs, minimind-3's HF-style ones (shared/SPEC3.md: `model.embed_tokens.weight`,
 `model.layers.{i}.self_attn.q_proj.weight`, ...; tied `lm_head.weight`) for configs with its
 q/k norm. Linear weights are [out, in]. Loading recognises either naming from the keys.
+`load_weights` is the one entry for weights from a folder (our checkpoints) or a file.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import json
 import pathlib
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 
+from minimind_jax import checkpoint
 from minimind_jax.config import ModelConfig, arch_defaults
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import HelpFormatter, add_model_args, model_config_from_args
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -455,33 +458,44 @@ def export_hf_qwen3(params, config: ModelConfig, out_dir: str | pathlib.Path) ->
     return out_dir
 
 
-def load_params_any(path: str | pathlib.Path, config: ModelConfig | None):
-    """Params (+ config) from a state-dict file or one of our orbax checkpoints/run folders.
+def load_weights(path: str | pathlib.Path, config: ModelConfig, *, exact: bool = False,
+         warn: Callable[[str], None] | None = None) -> tuple[dict, ModelConfig, str]:
+    """(params, their ModelConfig, where they came from) from an orbax run folder (its
+    newest intact checkpoint, damaged ones skipped with `warn`), a checkpoint folder, or a
+    state-dict file.
 
-    For state-dict files the shape fields are inferred from the weights on top of `config`.
+    `exact`: the weights must fit `config` exactly (reference keys and shapes; otherwise a
+    UserError lists the missing, unexpected and mis-shaped keys) and come back as numpy arrays:
+    what training starts from, never a random fallback. Otherwise the shape fields come from the
+    weights: a folder's saved config, or a file's shapes inferred on top of `config`.
     """
     path = pathlib.Path(path)
-    if path.is_dir():
-        from minimind_jax.checkpoint import restore_params
-
-        return restore_params(path)
     if not path.exists():
         raise UserError(f"weights not found: {path}")
-    sd = load_state_dict(path)
-    config = infer_config(sd, config or ModelConfig())
-    return params_from_state_dict(sd, config, source=str(path)), config
+    origin = str(path)
+    if path.is_dir():
+        params, saved_config, origin = checkpoint.restore_params_with_origin(path, warn)
+        if not exact:
+            return params, saved_config, origin
+        state_dict = state_dict_from_params(params, saved_config)
+    else:
+        state_dict = load_state_dict(path)
+        if not exact:
+            config = infer_config(state_dict, config)
+            return params_from_state_dict(state_dict, config, source=str(path)), \
+                config, origin
+    params = params_from_state_dict(state_dict, config, source=str(path))
+    return jax.tree.map(np.asarray, params), config, origin
 
 
 def _run(args: argparse.Namespace) -> int:
-    from minimind_jax.cli import model_config_from_args
-
     output = pathlib.Path(args.output)
     if args.hf_llama and output.exists() and not output.is_dir():
         raise UserError(f"--hf_llama writes a folder, but {output} is a file; name a folder")
     if not args.hf_llama and output.is_dir():
         raise UserError(f"{output} is a folder; name a .pth, .safetensors or .npz file "
                         "(or pass --hf_llama to write a Hugging Face folder)")
-    params, config = load_params_any(args.input, model_config_from_args(args))
+    params, config, _ = load_weights(args.input, model_config_from_args(args))
     print(f"loaded {args.input}: dim={config.dim} n_layers={config.n_layers} "
           f"n_heads={config.n_heads} n_kv_heads={config.n_kv_heads} "
           f"vocab={config.vocab_size} moe={config.use_moe}")
@@ -498,8 +512,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter, add_model_args
-
     p = subparsers.add_parser(
         "convert", formatter_class=HelpFormatter,
         help="convert weights: reference .pth/.safetensors/.npz <-> our checkpoints, HF Llama",

@@ -27,6 +27,7 @@ import time
 
 from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import HelpFormatter
 from minimind_jax.train_config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 
 # Idioms always kept in the corpus: the questions asked before and after SFT are about them.
@@ -177,7 +178,6 @@ def build_corpus(data_dir: pathlib.Path, n_idioms: int, seed: int = 0, *, per_id
                  n_held_out: int = 0, max_text_chars: int | None = None
                  ) -> dict[str, pathlib.Path]:
     """Write the demo's JSONL files for `n_idioms` idioms (the showcase ones included):
-
     - pretrain.jsonl: one text per idiom (reading, meaning, origin, example);
     - sft.jsonl: `per_idiom` questions per idiom, except for `n_held_out` idioms whose
       questions go to sft_eval.jsonl instead (their texts stay in pretraining: the held-out
@@ -425,8 +425,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter
-
     parser = subparsers.add_parser(
         "demo", formatter_class=HelpFormatter,
         help="corpus -> tokenizer -> pretrain -> SFT -> answers -> loss plot, on a CPU",

@@ -1,9 +1,9 @@
 """User-facing errors and the one mapping from exceptions to `error: ...` lines and exit codes.
 
-`UserError` (bad input: file, line, field, flag, checkpoint) exits 2; `RunFailure` (the run
-could not go on for a reason outside the program: a full disk, no permission, an I/O error)
-exits 1; an OSError of that kind raised anywhere is reported the same way. Anything else is a
-bug and keeps its traceback.
+`UserError` (bad input: file, line, field, flag, checkpoint; `ConfigError` for configs) exits
+2; `RunFailure` (the run could not go on for a reason outside the program: a full disk, no
+permission, an I/O error) exits 1; an OSError of that kind raised anywhere is reported the same
+way. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ class UserError(Exception):
     """Bad input from the user (file, line, field, flag, checkpoint), stated plainly."""
 
     exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid config (ModelConfig, schedule, ...), from flags or from Python; a ValueError
+    too, so library code that passes values in can catch it as one."""
 
 
 class RunFailure(UserError):

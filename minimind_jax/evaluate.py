@@ -18,6 +18,7 @@ import math
 import jax
 import numpy as np
 
+from minimind_jax import model_args
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 
@@ -76,7 +77,7 @@ class Evaluator:
         self.step = make_eval_step(config)
 
     def __call__(self, params) -> EvalResult:
-        from minimind_jax.step import put_batch, to_host
+        from minimind_jax.train_step import put_batch, to_host
 
         sums = []
         for index, batch in enumerate(self.loader.epoch(0)):
@@ -96,8 +97,8 @@ class Evaluator:
 def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax import generate
     from minimind_jax.loader import open_source
-    from minimind_jax.step import data_mesh, put_replicated
     from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.train_step import data_mesh, put_replicated
 
     params, config = generate.load_model_of(args)
     tokenizer = load_tokenizer(generate.resolve_tokenizer_dir(args))
@@ -112,10 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli, prepare
+    from minimind_jax import prepare
 
     parser = subparsers.add_parser(
-        "eval", formatter_class=cli.HelpFormatter,
+        "eval", formatter_class=model_args.HelpFormatter,
         help="validation loss and perplexity of any weights on a JSONL file",
         description=__doc__)
     parser.add_argument("--ckpt", required=True,
@@ -131,7 +132,7 @@ def register(subparsers) -> None:
     parser.add_argument("--eval_batches", type=int, default=None,
                         help="only the first K batches (default: the whole file)")
     prepare.add_cache_args(parser)
-    cli.add_model_args(parser)
+    model_args.add_model_args(parser)
     parser.set_defaults(func=run_eval)
 
 

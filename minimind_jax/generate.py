@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from minimind_jax import convert, model_args
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_cache
@@ -81,7 +82,7 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
     sorted_BV = jnp.where(ranks_V < k, sorted_BV, -jnp.inf)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = (mass_before_BV < top_p) & (ranks_V < k)
+    keep_BV = (mass_before_BV < top_p) & (ranks_V < k)[None, :]
     n_keep_B = jnp.maximum(keep_BV.sum(axis=-1), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
     return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
@@ -225,21 +226,17 @@ class TextStreamer:
 def load_model(ckpt: str, flags: ModelConfig, dtype: str = "auto") -> tuple[dict, ModelConfig]:
     """Our run/checkpoint folder or a reference weights file (shapes read from the weights,
     the rest from `flags`), computing in `dtype` (`auto`: by platform)."""
-    from minimind_jax import cli, convert
-
     path = pathlib.Path(ckpt)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    params, config = convert.load_params_any(path, flags)
-    config = config.replace(dtype=cli.resolve_dtype(dtype))
+    params, config, _ = convert.load_weights(path, flags)
+    config = config.replace(dtype=model_args.resolve_dtype(dtype))
     return jax.tree.map(jnp.asarray, params), config
 
 
 def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
     """`load_model` of the commands' --ckpt, model flags and --dtype."""
-    from minimind_jax import cli
-
-    return load_model(args.ckpt, cli.model_config_from_args(args),
+    return load_model(args.ckpt, model_args.model_config_from_args(args),
                       getattr(args, "dtype", "auto"))
 
 
@@ -392,8 +389,6 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from minimind_jax import cli
-
     parser.add_argument("--ckpt", required=True,
                         help="our checkpoint directory, or reference weights (.pth, .safetensors,"
                              " .npz; shapes read from the file, --n_heads from the flags)")
@@ -416,14 +411,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", action="store_true",
                         help="minimind-3: open a <think> block for the model to reason in "
                              "(HEAD's open_thinking); by default the template closes an empty one")
-    cli.add_model_args(parser)
+    model_args.add_model_args(parser)
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import HelpFormatter
-
     gen = subparsers.add_parser(
-        "generate", formatter_class=HelpFormatter,
+        "generate", formatter_class=model_args.HelpFormatter,
         help="answer prompts with a trained model (batched, KV-cached)",
         description=__doc__ + "\nexample:\n  minimind-jax generate --ckpt out/sft --prompt "
                               "'你好' --prompt '介绍一下你自己'",
@@ -441,7 +434,7 @@ def register(subparsers) -> None:
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(
-        "chat", formatter_class=HelpFormatter,
+        "chat", formatter_class=model_args.HelpFormatter,
         help="talk to a trained model interactively (streamed)",
         description="Interactive chat: applies the chat template, streams tokens as they come."
                     "\n\nexample:\n  minimind-jax chat --ckpt out/sft",

@@ -9,6 +9,16 @@ The config's switches select the family; there is one code path. Logits are alwa
 Param layout: Dense kernels are [in, out] (the reference's Linear weights transposed); expert
 weights are stacked [E, in, out]; with `scan_layers` the blocks live under "layers" with a leading
 [n_layers] axis, otherwise under "layers_0", "layers_1", ....
+
+Shape suffixes (`x_BTD` is [batch, time, model dim]); each letter means one thing:
+  B batch            T query positions      S key positions (cache slots)   L layers
+  D model dim        V vocab                F feed-forward hidden dim
+  N query heads      K key/value heads      G query heads per KV head (N = K*G)
+  H head dim         R rotary frequencies (H/2)
+  W query rows of one attention chunk       J rows of a chunk's grouped matmul (G*W)
+  E routed experts   C experts chosen per token (top-k)
+  M tokens of the batch, flattened (B*T)    P routed (token, expert) pairs (M*C)
+  A pair rows padded to whole expert blocks O blocks; b rows of one block
 """
 
 from __future__ import annotations
@@ -55,16 +65,16 @@ def embedding_init(config: ModelConfig):
 def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float):
     """cos/sin [B, T, head_dim/2] of angle pos * theta^(-2i/head_dim), in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles_BTF), jnp.sin(angles_BTF)
+    angles_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    return jnp.cos(angles_BTR), jnp.sin(angles_BTR)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array,
+def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array,
                layout: str = "interleaved") -> jax.Array:
     """Rotate every head by its position's angles. `interleaved` pairs features (2i, 2i+1)
     (MiniMind2's complex layout); `rotate_half` pairs (i, i + hd/2) (HF/NeoX, minimind-3)."""
     x = x_BTNH.astype(jnp.float32)
-    cos, sin = cos_BTF[:, :, None, :], sin_BTF[:, :, None, :]
+    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
     if layout == "rotate_half":
         first, second = jnp.split(x, 2, axis=-1)
         rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
@@ -89,9 +99,10 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        weight = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + weight.shape)
         if self.weight_fp32:
-            return (weight.astype(jnp.float32) * normed).astype(x.dtype).astype(self.dtype)
-        return (weight.astype(jnp.float32) * normed.astype(x.dtype)).astype(self.dtype)
+            return (weight * normed).astype(x.dtype).astype(self.dtype)
+        return (weight * normed.astype(x.dtype)).astype(self.dtype)
 
 
 def _norm(config: ModelConfig, name: str) -> RMSNorm:
@@ -140,18 +151,18 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=No
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
-        rows = end - start
-        q_BKMH = q_BKGTH[:, :, :, start:end].reshape(B, K, G * rows, H)
-        scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKTH[:, :, :end],
+        W = end - start
+        q_BKJH = q_BKGTH[:, :, :, start:end].reshape(B, K, G * W, H)
+        scores_BKJS = jnp.einsum("bkjh,bksh->bkjs", q_BKJH, k_BKTH[:, :, :end],
                                  preferred_element_type=jnp.float32)
-        allowed_RS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        allowed = jnp.tile(allowed_RS, (G, 1))[None, None]
+        allowed_WS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        allowed = jnp.tile(allowed_WS, (G, 1))[None, None]
         if mask_B1TS is not None:
             allowed = allowed & jnp.tile(mask_B1TS[:, :, start:end, :end], (1, 1, G, 1))
-        scores_BKMS = jnp.where(allowed, scores_BKMS, jnp.finfo(jnp.float32).min)
-        probs_BKMS = jax.nn.softmax(scores_BKMS, axis=-1).astype(v_BKTH.dtype)
-        out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKTH[:, :, :end])
-        outs.append(out_BKMH.reshape(B, K, G, rows, H))
+        scores_BKJS = jnp.where(allowed, scores_BKJS, jnp.finfo(jnp.float32).min)
+        probs_BKJS = jax.nn.softmax(scores_BKJS, axis=-1).astype(v_BKTH.dtype)
+        out_BKJH = jnp.einsum("bkjs,bksh->bkjh", probs_BKJS, v_BKTH[:, :, :end])
+        outs.append(out_BKJH.reshape(B, K, G, W, H))
     out_BKGTH = jnp.concatenate(outs, axis=3)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -160,7 +171,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache):
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache):
         cfg = self.config
         B, T, _ = x_BTD.shape
         hd = cfg.head_dim
@@ -170,8 +181,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # minimind-3: one [hd] RMSNorm shared by all heads, before RoPE
             q_BTNH = _norm(cfg, "q_norm")(q_BTNH)
             k_BTKH = _norm(cfg, "k_norm")(k_BTKH)
-        q_BTNH = apply_rope(q_BTNH, cos_BTF, sin_BTF, cfg.rope_layout)
-        k_BTKH = apply_rope(k_BTKH, cos_BTF, sin_BTF, cfg.rope_layout)
+        q_BTNH = apply_rope(q_BTNH, cos_BTR, sin_BTR, cfg.rope_layout)
+        k_BTKH = apply_rope(k_BTKH, cos_BTR, sin_BTR, cfg.rope_layout)
 
         new_cache = None
         if layer_cache is not None:
@@ -206,64 +217,64 @@ class FeedForward(nn.Module):
         return _dense(cfg, cfg.dim, "w2")(gate * _dense(cfg, cfg.hidden_dim, "w3")(x_BTD))
 
 
-def moe_aux_loss(scores_BTE, topk_idx_BTK, alpha: float) -> jax.Array:
+def moe_aux_loss(scores_BTE, topk_idx_BTC, alpha: float) -> jax.Array:
     """Per-sequence balance loss: alpha * mean_b sum_e f[b,e] * mean_t scores[b,t,e]."""
     _, T, E = scores_BTE.shape
-    K = topk_idx_BTK.shape[-1]
-    picks_BE = jax.nn.one_hot(topk_idx_BTK, E, dtype=jnp.float32).sum(axis=(1, 2))
-    load_BE = picks_BE / (T * K / E)
+    C = topk_idx_BTC.shape[-1]
+    picks_BE = jax.nn.one_hot(topk_idx_BTC, E, dtype=jnp.float32).sum(axis=(1, 2))
+    load_BE = picks_BE / (T * C / E)
     return alpha * jnp.mean(jnp.sum(load_BE * scores_BTE.mean(axis=1), axis=-1))
 
 
-def moe_batch_aux_loss(scores_NE, topk_idx_NK, alpha: float) -> jax.Array:
-    """minimind-3's balance loss over all N tokens of the micro-batch (padding included):
-    alpha * E * sum_e (picks of e / N) * mean_t scores[t, e]; no division by k."""
-    N, E = scores_NE.shape
-    picks_E = jax.nn.one_hot(topk_idx_NK, E, dtype=jnp.float32).sum(axis=(0, 1))
-    return alpha * E * jnp.sum(picks_E / N * scores_NE.mean(axis=0))
+def moe_batch_aux_loss(scores_ME, topk_idx_MC, alpha: float) -> jax.Array:
+    """minimind-3's balance loss over all M tokens of the micro-batch (padding included):
+    alpha * E * sum_e (picks of e / M) * mean_t scores[t, e]; no division by C."""
+    M, E = scores_ME.shape
+    picks_E = jax.nn.one_hot(topk_idx_MC, E, dtype=jnp.float32).sum(axis=(0, 1))
+    return alpha * E * jnp.sum(picks_E / M * scores_ME.mean(axis=0))
 
 
-def _swiglu_experts_ragged(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
+def _swiglu_experts_ragged(x_PD, w1_EDF, w3_EDF, w2_EFD, group_sizes_E):
     """SwiGLU over rows already sorted by expert; group_sizes_E rows per expert."""
-    gate = nn.silu(jax.lax.ragged_dot(x_MD, w1_EDH, group_sizes_E))
-    up = jax.lax.ragged_dot(x_MD, w3_EDH, group_sizes_E)
-    return jax.lax.ragged_dot(gate * up, w2_EHD, group_sizes_E)
+    gate = nn.silu(jax.lax.ragged_dot(x_PD, w1_EDF, group_sizes_E))
+    up = jax.lax.ragged_dot(x_PD, w3_EDF, group_sizes_E)
+    return jax.lax.ragged_dot(gate * up, w2_EFD, group_sizes_E)
 
 
-def _swiglu_experts_blocked(x_MD, w1_EDH, w3_EDH, w2_EHD, group_sizes_E):
+def _swiglu_experts_blocked(x_PD, w1_EDF, w3_EDF, w2_EFD, group_sizes_E):
     """Same contract as `_swiglu_experts_ragged`, as a scan over fixed-size row blocks.
 
     Each expert's rows are padded to a multiple of the block size, so every block belongs to
-    one expert and costs one [block, D] x [D, H] matmul with that expert's weights. Work is the
+    one expert and costs one [block, D] x [D, F] matmul with that expert's weights. Work is the
     routed rows plus at most E blocks of padding. XLA:CPU lowers `ragged_dot` by masking every
     group over every row (E times the work), which this avoids.
     """
-    M, D = x_MD.shape
+    P, D = x_PD.shape
     E = group_sizes_E.shape[0]
-    block = int(min(128, max(8, -(-M // E))))
-    n_blocks = -(-(M + E * (block - 1)) // block)
+    block = int(min(128, max(8, -(-P // E))))
+    n_blocks = -(-(P + E * (block - 1)) // block)
     starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     padded_E = -(-group_sizes_E // block) * block
     padded_ends_E = jnp.cumsum(padded_E)
-    expert_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(M), side="right")
-    dest_M = (padded_ends_E - padded_E)[expert_M] + jnp.arange(M) - starts_E[expert_M]
-    x_PD = jnp.zeros((n_blocks * block, D), x_MD.dtype).at[dest_M].set(x_MD)
+    expert_P = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(P), side="right")
+    dest_P = (padded_ends_E - padded_E)[expert_P] + jnp.arange(P) - starts_E[expert_P]
+    x_AD = jnp.zeros((n_blocks * block, D), x_PD.dtype).at[dest_P].set(x_PD)
     block_expert = jnp.minimum(
         jnp.searchsorted(padded_ends_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
 
     def expert_block(_, inputs):
         x_bD, e = inputs
-        hidden = nn.silu(x_bD @ w1_EDH[e]) * (x_bD @ w3_EDH[e])
-        return None, hidden @ w2_EHD[e]
+        hidden = nn.silu(x_bD @ w1_EDF[e]) * (x_bD @ w3_EDF[e])
+        return None, hidden @ w2_EFD[e]
 
-    _, y_NbD = jax.lax.scan(expert_block, None, (x_PD.reshape(n_blocks, block, D), block_expert))
-    return y_NbD.reshape(n_blocks * block, D)[dest_M]
+    _, y_ObD = jax.lax.scan(expert_block, None, (x_AD.reshape(n_blocks, block, D), block_expert))
+    return y_ObD.reshape(n_blocks * block, D)[dest_P]
 
 
 class MoEFeedForward(nn.Module):
     """Softmax gate, top-k routed SwiGLU experts (weights renormalised) plus a shared expert.
 
-    Exact: no capacity factor, no token dropping. The sorted paths order the N*k (token, expert)
+    Exact: no capacity factor, no token dropping. The sorted paths order the M*C (token, expert)
     pairs by expert and run each expert only on its own tokens: "ragged" with `lax.ragged_dot`
     (a grouped GEMM on GPU/TPU), "blocked" with a scan over per-expert row blocks (CPU);
     "auto" picks by backend. "dense" runs every expert on every token (for checks/benchmarks).
@@ -275,47 +286,47 @@ class MoEFeedForward(nn.Module):
     def __call__(self, x_BTD):
         cfg = self.config
         B, T, D = x_BTD.shape
-        E, K, H = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_dim
+        E, C, F = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_dim
         pdt = cfg.param_dtype
         init = kernel_init(cfg)
         gate_DE = self.param("gate", init, (D, E), pdt)
-        w1_EDH = self.param("w1", init, (E, D, H), pdt).astype(cfg.dtype)
-        w3_EDH = self.param("w3", init, (E, D, H), pdt).astype(cfg.dtype)
-        w2_EHD = self.param("w2", init, (E, H, D), pdt).astype(cfg.dtype)
+        w1_EDF = self.param("w1", init, (E, D, F), pdt).astype(cfg.dtype)
+        w3_EDF = self.param("w3", init, (E, D, F), pdt).astype(cfg.dtype)
+        w2_EFD = self.param("w2", init, (E, F, D), pdt).astype(cfg.dtype)
 
         scores_BTE = jax.nn.softmax(
             jnp.dot(x_BTD.astype(jnp.float32), gate_DE.astype(jnp.float32)), axis=-1)
-        weights_BTK, idx_BTK = jax.lax.top_k(scores_BTE, K)
-        if cfg.norm_topk_prob and (K > 1 or cfg.renorm_top1):
-            weights_BTK = weights_BTK / (weights_BTK.sum(axis=-1, keepdims=True) + 1e-20)
+        weights_BTC, idx_BTC = jax.lax.top_k(scores_BTE, C)
+        if cfg.norm_topk_prob and (C > 1 or cfg.renorm_top1):
+            weights_BTC = weights_BTC / (weights_BTC.sum(axis=-1, keepdims=True) + 1e-20)
         if cfg.seq_aux:
-            aux = moe_aux_loss(scores_BTE, idx_BTK, cfg.aux_loss_alpha)
+            aux = moe_aux_loss(scores_BTE, idx_BTC, cfg.aux_loss_alpha)
         else:
-            aux = moe_batch_aux_loss(scores_BTE.reshape(B * T, E), idx_BTK.reshape(B * T, K),
+            aux = moe_batch_aux_loss(scores_BTE.reshape(B * T, E), idx_BTC.reshape(B * T, C),
                                      cfg.aux_loss_alpha)
 
-        x_ND = x_BTD.reshape(B * T, D)
-        weights_NK = weights_BTK.reshape(B * T, K)
-        idx_NK = idx_BTK.reshape(B * T, K)
+        x_MD = x_BTD.reshape(B * T, D)
+        weights_MC = weights_BTC.reshape(B * T, C)
+        idx_MC = idx_BTC.reshape(B * T, C)
         impl = cfg.moe_impl
         if impl == "auto":
             impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
         if impl in ("ragged", "blocked"):
-            expert_M = idx_NK.reshape(-1)
-            order_M = jnp.argsort(expert_M, stable=True)
-            group_sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
+            expert_P = idx_MC.reshape(-1)
+            order_P = jnp.argsort(expert_P, stable=True)
+            group_sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
             experts_fn = _swiglu_experts_ragged if impl == "ragged" else _swiglu_experts_blocked
-            y_sorted_MD = experts_fn(x_ND[order_M // K], w1_EDH, w3_EDH, w2_EHD, group_sizes_E)
-            y_NKD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD).reshape(B * T, K, D)
-            routed_ND = jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
+            y_sorted_PD = experts_fn(x_MD[order_P // C], w1_EDF, w3_EDF, w2_EFD, group_sizes_E)
+            y_MCD = jnp.zeros_like(y_sorted_PD).at[order_P].set(y_sorted_PD).reshape(B * T, C, D)
+            routed_MD = jnp.einsum("mcd,mc->md", y_MCD.astype(jnp.float32), weights_MC)
         else:
-            gate_NEH = nn.silu(jnp.einsum("nd,edh->neh", x_ND, w1_EDH))
-            up_NEH = jnp.einsum("nd,edh->neh", x_ND, w3_EDH)
-            y_NED = jnp.einsum("neh,ehd->ned", gate_NEH * up_NEH, w2_EHD)
-            combine_NE = jnp.einsum("nk,nke->ne", weights_NK, jax.nn.one_hot(idx_NK, E))
-            routed_ND = jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE)
+            gate_MEF = nn.silu(jnp.einsum("md,edf->mef", x_MD, w1_EDF))
+            up_MEF = jnp.einsum("md,edf->mef", x_MD, w3_EDF)
+            y_MED = jnp.einsum("mef,efd->med", gate_MEF * up_MEF, w2_EFD)
+            combine_ME = jnp.einsum("mc,mce->me", weights_MC, jax.nn.one_hot(idx_MC, E))
+            routed_MD = jnp.einsum("med,me->md", y_MED.astype(jnp.float32), combine_ME)
 
-        out_BTD = routed_ND.reshape(B, T, D).astype(x_BTD.dtype)
+        out_BTD = routed_MD.reshape(B, T, D).astype(x_BTD.dtype)
         if cfg.n_shared_experts:
             out_BTD = out_BTD + FeedForward(cfg, name="shared_experts")(x_BTD)
         return out_BTD, aux
@@ -325,10 +336,10 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache):
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache):
         cfg = self.config
         attn_out, new_cache = Attention(cfg, name="attention")(
-            _norm(cfg, "attention_norm")(x_BTD), cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+            _norm(cfg, "attention_norm")(x_BTD), cos_BTR, sin_BTR, mask_B1TS, layer_cache)
         h_BTD = x_BTD + attn_out
         ffn_in = _norm(cfg, "ffn_norm")(h_BTD)
         if cfg.use_moe:
@@ -344,10 +355,10 @@ class ScannedBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, layer_cache, cos_BTF, sin_BTF, mask_B1TS):
+    def __call__(self, x_BTD, layer_cache, cos_BTR, sin_BTR, mask_B1TS):
         block_cls = nn.remat(Block, prevent_cse=False) if self.config.remat else Block
         x_BTD, aux, new_cache = block_cls(self.config, name="block")(
-            x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+            x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache)
         return x_BTD, (aux, new_cache)
 
 
@@ -358,7 +369,7 @@ def _segment_mask(segment_ids_BT):
     T = segment_ids_BT.shape[1]
     causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
     same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (same_BTT & causal_TT)[:, None]
+    return (same_BTT & causal_TT[None])[:, None]
 
 
 def _cache_mask(segment_ids_BT, cache):
@@ -374,7 +385,7 @@ def _cache_mask(segment_ids_BT, cache):
                 & (seg_k_BS[:, None, :] != 0))
     # Every query may see itself, so padded queries never get an all-masked (NaN) row.
     self_TS = k_slot_S[None, :] == q_slot_T[:, None]
-    return ((same_BTS & causal_TS) | self_TS)[:, None], seg_k_BS
+    return ((same_BTS & causal_TS[None]) | self_TS[None])[:, None], seg_k_BS
 
 
 class MiniMind(nn.Module):
@@ -399,7 +410,7 @@ class MiniMind(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        cos_BTF, sin_BTF = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         new_segment_ids = None
         if cache is not None:
@@ -417,7 +428,7 @@ class MiniMind(nn.Module):
                             split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast,
                                                                   nn.broadcast),
                             length=cfg.n_layers)(cfg, name="layers")
-            x_BTD, (aux_L, new_layer_caches) = stack(x_BTD, layer_caches, cos_BTF, sin_BTF,
+            x_BTD, (aux_L, new_layer_caches) = stack(x_BTD, layer_caches, cos_BTR, sin_BTR,
                                                      mask_B1TS)
             aux = aux_L.sum()
         else:
@@ -428,7 +439,7 @@ class MiniMind(nn.Module):
                 layer_cache = None if layer_caches is None else jax.tree.map(
                     lambda a, i=i: a[i], layer_caches)
                 x_BTD, layer_aux, new_layer_cache = block_cls(cfg, name=f"layers_{i}")(
-                    x_BTD, cos_BTF, sin_BTF, mask_B1TS, layer_cache)
+                    x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache)
                 aux = aux + layer_aux
                 if new_layer_cache is not None:
                     ks.append(new_layer_cache["k"])

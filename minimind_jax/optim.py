@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from minimind_jax.errors import ConfigError
+
 SCHEDULES = ("cosine", "minimind2", "minimind3")
 
 
@@ -39,9 +41,9 @@ class Schedule:
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.name!r}; choose from {SCHEDULES}")
+            raise ConfigError(f"unknown lr schedule {self.name!r}; choose from {SCHEDULES}")
         if self.total_steps < 1 or self.accumulation_steps < 1 or self.warmup_iters < 0:
-            raise ValueError(f"invalid schedule {self}")
+            raise ConfigError(f"invalid schedule {self}")
 
     def __call__(self, step):
         """LR at micro-step `step` as a float32 array (traceable inside jit)."""

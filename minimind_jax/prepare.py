@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from minimind_jax import model_args
 from minimind_jax.data import STAGES
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli
-
     parser = subparsers.add_parser(
-        "prepare", formatter_class=cli.HelpFormatter,
+        "prepare", formatter_class=model_args.HelpFormatter,
         help="tokenize a JSONL dataset into the token cache (training does this on first use)",
         description="Stream a pretrain ({\"text\"}) or SFT ({\"conversations\"}) JSONL file "
                     "through batched tokenization into a memory-mapped token cache, keyed by "

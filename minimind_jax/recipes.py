@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from minimind_jax.errors import UserError
+from minimind_jax.model_args import arch_from_args
 
 RECIPES = ("minimind2", "minimind3")
 
@@ -69,7 +70,6 @@ def stage_defaults(command: str, arch: str) -> dict:
 def apply_defaults(args: argparse.Namespace, command: str) -> None:
     """Fill the training flags left unset (None) from the arch's stage defaults and the
     recipe; a recipe conflicts with explicit `--no_shuffle` / `--lr_schedule` of another."""
-    from minimind_jax.cli import arch_from_args
 
     arch = arch_from_args(args)
     for name, value in stage_defaults(command, arch).items():

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from minimind_jax import model_args
 from minimind_jax.errors import UserError
 
 
@@ -111,10 +112,8 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli
-
     p = subparsers.add_parser(
-        "serve", formatter_class=cli.HelpFormatter,
+        "serve", formatter_class=model_args.HelpFormatter,
         help="OpenAI-compatible chat server + web chat page (batched decoding)",
         description=__doc__ + "\nexample:\n  minimind-jax serve --ckpt out/full_sft_512\n"
                               "  then open http://127.0.0.1:8998/ or point an OpenAI client at "
@@ -154,5 +153,5 @@ def register(subparsers) -> None:
     p.add_argument("--log_level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
-    cli.add_model_args(p)
+    model_args.add_model_args(p)
     p.set_defaults(func=run_serve)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from minimind_jax import model_args
 from minimind_jax.errors import UserError
 from minimind_jax.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, default_chat_template
 
@@ -76,10 +77,8 @@ def _texts_with_progress(data_path, skip_bad_lines: bool, bar) -> Iterator[str]:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli
-
     parser = subparsers.add_parser(
-        "tokenizer", formatter_class=cli.HelpFormatter,
+        "tokenizer", formatter_class=model_args.HelpFormatter,
         help="train a sentencepiece BPE tokenizer on pretrain JSONL",
         description=__doc__)
     parser.add_argument("--data_path", required=True, help="pretrain JSONL ({\"text\": ...})")

@@ -22,10 +22,12 @@ import jax
 from minimind_jax import (
     checkpoint,
     compat_flags,
+    convert,
     data,
     distributed,
     evaluate,
     host_memory,
+    model_args,
     optim,
     prepare,
     recipes,
@@ -33,16 +35,13 @@ from minimind_jax import (
     tracking,
     train_config,
 )
-from minimind_jax.config import ModelConfig, arch_of
+from minimind_jax.config import SHAPE_FIELDS, ModelConfig, arch_of
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 from minimind_jax.train_config import DataConfig, RunConfig, TrainConfig
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
-                "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                "scan_layers", "qk_norm", "rope_layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +129,7 @@ def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | Non
 
     if source is None:
         return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
-    params, origin = checkpoint.load_init_params(source, model, warn=_warn)
+    params, _, origin = convert.load_weights(source, model, exact=True, warn=_warn)
     if stage.command == "sft" and recipes.recipe_named(config.recipe).fp16_sft_init:
         return recipes.round_to_float16(params), f"{origin} (rounded to float16, as HEAD)"
     return params, origin
@@ -213,7 +212,7 @@ class RunLog:
         line = style.line(info["epoch"], info["batch"], record, now - self.epoch_start,
                           max(info["batch"] - self.epoch_first + 1, 1))
         if int(metrics["consecutive_skips"]):
-            from minimind_jax.step import NONFINITE_REASONS
+            from minimind_jax.train_step import NONFINITE_REASONS
 
             what = NONFINITE_REASONS.get(int(metrics["nonfinite"]), "value")
             line += (f" (non-finite {what}: skipped, {record['skipped']} so far, "
@@ -333,7 +332,6 @@ def _write_run_files(run_dir: pathlib.Path, model: ModelConfig, config: TrainCon
 
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     """The `pretrain`/`sft` command: its flags, once, into a `TrainConfig`; then `run`."""
-    from minimind_jax import cli
 
     notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
     recipes.apply_defaults(args, stage.command)
@@ -346,14 +344,14 @@ def run_stage(args: argparse.Namespace, stage: Stage) -> int:
     distributed.initialize(settings["distributed"])
     for note in notes:
         _say(note)
-    return run(TrainConfig(model=cli.model_config_from_args(args), **settings), stage)
+    return run(TrainConfig(model=model_args.model_config_from_args(args), **settings), stage)
 
 
 def run(config: TrainConfig, stage: Stage | str) -> int:
     """Train `stage` (`"pretrain"`, `"sft"` or a `Stage`) as `config` says; 0 when done.
 
     Bad input raises UserError, an environment failure while writing RunFailure."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     stage = STAGES[stage] if isinstance(stage, str) else stage
     train_config.check_settings(vars(config))
@@ -458,7 +456,7 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                  tokenizer_dir: pathlib.Path, source, run_dir: pathlib.Path,
                  stack: contextlib.ExitStack) -> Run:
     """`build_run` once the run folder is ours."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     previous = _check_start(config.run, run_dir)
     mesh = train_step.data_mesh()
@@ -555,7 +553,7 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
     """(train state, (epoch, batch) of the next batch, run seconds so far): resumed from the
     newest intact checkpoint, or fresh from `initial_params` (removing an earlier run's files
     with --overwrite)."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     if config.run.resume:
         def same_shape(meta):
@@ -655,7 +653,7 @@ def _rows_line(data, data_config: DataConfig) -> str:
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:
     """Where params and optimizer state live, with this device's share of the params."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
     local = train_step.local_bytes(state.params)
@@ -680,7 +678,7 @@ def train_loop(run: Run):
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
     """
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     state, (step, epoch, batch) = run.state, run.start
     batches, epochs = run.loader.batches_per_epoch, run.config.optim.epochs
@@ -728,7 +726,7 @@ def train_loop(run: Run):
 def _log_dispatched(run: Run, pending: list) -> None:
     """Log the dispatched steps' metrics (emptying `pending`); raise TooManySkips once too many
     in a row were non-finite."""
-    from minimind_jax import step as train_step
+    from minimind_jax import train_step
 
     while pending:
         metrics, info = pending.pop(0)
@@ -756,7 +754,7 @@ def save_checkpoint(run: Run, state, position: tuple[int, int]) -> int:
 
 def _stop_message(max_skips: int, model: ModelConfig, err: TooManySkips, saved: str) -> str:
     """Why the run stopped after too many skipped micro-steps, and what to change."""
-    from minimind_jax.step import NONFINITE_REASONS
+    from minimind_jax.train_step import NONFINITE_REASONS
 
     what = NONFINITE_REASONS.get(err.reason, "value")
     if err.reason == 3:
@@ -882,8 +880,6 @@ def _add_run_flags(g, stage: Stage) -> None:
 
 
 def register(subparsers) -> None:
-    from minimind_jax import cli
-
     descriptions = {
         "pretrain": "Pretrain a MiniMind2 model on {\"text\": ...} JSONL (the reference's "
                     "train_pretrain.py): next-token loss on every real token.",
@@ -893,7 +889,7 @@ def register(subparsers) -> None:
     }
     for name, stage in STAGES.items():
         parser = subparsers.add_parser(
-            name, formatter_class=cli.HelpFormatter,
+            name, formatter_class=model_args.HelpFormatter,
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
@@ -903,7 +899,7 @@ def register(subparsers) -> None:
                         "checkpoints into the run folder. Exact reference runs: --recipe "
                         "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
-        cli.add_model_args(parser, moe_value=True)
+        model_args.add_model_args(parser, moe_value=True)
         evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)
         tracking.add_tracker_args(parser)

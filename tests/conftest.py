@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Implicit rank promotion hides shape bugs (as nanodo): every broadcast in the package is explicit.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 GOLDEN_PATH = FIXTURES / "minimind2_golden.npz"

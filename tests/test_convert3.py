@@ -34,7 +34,7 @@ def test_head_pth_files_load_with_config_inferred(tmp_path, golden3, name):
     expected = {k: v.astype(np.float16).astype(np.float32)
                 for k, v in golden_state_dict(golden3, f"{name}/init/").items()}
     for path in (weights, resume):
-        params, config = convert.load_params_any(path, ModelConfig())  # a MiniMind2 base
+        params, config, _ = convert.load_weights(path, ModelConfig())  # a MiniMind2 base
         assert config == CONFIGS[name].replace(max_seq_len=512), config
         got = convert.state_dict_from_params(params, config)
         assert set(got) == set(expected)

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import checkpoint, cli, distributed
-from minimind_jax import step as train_step
+from minimind_jax import checkpoint, cli, distributed, train_step
 from minimind_jax.train_config import DistributedConfig
 from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
 
@@ -46,7 +45,7 @@ import json, pathlib, shutil, sys
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 from minimind_jax import checkpoint, cli, optim
-from minimind_jax import step as train_step
+from minimind_jax import train_step
 argv = sys.argv[1:]
 run_dir = pathlib.Path(argv[argv.index("--out_dir") + 1]) / "pretrain_64"
 assert cli.main(argv) == 0

@@ -27,12 +27,12 @@ SLOW_CLI = """
 import sys, time
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
-from minimind_jax import cli, step
-put_batch = step.put_batch
+from minimind_jax import cli, train_step
+put_batch = train_step.put_batch
 def slow_put_batch(batch, mesh):
     time.sleep(0.15)
     return put_batch(batch, mesh)
-step.put_batch = slow_put_batch
+train_step.put_batch = slow_put_batch
 sys.exit(cli.main(sys.argv[1:]))
 """
 

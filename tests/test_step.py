@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import optim
-from minimind_jax import step as train_step
+from minimind_jax import optim, train_step
 from minimind_jax.config import ModelConfig
 from minimind_jax.model import init_params
 
