@@ -22,12 +22,12 @@ import importlib.util
 import json
 import pathlib
 import random
-import shlex
 import time
 
+from minimind_jax import tokenizer_cli
 from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
-from minimind_jax.model_args import HelpFormatter
+from minimind_jax.model_args import HelpFormatter, resolve_dtype
 from minimind_jax.train_config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 
 # Idioms always kept in the corpus: the questions asked before and after SFT are about them.
@@ -253,21 +253,9 @@ class Progress:
         return time.perf_counter() - self.start
 
 
-def run_command(argv: list[str]) -> None:
-    """Run one `minimind-jax` command in this process, echoing it as a user would type it."""
-    from minimind_jax import cli
-
-    print("$ minimind-jax " + shlex.join(argv), flush=True)
-    code = cli.main(argv)
-    if code:
-        raise UserError(f"the demo's step `minimind-jax {argv[0]}` failed (exit {code})")
-
-
 def train_config(plan: DemoPlan, stage: str, data: pathlib.Path, eval_data: pathlib.Path,
                  out: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int) -> TrainConfig:
     """The demo's `stage` run, as `pretrain`/`sft` would build it from the flags."""
-    from minimind_jax.cli import resolve_dtype
-
     stage_plan = getattr(plan, stage)
     model = arch_defaults("minimind2").replace(**plan.model, dtype=resolve_dtype("auto"))
     return TrainConfig(
@@ -385,9 +373,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     progress.stage(f"tokenizer: sentencepiece BPE, vocab {plan.vocab_size}")
     tokenizer_dir = out / "tokenizer"
-    run_command(["tokenizer", "--data_path", str(paths["tokenizer"]), "--out", str(tokenizer_dir),
-                 "--vocab_size", str(plan.vocab_size),
-                 "--character_coverage", str(plan.character_coverage)])
+    print(f">>> tokenizer_cli.train_tokenizer({paths['tokenizer']}, {tokenizer_dir}, "
+          f"vocab_size={plan.vocab_size}, character_coverage={plan.character_coverage})",
+          flush=True)
+    tokenizer_cli.train_tokenizer(paths["tokenizer"], tokenizer_dir, plan.vocab_size,
+                                  character_coverage=plan.character_coverage)
     tokenizer = load_tokenizer(tokenizer_dir)
 
     progress.stage("pretrain (eval: texts of idioms outside the corpus)")

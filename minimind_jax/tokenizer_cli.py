@@ -95,18 +95,28 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    train_tokenizer(args.data_path, args.out, args.vocab_size,
+                    character_coverage=args.character_coverage,
+                    max_sentences=args.max_sentences, skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
+def train_tokenizer(data_path, out_dir, vocab_size: int = 6400, *,
+                    character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
+                    skip_bad_lines: bool = False) -> Path:
+    """The `tokenizer` command from Python: train on pretrain JSONL with a progress bar, print
+    the vocabulary size and a round-trip probe; returns the tokenizer folder."""
     from tqdm import tqdm
 
     from minimind_jax.tokenizer import load_tokenizer
 
-    size = Path(args.data_path).stat().st_size if Path(args.data_path).is_file() else 0
+    size = Path(data_path).stat().st_size if Path(data_path).is_file() else 0
     started = time.perf_counter()
     with tqdm(total=size, unit="B", unit_scale=True, desc="read + count",
               disable=not sys.stderr.isatty()) as bar:
-        out = train_sentencepiece(_texts_with_progress(args.data_path, args.skip_bad_lines, bar),
-                                  args.out, args.vocab_size,
-                                  character_coverage=args.character_coverage,
-                                  max_sentences=args.max_sentences)
+        out = train_sentencepiece(_texts_with_progress(data_path, skip_bad_lines, bar),
+                                  out_dir, vocab_size, character_coverage=character_coverage,
+                                  max_sentences=max_sentences)
     seconds = time.perf_counter() - started
     tokenizer = load_tokenizer(out)
     probe = "<s>MiniMind 你好！\n\tTabs,   spaces & emoji 🙂</s>"
@@ -115,4 +125,4 @@ def run(args: argparse.Namespace) -> int:
           f"in {seconds:.1f} s -> {out}")
     print(f"probe: {len(ids)} tokens, round trip "
           f"{'ok' if tokenizer.decode(ids) == probe else 'FAILED'}")
-    return 0
+    return out
