@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,23 @@ class _DropOrbaxRecords(logging.Filter):
         return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+class _DropOrbaxTaskErrors(logging.Filter):
+    """asyncio reports an orbax write task whose error nobody awaited (a full disk fails every
+    parallel write, and orbax raises only the first) when the task is collected, often at
+    interpreter exit after our error line; the failure already ended the run with one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
     """tensorstore's late callback into the event loop of an orbax read that already failed
     (a damaged checkpoint): harmless, and printed by the C++ thread as a bare traceback."""
@@ -61,6 +79,9 @@ def _quiet_orbax() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropOrbaxRecords) for f in logger.filters):
         logger.addFilter(_DropOrbaxRecords())
+    tasks = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxTaskErrors) for f in tasks.filters):
+        tasks.addFilter(_DropOrbaxTaskErrors())
     hook = sys.unraisablehook  # where pybind11 reports an exception in a C++ callback
     if not getattr(hook, "drops_closed_loop_callbacks", False):
         def unraisablehook(unraisable):
@@ -157,12 +178,18 @@ def set_aside(run_dir: pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
     return moved
 
 
-def _remove_temporaries(root: pathlib.Path) -> None:
-    """Delete orbax's temporary folders of unfinished saves in `root`."""
-    if root.is_dir():
-        for path in root.iterdir():
-            if TMP_MARKER in path.name:
-                shutil.rmtree(path, ignore_errors=True)
+def _remove_temporaries(root: pathlib.Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
+    """Delete orbax's temporary folders of unfinished saves in `root`. A failed save's other
+    write tasks can still be finishing in orbax's thread (only the first error is raised) and
+    recreate files, so delete until none has reappeared for `settle_s` (at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while root.is_dir():
+        left = [path for path in root.iterdir() if TMP_MARKER in path.name]
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(settle_s)
 
 
 def _save_failure(root: pathlib.Path, step: int | None, err: Exception) -> Exception:
