@@ -10,7 +10,8 @@ The training path, flags to checkpoint (`pretrain`/`sft`; `train.run` from Pytho
     JSONL samples --data (parse, tokenize; token_cache: memory-mapped ids, built on first
         use)--> rows --loader (CachedSource | PackedSource(packing) | HeadSFTSource)-->
         Loader.epoch: numpy batches (shuffled per epoch, this process's share)
-        --step.put_batch--> device batch --step.make_train_step (model, loss, optim)-->
+        --train_step.put_batch--> device batch --train_step.make_train_step (model, loss,
+        optim)-->
         new train state + metrics
     train.train_loop: metrics --RunLog--> metrics.jsonl, tracker, console line;
                       state --train.save_checkpoint--> checkpoints/<step>/ (checkpoint: orbax)
