@@ -53,3 +53,22 @@ def subprocess_env(n_devices: int | None = None) -> dict:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={n_devices}").strip()
     return env
+
+
+def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[str]):
+    """Run `command` through the CLI from the weights `init_sd` (saved as .npz for --init_from);
+    (run folder, metrics.jsonl records), the records checked to be one per micro-step."""
+    import json
+
+    from minimind_jax import cli
+
+    init = tmp_path / "init.npz"
+    np.savez(init, **init_sd)
+    argv = [command, "--data_path", str(data), "--out_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"), "--init_from", str(init), *args]
+    assert cli.main(argv) == 0
+    run_dir = tmp_path / "out" / (("pretrain" if command == "pretrain" else "full_sft")
+                                  + ("_64_moe" if "--use_moe" in args else "_64"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(len(records)))
+    return run_dir, records

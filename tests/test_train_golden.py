@@ -5,30 +5,26 @@ fp32 on CPU with matmul precision "highest" (conftest), the golden initial weigh
 a user's `minimind-jax pretrain ...` runs, read back from metrics.jsonl and the checkpoint.
 """
 
-import json
-
 import numpy as np
 
-from minimind_jax import checkpoint, cli, convert
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, golden_state_dict
+from minimind_jax import checkpoint, convert
+from tests.conftest import (
+    PRETRAIN_JSONL,
+    SFT_JSONL,
+    TOKENIZER_DIR,
+    golden_state_dict,
+    run_cli_from_init,
+)
 
 TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
         "--n_kv_heads", "2", "--dtype", "float32"]
 
 
 def run_cli(tmp_path, golden, command, data, init_prefix, extra):
-    init = tmp_path / "init.npz"
-    np.savez(init, **golden_state_dict(golden, init_prefix))
-    argv = [command, "--data_path", str(data), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
-            "--init_from", str(init), "--batch_size", "4", "--no_shuffle",
-            "--lr_schedule", "minimind2", "--log_interval", "1", *TINY, *extra]
-    assert cli.main(argv) == 0
-    run_dir = tmp_path / "out" / (("pretrain" if command == "pretrain" else "full_sft")
-                                  + ("_64_moe" if "--use_moe" in extra else "_64"))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(len(records)))
-    return run_dir, records
+    return run_cli_from_init(tmp_path, command, data, golden_state_dict(golden, init_prefix),
+                             ["--tokenizer", str(TOKENIZER_DIR), "--batch_size", "4",
+                              "--no_shuffle", "--lr_schedule", "minimind2", "--log_interval", "1",
+                              *TINY, *extra])
 
 
 def test_dense_pretrain_matches_reference(tmp_path, golden):

@@ -12,24 +12,21 @@ import numpy as np
 import pytest
 
 from minimind_jax import checkpoint, cli, convert
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, golden_state_dict
+from tests.conftest import (
+    PRETRAIN_JSONL,
+    SFT_JSONL,
+    TOKENIZER3_DIR,
+    golden_state_dict,
+    run_cli_from_init,
+)
 
 TINY3 = ["--arch", "minimind3", "--recipe", "minimind3", "--dim", "64", "--n_layers", "2",
          "--max_seq_len", "64", "--dtype", "float32", "--batch_size", "4", "--log_interval", "1"]
 
 
 def run_cli(tmp_path, command, data, init_sd, extra):
-    init = tmp_path / "init.npz"
-    np.savez(init, **init_sd)
-    argv = [command, "--data_path", str(data), "--tokenizer", str(TOKENIZER3_DIR),
-            "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
-            "--init_from", str(init), *TINY3, *extra]
-    assert cli.main(argv) == 0
-    run_dir = tmp_path / "out" / (("pretrain" if command == "pretrain" else "full_sft")
-                                  + ("_64_moe" if "--use_moe" in extra else "_64"))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(len(records)))
-    return run_dir, records
+    return run_cli_from_init(tmp_path, command, data, init_sd,
+                             ["--tokenizer", str(TOKENIZER3_DIR), *TINY3, *extra])
 
 
 PRETRAIN = ["--accumulation_steps", "2", "--learning_rate", "5e-4", "--epochs", "2"]
