@@ -44,17 +44,34 @@ def pretrain_text(record) -> str:
     return text
 
 
-def conversation_contents(conversations) -> list[str]:
-    """The turn contents of a `conversations` list (user, assistant, user, ...), or LineProblem."""
+def conversation_turns(record) -> list[dict]:
+    """The turns of an SFT record's non-empty `conversations` list, each an object, or
+    LineProblem (the shape both MiniMind2's and minimind-3's sample rules read)."""
+    if not isinstance(record, dict):
+        raise LineProblem(f"expected a JSON object with a 'conversations' field, got "
+                          f"{_json_type(record)}")
+    if "conversations" not in record:
+        raise LineProblem("missing field 'conversations'")
+    return checked_turns(record["conversations"])
+
+
+def checked_turns(conversations) -> list[dict]:
+    """`conversations` itself once it is a non-empty list of objects, or LineProblem."""
     if not isinstance(conversations, list):
         raise LineProblem(f"field 'conversations' must be an array, got "
                           f"{_json_type(conversations)}")
     if not conversations:
         raise LineProblem("field 'conversations' is empty")
-    contents = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
             raise LineProblem(f"conversations[{i}] must be an object, got {_json_type(turn)}")
+    return conversations
+
+
+def conversation_contents(conversations) -> list[str]:
+    """The turn contents of a `conversations` list (user, assistant, user, ...), or LineProblem."""
+    contents = []
+    for i, turn in enumerate(checked_turns(conversations)):
         if "content" not in turn:
             raise LineProblem(f"conversations[{i}] is missing field 'content'")
         if not isinstance(turn["content"], str):
@@ -66,12 +83,7 @@ def conversation_contents(conversations) -> list[str]:
 
 def sft_contents(record) -> list[str]:
     """The turn contents of an SFT record, or LineProblem."""
-    if not isinstance(record, dict):
-        raise LineProblem(f"expected a JSON object with a 'conversations' field, got "
-                          f"{_json_type(record)}")
-    if "conversations" not in record:
-        raise LineProblem("missing field 'conversations'")
-    return conversation_contents(record["conversations"])
+    return conversation_contents(conversation_turns(record))
 
 
 RECORD_READERS = {"pretrain": pretrain_text, "sft": sft_contents}

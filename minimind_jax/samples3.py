@@ -22,7 +22,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from minimind_jax.data import LineProblem, _json_type, pad_rows, sft_loss_mask
+from minimind_jax.data import (
+    LineProblem,
+    _json_type,
+    conversation_turns,
+    pad_rows,
+    sft_loss_mask,
+)
 
 SYSTEM_PROMPTS = (
     "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
@@ -45,21 +51,8 @@ SLOTS = 3  # cached id lists per conversation: as is, think-stripped, system-coi
 
 def sft3_messages(record) -> list[dict]:
     """A record's messages as HEAD reads them: the five string fields, missing -> None."""
-    if not isinstance(record, dict):
-        raise LineProblem(f"expected a JSON object with a 'conversations' field, got "
-                          f"{_json_type(record)}")
-    if "conversations" not in record:
-        raise LineProblem("missing field 'conversations'")
-    conversations = record["conversations"]
-    if not isinstance(conversations, list):
-        raise LineProblem(f"field 'conversations' must be an array, got "
-                          f"{_json_type(conversations)}")
-    if not conversations:
-        raise LineProblem("field 'conversations' is empty")
     messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise LineProblem(f"conversations[{i}] must be an object, got {_json_type(turn)}")
+    for i, turn in enumerate(conversation_turns(record)):
         for name in MESSAGE_FIELDS:
             value = turn.get(name)
             if value is not None and not isinstance(value, str):
