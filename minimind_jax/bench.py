@@ -69,12 +69,30 @@ def _peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
-    """Random token ids with every target supervised (the worst case for the loss)."""
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
+                    doc_len: int | None = None) -> dict:
+    """Random token ids with every target supervised (the worst case for the loss). With
+    `doc_len`, rows are packed as `--pack` packs them: documents of doc_len/2..3*doc_len/2
+    tokens back to back, with segment ids, positions restarting per document and no target
+    across a document boundary."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
-            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+    if doc_len:
+        segments = np.zeros((batch_size, seq_len), np.int32)
+        positions = np.zeros((batch_size, seq_len), np.int32)
+        for row in range(batch_size):
+            start, segment = 0, 1
+            while start < seq_len:
+                n = min(int(rng.integers(max(1, doc_len // 2), doc_len * 3 // 2 + 1)),
+                        seq_len - start)
+                segments[row, start:start + n] = segment
+                positions[row, start:start + n] = np.arange(n)
+                batch["loss_mask"][row, start + n - 1] = 0.0  # its target is the next document
+                start, segment = start + n, segment + 1
+        batch |= {"segment_ids": segments, "positions": positions}
+    return batch
 
 
 def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> StepStats:
@@ -97,8 +115,9 @@ def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> St
                      None if first_loss is None else float(first_loss))
 
 
-def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
-    """Time our jitted train step (the one `train.py` runs) on a fixed batch."""
+def jax_stepper(config: ModelConfig, batch: dict):
+    """(one_step, n_params): a closure running our jitted train step (the one `train.py` runs)
+    on a fixed device batch, returning its loss once computed."""
     from minimind_jax import optim, train_step
     from minimind_jax.model import count_params, init_params
 
@@ -116,6 +135,12 @@ def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tupl
         state, metrics = step_fn(state, device_batch)
         return jax.block_until_ready(metrics["loss"])
 
+    return one_step, n_params
+
+
+def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[StepStats, int]:
+    """Time our jitted train step on a fixed batch."""
+    one_step, n_params = jax_stepper(config, batch)
     return _time_steps("jax", one_step, batch, steps, warmup), n_params
 
 
@@ -129,6 +154,8 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
         print("  (torch/transformers not installed: no PyTorch baseline)")
         return None
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier baseline's
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
@@ -181,6 +208,8 @@ def bench_reference(config: ModelConfig, batch: dict, steps: int, warmup: int,
     from minimind_jax.model import init_params
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
                                                     init_params(config, 0), device)
     scaler = " + GradScaler" if layout.grad_scaler else ""
@@ -202,7 +231,8 @@ SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_refe
 
 
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
-              with_torch: bool, reference_dir=None, peak_size: int | None = None) -> dict:
+              with_torch: bool, reference_dir=None, peak_size: int | None = None,
+              doc_len: int | None = None) -> dict:
     """Measure peak, our step and (optionally) the eager-PyTorch step and the real reference's
     step from a checkout; print and return figures."""
     backend = jax.default_backend()
@@ -217,11 +247,12 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     known = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in device.device_kind), None)
     if backend == "gpu" and known:
         print(f"  datasheet dense bf16 peak: {known:.0f} TFLOP/s")
-    batch = synthetic_batch(batch_size, seq_len, config.vocab_size)
+    batch = synthetic_batch(batch_size, seq_len, config.vocab_size, doc_len=doc_len)
     print(f"config: dim={config.dim} layers={config.n_layers} heads={config.n_heads}/"
           f"{config.n_kv_heads} moe={config.use_moe} dtype={config.dtype} "
           f"attention={config.attention_impl} remat={config.remat} scan={config.scan_layers}; "
-          f"batch {batch_size} x {seq_len}")
+          f"batch {batch_size} x {seq_len}"
+          + (f", packed documents of ~{doc_len} tokens" if doc_len else ""))
     ours, n_params = bench_jax(config, batch, steps, warmup)
     runs = [ours]
     if with_torch:
@@ -240,7 +271,8 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     results = {"device": device.device_kind, "backend": backend, "peak_flops": peak,
                "peak_flops_before": peak_before, "peak_flops_after": peak_after,
                "n_params": n_params, "flops_per_token": flops_per_token,
-               "batch_size": batch_size, "seq_len": seq_len, "config": config.to_dict(),
+               "batch_size": batch_size, "seq_len": seq_len, "doc_len": doc_len,
+               "config": config.to_dict(),
                "host_hugepages": hugepages}
     for run in runs:
         mfu = run.tokens_per_s * flops_per_token / peak
@@ -267,9 +299,11 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
 def _run(args: argparse.Namespace) -> int:
     config = model_config_from_args(args)
     seq_len = args.seq_len or config.max_seq_len
+    if args.doc_len is not None and args.doc_len < 1:
+        raise UserError(f"--doc_len must be >= 1, got {args.doc_len}")
     results = run_bench(config, args.batch_size, seq_len, args.steps, args.warmup,
                         with_torch=not args.no_torch, reference_dir=args.reference_dir,
-                        peak_size=args.peak_size)
+                        peak_size=args.peak_size, doc_len=args.doc_len)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -288,6 +322,10 @@ def register(subparsers) -> None:
                    help="tokens per row (default: max_seq_len of the model, 512)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--doc_len", type=int, default=None,
+                   help="time packed rows (as pretrain --pack makes them): documents of about "
+                        "this many tokens with segment masks (our step only; the PyTorch "
+                        "baselines have no packing and get plain rows)")
     p.add_argument("--no_torch", action="store_true", help="skip the eager-PyTorch baseline")
     p.add_argument("--reference_dir", default=None,
                    help="a checkout of jingyaogong/minimind (d9453ed for --arch minimind2, HEAD "

@@ -115,22 +115,36 @@ def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
                     kernel_init=kernel_init(config), name=name)
 
 
-def _attention_impl(config: ModelConfig, has_mask: bool, seq_len: int,
-                    has_cache: bool) -> str:
-    if config.attention_impl == "auto" and jax.default_backend() == "cpu":
-        return "xla" if has_cache else "chunked"
-    if config.attention_impl == "chunked":
-        return "xla" if has_cache else "chunked"
-    # cuDNN's fused kernel takes causal/padding masks only, so explicit segment masks use XLA.
-    if config.attention_impl == "xla" or has_mask:
-        return "xla"
-    if config.attention_impl == "cudnn":
-        return "cudnn"
+def _attention_impl(config: ModelConfig, has_cache: bool) -> str:
+    """The kernel for this call: `config.attention_impl`, with auto resolved per platform."""
+    if has_cache or config.attention_impl == "xla":
+        return "xla"  # decoding: one query row against the cache slots
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    if jax.default_backend() == "cpu":
+        return "chunked"
     on_gpu = jax.default_backend() == "gpu"
-    # cuDNN's training kernels reject odd lengths ("Unsupported sequence length Q 511"), and the
-    # reference trains on 511 = max_seq_len - 1 tokens.
-    cudnn_ok = on_gpu and config.dtype in ("bfloat16", "float16") and seq_len % 2 == 0
-    return "cudnn" if cudnn_ok else "xla"
+    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, scale: float,
+                           implementation: str = "cudnn"):
+    """cuDNN's fused causal attention, packed rows included (their segment mask goes in as a
+    bias). Its training kernels reject odd lengths ("Unsupported sequence length Q 511"), and
+    MiniMind2 trains on max_seq_len - 1 = 511 tokens: an odd T gets one trailing position,
+    which causality hides from every real query, and its output row is cut off again.
+    (`implementation` lets the padding be checked where there is no cuDNN.)"""
+    T = q_BTNH.shape[1]
+    pad = T % 2
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, widths) for x in (q_BTNH, k_BTKH, v_BTKH))
+        if mask_B1TS is not None:
+            mask_B1TS = jnp.pad(mask_B1TS, ((0, 0), (0, 0), (0, pad), (0, pad)))
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
+                                            is_causal=True, scale=scale,
+                                            implementation=implementation)
+    return out_BTNH[:, :T]
 
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=None):
@@ -194,11 +208,14 @@ class Attention(nn.Module):
             new_cache = {"k": k_BSKH, "v": v_BSKH}
             k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
 
-        impl = _attention_impl(cfg, mask_B1TS is not None, T, layer_cache is not None)
+        impl = _attention_impl(cfg, layer_cache is not None)
         if impl == "chunked":
             # Four query blocks: 62.5% of the score matrix, still few enough ops to fuse well.
             n_chunks = max(1, min(4, T // 64))
             out_BTNH = chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks, mask_B1TS)
+        elif impl == "cudnn":
+            out_BTNH = cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS,
+                                              1.0 / math.sqrt(hd))
         else:
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=mask_B1TS is None,

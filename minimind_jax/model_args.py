@@ -55,7 +55,8 @@ def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> 
     g.add_argument("--attention_impl", choices=("auto", "xla", "cudnn", "chunked"),
                    default="auto",
                    help="attention kernel: auto = chunked causal blocks on CPU, cuDNN on GPU "
-                        "(bf16, even lengths, no packing), else XLA's dot_product_attention")
+                        "(bf16/fp16; packed rows through a mask bias, odd lengths padded by one), "
+                        "else XLA's dot_product_attention; decoding always uses XLA")
     g.add_argument("--remat", action="store_true", help="rematerialise each block in backward")
     g.add_argument("--scan_layers", action="store_true",
                    help="compile one layer body and scan it (faster compiles for deep models)")

@@ -23,12 +23,15 @@ def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
     statuses = {name: step["status"] for name, step in suite["steps"].items()}
-    assert statuses.pop("bench_tiny_cudnn") == "n/a"  # no GPU here
+    for cudnn in ("bench_tiny_cudnn", "bench_tiny_packed_cudnn"):
+        assert statuses.pop(cudnn) == "n/a"  # no GPU here
     assert set(statuses.values()) == {"ok"}, statuses
     assert suite["golden"]["tests"] > 0 and suite["golden"]["failures"] == 0
     measured = {row["name"] for row in suite["bench"] if row.get("tokens_per_s", 0) > 0}
-    assert measured == {"tiny_xla", "tiny_chunked", "tiny-moe_ragged", "tiny-moe_blocked",
-                        "tiny-moe_dense"}
+    assert measured == {"tiny_xla", "tiny_chunked", "tiny_packed_xla", "tiny-moe_ragged",
+                        "tiny-moe_blocked", "tiny-moe_dense"}
+    assert "device time per step" in (tmp_path / "profile_tiny.txt").read_text() or \
+        "no device events" in (tmp_path / "profile_tiny.txt").read_text()
     assert suite["epoch"]["best_fit"]["fill"] > 0.9
     table = (tmp_path / "suite.md").read_text()
     assert "| tiny_chunked | chunked |" in table and "## Whole epoch" in table
