@@ -117,7 +117,7 @@ def main() -> None:
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown --modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    from minimind_jax.loader import open_source
+    from minimind_jax.rows import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -96,10 +96,11 @@ def main() -> None:
     import jax
 
     from minimind_jax import optim, train_step
+    from minimind_jax.batches import Loader
     from minimind_jax.config import ModelConfig, preset
-    from minimind_jax.loader import Loader, open_source
     from minimind_jax.model import init_params
     from minimind_jax.model_args import resolve_dtype
+    from minimind_jax.rows import open_source
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="loader_bench_", dir="/tmp"))
     try:

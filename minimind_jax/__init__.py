@@ -7,12 +7,14 @@ The training path, flags to checkpoint (`pretrain`/`sft`; `train.run` from Pytho
     TrainConfig --train.build_run--> Run (tokenizer, model, locked run folder, data, train
                                           state fresh or resumed, step functions, checkpoint
                                           manager, RunLog)
-    JSONL samples --data (parse, tokenize; token_cache: memory-mapped ids, built on first
-        use)--> rows --loader (CachedSource | PackedSource(packing) | HeadSFTSource)-->
-        Loader.epoch: numpy batches (shuffled per epoch, this process's share)
+    the data path, one module per stage (minimind-3's sample rules: samples3):
+        JSONL --samples (validated records; MiniMind2's ids, loss masks)--> samples
+        --token_cache (tokenized once, memory-mapped; built on first use or by `prepare`)-->
+        token cache --rows (CachedSource | PackedSource(packing) | HeadSFTSource;
+        rows.open_source: a file's rows, its cache built on first use)--> rows
+        --batches (Loader.epoch: shuffled per epoch, this process's share)--> numpy batches
         --train_step.put_batch--> device batch --train_step.make_train_step (model, loss,
-        optim)-->
-        new train state + metrics
+        optim)--> new train state + metrics
     train.train_loop: metrics --RunLog--> metrics.jsonl, tracker, console line;
                       state --train.save_checkpoint--> checkpoints/<step>/ (checkpoint: orbax)
 

@@ -19,8 +19,11 @@ import jax
 import numpy as np
 
 from minimind_jax import model_args
+from minimind_jax.batches import Loader
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
+from minimind_jax.rows import open_source
+from minimind_jax.samples import STAGES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,6 @@ class Evaluator:
 
     def __init__(self, source, config: ModelConfig, mesh, batch_size: int,
                  max_batches: int | None = None):
-        from minimind_jax.loader import Loader
-
         if max_batches is not None and max_batches < 1:
             raise UserError(f"--eval_batches must be >= 1, got {max_batches}")
         self.loader = Loader(source, batch_size, shuffle=False, num_shards=jax.process_count(),
@@ -96,7 +97,6 @@ class Evaluator:
 
 def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax import generate
-    from minimind_jax.loader import open_source
     from minimind_jax.tokenizer import load_tokenizer
     from minimind_jax.train_step import data_mesh, put_replicated
 
@@ -123,7 +123,7 @@ def register(subparsers) -> None:
                         help="one of our run or checkpoint folders, or a reference-keyed .pth, "
                              ".safetensors or .npz state dict")
     parser.add_argument("--data_path", required=True, help="JSONL file in the --stage format")
-    parser.add_argument("--stage", choices=("pretrain", "sft"), required=True,
+    parser.add_argument("--stage", choices=STAGES, required=True,
                         help="pretrain: {\"text\"} samples, every token; sft: conversations, "
                              "the assistant replies only")
     parser.add_argument("--tokenizer", default=None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from minimind_jax import model_args
-from minimind_jax.data import STAGES
+from minimind_jax.rows import CachedSource, open_source
+from minimind_jax.samples import STAGES
 
 
 def register(subparsers) -> None:
@@ -51,21 +52,19 @@ def add_cache_args(group) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minimind_jax.loader import PackedSource, check_packable, open_source
-
-    if args.pack:
-        check_packable(args.stage, args.arch)  # before the cache is built
     source = open_source(args.data_path, args.tokenizer, args.stage, args.max_seq_len,
-                         cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
-                         force=args.force, log=print, rules=args.arch)
+                         pack=args.pack, cache_dir=args.cache_dir,
+                         skip_bad_lines=args.skip_bad_lines, force=args.force, log=print,
+                         rules=args.arch)
+    # With --pack `source` is the packed layout; the one-sample-per-row figures come first.
+    unpacked = CachedSource(source.cache, args.max_seq_len) if args.pack else source
     meta = source.cache.meta
     print(f"cache: {source.cache.path}")
-    print(f"{len(source):,} samples, {meta['num_tokens']:,} tokens, "
+    print(f"{len(unpacked):,} samples, {meta['num_tokens']:,} tokens, "
           f"{meta['num_truncated']:,} truncated to {args.max_seq_len}, "
           f"{meta['skipped_lines']:,} bad lines skipped")
-    print(f"padding fraction at max_seq_len {args.max_seq_len}: {source.padding_fraction:.4f} "
-          f"({len(source):,} rows)")
+    print(f"padding fraction at max_seq_len {args.max_seq_len}: "
+          f"{unpacked.padding_fraction:.4f} ({len(unpacked):,} rows)")
     if args.pack:
-        packed = PackedSource(source.cache, args.max_seq_len)
-        print(f"packed: padding fraction {packed.padding_fraction:.4f} ({len(packed):,} rows)")
+        print(f"packed: padding fraction {source.padding_fraction:.4f} ({len(source):,} rows)")
     return 0

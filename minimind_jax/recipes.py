@@ -26,7 +26,7 @@ class Recipe:
     """What a recipe fixes beyond the flags' defaults."""
 
     shuffle: bool = True
-    permutation: str = "numpy"  # loader.PERMUTATIONS
+    permutation: str = "numpy"  # batches.PERMUTATIONS
     lr_schedule: str | None = None  # None: the --lr_schedule flag
     seed: int = 1337  # default --seed
     flush_epoch_end: bool = False

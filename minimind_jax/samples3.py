@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from minimind_jax.data import (
+from minimind_jax.samples import (
     LineProblem,
     _json_type,
     conversation_turns,

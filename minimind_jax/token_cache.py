@@ -1,4 +1,5 @@
-"""Token cache: a JSONL dataset tokenized once, streamed to disk, memory-mapped for training.
+"""Token cache, the second stage of the data path: a JSONL dataset's samples tokenized once,
+streamed to disk, memory-mapped for training. Previous stage: `samples`; next: `rows`.
 
 An entry is a folder holding `ids.npy` (every sample's token ids back to back, uint16, or uint32
 for vocabularies over 65536), `offsets.npy` (int64 [N + 1]: sample i is ids[offsets[i]:
@@ -32,16 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from minimind_jax import samples3
-from minimind_jax.data import (
-    RECORD_READERS,
-    SAMPLE_IDS,
-    STAGES,
+from minimind_jax.errors import UserError
+from minimind_jax.samples import (
     SkipReport,
     iter_jsonl_chunks,
+    open_data_file,
     sft_mask_markers,
+    stage_named,
     truncate_ids,
 )
-from minimind_jax.errors import UserError
 
 SAMPLE_RULES = ("minimind2", "minimind3")
 
@@ -60,11 +60,12 @@ def sample_rules(stage: str, rules: str) -> SampleRules:
     """MiniMind2's (shared/SPEC.md) or minimind-3's (samples3.py) rules for `stage`."""
     if rules not in SAMPLE_RULES:
         raise UserError(f"unknown sample rules {rules!r}; expected one of {SAMPLE_RULES}")
+    minimind2 = stage_named(stage)
     if rules == "minimind2":
-        return SampleRules(RECORD_READERS[stage], SAMPLE_IDS[stage], truncate_ids,
+        return SampleRules(minimind2.read_record, minimind2.sample_ids, truncate_ids,
                            sft_mask_markers)
     if stage == "pretrain":
-        return SampleRules(RECORD_READERS[stage], samples3.pretrain3_ids_batch,
+        return SampleRules(minimind2.read_record, samples3.pretrain3_ids_batch,
                            samples3.pretrain3_truncate, samples3.sft3_markers)
     return SampleRules(samples3.sft3_messages, samples3.sft3_ids_batch, truncate_ids,
                        samples3.sft3_markers)
@@ -266,15 +267,11 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     exists, else built by streaming the JSONL through batched tokenization (memory bounded by
     a few `chunk_bytes` chunks, whatever the file size). `log(str)` receives a summary.
     `rules`: whose sample rules (`minimind2` or `minimind3`, see `sample_rules`)."""
-    if stage not in STAGES:
-        raise UserError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    stage_named(stage)  # an unknown stage fails here
     if max_seq_len < 2:
         raise UserError(f"max_seq_len must be at least 2, got {max_seq_len}")
     data_path = Path(data_path)
-    if data_path.is_dir():
-        raise UserError(f"{data_path} is a folder; --data_path takes a JSONL file")
-    if not data_path.is_file():
-        raise UserError(f"{data_path}: data file not found")
+    open_data_file(data_path).close()  # a missing or unreadable file fails here
     log = log or (lambda message: print(message, file=sys.stderr))
     entry = cache_entry_path(data_path, tokenizer, stage, max_seq_len, cache_dir, rules)
     if entry.is_dir() and not force:

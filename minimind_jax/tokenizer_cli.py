@@ -65,7 +65,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir, vocab_size: int = 6400, *
 
 
 def _texts_with_progress(data_path, skip_bad_lines: bool, bar) -> Iterator[str]:
-    from minimind_jax.data import SkipReport, iter_jsonl_chunks
+    from minimind_jax.samples import SkipReport, iter_jsonl_chunks
 
     skips = SkipReport(str(data_path))
     for texts, n_bytes in iter_jsonl_chunks(data_path, "pretrain", skip_bad_lines=skip_bad_lines,

@@ -23,7 +23,6 @@ from minimind_jax import (
     checkpoint,
     compat_flags,
     convert,
-    data,
     distributed,
     evaluate,
     host_memory,
@@ -35,29 +34,16 @@ from minimind_jax import (
     tracking,
     train_config,
 )
+from minimind_jax.batches import Loader
 from minimind_jax.config import SHAPE_FIELDS, ModelConfig, arch_of
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
+from minimind_jax.rows import open_source
+from minimind_jax.samples import STAGES, Stage, stage_named
 from minimind_jax.train_config import DataConfig, RunConfig, TrainConfig
 
 REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where the reference keeps its tokenizer
 HEAD_TOKENIZER_DIR = "model"  # where minimind-3 (HEAD) keeps its tokenizer.json
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A training stage (its hyper-parameter defaults: `recipes.stage_defaults`)."""
-
-    command: str  # CLI command, and the sample format it reads (one of data.STAGES)
-    run_prefix: str  # run folder is {out_dir}/{run_prefix}_{tag}
-    data_path: str  # the reference's default data file
-
-
-STAGES = {stage.command: stage for stage in (
-    Stage("pretrain", "pretrain", "./dataset/pretrain_hq.jsonl"),
-    Stage("sft", "full_sft", "./dataset/sft_mini_512.jsonl"),
-)}
-assert tuple(STAGES) == data.STAGES  # a training command per sample format
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -353,7 +339,7 @@ def run(config: TrainConfig, stage: Stage | str) -> int:
     Bad input raises UserError, an environment failure while writing RunFailure."""
     from minimind_jax import train_step
 
-    stage = STAGES[stage] if isinstance(stage, str) else stage
+    stage = stage_named(stage) if isinstance(stage, str) else stage
     train_config.check_settings(vars(config))
     distributed.initialize(config.distributed)  # a no-op when the command started it
     with contextlib.ExitStack() as stack:  # what is opened below is closed on every path
@@ -520,8 +506,6 @@ def _check_start(run: RunConfig, run_dir: pathlib.Path) -> str | None:
 
 def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh):
     """(training rows, their loader, the evaluator or None)."""
-    from minimind_jax.loader import Loader
-
     data_config = config.data
     data = _open_source_once(config, stage, tokenizer, model, data_config.data_path,
                              data_config.pack)
@@ -605,8 +589,6 @@ def _open_source_once(config: TrainConfig, stage: Stage, tokenizer, model: Model
                       data_path: str, pack: bool):
     """The rows of `data_path`; with several processes, process 0 builds a missing token cache
     first, so the others find it (shared storage) instead of racing on it."""
-    from minimind_jax.loader import open_source
-
     data_config = config.data
 
     def open_it(quiet: bool):

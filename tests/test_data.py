@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax.data import (
+from minimind_jax.errors import UserError
+from minimind_jax.samples import (
     SkipReport,
     iter_jsonl_chunks,
     pretrain_sample,
     sft_loss_mask,
     sft_sample,
 )
-from minimind_jax.errors import UserError
 from minimind_jax.tokenizer import load_tokenizer
 from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from minimind_jax import checkpoint, cli
-from minimind_jax.data import pretrain_sample, sft_sample
 from minimind_jax.model import MiniMind
+from minimind_jax.samples import pretrain_sample, sft_sample
 from minimind_jax.tokenizer import load_tokenizer
 from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, subprocess_env
 

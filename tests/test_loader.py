@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from minimind_jax import packing
+from minimind_jax.batches import Loader
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
-from minimind_jax.loader import ArraySource, Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
+from minimind_jax.rows import ArraySource, open_source
 from minimind_jax.tokenizer import load_tokenizer
 from tests.conftest import TOKENIZER_DIR
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.data import sft_sample
 from minimind_jax.errors import UserError
-from minimind_jax.loader import open_source
+from minimind_jax.rows import open_source
+from minimind_jax.samples import sft_sample
 from minimind_jax.token_cache import CACHE_DIRNAME, prepare_token_cache
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.tokenizer_cli import train_sentencepiece

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.data import sft_mask_markers
 from minimind_jax.errors import UserError
+from minimind_jax.samples import sft_mask_markers
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.tokenizer_cli import train_sentencepiece
 from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR

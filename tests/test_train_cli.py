@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from minimind_jax import checkpoint, cli, train
+from minimind_jax.batches import Loader
 from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
-from minimind_jax.loader import Loader, open_source
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind
+from minimind_jax.rows import open_source
 from minimind_jax.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, golden_state_dict
 

@@ -1,23 +1,23 @@
-"""Training samples exactly as the reference builds them, and validated streaming of JSONL.
+"""Samples, the first stage of the data path: validated JSONL records and MiniMind2's rules
+for their token ids and loss masks, exactly as the reference builds them (minimind-3's rules:
+`samples3`). Next stage: `token_cache`.
 
 Pretrain lines are `{"text": str}`; SFT lines are `{"conversations": [{"content": str}, ...]}`
 with roles taken by position (even = user, odd = assistant; the `role` field is ignored, as in
-the reference). See SPEC.md "Samples".
+the reference). See SPEC.md "Samples". `STAGES` is the one table of training stages.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from minimind_jax.errors import UserError
-
-STAGES = ("pretrain", "sft")
 
 
 class LineProblem(UserError):
@@ -86,9 +86,6 @@ def sft_contents(record) -> list[str]:
     return conversation_contents(conversation_turns(record))
 
 
-RECORD_READERS = {"pretrain": pretrain_text, "sft": sft_contents}
-
-
 # --- streaming JSONL ---------------------------------------------------------------------------
 
 @dataclass
@@ -133,6 +130,18 @@ def _parse_line(raw: bytes, line_no: int, read_record):
     return read_record(record)
 
 
+def open_data_file(path: str | os.PathLike):
+    """`path` opened for reading bytes, or UserError saying why it cannot be."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 -- the caller closes it
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; --data_path takes a JSONL file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+
 def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bool = False,
                       skips: SkipReport | None = None, chunk_bytes: int = 1 << 20,
                       read_record=None) -> Iterator[tuple[list, int]]:
@@ -143,18 +152,10 @@ def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bo
     line raises UserError naming file, line and problem; with `skip_bad_lines` it is counted in
     `skips` instead. A file without any valid record raises UserError.
     """
-    if stage not in RECORD_READERS:
-        raise UserError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    read_record = read_record or RECORD_READERS[stage]
+    stage_reader = stage_named(stage).read_record  # checks `stage` either way
+    read_record = read_record or stage_reader
     skips = skips if skips is not None else SkipReport(str(path))
-    try:
-        f = open(path, "rb")  # noqa: SIM115 -- closed below, and the generator may be abandoned
-    except FileNotFoundError:
-        raise UserError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; --data_path takes a JSONL file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    f = open_data_file(path)
     line_no = 0
     n_records = 0
     with f:
@@ -212,9 +213,6 @@ def sft_ids_batch(tokenizer, conversations: Sequence[Sequence[str]],
     """Ids of each conversation's chat-template text, truncated to `max_seq_len` (None: not)."""
     prompts = [sft_prompt(tokenizer, contents) for contents in conversations]
     return truncate_ids(tokenizer.encode_batch(prompts), max_seq_len)
-
-
-SAMPLE_IDS = {"pretrain": pretrain_ids_batch, "sft": sft_ids_batch}
 
 
 def sft_mask_markers(tokenizer) -> tuple[list[int], list[int]]:
@@ -282,3 +280,31 @@ def sft_sample(tokenizer, conversations: Sequence[dict], max_seq_len: int):
     row = pad_rows(sft_ids_batch(tokenizer, [contents], max_seq_len), max_seq_len,
                    tokenizer.pad_id)[0]
     return shift(row, sft_loss_mask(row, *sft_mask_markers(tokenizer)))
+
+
+# --- training stages ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage of the reference: the sample format it reads and its script's defaults
+    (hyper-parameter defaults: `recipes.stage_defaults`)."""
+
+    command: str  # the CLI command (`pretrain`/`sft`), also the name of its sample format
+    read_record: Callable  # JSON record -> text / turn contents, or LineProblem
+    sample_ids: Callable  # (tokenizer, records, max_seq_len or None) -> MiniMind2's id lists
+    run_prefix: str  # the reference's save name; our run folder is {out_dir}/{run_prefix}_{tag}
+    data_path: str  # the reference's default data file
+
+
+STAGES = {stage.command: stage for stage in (
+    Stage("pretrain", pretrain_text, pretrain_ids_batch, "pretrain",
+          "./dataset/pretrain_hq.jsonl"),
+    Stage("sft", sft_contents, sft_ids_batch, "full_sft", "./dataset/sft_mini_512.jsonl"),
+)}
+
+
+def stage_named(name: str) -> Stage:
+    """The stage called `name`, or UserError."""
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+    return STAGES[name]
