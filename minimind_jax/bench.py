@@ -2,7 +2,8 @@
 (transformers' Llama sized alike) and, with `--reference_dir`, the real reference's own model
 and step from a checkout of jingyaogong/minimind.
 
-MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len, against a
+MFU uses PaLM's model FLOPs per token, 6 * params + 12 * n_layers * dim * seq_len (an MoE counts
+the parameters a token goes through: top-k of the routed experts, not all), against a
 peak measured in the same run, before and after the steps (the higher counts): on CPU the float32
 GFLOP/s of a 2048^3 matmul, on GPU a large bfloat16 matmul (the card's dense bf16 peak is printed
 beside it when known).
@@ -117,13 +118,14 @@ def _time_steps(name: str, one_step, batch: dict, steps: int, warmup: int) -> St
 
 def jax_stepper(config: ModelConfig, batch: dict):
     """(one_step, n_params): a closure running our jitted train step (the one `train.py` runs)
-    on a fixed device batch, returning its loss once computed."""
+    on a fixed device batch, returning its loss once computed, and the parameters a token goes
+    through (an MoE's unused routed experts left out)."""
     from minimind_jax import optim, train_step
-    from minimind_jax.model import count_params, init_params
+    from minimind_jax.model import count_active_params, init_params
 
     mesh = train_step.data_mesh()
     params = init_params(config, 0)
-    n_params = count_params(params)
+    n_params = count_active_params(params, config)
     optimizer = optim.make_optimizer(accumulation_steps=1)
     schedule = optim.Schedule("cosine", 5e-4, total_steps=10_000)
     state = train_step.put_replicated(train_step.create_train_state(params, optimizer), mesh)
@@ -270,7 +272,8 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
     flops_per_token = model_flops_per_token(n_params, config, seq_len)
     results = {"device": device.device_kind, "backend": backend, "peak_flops": peak,
                "peak_flops_before": peak_before, "peak_flops_after": peak_after,
-               "n_params": n_params, "flops_per_token": flops_per_token,
+               "n_params": n_params,  # per token: an MoE's unused routed experts left out
+               "flops_per_token": flops_per_token,
                "batch_size": batch_size, "seq_len": seq_len, "doc_len": doc_len,
                "config": config.to_dict(),
                "host_hugepages": hugepages}

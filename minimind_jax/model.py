@@ -494,3 +494,15 @@ def init_params(config: ModelConfig, rng: jax.Array | int = 1337) -> dict:
 def count_params(params) -> int:
     """Number of scalars in a param pytree (the tied matrix counted once)."""
     return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def count_active_params(params, config: ModelConfig) -> int:
+    """Parameters one token goes through: all of them, less the routed experts it is not sent
+    to ((E - top-k) / E of the stacked expert weights w1/w2/w3)."""
+    total = count_params(params)
+    if not config.use_moe:
+        return total
+    routed = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                 if getattr(path[-1], "key", None) in ("w1", "w2", "w3"))
+    unused = config.n_routed_experts - config.num_experts_per_tok
+    return total - routed * unused // config.n_routed_experts

@@ -7,7 +7,13 @@ import pytest
 
 from minimind_jax.config import ModelConfig, preset
 from minimind_jax.convert import params_from_state_dict
-from minimind_jax.model import MiniMind, count_params, init_params, moe_aux_loss
+from minimind_jax.model import (
+    MiniMind,
+    count_active_params,
+    count_params,
+    init_params,
+    moe_aux_loss,
+)
 from tests.conftest import golden_state_dict
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
@@ -176,3 +182,12 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(config):
         steps.append(step)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
     assert int(cache["index"]) == 12
+
+
+def test_active_params_leave_out_the_unused_routed_experts():
+    dense = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+    moe = dense.replace(use_moe=True)  # 4 routed experts, top-2, 1 shared
+    dense_params, moe_params = init_params(dense, 0), init_params(moe, 0)
+    assert count_active_params(dense_params, dense) == count_params(dense_params)
+    per_expert = 3 * 64 * dense.hidden_dim * dense.n_layers  # w1, w3 [D, F] and w2 [F, D]
+    assert count_params(moe_params) - count_active_params(moe_params, moe) == 2 * per_expert
