@@ -540,11 +540,12 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
     from minimind_jax import train_step
 
     if config.run.resume:
-        def same_shape(meta):
-            check_same_shape(ModelConfig.from_dict(meta["model_config"]), model,
-                             f"{run_dir} (step {meta['step']})")
+        def same_run(meta):
+            where = f"{run_dir} (step {meta['step']})"
+            check_same_shape(ModelConfig.from_dict(meta["model_config"]), model, where)
+            _check_same_rows(meta.get("rows"), rows_layout(config.data), where)
 
-        state, meta, damaged = checkpoint.resume_state(run_dir, abstract, same_shape, _warn)
+        state, meta, damaged = checkpoint.resume_state(run_dir, abstract, same_run, _warn)
         if damaged:
             distributed.barrier("train:damaged_seen")  # all restored before one moves them
             if _is_main_process():
@@ -728,10 +729,31 @@ def _validate(run: Run, state, step: int, pending: list) -> int:
 
 def save_checkpoint(run: Run, state, position: tuple[int, int]) -> int:
     """Every checkpoint of the run: `state`, `position` = (epoch, batch) of the next batch,
-    the model, the stage and the run time so far. Returns the step (saved asynchronously)."""
+    the model, the stage, the rows' layout and the run time so far. Returns the step (saved
+    asynchronously)."""
     return checkpoint.save(run.manager, state, epoch=position[0], batch=position[1],
                            config=run.model, stage=run.stage.command,
-                           elapsed_s=run.log.elapsed())
+                           rows=rows_layout(run.config.data), elapsed_s=run.log.elapsed())
+
+
+def rows_layout(data_config) -> dict:
+    """The flags that decide which rows a (epoch, batch) position points at: a resumed run
+    must keep them, or it would continue at another place in the data."""
+    return {"pack": data_config.pack,
+            "pack_window": data_config.pack_window if data_config.pack else None}
+
+
+def _check_same_rows(saved: dict | None, now: dict, where: str) -> None:
+    if saved is None or saved == now:  # checkpoints from before the layout was saved: unchecked
+        return
+
+    def flags(layout):
+        if not layout["pack"]:
+            return "one sample per row (no --pack)"
+        return f"--pack --pack_window {layout['pack_window']}"
+
+    raise UserError(f"--resume: {where} was trained on rows made with {flags(saved)}, but this "
+                    f"run asks for {flags(now)}; resume with the same flags, or start a new run")
 
 
 def _stop_message(max_skips: int, model: ModelConfig, err: TooManySkips, saved: str) -> str:

@@ -108,3 +108,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = cli.main([*argv(tmp_path / "none", tmp_path / "cache"), "--resume"])
     assert code == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_with_other_row_flags_is_refused(tmp_path, capsys):
+    """(epoch, batch) points into the rows the run was saved with: --pack/--pack_window must
+    stay, or the resumed run would continue at another place in the data."""
+    base = argv(tmp_path / "out", tmp_path / "cache")
+    base[base.index("--max_steps") + 1] = "2"
+    base[base.index("--accumulation_steps") + 1] = "1"
+    assert cli.main([*base, "--pack", "--pack_window", "0", "--save_interval", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--pack", "--resume"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --resume: ")
+    assert "--pack --pack_window 0" in errors[0] and "--pack --pack_window 8192" in errors[0]
+    assert "Traceback" not in err
+    assert cli.main([*base, "--resume"]) == 2
+    assert "one sample per row (no --pack)" in capsys.readouterr().err
