@@ -8,7 +8,7 @@ import pytest
 from minimind_jax import samples3, torch_rng
 from minimind_jax.loader import Loader, open_source
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
 
 
 @pytest.fixture(scope="module")
