@@ -19,27 +19,21 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIX = ROOT / "tests" / "fixtures"
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32"]
-SLOW_CLI = ("import sys, time\nfrom minimind_jax import cli, train_step\n"
-            "put = train_step.put_batch\n"
-            "train_step.put_batch = lambda b, m: (time.sleep(0.3), put(b, m))[1]\n"
-            "sys.exit(cli.main(sys.argv[1:]))\n")
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import child_argv, subprocess_env, tiny_run_argv  # noqa: E402
+
+BATCH_DELAY_S = 0.3  # tests/children/slow_cli.py: time for a signal or a second process
 
 
 def env() -> dict:
-    e = dict(os.environ, MINIMIND_JAX_HUGEPAGES="0")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return subprocess_env() | {"MINIMIND_JAX_HUGEPAGES": "0"}
 
 
 def train_argv(command: str, out: pathlib.Path, cache: pathlib.Path, *extra: str,
                data: pathlib.Path | None = None) -> list[str]:
-    data = data or FIX / ("pretrain.jsonl" if command == "pretrain" else "sft.jsonl")
-    return [command, "--data_path", str(data), "--tokenizer", str(FIX / "minimind_tokenizer"),
-            "--out_dir", str(out), "--cache_dir", str(cache), *TINY, "--batch_size", "4",
-            "--log_interval", "1", *extra]
+    return tiny_run_argv(command, out, cache, "--batch_size", "4", "--log_interval", "1", *extra,
+                         data=data)
 
 
 def cli(argv: list[str], *, python: list[str] | None = None, timeout: int = 300):
@@ -112,8 +106,8 @@ def main() -> int:
 
     # 1. two processes on one run folder
     lock = work / "lock"
-    first = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *train_argv(
-        "pretrain", lock, cache, "--max_steps", "30", "--save_interval", "5")],
+    first = subprocess.Popen(child_argv("slow_cli", BATCH_DELAY_S, *train_argv(
+        "pretrain", lock, cache, "--max_steps", "30", "--save_interval", "5")),
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while not (lock / "pretrain_64" / "metrics.jsonl").exists() and first.poll() is None:
         time.sleep(0.1)
@@ -182,8 +176,8 @@ def main() -> int:
     case("--init_from a missing file", new,
          train_argv("pretrain", new, cache, "--init_from", str(work / "nope.pth")))
     ctrl_c = work / "ctrl_c"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *train_argv(
-        "pretrain", ctrl_c, cache, "--max_steps", "30", "--save_interval", "1")],
+    child = subprocess.Popen(child_argv("slow_cli", BATCH_DELAY_S, *train_argv(
+        "pretrain", ctrl_c, cache, "--max_steps", "30", "--save_interval", "1")),
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = ctrl_c / "pretrain_64" / "checkpoints"
     while child.poll() is None and not (ckpts.is_dir() and len(os.listdir(ckpts)) >= 2):

@@ -14,10 +14,9 @@ from minimind_jax import generate as gen
 from minimind_jax.config import ModelConfig
 from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER_DIR
+from tests.helpers import TINY_CONFIG, TOKENIZER_DIR
 
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,
-                   max_seq_len=128)
+TINY = TINY_CONFIG.replace(max_seq_len=128)
 API_KEY = "sk-test-key"
 
 

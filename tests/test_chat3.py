@@ -18,7 +18,7 @@ from minimind_jax.reply_text import (
     split_thinking,
 )
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER3_DIR, TOKENIZER_DIR
+from tests.helpers import TOKENIZER3_DIR, TOKENIZER_DIR
 
 TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                            max_seq_len=512)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minimind_jax import cli, compat_flags
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, TOKENIZER_DIR
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",
         "--tokenizer", str(TOKENIZER_DIR)]

@@ -15,13 +15,12 @@ from minimind_jax.convert import (
 )
 from minimind_jax.errors import UserError
 from minimind_jax.model import MiniMind, init_params
-from tests.conftest import golden_state_dict
-
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+from tests.helpers import TINY_CONFIG, golden_state_dict
 
 
-@pytest.mark.parametrize("name,config", [("dense", TINY), ("moe", TINY.replace(use_moe=True)),
-                                         ("dense", TINY.replace(scan_layers=True))])
+@pytest.mark.parametrize("name,config", [("dense", TINY_CONFIG),
+                                         ("moe", TINY_CONFIG.replace(use_moe=True)),
+                                         ("dense", TINY_CONFIG.replace(scan_layers=True))])
 def test_state_dict_round_trip_is_lossless(golden, name, config):
     sd = golden_state_dict(golden, f"{name}/init/")
     back = state_dict_from_params(params_from_state_dict(sd, config), config)
@@ -45,8 +44,8 @@ def test_file_formats_round_trip(tmp_path, golden, suffix):
 def test_either_tied_key_is_accepted(golden):
     sd = golden_state_dict(golden, "dense/init/")
     only_output = {k: v for k, v in sd.items() if k != "tok_embeddings.weight"}
-    a = params_from_state_dict(sd, TINY)
-    b = params_from_state_dict(only_output, TINY)
+    a = params_from_state_dict(sd, TINY_CONFIG)
+    b = params_from_state_dict(only_output, TINY_CONFIG)
     np.testing.assert_array_equal(a["tok_embeddings"], b["tok_embeddings"])
 
 
@@ -56,7 +55,7 @@ def test_bad_state_dict_lists_missing_unexpected_misshaped(golden):
     sd["layers.0.extra.weight"] = np.zeros(3)
     sd["norm.weight"] = np.ones(65, np.float32)
     with pytest.raises(UserError) as err:
-        params_from_state_dict(sd, TINY, source="bad.pth")
+        params_from_state_dict(sd, TINY_CONFIG, source="bad.pth")
     text = str(err.value)
     assert "bad.pth" in text
     assert "missing keys (1): layers.1.attention.wq.weight" in text
@@ -67,7 +66,7 @@ def test_bad_state_dict_lists_missing_unexpected_misshaped(golden):
 def test_wrong_config_is_an_error_not_a_silent_init(golden):
     sd = golden_state_dict(golden, "dense/init/")
     with pytest.raises(UserError, match="mis-shaped"):
-        params_from_state_dict(sd, TINY.replace(dim=128))
+        params_from_state_dict(sd, TINY_CONFIG.replace(dim=128))
 
 
 def test_missing_and_unknown_files(tmp_path):
@@ -92,13 +91,13 @@ def test_infer_config_from_weights(golden):
 def test_hf_llama_export_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    params = init_params(TINY, 7)
-    out = export_hf_llama(params, TINY, tmp_path / "hf")
+    params = init_params(TINY_CONFIG, 7)
+    out = export_hf_llama(params, TINY_CONFIG, tmp_path / "hf")
     model = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     ids = np.random.default_rng(0).integers(3, 6400, (2, 20))
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).logits.numpy()
-    ours, _ = MiniMind(TINY).apply({"params": params}, ids)
+    ours, _ = MiniMind(TINY_CONFIG).apply({"params": params}, ids)
     assert np.abs(theirs - np.asarray(ours)).max() < 1e-4
 
 

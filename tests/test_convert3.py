@@ -8,7 +8,7 @@ import pytest
 from minimind_jax import cli, convert
 from minimind_jax.config import ModelConfig
 from minimind_jax.model import MiniMind
-from tests.conftest import TOKENIZER3_DIR, golden_state_dict
+from tests.helpers import TOKENIZER3_DIR, golden_state_dict
 from tests.test_model3 import CONFIGS
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,7 @@ from minimind_jax.samples import (
     sft_sample,
 )
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from minimind_jax import samples3, torch_rng
 from minimind_jax.batches import Loader
 from minimind_jax.rows import open_source
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
 
 
 @pytest.fixture(scope="module")

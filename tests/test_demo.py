@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from minimind_jax import demo
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.helpers import REPO_ROOT, subprocess_env
 
 
 def test_corpus_has_the_showcase_idioms_and_clean_records(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.helpers import REPO_ROOT, subprocess_env
 
 pytest.importorskip("torch")
 

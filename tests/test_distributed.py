@@ -3,14 +3,14 @@
 Every run trains the same tiny model for 10 micro-steps of global batch 8 through the CLI; the
 reference is one process on one device with replicated params. Children are spawned (device
 counts and the distributed runtime are per process); the pair talks through a coordinator on
-127.0.0.1 and gloo CPU collectives.
+127.0.0.1 and gloo CPU collectives. The children are tests/children/distributed_run.py (a CLI run
+and its multi-process restore) and fsdp_run.py (the --fsdp run, its resume and its layout).
 """
 
 import json
 import shutil
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,71 +18,16 @@ import pytest
 
 from minimind_jax import checkpoint, cli, distributed, train_step
 from minimind_jax.train_config import DistributedConfig
-from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
+from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 STEPS = 10
 
-# A CLI run, then (with --resume) this process's own multi-process restore_params of the run.
-CHILD = """
-import json, sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-import numpy as np
-from minimind_jax import checkpoint, cli
-argv = sys.argv[1:]
-code = cli.main(argv)
-if code == 0 and "--resume" in argv:
-    params, _ = checkpoint.restore_params(argv[argv.index("--out_dir") + 1] + "/pretrain_64")
-    sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
-    print("RESTORED " + json.dumps({"process": jax.process_index(), "sums": sums}))
-sys.exit(code)
-"""
-
-# The --fsdp run, its resume from step 6, then the final state restored into the sharded
-# layout: bytes each device holds.
-FSDP_CHILD = """
-import json, pathlib, shutil, sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from minimind_jax import checkpoint, cli, optim
-from minimind_jax import train_step
-argv = sys.argv[1:]
-run_dir = pathlib.Path(argv[argv.index("--out_dir") + 1]) / "pretrain_64"
-assert cli.main(argv) == 0
-shutil.copy(run_dir / "metrics.jsonl", run_dir.parent / "straight.jsonl")
-for step in (9, 10):
-    shutil.rmtree(run_dir / "checkpoints" / str(step))
-assert cli.main(argv + ["--resume"]) == 0
-
-config = checkpoint.restore_params(run_dir)[1]
-optimizer = optim.make_optimizer(accumulation_steps=2)
-abstract = train_step.abstract_train_state(config, optimizer, train_step.data_mesh(), fsdp=True)
-with checkpoint.open_manager(run_dir, create=False) as manager:
-    state, _ = checkpoint.restore_train_state(manager, abstract)
-per_device = {}
-for leaf in jax.tree.leaves(state.params):
-    for shard in leaf.addressable_shards:
-        per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
-print("LAYOUT " + json.dumps({
-    "params_per_device": per_device,
-    "opt_state_local": train_step.local_bytes(state.opt_state),
-    "opt_state_total": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
-    "specs": [str(x.sharding.spec) for x in jax.tree.leaves(state.params)],
-    "shapes": [list(x.shape) for x in jax.tree.leaves(state.params)]}))
-"""
-
 
 def argv(out_dir, cache_dir, *extra):
-    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
-            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
-            "--dtype", "float32", "--batch_size", "8", "--accumulation_steps", "2",
-            "--learning_rate", "1e-3", "--log_interval", "1", "--seed", "3",
-            "--max_steps", str(STEPS), "--save_interval", "3", *extra]
-
-
-def records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return tiny_run_argv("pretrain", out_dir, cache_dir, "--batch_size", "8",
+                         "--accumulation_steps", "2", "--learning_rate", "1e-3",
+                         "--log_interval", "1", "--seed", "3", "--max_steps", STEPS,
+                         "--save_interval", "3", *extra)
 
 
 def max_param_diff(a, b):
@@ -108,7 +53,7 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
     assert cli.main(argv(out, out / "cache")) == 0
     run_dir = out / "pretrain_64"
-    return records(run_dir / "metrics.jsonl"), checkpoint.restore_params(run_dir)[0]
+    return metrics(run_dir), checkpoint.restore_params(run_dir)[0]
 
 
 def free_port() -> int:
@@ -121,8 +66,8 @@ def run_pair(args, devices_per_process=2, timeout=300):
     """Both processes of a 2-process run on this host; (stdout, stderr) of each."""
     address = f"127.0.0.1:{free_port()}"
     children = [subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args, "--coordinator_address", address,
-         "--num_processes", "2", "--process_id", str(rank)],
+        child_argv("distributed_run", *args, "--coordinator_address", address,
+                   "--num_processes", "2", "--process_id", rank),
         env=subprocess_env(devices_per_process), cwd=REPO_ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for rank in range(2)]
     try:
@@ -146,7 +91,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
     assert sum(line.startswith("Epoch:[1/1]") for line in out0.splitlines()) == STEPS
     # Only process 0 speaks and writes metrics (once per step; process 1 would duplicate).
     assert "Epoch:" not in out1 and "model parameters" not in out1 and "prepared" not in err1
-    straight = records(run_dir / "metrics.jsonl")
+    straight = metrics(run_dir)
     loss_diff = assert_same_run(expected, straight, 1e-5)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [6, 9, 10]
 
@@ -154,7 +99,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
         shutil.rmtree(run_dir / "checkpoints" / str(step))
     (out0, _), (out1, _) = run_pair([*args, "--resume"])
     assert "resuming" in out0 and "at step 6 (epoch 1, batch 6)" in out0
-    resumed = records(run_dir / "metrics.jsonl")
+    resumed = metrics(run_dir)
     resume_diff = assert_same_run(straight, resumed, 1e-6)
     params = checkpoint.restore_params(run_dir)[0]
     param_diff = max_param_diff(expected_params, params)
@@ -173,17 +118,16 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
 def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, reference):
     expected, expected_params = reference
     out = tmp_path / "fsdp"
-    child = subprocess.run([sys.executable, "-c", FSDP_CHILD,
-                            *argv(out, tmp_path / "cache", "--fsdp")],
+    child = subprocess.run(child_argv("fsdp_run", *argv(out, tmp_path / "cache", "--fsdp")),
                            env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
     assert "fsdp: params and optimizer state sharded over 4 device(s)" in child.stdout
     assert "(25.0%)" in child.stdout
 
-    straight = records(out / "straight.jsonl")
+    straight = metrics(out / "straight")
     loss_diff = assert_same_run(expected, straight, 1e-5)
-    resume_diff = assert_same_run(straight, records(out / "pretrain_64" / "metrics.jsonl"), 1e-6)
+    resume_diff = assert_same_run(straight, metrics(out / "pretrain_64"), 1e-6)
     param_diff = max_param_diff(expected_params, checkpoint.restore_params(out / "pretrain_64")[0])
     assert param_diff < 1e-5, param_diff
 

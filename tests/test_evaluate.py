@@ -12,10 +12,9 @@ from minimind_jax import checkpoint, cli
 from minimind_jax.model import MiniMind
 from minimind_jax.samples import pretrain_sample, sft_sample
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, subprocess_env
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TINY_FLAGS, TOKENIZER_DIR, subprocess_env
 
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR)]
+TINY = [*TINY_FLAGS, "--tokenizer", str(TOKENIZER_DIR)]
 
 
 def per_sample_masked_mean(params, config, samples) -> float:

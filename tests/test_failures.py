@@ -14,26 +14,26 @@ import sys
 import pytest
 
 from minimind_jax import cli, run_lock
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, subprocess_env
-
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32"]
+from tests.helpers import child_argv, subprocess_env, tiny_run_argv
 
 
 def train(command, out, cache, *extra, data=None):
-    data = data or (PRETRAIN_JSONL if command == "pretrain" else SFT_JSONL)
-    return [command, "--data_path", str(data), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(out), "--cache_dir", str(cache), *TINY, "--batch_size", "4",
-            "--log_interval", "1", *extra]
+    return tiny_run_argv(command, out, cache, "--batch_size", "4", "--log_interval", "1", *extra,
+                         data=data)
 
 
 def env():
     return {**subprocess_env(), "MINIMIND_JAX_HUGEPAGES": "0"}
 
 
-def start(argv, python=("-m", "minimind_jax.cli")):
-    return subprocess.Popen([sys.executable, *python, *map(str, argv)], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(argv):
+    """The CLI (its console entry point) in a child process, output merged into stdout."""
+    return popen([sys.executable, "-m", "minimind_jax.cli", *map(str, argv)])
+
+
+def popen(command):
+    return subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def run_all(argvs, parallel=4, timeout=300):
@@ -84,9 +84,7 @@ def copy_run(finished, tmp_path):
 def test_a_second_process_is_refused_and_kill_9_frees_the_folder(finished, tmp_path):
     out, cache = copy_run(finished, tmp_path)
     run_dir = out / "pretrain_64"
-    holder = start([str(run_dir)], python=("-c", (
-        "import sys, time\nfrom minimind_jax import run_lock\n"
-        "with run_lock.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)")))
+    holder = popen(child_argv("hold_run_lock", run_dir))
     try:
         assert holder.stdout.readline().strip() == "held"
         before = tree(out)

@@ -8,9 +8,9 @@ import pytest
 from minimind_jax import generate as gen
 from minimind_jax.config import ModelConfig
 from minimind_jax.model import MiniMind, init_params
-from tests.conftest import TOKENIZER_DIR, golden_state_dict
+from tests.helpers import TINY_CONFIG, TOKENIZER_DIR, golden_state_dict
 
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+TINY = TINY_CONFIG.replace(vocab_size=256)
 
 
 def sharpened_params(config, seed=0, scale=4.0):

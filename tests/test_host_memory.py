@@ -1,7 +1,6 @@
 """Huge pages for malloc: when the CLI re-executes itself, and that a training process gets them."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 
 from minimind_jax import host_memory
 from minimind_jax.host_memory import ENV_SWITCH, TUNABLE, hugepage_environ
+from tests.helpers import subprocess_env
 
 GLIBC = (2, 36)
 
@@ -49,7 +49,7 @@ def _bench(tmp_path, **env):
     cmd = [sys.executable, "-m", "minimind_jax.cli", "bench", "--dim", "64", "--n_layers", "1",
            "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "256", "--batch_size", "2",
            "--seq_len", "32", "--steps", "1", "--warmup", "0", "--no_torch", "--json", str(out)]
-    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | env
+    environ = {k: v for k, v in subprocess_env().items() if k != "GLIBC_TUNABLES"} | env
     subprocess.run(cmd, check=True, env=environ, capture_output=True, timeout=300)
     return json.loads(out.read_text())
 

@@ -9,15 +9,13 @@ import pytest
 
 from minimind_jax import packing
 from minimind_jax.batches import Loader
-from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
 from minimind_jax.rows import ArraySource, open_source
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER_DIR
-
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+from tests.helpers import TINY_CONFIG as TINY
+from tests.helpers import TOKENIZER_DIR
 
 
 def numbered_source(n=103, t=4):

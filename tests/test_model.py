@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax.config import ModelConfig, preset
+from minimind_jax.config import preset
 from minimind_jax.convert import params_from_state_dict
 from minimind_jax.model import (
     MiniMind,
@@ -14,20 +14,20 @@ from minimind_jax.model import (
     init_params,
     moe_aux_loss,
 )
-from tests.conftest import golden_state_dict
+from tests.helpers import TINY_CONFIG, golden_state_dict
 
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-TINY_MOE = TINY.replace(use_moe=True)
+TINY_MOE = TINY_CONFIG.replace(use_moe=True)
 
 
 def _logits(config, params, ids, **kw):
     return MiniMind(config).apply({"params": params}, jnp.asarray(ids), **kw)
 
 
-@pytest.mark.parametrize("name,config", [("dense", TINY), ("moe", TINY_MOE),
+@pytest.mark.parametrize("name,config", [("dense", TINY_CONFIG), ("moe", TINY_MOE),
                                          ("moe", TINY_MOE.replace(moe_impl="dense")),
                                          ("moe", TINY_MOE.replace(moe_impl="ragged")),
-                                         ("dense", TINY.replace(scan_layers=True, remat=True))])
+                                         ("dense",
+                                          TINY_CONFIG.replace(scan_layers=True, remat=True))])
 def test_golden_logits(golden, name, config):
     params = params_from_state_dict(golden_state_dict(golden, f"{name}/init/"), config)
     logits, _ = _logits(config, params, golden["pre_X"][:2])
@@ -91,10 +91,10 @@ def test_moe_aux_loss_uniform_routing_is_alpha():
 
 def test_init_distributions_match_reference(golden):
     params_sd = golden_state_dict(golden, "dense/init/")
-    ours = init_params(TINY, 0)
+    ours = init_params(TINY_CONFIG, 0)
     from minimind_jax.convert import state_dict_from_params
 
-    ours_sd = state_dict_from_params(ours, TINY)
+    ours_sd = state_dict_from_params(ours, TINY_CONFIG)
     for key, ref in params_sd.items():
         mine = ours_sd[key]
         assert mine.shape == ref.shape, key
@@ -110,8 +110,8 @@ def test_init_distributions_match_reference(golden):
 
 
 def test_initial_loss_close_to_golden(golden):
-    params = init_params(TINY, 1337)
-    logits, _ = _logits(TINY, params, golden["pre_X"][:4])
+    params = init_params(TINY_CONFIG, 1337)
+    logits, _ = _logits(TINY_CONFIG, params, golden["pre_X"][:4])
     logp = jax.nn.log_softmax(logits)
     y, m = golden["pre_Y"][:4], golden["pre_mask"][:4].astype(np.float32)
     ce = -np.take_along_axis(np.asarray(logp), y[..., None], axis=-1)[..., 0]
@@ -120,12 +120,12 @@ def test_initial_loss_close_to_golden(golden):
 
 
 def test_init_is_seeded():
-    a, b, c = init_params(TINY, 1), init_params(TINY, 1), init_params(TINY, 2)
+    a, b, c = init_params(TINY_CONFIG, 1), init_params(TINY_CONFIG, 1), init_params(TINY_CONFIG, 2)
     la, lb, lc = (jax.tree.leaves(p)[0] for p in (a, b, c))
     assert np.array_equal(la, lb) and not np.array_equal(la, lc)
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_MOE])
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE])
 def test_causality(config):
     params = init_params(config, 0)
     ids = np.random.default_rng(1).integers(3, 6400, (2, 24))
@@ -138,7 +138,7 @@ def test_causality(config):
     assert np.abs(base[:, t + 1] - after[:, t + 1]).max() > 1e-3
 
 
-@pytest.mark.parametrize("config", [TINY, TINY.replace(scan_layers=True)])
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_CONFIG.replace(scan_layers=True)])
 def test_packed_rows_equal_separate_documents(config):
     params = init_params(config, 0)
     rng = np.random.default_rng(2)
@@ -160,14 +160,14 @@ def test_preset_parameter_count():
 
 
 def test_bfloat16_compute_keeps_float32_logits_and_params():
-    config = TINY.replace(dtype="bfloat16")
+    config = TINY_CONFIG.replace(dtype="bfloat16")
     params = init_params(config, 0)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     logits, _ = _logits(config, params, np.ones((1, 8), int))
     assert logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_MOE.replace(scan_layers=True)])
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE.replace(scan_layers=True)])
 def test_kv_cache_prefill_then_decode_equals_full_forward(config):
     from minimind_jax.model import init_cache
 
@@ -185,7 +185,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(config):
 
 
 def test_active_params_leave_out_the_unused_routed_experts():
-    dense = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+    dense = TINY_CONFIG
     moe = dense.replace(use_moe=True)  # 4 routed experts, top-2, 1 shared
     dense_params, moe_params = init_params(dense, 0), init_params(moe, 0)
     assert count_active_params(dense_params, dense) == count_params(dense_params)

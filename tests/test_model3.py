@@ -8,7 +8,7 @@ import pytest
 from minimind_jax.config import arch_defaults, preset
 from minimind_jax.convert import params_from_state_dict, state_dict_from_params
 from minimind_jax.model import MiniMind, count_params, init_cache, init_params
-from tests.conftest import golden_state_dict
+from tests.helpers import golden_state_dict
 
 TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
 TINY3_MOE = TINY3.replace(use_moe=True)

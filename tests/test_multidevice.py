@@ -5,37 +5,19 @@ Batch 6 on 4 devices is padded to 8 rows (2 rows without targets) and the epoch'
 padding must change nothing.
 """
 
-import json
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from minimind_jax import checkpoint, cli
-from tests.conftest import PRETRAIN_JSONL, REPO_ROOT, TOKENIZER_DIR, subprocess_env
-
-CHILD = """
-import sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from minimind_jax import cli
-sys.exit(cli.main(sys.argv[1:]))
-"""
+from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 
 def argv(out_dir, cache_dir, extra):
-    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
-            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
-            "--dtype", "float32", "--accumulation_steps", "2", "--learning_rate", "1e-3",
-            "--log_interval", "1", "--seed", "3", *extra]
-
-
-def records(out_dir):
-    path = out_dir / "pretrain_64" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return tiny_run_argv("pretrain", out_dir, cache_dir, "--accumulation_steps", "2",
+                         "--learning_rate", "1e-3", "--log_interval", "1", "--seed", "3", *extra)
 
 
 @pytest.mark.slow
@@ -45,13 +27,13 @@ def records(out_dir):
 def test_four_devices_match_one_device(tmp_path, extra):
     cache = tmp_path / "cache"
     assert cli.main(argv(tmp_path / "one", cache, extra)) == 0
-    child = subprocess.run([sys.executable, "-c", CHILD, *argv(tmp_path / "four", cache, extra)],
+    child = subprocess.run(child_argv("cli_main", *argv(tmp_path / "four", cache, extra)),
                            env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "4 device(s)" in child.stdout
 
-    one, four = records(tmp_path / "one"), records(tmp_path / "four")
+    one, four = (metrics(tmp_path / name / "pretrain_64") for name in ("one", "four"))
     assert [r["step"] for r in one] == [r["step"] for r in four] and len(one) >= 6
     for a, b in zip(one, four, strict=True):
         assert a["update"] == b["update"]

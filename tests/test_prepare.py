@@ -14,7 +14,7 @@ from minimind_jax.samples import sft_sample
 from minimind_jax.token_cache import CACHE_DIRNAME, prepare_token_cache
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.tokenizer_cli import train_sentencepiece
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 
 @pytest.fixture

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 
 from minimind_jax import bench, reference_bench
-from minimind_jax.config import ModelConfig, arch_defaults
+from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
 from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind, init_params
+from tests.helpers import TINY_CONFIG
 
 torch = pytest.importorskip("torch")
 
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=64)
+TINY = TINY_CONFIG.replace(n_heads=8)
 REAL_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_DIR", "/tmp/minimind_d9453ed"))
 HEAD_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_HEAD_DIR", "/tmp/minimind_head"))
 TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)

@@ -10,40 +10,26 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from minimind_jax import cli
-from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR, subprocess_env
+from tests.helpers import child_argv, subprocess_env, tiny_run_argv
 
 STEPS, KILL_AFTER = 40, 20
 COMPARED = ("step", "epoch", "batch", "update", "loss", "aux", "lr", "grad_norm", "skipped")
 
-# The child is the CLI itself; each batch is slowed down on the host so the parent can land
-# its SIGKILL mid-run (the device step and everything it saves are untouched).
-SLOW_CLI = """
-import sys, time
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from minimind_jax import cli, train_step
-put_batch = train_step.put_batch
-def slow_put_batch(batch, mesh):
-    time.sleep(0.15)
-    return put_batch(batch, mesh)
-train_step.put_batch = slow_put_batch
-sys.exit(cli.main(sys.argv[1:]))
-"""
+# The child is the CLI itself (tests/children/slow_cli.py); each batch is slowed down on the host
+# by this many seconds so the parent can land its SIGKILL mid-run.
+BATCH_DELAY_S = 0.15
 
 
 def argv(out_dir, cache_dir):
-    return ["pretrain", "--data_path", str(PRETRAIN_JSONL), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), "--max_seq_len", "64",
-            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
-            "--dtype", "float32", "--batch_size", "8", "--accumulation_steps", "3",
-            "--learning_rate", "1e-3", "--epochs", "5", "--max_steps", str(STEPS),
-            "--save_interval", "7", "--log_interval", "1", "--seed", "7"]
+    return tiny_run_argv("pretrain", out_dir, cache_dir, "--batch_size", "8",
+                         "--accumulation_steps", "3", "--learning_rate", "1e-3", "--epochs", "5",
+                         "--max_steps", STEPS, "--save_interval", "7", "--log_interval", "1",
+                         "--seed", "7")
 
 
 def read_records(run_dir):
@@ -70,7 +56,8 @@ def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys):
     assert [r["step"] for r in straight] == list(range(STEPS))
 
     run_dir = tmp_path / "killed" / "pretrain_64"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv(tmp_path / "killed", cache)],
+    killed = argv(tmp_path / "killed", cache)
+    child = subprocess.Popen(child_argv("slow_cli", BATCH_DELAY_S, *killed),
                              env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
     deadline = time.time() + 300

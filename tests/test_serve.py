@@ -12,7 +12,7 @@ import pytest
 from minimind_jax.generate import SamplingConfig
 from minimind_jax.serve_engine import BatchEngine, Completion, EngineConfig
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER_DIR
+from tests.helpers import TINY_SHAPE_FLAGS, TOKENIZER_DIR, subprocess_env
 from tests.serve_fixtures import API_KEY, TINY, expected_answer, live_server, tiny_model
 
 pytest.importorskip("fastapi")
@@ -210,7 +210,6 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
     import time
 
     from minimind_jax import convert
-    from tests.conftest import subprocess_env
 
     weights = tmp_path / "tiny.npz"
     convert.save_state_dict(convert.state_dict_from_params(params, TINY), weights)
@@ -218,9 +217,8 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights),
-            "--tokenizer", str(TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--n_heads",
-            "4", "--n_kv_heads", "2", "--port", str(port), "--api_key", API_KEY,
-            "--log_level", "warning"]
+            "--tokenizer", str(TOKENIZER_DIR), *TINY_SHAPE_FLAGS, "--port", str(port),
+            "--api_key", API_KEY, "--log_level", "warning"]
     server = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120

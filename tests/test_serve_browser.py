@@ -13,7 +13,7 @@ import pytest
 
 from minimind_jax import generate as gen
 from minimind_jax.tokenizer import load_tokenizer
-from tests.conftest import TOKENIZER_DIR
+from tests.helpers import TOKENIZER_DIR
 from tests.serve_fixtures import TINY, headless_chromium, live_server, send_and_wait, tiny_model
 
 pytest.importorskip("fastapi")

@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 
 from minimind_jax import optim, train_step
-from minimind_jax.config import ModelConfig
 from minimind_jax.model import init_params
-
-CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,
-                     max_seq_len=64)
+from tests.helpers import TINY_CONFIG as CONFIG
 
 
 def batch(labels_offset=0, seed=0):

@@ -9,7 +9,7 @@ from minimind_jax.errors import UserError
 from minimind_jax.samples import sft_mask_markers
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.tokenizer_cli import train_sentencepiece
-from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR
+from tests.helpers import PRETRAIN_JSONL, TOKENIZER_DIR
 
 ROUND_TRIP = [
     "line one\nline two\n\nafter a blank line",

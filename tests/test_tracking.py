@@ -7,13 +7,12 @@ import sys
 import pytest
 
 from minimind_jax import cli, recipes, tracking
-from tests.conftest import PRETRAIN_JSONL, TOKENIZER_DIR
+from tests.helpers import PRETRAIN_JSONL, TINY_FLAGS, TOKENIZER_DIR
 from tests.tracker_logs import run_ids, swanlab_history, wandb_history
 
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32", "--tokenizer", str(TOKENIZER_DIR),
-        "--data_path", str(PRETRAIN_JSONL), "--batch_size", "8", "--accumulation_steps", "1",
-        "--log_interval", "1", "--eval_data", str(PRETRAIN_JSONL), "--eval_batches", "2"]
+TINY = [*TINY_FLAGS, "--tokenizer", str(TOKENIZER_DIR), "--data_path", str(PRETRAIN_JSONL),
+        "--batch_size", "8", "--accumulation_steps", "1", "--log_interval", "1", "--eval_data",
+        str(PRETRAIN_JSONL), "--eval_batches", "2"]
 OFFLINE = {"wandb": ("WANDB_MODE", "offline"), "swanlab": ("SWANLAB_MODE", "offline")}
 HISTORY = {"wandb": wandb_history, "swanlab": swanlab_history}
 FLAGS = {"wandb": ["--use_wandb", "--wandb_project", "minimind-jax-test"],

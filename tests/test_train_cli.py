@@ -15,25 +15,26 @@ from minimind_jax.loss import masked_cross_entropy
 from minimind_jax.model import MiniMind
 from minimind_jax.rows import open_source
 from minimind_jax.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
-from tests.conftest import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR, golden_state_dict
+from tests.helpers import (
+    PRETRAIN_JSONL,
+    SFT_JSONL,
+    TINY_CONFIG,
+    TOKENIZER_DIR,
+    golden_state_dict,
+    metrics,
+    tiny_run_argv,
+)
 
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32"]
 
-
-def common(tmp_path, data):
-    return ["--data_path", str(data), "--tokenizer", str(TOKENIZER_DIR),
-            "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), *TINY]
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def tiny_run(tmp_path, command, *extra):
+    """A tiny `command` run in tmp_path/out (cache tmp_path/cache) on the fixture data."""
+    return tiny_run_argv(command, tmp_path / "out", tmp_path / "cache", *extra)
 
 
 def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
-    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--batch_size", "8",
-                     "--accumulation_steps", "2", "--max_steps", "6", "--save_interval", "4",
-                     "--log_interval", "1"])
+    code = cli.main(tiny_run(tmp_path, "pretrain", "--batch_size", "8", "--accumulation_steps",
+                             "2", "--max_steps", "6", "--save_interval", "4",
+                             "--log_interval", "1"))
     out = capsys.readouterr().out
     assert code == 0
     run_dir = tmp_path / "out" / "pretrain_64"
@@ -45,7 +46,7 @@ def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
     assert json.loads((run_dir / "config.json").read_text())["dim"] == 64
     assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
-    pre = records(run_dir)
+    pre = metrics(run_dir)
     assert [r["step"] for r in pre] == list(range(6))
     assert pre[0]["loss"] == pytest.approx(np.log(6400), abs=0.3)  # random init: ~uniform
     assert [r["update"] for r in pre] == [0, 1, 1, 2, 2, 3]
@@ -53,12 +54,12 @@ def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
         assert all(key in r for r in pre), key
     assert all("grad_norm" in r for r in pre[1::2])
 
-    code = cli.main(["sft", *common(tmp_path, SFT_JSONL), "--batch_size", "4",
-                     "--max_steps", "3", "--log_interval", "1"])
+    code = cli.main(tiny_run(tmp_path, "sft", "--batch_size", "4", "--max_steps", "3",
+                             "--log_interval", "1"))
     out = capsys.readouterr().out
     assert code == 0
     assert f"initial weights: {run_dir / 'checkpoints' / '6'}" in out
-    sft = records(tmp_path / "out" / "full_sft_64")
+    sft = metrics(tmp_path / "out" / "full_sft_64")
     assert len(sft) == 3
 
     # The first SFT loss is the loss of the final pretrain weights on the first SFT batch.
@@ -72,7 +73,7 @@ def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
 
 
 def test_sft_without_pretrain_checkpoint_names_the_missing_path(tmp_path, capsys):
-    code = cli.main(["sft", *common(tmp_path, SFT_JSONL), "--max_steps", "1"])
+    code = cli.main(tiny_run(tmp_path, "sft", "--max_steps", "1"))
     err = capsys.readouterr().err
     assert code != 0
     assert str(tmp_path / "out" / "pretrain_64") in err
@@ -84,19 +85,19 @@ def test_init_from_torch_pth(tmp_path, golden):
     pth = tmp_path / "pretrain_64.pth"
     torch.save({k: torch.from_numpy(np.array(v))
                 for k, v in golden_state_dict(golden, "dense/init/").items()}, pth)
-    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from", str(pth),
-                     "--batch_size", "4", "--accumulation_steps", "2", "--no_shuffle",
-                     "--lr_schedule", "minimind2", "--max_steps", "3", "--log_interval", "1"])
+    code = cli.main(tiny_run(tmp_path, "pretrain", "--init_from", str(pth), "--batch_size", "4",
+                             "--accumulation_steps", "2", "--no_shuffle", "--lr_schedule",
+                             "minimind2", "--max_steps", "3", "--log_interval", "1"))
     assert code == 0
-    losses = [r["loss"] for r in records(tmp_path / "out" / "pretrain_64")]
+    losses = [r["loss"] for r in metrics(tmp_path / "out" / "pretrain_64")]
     # The reference's first loss (same weights, same first batch) -- the .pth was really used.
     assert losses[0] == pytest.approx(float(golden["dense/pretrain_loss"][0]), abs=1e-4)
 
 
 def test_init_from_errors_list_the_problem(tmp_path, golden, capsys):
     missing = tmp_path / "nope.pth"
-    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from",
-                     str(missing), "--max_steps", "1"]) == 2
+    assert cli.main(tiny_run(tmp_path, "pretrain", "--init_from", str(missing),
+                             "--max_steps", "1")) == 2
     assert str(missing) in capsys.readouterr().err
 
     wrong = tmp_path / "wrong.npz"
@@ -104,23 +105,23 @@ def test_init_from_errors_list_the_problem(tmp_path, golden, capsys):
     del sd["norm.weight"]
     sd["extra.weight"] = np.zeros(3, np.float32)
     np.savez(wrong, **sd)
-    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--init_from", str(wrong),
-                     "--n_layers", "3", "--max_steps", "1"]) == 2
+    assert cli.main(tiny_run(tmp_path, "pretrain", "--init_from", str(wrong), "--n_layers", "3",
+                             "--max_steps", "1")) == 2
     err = capsys.readouterr().err
     assert "norm.weight" in err and "extra.weight" in err and "layers.2.attention.wq" in err
     assert "Traceback" not in err
 
 
 def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys):
-    code = cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), "--batch_size", "4",
-                     "--accumulation_steps", "1", "--learning_rate", "1e38",
-                     "--max_consecutive_skips", "3", "--log_interval", "1"])
+    code = cli.main(tiny_run(tmp_path, "pretrain", "--batch_size", "4", "--accumulation_steps",
+                             "1", "--learning_rate", "1e38", "--max_consecutive_skips", "3",
+                             "--log_interval", "1"))
     err = capsys.readouterr().err
     assert code == 2
     assert "3 micro-steps in a row" in err
     run_dir = tmp_path / "out" / "pretrain_64"
     # The first update blows the weights up; every later gradient is non-finite and skipped.
-    logged = records(run_dir)
+    logged = metrics(run_dir)
     assert [r.get("skipped", 0) for r in logged] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
     assert checkpoint.latest_checkpoint(run_dir) is not None
     params, _ = checkpoint.restore_params(run_dir)  # saved without the skipped steps' effects
@@ -134,12 +135,10 @@ def test_training_from_python_matches_the_command(tmp_path, capsys):
     """`train.run(TrainConfig(...))` is the `pretrain` command without the flags."""
     steps = ["--batch_size", "4", "--accumulation_steps", "2", "--max_steps", "3",
              "--log_interval", "1", "--seed", "7"]
-    assert cli.main(["pretrain", *common(tmp_path, PRETRAIN_JSONL), *steps]) == 0
-    from_cli = records(tmp_path / "out" / "pretrain_64")
-    model = arch_defaults("minimind2").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                               max_seq_len=64, dtype="float32")
+    assert cli.main(tiny_run(tmp_path, "pretrain", *steps)) == 0
+    from_cli = metrics(tmp_path / "out" / "pretrain_64")
     config = TrainConfig(
-        model=model, vocab_from_tokenizer=True, seed=7,
+        model=TINY_CONFIG, vocab_from_tokenizer=True, seed=7,
         data=DataConfig(data_path=str(PRETRAIN_JSONL), tokenizer=str(TOKENIZER_DIR),
                         batch_size=4, cache_dir=str(tmp_path / "cache")),
         optim=OptimConfig(learning_rate=5e-4, accumulation_steps=2, max_steps=3),
@@ -147,7 +146,7 @@ def test_training_from_python_matches_the_command(tmp_path, capsys):
     assert train.run(config, "pretrain") == 0
     capsys.readouterr()
     run_dir = tmp_path / "py" / "pretrain_64"
-    from_python = records(run_dir)
+    from_python = metrics(run_dir)
     keys = ("step", "update", "loss", "aux", "lr", "grad_norm")
     assert [{k: r.get(k) for k in keys} for r in from_python] == \
         [{k: r.get(k) for k in keys} for r in from_cli]

@@ -8,23 +8,21 @@ a user's `minimind-jax pretrain ...` runs, read back from metrics.jsonl and the 
 import numpy as np
 
 from minimind_jax import checkpoint, convert
-from tests.conftest import (
+from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,
+    TINY_FLAGS,
     TOKENIZER_DIR,
     golden_state_dict,
     run_cli_from_init,
 )
-
-TINY = ["--max_seq_len", "64", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
-        "--n_kv_heads", "2", "--dtype", "float32"]
 
 
 def run_cli(tmp_path, golden, command, data, init_prefix, extra):
     return run_cli_from_init(tmp_path, command, data, golden_state_dict(golden, init_prefix),
                              ["--tokenizer", str(TOKENIZER_DIR), "--batch_size", "4",
                               "--no_shuffle", "--lr_schedule", "minimind2", "--log_interval", "1",
-                              *TINY, *extra])
+                              *TINY_FLAGS, *extra])
 
 
 def test_dense_pretrain_matches_reference(tmp_path, golden):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import checkpoint, cli, convert
-from tests.conftest import (
+from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,
     TOKENIZER3_DIR,

@@ -3,11 +3,10 @@ and importing the package changes no environment variable."""
 
 import os
 import subprocess
-import sys
 
 from minimind_jax import xla_flags
 from minimind_jax.xla_flags import CPU_FLAGS, cpu_backend_expected, with_cpu_defaults
-from tests.conftest import subprocess_env
+from tests.helpers import child_argv, subprocess_env
 
 
 def test_defaults_added_for_measured_jaxlib():
@@ -45,16 +44,6 @@ def test_apply_cpu_defaults_only_for_the_cpu(monkeypatch):
 
 
 def test_importing_every_module_leaves_the_environment_alone():
-    script = (
-        "import os, pkgutil, importlib\n"
-        "before = dict(os.environ)\n"
-        "import minimind_jax\n"
-        "for m in pkgutil.walk_packages(minimind_jax.__path__, 'minimind_jax.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "changed = sorted(k for k in set(before) | set(os.environ)"
-        " if before.get(k) != os.environ.get(k))\n"
-        "assert not changed, changed\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(),
+    result = subprocess.run(child_argv("import_every_module"), env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

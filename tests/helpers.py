@@ -1,0 +1,93 @@
+"""What the tests share: fixture paths, the jax options every test process runs with, the tiny
+model (as a ModelConfig and as CLI flags), the argv of a tiny training run, and child processes
+(the scripts in tests/children and the environment they run in)."""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+from minimind_jax import cli
+from minimind_jax.config import ModelConfig
+
+REPO_ROOT = pathlib.Path(__file__).parent.parent
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+CHILDREN = pathlib.Path(__file__).parent / "children"
+GOLDEN_PATH = FIXTURES / "minimind2_golden.npz"
+TOKENIZER_DIR = FIXTURES / "minimind_tokenizer"
+GOLDEN3_PATH = FIXTURES / "minimind3_golden.npz"
+TOKENIZER3_DIR = FIXTURES / "minimind3_tokenizer"
+PRETRAIN_JSONL = FIXTURES / "pretrain.jsonl"
+SFT_JSONL = FIXTURES / "sft.jsonl"
+
+# jax options of the pytest process (conftest) and of every child (subprocess_env): exact float32
+# matmuls on CPU; implicit rank promotion hides shape bugs (as nanodo), so every broadcast in the
+# package is explicit. jax reads each option from the environment variable of its upper-case name.
+JAX_OPTIONS = {"jax_default_matmul_precision": "highest", "jax_numpy_rank_promotion": "raise"}
+
+# The tiny model of the tests: 2 layers of width 64, 4 query and 2 KV heads, 64-token context.
+TINY_SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
+TINY_CONFIG = ModelConfig(max_seq_len=64, **TINY_SHAPE)
+TINY_SHAPE_FLAGS = [flag for name, value in TINY_SHAPE.items()
+                    for flag in (f"--{name}", str(value))]
+TINY_FLAGS = ["--max_seq_len", "64", *TINY_SHAPE_FLAGS, "--dtype", "float32"]
+
+
+def tiny_run_argv(command: str, out_dir, cache_dir, *extra, data=None) -> list[str]:
+    """argv of a tiny `command` run (pretrain or sft) on the fixture data (pretrain.jsonl or
+    sft.jsonl unless `data`) with MiniMind2's tokenizer; `extra` flags come last and win."""
+    data = data or (PRETRAIN_JSONL if command == "pretrain" else SFT_JSONL)
+    return [command, "--data_path", str(data), "--tokenizer", str(TOKENIZER_DIR),
+            "--out_dir", str(out_dir), "--cache_dir", str(cache_dir), *TINY_FLAGS,
+            *map(str, extra)]
+
+
+def metrics(run_dir) -> list[dict]:
+    """The records of a run folder's metrics.jsonl."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def golden_state_dict(golden: dict, prefix: str) -> dict:
+    """The reference state dict stored under `prefix` (e.g. "dense/init/"), tied key restored
+    (MiniMind2's `output.weight` or minimind-3's `lm_head.weight`)."""
+    sd = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+    if "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    else:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[str]):
+    """Run `command` through the CLI from the weights `init_sd` (saved as .npz for --init_from);
+    (run folder, metrics.jsonl records), the records checked to be one per micro-step."""
+    init = tmp_path / "init.npz"
+    np.savez(init, **init_sd)
+    argv = [command, "--data_path", str(data), "--out_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"), "--init_from", str(init), *args]
+    assert cli.main(argv) == 0
+    run_dir = tmp_path / "out" / (("pretrain" if command == "pretrain" else "full_sft")
+                                  + ("_64_moe" if "--use_moe" in args else "_64"))
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(len(records)))
+    return run_dir, records
+
+
+def subprocess_env(n_devices: int | None = None) -> dict:
+    """Environment for a child process: this checkout first on PYTHONPATH, the tests' jax
+    options (JAX_OPTIONS), and optionally N host CPU devices."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({name.upper(): value for name, value in JAX_OPTIONS.items()})
+    if n_devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={n_devices}").strip()
+    return env
+
+
+def child_argv(script: str, *args) -> list[str]:
+    """Command line running tests/children/`script`.py with `args` in this Python."""
+    return [sys.executable, str(CHILDREN / f"{script}.py"), *map(str, args)]
