@@ -11,7 +11,7 @@ on the global view (GSPMD), for either layout of the state:
   the reduce-scatters of gradients, and global reductions (the clip's norm) span every shard.
 
 The loss of a micro-batch is computed on the whole (global) batch: the masked mean over ALL its
-supervised tokens plus the MoE aux loss of all its rows, so any split of the batch, padding
+supervised tokens plus the MoE aux loss of the whole batch, so any split of the batch, padding
 rows included, gives the same loss and gradients, in either layout.
 """
 
@@ -187,10 +187,10 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule):
-    """The update: skip non-finite steps, else accumulate / clip /
-    AdamW at LR schedule(step). A step is skipped (params and optimizer state unchanged) when
-    its loss, its gradient, or the weights and optimizer state it would produce are not
-    finite. `totals` are the global loss, aux, n_tokens and n_rows."""
+    """The update: skip non-finite steps, else accumulate / clip / AdamW at LR
+    schedule(step). A step is skipped (params and optimizer state unchanged) when its loss, its
+    gradient, or the weights and optimizer state it would produce are not finite. `totals` are
+    the global loss, aux, n_tokens and n_rows."""
     lr = schedule(state.step)
     loss_ok = jnp.isfinite(totals["loss"])
     grads_ok = jnp.isfinite(optax.tree.norm(grads))
