@@ -19,15 +19,11 @@ def masked_cross_entropy_sum(logits_BTV: jax.Array, labels_BT: jax.Array,
     return jnp.sum(jnp.where(mask_BT > 0, ce_BT * mask_BT, 0.0)), mask_BT.sum()
 
 
-def masked_cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: jax.Array,
-                         *, axis_name: str | None = None) -> jax.Array:
+def masked_cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array,
+                         mask_BT: jax.Array) -> jax.Array:
     """sum(CE * mask) / sum(mask) in float32, the reference's per-micro-batch loss.
 
     A batch without any supervised token gives 0 (not NaN), and so does its gradient.
-    With `axis_name` (inside shard_map) the mask is counted over every device on that axis and
-    each device returns its own share, so the shares sum (psum) to the global masked mean.
     """
     total, count = masked_cross_entropy_sum(logits_BTV, labels_BT, mask_BT)
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
     return total / jnp.where(count > 0, count, 1.0)

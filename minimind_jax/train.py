@@ -454,8 +454,8 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                               opt.accumulation_steps, opt.warmup_iters)
     optimizer = optim.make_optimizer(accumulation_steps=opt.accumulation_steps,
                                      grad_clip=opt.grad_clip, weight_decay=opt.weight_decay)
-    fsdp = config.distributed.fsdp
-    abstract = train_step.abstract_train_state(model, optimizer, mesh, fsdp=fsdp)
+    abstract = train_step.abstract_train_state(model, optimizer, mesh,
+                                               fsdp=config.distributed.fsdp)
     shardings = train_step.shardings_of(abstract)
     state, (epoch, batch), elapsed_before = _start_state(
         config, stage, model, source, run_dir, previous, abstract, optimizer, shardings)
@@ -477,8 +477,7 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     log = RunLog(run_dir, start_step, total_steps, _is_main_process(), tracker, lines=lines,
                  elapsed_before=elapsed_before)
     stack.callback(log.close)
-    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh,
-                                         shardings=shardings if fsdp else None)
+    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings)
     flush_fn = None
     if recipes.recipe_named(config.recipe).flush_epoch_end \
             and batches % opt.accumulation_steps != 0:

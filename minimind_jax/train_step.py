@@ -1,19 +1,18 @@
 """Train state and the jit-compiled, data-parallel train step `(state, batch) -> (state, metrics)`.
 
 Data parallelism: a 1-D `jax.sharding.Mesh` over all devices (of all processes) with axis
-"data"; the batch is split along its first axis. Two layouts of the state:
+"data"; the batch is split along its first axis. One step implementation, a plain `jax.jit`
+on the global view (GSPMD), for either layout of the state:
 
-- replicated (default): params and optimizer state on every device; the step is a `shard_map`
-  where each device differentiates its own share of the loss and `lax.pmean` averages the
-  gradients.
+- replicated (default): params and optimizer state whole on every device; XLA's SPMD
+  partitioner all-reduces the gradients.
 - FSDP (`state_shardings(..., fsdp=True)`): each param / optimizer-state leaf is split along
-  one dimension over "data" (ZeRO-3). The same loss and update math runs under plain `jax.jit`
-  with those shardings; XLA's SPMD partitioner inserts the all-gathers of params and the
-  reduce-scatters of gradients, and global reductions (the clip's norm) span every shard.
+  one dimension over "data" (ZeRO-3); the partitioner inserts the all-gathers of params and
+  the reduce-scatters of gradients, and global reductions (the clip's norm) span every shard.
 
-The loss of a micro-batch is the masked mean over ALL its supervised tokens (not a mean of
-per-device means), so any split of the batch, padding rows included, gives the same loss and
-gradients, in either layout.
+The loss of a micro-batch is computed on the whole (global) batch: the masked mean over ALL its
+supervised tokens plus the MoE aux loss of the whole batch, so any split of the batch, padding
+rows included, gives the same loss and gradients, in either layout.
 """
 
 from __future__ import annotations
@@ -164,13 +163,12 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _loss_terms(model: MiniMind, params, batch: dict, axis_name: str | None = None):
-    """(masked mean CE, MoE aux) of a batch; with `axis_name` the CE is this device's share."""
+def _loss_terms(model: MiniMind, params, batch: dict):
+    """(masked mean CE, MoE aux) of a batch."""
     logits_BTV, aux = model.apply({"params": params}, batch["input_ids"],
                                   positions=batch.get("positions"),
                                   segment_ids=batch.get("segment_ids"))
-    ce = masked_cross_entropy(logits_BTV, batch["labels"], batch["loss_mask"],
-                              axis_name=axis_name)
+    ce = masked_cross_entropy(logits_BTV, batch["labels"], batch["loss_mask"])
     return ce, aux
 
 
@@ -189,10 +187,10 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule):
-    """The update shared by both layouts: skip non-finite steps, else accumulate / clip /
-    AdamW at LR schedule(step). A step is skipped (params and optimizer state unchanged) when
-    its loss, its gradient, or the weights and optimizer state it would produce are not
-    finite. `totals` are the global loss, aux, n_tokens and n_rows."""
+    """The update: skip non-finite steps, else accumulate / clip / AdamW at LR
+    schedule(step). A step is skipped (params and optimizer state unchanged) when its loss, its
+    gradient, or the weights and optimizer state it would produce are not finite. `totals` are
+    the global loss, aux, n_tokens and n_rows."""
     lr = schedule(state.step)
     loss_ok = jnp.isfinite(totals["loss"])
     grads_ok = jnp.isfinite(optax.tree.norm(grads))
@@ -235,41 +233,13 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     counted. Metrics: loss, aux, lr, grad_norm (of the latest update), updated, update, skipped,
     consecutive_skips, nonfinite (a NONFINITE_REASONS key, or 0), n_tokens, n_rows.
 
-    `shardings` (a TrainState of NamedShardings, e.g. `state_shardings(..., fsdp=True)`) selects
-    the sharded-state step; without it params and optimizer state are replicated.
+    The state is laid out as `shardings` (a TrainState of NamedShardings from
+    `state_shardings`, e.g. with `fsdp=True`), replicated on every device without it; the
+    batch is split over "data". Params are gathered whole for the forward pass (a no-op when
+    replicated); their gradients come back in the params' layout, so the optimizer update runs
+    on each device's share.
     """
     model = MiniMind(config)
-    if shardings is not None:
-        return _sharded_state_step(model, optimizer, schedule, mesh, shardings)
-    n_devices = mesh.shape[DATA_AXIS]
-
-    def per_device(state: TrainState, batch: dict):
-        # Differentiate w.r.t. a per-device copy so that the gradient is this device's own;
-        # the explicit pmean below is then the only cross-device reduction.
-        params_local = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-
-        def objective(params):
-            ce_share, aux = _loss_terms(model, params, batch, DATA_AXIS)
-            # pmean over devices of this objective is the global loss.
-            return n_devices * ce_share + aux, (ce_share, aux)
-
-        (_, (ce_share, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params_local)
-        grads = jax.lax.pmean(grads, DATA_AXIS)
-        aux = jax.lax.pmean(aux, DATA_AXIS)
-        totals = {"loss": jax.lax.psum(ce_share, DATA_AXIS) + aux, "aux": aux,
-                  "n_tokens": jax.lax.psum(batch["loss_mask"].sum(), DATA_AXIS),
-                  "n_rows": jax.lax.psum(_real_rows(batch), DATA_AXIS)}
-        return _apply_gradients(state, grads, totals, optimizer, schedule)
-
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                            out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
-
-
-def _sharded_state_step(model: MiniMind, optimizer, schedule, mesh: Mesh, shardings):
-    """The step on the global view (GSPMD): state laid out as `shardings`, batch split over
-    "data". Params are gathered whole for the forward pass (ZeRO-3); their gradients come
-    back in the params' layout, so the optimizer update runs on each device's shard only."""
     whole = replicated(mesh)
 
     def step(state: TrainState, batch: dict):
@@ -284,9 +254,11 @@ def _sharded_state_step(model: MiniMind, optimizer, schedule, mesh: Mesh, shardi
                   "n_rows": _real_rows(batch)}
         return _apply_gradients(state, grads, totals, optimizer, schedule)
 
+    # A single sharding stands for every leaf of the state (a pytree prefix).
+    state_layout = whole if shardings is None else shardings
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, whole), donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_layout, batch_sharding),
+                   out_shardings=(state_layout, whole), donate_argnums=0)
 
 
 def make_flush_step(inner_optimizer, schedule: Callable[[jax.Array], jax.Array],
