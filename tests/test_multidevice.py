@@ -5,6 +5,7 @@ Batch 6 on 4 devices is padded to 8 rows (2 rows without targets) and the epoch'
 padding must change nothing. The MoE aux loss is that of the whole batch too.
 """
 
+import json
 import subprocess
 
 import jax
@@ -13,37 +14,6 @@ import pytest
 
 from minimind_jax import checkpoint, cli
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
-
-
-# Three steps of a minimind-3 MoE model (batch-level aux, made large) on a 4-device mesh and on
-# a 1-device mesh of the same process: loss, aux and grad norm of each step.
-MOE_CHILD = """
-import json
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-import numpy as np
-from minimind_jax import optim, train_step
-from minimind_jax.config import arch_defaults
-from minimind_jax.model import init_params
-config = arch_defaults("minimind3").replace(
-    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=32, use_moe=True,
-    aux_loss_alpha=0.1, dtype="float32")
-ids = np.random.default_rng(0).integers(1, 6400, (8, 33), dtype=np.int32)
-batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32))}
-optimizer = optim.make_optimizer(accumulation_steps=1)
-schedule = optim.Schedule("cosine", 1e-3, total_steps=100)
-runs = {}
-for n in (4, 1):
-    mesh = train_step.data_mesh(jax.devices()[:n])
-    step_fn = train_step.make_train_step(config, optimizer, schedule, mesh)
-    state = train_step.put_replicated(
-        train_step.create_train_state(init_params(config, 0), optimizer), mesh)
-    runs[n] = []
-    for _ in range(3):
-        state, m = step_fn(state, train_step.put_batch(batch, mesh))
-        runs[n].append([float(m[k]) for k in ("loss", "aux", "grad_norm")])
-print("MOE " + json.dumps(runs))
-"""
 
 
 def argv(out_dir, cache_dir, extra):
@@ -89,7 +59,7 @@ def test_four_devices_match_one_device(tmp_path, extra):
 def test_moe_batch_aux_loss_is_that_of_the_whole_batch_on_four_devices():
     # minimind-3's aux is not a mean over rows: a per-device aux averaged over 4 devices would
     # be 0.2038 instead of 0.2003 at step 0 here (as the shard_map step of a120bfa computed).
-    child = subprocess.run([sys.executable, "-c", MOE_CHILD], env=subprocess_env(4),
+    child = subprocess.run(child_argv("moe_aux_devices"), env=subprocess_env(4),
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     runs = json.loads(child.stdout.split("MOE ", 1)[1].splitlines()[0])
