@@ -78,10 +78,13 @@ fi
 START=$SECONDS
 touch "$OUT/steps.jsonl"  # appended to: a second call with --only adds its steps
 
+# selected NAME: whether --only (if given) picks the step NAME.
+selected() { [ -z "$ONLY" ] || grep -Eq "$ONLY" <<< "$1"; }
+
 # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAME.log, record the outcome.
 step() {
   local name="$1" limit="$2"; shift 2
-  if [ -n "$ONLY" ] && ! grep -Eq "$ONLY" <<< "$name"; then return; fi
+  selected "$name" || return
   local left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt 15 ]; then
     echo "== $name: skipped (suite budget ${BUDGET} s spent)"
@@ -126,7 +129,7 @@ model_flags() {
 bench() {
   local name="$1" preset="$2" attention="$3" moe="$4" first="$5"; shift 5
   if [ "$attention" = cudnn ] && [ "$ON_GPU" != 1 ]; then
-    if [ -z "$ONLY" ] || grep -Eq "$ONLY" <<< "bench_$name"; then
+    if selected "bench_$name"; then
       echo "== bench_$name: skipped (cuDNN attention needs a GPU)"
       printf '{"step": "bench_%s", "status": "n/a", "seconds": 0}\n' "$name" \
         >> "$OUT/steps.jsonl"

@@ -146,6 +146,15 @@ def bench_jax(config: ModelConfig, batch: dict, steps: int, warmup: int) -> tupl
     return _time_steps("jax", one_step, batch, steps, warmup), n_params
 
 
+def _torch_device(torch) -> str:
+    """The device a PyTorch baseline runs on (CUDA when JAX runs on a GPU), with CUDA's peak
+    memory reset so that the baseline reports its own peak, not an earlier one's."""
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return "cuda"
+    return "cpu"
+
+
 def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
                 dtype: str) -> StepStats | None:
     """Eager PyTorch: transformers' LlamaForCausalLM sized alike, masked CE, clip, AdamW."""
@@ -155,9 +164,7 @@ def bench_torch(config: ModelConfig, batch: dict, steps: int, warmup: int,
     except ImportError:
         print("  (torch/transformers not installed: no PyTorch baseline)")
         return None
-    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier baseline's
+    device = _torch_device(torch)
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
@@ -209,9 +216,7 @@ def bench_reference(config: ModelConfig, batch: dict, steps: int, warmup: int,
     from minimind_jax import reference_bench
     from minimind_jax.model import init_params
 
-    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    device = _torch_device(torch)
     model, layout = reference_bench.build_reference(pathlib.Path(reference_dir), config,
                                                     init_params(config, 0), device)
     scaler = " + GradScaler" if layout.grad_scaler else ""
