@@ -74,15 +74,14 @@ class TensorBoardTracker:
     """tb/ in the run folder; a resumed run drops the events at and after its first step."""
 
     def __init__(self, run_dir: pathlib.Path, start_step: int):
-        from tensorboardX import SummaryWriter
+        from minimind_jax.tb_events import EventWriter
 
         if start_step == 0:  # a fresh run: no curves of an earlier run under the same name
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        self.writer = EventWriter(run_dir / "tb", purge_step=start_step or None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
+        self.writer.add_scalars(scalars, step)
 
     def close(self) -> None:
         self.writer.close()

@@ -77,3 +77,35 @@ def run_ids(run_dir: pathlib.Path, kind: str) -> list[str]:
     """The run id of each run folder the tracker wrote, in time order."""
     pattern = "wandb/offline-run-*" if kind == "wandb" else "swanlog/run-*"
     return [p.name.rsplit("-", 1)[-1] for p in sorted(run_dir.glob(pattern))]
+
+
+def tensorboard_history(log_dir: pathlib.Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the event files in `log_dir` as TensorBoard shows them: records
+    framed and checksummed as TFRecords, decoded with tensorboardX's protobuf classes, files in
+    name (time) order, a SessionLog START at step s dropping the earlier files' steps >= s."""
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    def masked(data: bytes) -> int:
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    history: dict[str, dict[int, float]] = {}
+    for path in sorted(log_dir.glob("*tfevents*")):
+        data, index = path.read_bytes(), 0
+        while index < len(data):
+            header = data[index:index + 8]
+            (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack(
+                "<I", data[index + 8:index + 12])
+            payload = data[index + 12:index + 12 + length]
+            (payload_crc,) = struct.unpack("<I", data[index + 12 + length:index + 16 + length])
+            assert (header_crc, payload_crc) == (masked(header), masked(payload)), path
+            index += 16 + length
+            event = Event.FromString(payload)
+            if event.session_log.status == SessionLog.START:
+                for steps in history.values():
+                    for step in [s for s in steps if s >= event.step]:
+                        del steps[step]
+            for value in event.summary.value:
+                history.setdefault(value.tag, {})[event.step] = value.simple_value
+    return history
