@@ -6,7 +6,8 @@ perplexity is its exp. One jit-compiled step per batch, over the training mesh, 
 batch's CE sum and token count; the host adds them up in float64.
 
 Used by `pretrain`/`sft --eval_data` (every `--eval_interval` micro-steps and at the end) and by
-`minimind-jax eval --ckpt RUN|.pth --data_path X.jsonl --stage pretrain|sft`.
+`minimind-jax eval --ckpt RUN|.pth --data_path X.jsonl --stage pretrain|sft`, whose rows follow
+the model's sample rules (MiniMind2's, or HEAD's for a minimind-3 model), as training's do.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 
 from minimind_jax import model_args
 from minimind_jax.batches import Loader
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import ModelConfig, arch_of
 from minimind_jax.errors import UserError
+from minimind_jax.recipes import recipe_named
 from minimind_jax.rows import open_source
 from minimind_jax.samples import STAGES
 
@@ -103,7 +105,9 @@ def run_eval(args: argparse.Namespace) -> int:
     params, config = generate.load_model_of(args)
     tokenizer = load_tokenizer(generate.resolve_tokenizer_dir(args))
     source = open_source(args.data_path, tokenizer, args.stage, config.max_seq_len,
-                         cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines)
+                         cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
+                         rules=arch_of(config), sft_seed=args.seed,
+                         sft_random=not args.no_sft_random)
     mesh = data_mesh()
     evaluator = Evaluator(source, config, mesh, args.batch_size, args.eval_batches)
     result = evaluator(put_replicated(params, mesh))
@@ -131,6 +135,13 @@ def register(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="rows per eval step")
     parser.add_argument("--eval_batches", type=int, default=None,
                         help="only the first K batches (default: the whole file)")
+    parser.add_argument("--seed", type=int, default=recipe_named("minimind3").seed,
+                        help="minimind-3 SFT data: the variants (system prompt, stripped think "
+                             "block) are drawn as epoch 0 of a run with this --seed draws them; "
+                             "the run's seed gives its validation loss (default %(default)s, "
+                             "--recipe minimind3's)")
+    parser.add_argument("--no_sft_random", action="store_true",
+                        help="minimind-3 SFT data: no variants, each conversation as written")
     prepare.add_cache_args(parser)
     model_args.add_model_args(parser)
     parser.set_defaults(func=run_eval)

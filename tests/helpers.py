@@ -33,6 +33,7 @@ TINY_CONFIG = ModelConfig(max_seq_len=64, **TINY_SHAPE)
 TINY_SHAPE_FLAGS = [flag for name, value in TINY_SHAPE.items()
                     for flag in (f"--{name}", str(value))]
 TINY_FLAGS = ["--max_seq_len", "64", *TINY_SHAPE_FLAGS, "--dtype", "float32"]
+TINY3_FLAGS = ["--arch", "minimind3", "--recipe", "minimind3", *TINY_FLAGS]  # minimind-3's
 
 
 def tiny_run_argv(command: str, out_dir, cache_dir, *extra, data=None) -> list[str]:

@@ -11,8 +11,17 @@ import pytest
 from minimind_jax import checkpoint, cli
 from minimind_jax.model import MiniMind
 from minimind_jax.samples import pretrain_sample, sft_sample
+from minimind_jax.samples3 import pretrain3_sample, sft3_sample
 from minimind_jax.tokenizer import load_tokenizer
-from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TINY_FLAGS, TOKENIZER_DIR, subprocess_env
+from tests.helpers import (
+    PRETRAIN_JSONL,
+    SFT_JSONL,
+    TINY3_FLAGS,
+    TINY_FLAGS,
+    TOKENIZER3_DIR,
+    TOKENIZER_DIR,
+    subprocess_env,
+)
 
 TINY = [*TINY_FLAGS, "--tokenizer", str(TOKENIZER_DIR)]
 
@@ -83,3 +92,35 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
     expected_sft = per_sample_masked_mean(params, config,
                                           [sft_sample(tokenizer, c, 64) for c in conversations])
     assert abs(eval_figure(capsys.readouterr().out) - expected_sft) < 2e-5
+
+
+@pytest.mark.slow
+def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
+    """A minimind-3 model is evaluated on HEAD's rows (pretrain: bos + text + eos; SFT: its
+    chat template and supervised spans), not MiniMind2's."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert cli.main(["pretrain", "--data_path", str(PRETRAIN_JSONL), "--out_dir", str(out),
+                     "--cache_dir", str(cache), "--tokenizer", str(TOKENIZER3_DIR),
+                     *TINY3_FLAGS, "--batch_size", "8", "--max_steps", "2"]) == 0
+    run_dir = out / "pretrain_64"
+    params, config = checkpoint.restore_params(run_dir)
+    tokenizer = load_tokenizer(TOKENIZER3_DIR)
+
+    def head_rows(rows):  # HEAD's (input_ids, labels) -> next-token triplets
+        return [(ids[:-1], ids[1:], (labels[1:] != -100).astype(np.int64))
+                for ids, labels in rows]
+
+    texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
+    records = [json.loads(line) for line in SFT_JSONL.read_text().splitlines()]
+    expected = {
+        "pretrain": per_sample_masked_mean(params, config, head_rows(
+            pretrain3_sample(tokenizer, t, 64) for t in texts)),
+        "sft": per_sample_masked_mean(params, config, head_rows(
+            sft3_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
+    }
+    for stage, data, extra in (("pretrain", PRETRAIN_JSONL, []),
+                               ("sft", SFT_JSONL, ["--no_sft_random"])):
+        assert cli.main(["eval", "--ckpt", str(run_dir), "--data_path", str(data), "--stage",
+                         stage, "--batch_size", "5", "--cache_dir", str(cache), *extra]) == 0
+        got = eval_figure(capsys.readouterr().out)
+        assert abs(got - expected[stage]) < 2e-5, (stage, got, expected[stage])
