@@ -1,8 +1,9 @@
 """The one CLI parser builder: `minimind-jax <command> ...` (and `python train.py <command>`).
 
 Each command lives in its own module, which exposes `register(subparsers)`; that function adds
-its sub-parser and sets `func(args) -> int | None` as the default, and `host_hugepages=True` if
-the command trains (see host_memory.py). Modules are imported when the parser is built; heavy or
+its sub-parser and sets `func(args) -> int | None` as the default, `host_hugepages=True` if
+the command trains (see host_memory.py) and `compile_cache=True` if it compiles models
+(compile_cache.py). Modules are imported when the parser is built; heavy or
 optional imports (torch, matplotlib) stay inside the commands.
 """
 
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from minimind_jax import host_memory, xla_flags
+from minimind_jax import compile_cache, host_memory, xla_flags
 from minimind_jax.errors import error_line_and_code
 from minimind_jax.model_args import HelpFormatter
 
@@ -44,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                f"themselves with {host_memory.TUNABLE}\n"
                f"  {'':27s}  (huge pages for XLA:CPU's per-step buffers)\n"
                f"  {xla_flags.ENV_SWITCH + '=0':27s}  no XLA:CPU flag defaults "
-               "(minimind_jax/xla_flags.py)",
+               "(minimind_jax/xla_flags.py)\n"
+               f"  {compile_cache.ENV_SWITCH + '=0':27s}  no persistent compilation cache "
+               "(default: ~/.cache/minimind_jax/xla;\n"
+               f"  {'':27s}  JAX_COMPILATION_CACHE_DIR=DIR picks another folder)",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "host_hugepages", False):
             host_memory.reexec_with_hugepages()
         xla_flags.apply_cpu_defaults()
+        if getattr(args, "compile_cache", False):
+            compile_cache.enable_default()
     try:
         code = args.func(args)
     except KeyboardInterrupt:

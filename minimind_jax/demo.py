@@ -428,4 +428,4 @@ def register(subparsers) -> None:
     parser.add_argument("--idioms", type=int, default=None,
                         help="idioms in the corpus (unset: 150, or 300 with --tiny)")
     parser.add_argument("--seed", type=int, default=0, help="corpus sampling and training seed")
-    parser.set_defaults(func=run_demo, host_hugepages=True)
+    parser.set_defaults(func=run_demo, host_hugepages=True, compile_cache=True)

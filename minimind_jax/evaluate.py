@@ -144,7 +144,7 @@ def register(subparsers) -> None:
                         help="minimind-3 SFT data: no variants, each conversation as written")
     prepare.add_cache_args(parser)
     model_args.add_model_args(parser)
-    parser.set_defaults(func=run_eval)
+    parser.set_defaults(func=run_eval, compile_cache=True)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

@@ -431,7 +431,7 @@ def register(subparsers) -> None:
                           "compilation included)")
     gen.add_argument("--output", default=None, metavar="FILE.jsonl",
                      help="write those JSON objects to this file (one per line)")
-    gen.set_defaults(func=run_generate)
+    gen.set_defaults(func=run_generate, compile_cache=True)
 
     chat = subparsers.add_parser(
         "chat", formatter_class=model_args.HelpFormatter,
@@ -442,4 +442,4 @@ def register(subparsers) -> None:
     _add_common(chat)
     chat.add_argument("--history", type=int, default=0,
                       help="earlier messages to keep in the prompt (even: question + answer)")
-    chat.set_defaults(func=run_chat)
+    chat.set_defaults(func=run_chat, compile_cache=True)

@@ -154,4 +154,4 @@ def register(subparsers) -> None:
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
     model_args.add_model_args(p)
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, compile_cache=True)

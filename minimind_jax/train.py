@@ -579,6 +579,8 @@ def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh
          f"dtype {model.dtype}; run folder {run_dir}")
     _say(_layout_line(state, config.distributed.fsdp, mesh.devices.size))
     _say(host_memory.describe())
+    if cache_dir := jax.config.jax_compilation_cache_dir:
+        _say(f"compilation cache: {cache_dir} (reruns of these shapes skip most compiling)")
     _say(f"{stage.command}: {opt.epochs} epoch(s) x {batches} batches of "
          f"{config.data.batch_size}, accumulation {opt.accumulation_steps}, {total_steps} "
          f"micro-steps, lr {opt.learning_rate} ({opt.lr_schedule})")
@@ -908,4 +910,4 @@ def register(subparsers) -> None:
         tracking.add_tracker_args(parser)
         compat_flags.add_reference_args(parser)
         parser.set_defaults(func=lambda args, stage=stage: run_stage(args, stage),
-                            host_hugepages=True)
+                            host_hugepages=True, compile_cache=True)

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from minimind_jax import cli
+from minimind_jax import cli, compile_cache
 from minimind_jax.config import ModelConfig
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
@@ -79,10 +79,13 @@ def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[st
 
 def subprocess_env(n_devices: int | None = None) -> dict:
     """Environment for a child process: this checkout first on PYTHONPATH, the tests' jax
-    options (JAX_OPTIONS), and optionally N host CPU devices."""
+    options (JAX_OPTIONS), no persistent compilation cache (children neither share compiled
+    programs nor write to the user's cache; test_compile_cache turns it on in a temp folder),
+    and optionally N host CPU devices."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({name.upper(): value for name, value in JAX_OPTIONS.items()})
+    env[compile_cache.ENV_SWITCH] = "0"
     if n_devices:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={n_devices}").strip()
