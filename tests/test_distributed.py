@@ -62,8 +62,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pair(args, devices_per_process=2, timeout=300):
-    """Both processes of a 2-process run on this host; (stdout, stderr) of each."""
+def run_pair(args, devices_per_process=2, timeout=300, expected_code=0):
+    """Both processes of a 2-process run on this host, each exiting with `expected_code`;
+    (stdout, stderr) of each."""
     address = f"127.0.0.1:{free_port()}"
     children = [subprocess.Popen(
         child_argv("distributed_run", *args, "--coordinator_address", address,
@@ -76,8 +77,31 @@ def run_pair(args, devices_per_process=2, timeout=300):
         for child in children:  # a survivor would wait for its peer until jax's timeout
             child.kill()
     for child, (out, err) in zip(children, outputs, strict=True):
-        assert child.returncode == 0, out[-2000:] + err[-3000:]
+        assert child.returncode == expected_code, out[-2000:] + err[-3000:]
     return outputs
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_use_stops_both_processes_with_one_error_line(tmp_path):
+    """Process 0 cannot take the lock: both processes stop (neither waits for its peer) with
+    an error line and exit status 2, and the folder keeps only the holder's lock file."""
+    run_dir = tmp_path / "pair" / "pretrain_64"
+    holder = subprocess.Popen(child_argv("hold_run_lock", run_dir), env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (_, err0), (_, err1) = run_pair(argv(tmp_path / "pair", tmp_path / "cache"),
+                                        expected_code=2)
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]  # nothing made, nothing taken
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert err0.strip().splitlines()[-1].startswith(
+        f"error: run folder {run_dir} is in use by pid {holder.pid} on {socket.gethostname()}")
+    assert err1.strip().splitlines()[-1] == \
+        f"error: run folder {run_dir} is in use (see process 0)"
+    assert "Traceback" not in err0 + err1
 
 
 @pytest.mark.slow
