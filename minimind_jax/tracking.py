@@ -95,7 +95,17 @@ def _import_package(kind: str):
                         f"pip install 'minimind_jax[{kind}]' (or pip install {kind})") from None
 
 
-class WandbTracker:
+class _ExternalRun:
+    """A wandb or SwanLab run object (`self.run`): both log and finish alike."""
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandbTracker(_ExternalRun):
     """A Weights & Biases run (files in RUN/wandb/; WANDB_MODE=offline works without login)."""
 
     def __init__(self, run_dir: pathlib.Path, project: str, name: str, config: dict,
@@ -109,14 +119,8 @@ class WandbTracker:
                             "or set WANDB_MODE=offline and sync later)") from None
         self.id = self.run.id
 
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log(scalars, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
-
-
-class SwanLabTracker:
+class SwanLabTracker(_ExternalRun):
     """A SwanLab run (files in RUN/swanlog/; SWANLAB_MODE=offline needs no login)."""
 
     def __init__(self, run_dir: pathlib.Path, project: str, name: str, config: dict,
@@ -130,12 +134,6 @@ class SwanLabTracker:
             raise UserError(f"swanlab could not start a run: {err} (log in with `swanlab "
                             "login`, or set SWANLAB_MODE=offline and sync later)") from None
         self.id = self.run.id
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log(scalars, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 def _saved_run_id(run_dir: pathlib.Path, kind: str) -> str | None:
