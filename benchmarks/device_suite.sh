@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures in one run (about 7 minutes on one H100/H200), written under $OUT:
+# The GPU figures, written under $OUT (on an H200 the whole list took about 20 minutes, steps of
+# 5-130 s; one call within the default 460 s budget gets the first six, --only the rest):
 #   1. the attention-kernel checks (cuDNN vs XLA, odd lengths, packed rows) on the device;
 #   2. `minimind-jax bench` at 64 x 512 bfloat16 for minimind2-small and minimind2 with each
 #      attention path (cudnn, xla, chunked), for minimind2 on packed rows (cudnn, xla) and for
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --reference_dir=*) REF="${1#*=}" ;;
     --only) ONLY="$2"; shift ;;
     --only=*) ONLY="${1#*=}" ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
