@@ -136,9 +136,9 @@ def register(subparsers) -> None:
     parser.add_argument("--eval_batches", type=int, default=None,
                         help="only the first K batches (default: the whole file)")
     parser.add_argument("--seed", type=int, default=recipe_named("minimind3").seed,
-                        help="minimind-3 SFT data: the variants (system prompt, stripped think "
-                             "block) are drawn as epoch 0 of a run with this --seed draws them; "
-                             "the run's seed gives its validation loss (default %(default)s, "
+                        help="minimind-3 SFT data: draw the variants (system prompt, stripped "
+                             "think block) as epoch 0 of a run with this --seed does; a run's "
+                             "own seed reproduces its validation loss (default %(default)s, "
                              "--recipe minimind3's)")
     parser.add_argument("--no_sft_random", action="store_true",
                         help="minimind-3 SFT data: no variants, each conversation as written")

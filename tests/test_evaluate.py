@@ -97,7 +97,8 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
 @pytest.mark.slow
 def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
     """A minimind-3 model is evaluated on HEAD's rows (pretrain: bos + text + eos; SFT: its
-    chat template and supervised spans), not MiniMind2's."""
+    chat template and supervised spans, its random variants drawn as a run's validation draws
+    them), not MiniMind2's."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert cli.main(["pretrain", "--data_path", str(PRETRAIN_JSONL), "--out_dir", str(out),
                      "--cache_dir", str(cache), "--tokenizer", str(TOKENIZER3_DIR),
@@ -124,3 +125,16 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
                          stage, "--batch_size", "5", "--cache_dir", str(cache), *extra]) == 0
         got = eval_figure(capsys.readouterr().out)
         assert abs(got - expected[stage]) < 2e-5, (stage, got, expected[stage])
+
+    # With its variants drawn (default --seed 42, the recipe's): an SFT run's own validation.
+    assert cli.main(["sft", "--data_path", str(SFT_JSONL), "--out_dir", str(out), "--cache_dir",
+                     str(cache), "--tokenizer", str(TOKENIZER3_DIR), *TINY3_FLAGS,
+                     "--batch_size", "4", "--max_steps", "1", "--eval_data", str(SFT_JSONL),
+                     "--tracker", "none"]) == 0
+    capsys.readouterr()
+    sft_dir = out / "full_sft_64"
+    validation = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text()
+                  .splitlines() if "eval_loss" in line][-1]["eval_loss"]
+    assert cli.main(["eval", "--ckpt", str(sft_dir), "--data_path", str(SFT_JSONL), "--stage",
+                     "sft", "--batch_size", "5", "--cache_dir", str(cache)]) == 0
+    assert abs(eval_figure(capsys.readouterr().out) - validation) < 2e-5
