@@ -50,14 +50,19 @@ class _DropOrbaxRecords(logging.Filter):
 
 
 class _DropOrbaxTaskErrors(logging.Filter):
-    """asyncio reports an orbax write task whose error nobody awaited (a full disk fails every
-    parallel write, and orbax raises only the first) when the task is collected, often at
-    interpreter exit after our error line; the failure already ended the run with one line."""
+    """asyncio reports an orbax write whose error nobody awaited (a full disk fails every
+    parallel write, and orbax raises only the first) when its task or future is collected,
+    often at interpreter exit after our error line; the failure already ended the run with one
+    line. Such an error is raised in orbax's code, or (tensorstore's futures, no traceback)
+    names a file of a checkpoint being written."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Task exception was never retrieved"):
+        # "Task ...", "Future ...", "_GatheringFuture exception was never retrieved"
+        if not record.getMessage().split("\n", 1)[0].endswith("exception was never retrieved"):
             return True
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and TMP_MARKER in str(exc):
+            return False
         tb = exc.__traceback__ if exc is not None else None
         while tb is not None:
             if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
