@@ -292,8 +292,7 @@ def answer_questions(ckpt: pathlib.Path, tokenizer, questions: list[str],
     sampling = generate.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     prompts = [generate.encode_prompt(tokenizer, q, template=True) for q in questions]
     outputs = generate.generate_tokens(params, config, prompts, sampling, tokenizer.eos_id)
-    return [tokenizer.decode([t for t in new if t != tokenizer.eos_id]).strip()
-            for new in outputs]
+    return [generate.answer_text(tokenizer, new).strip() for new in outputs]
 
 
 def showcase_questions() -> list[str]:

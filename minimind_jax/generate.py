@@ -211,7 +211,7 @@ class TextStreamer:
         if done_B[self.row] or int(tokens_B[self.row]) == self.tokenizer.eos_id:
             return
         self.tokens.append(int(tokens_B[self.row]))
-        text = self.tokenizer.decode(self.tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # a multi-byte character split across tokens: wait for the rest
         out = self._out or sys.stdout  # looked up late: the stream may be redirected meanwhile
@@ -283,8 +283,9 @@ def check_think_flag(tokenizer, args: argparse.Namespace) -> None:
 
 
 def answer_text(tokenizer, new: list[int]) -> str:
-    """The text of generated tokens, end-of-sequence token left out."""
-    return tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    """The text of generated tokens, the end-of-sequence token and other special tokens left
+    out (as both references decode a reply: skip_special_tokens=True)."""
+    return tokenizer.decode([t for t in new if t != tokenizer.eos_id], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- commands

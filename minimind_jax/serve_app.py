@@ -51,13 +51,14 @@ class ServeSettings:
 
 
 class IncrementalDecoder:
-    """Text of a growing token list; None while it ends in an incomplete UTF-8 character."""
+    """Text of a growing token list (special tokens left out, as the references' servers
+    stream it); None while it ends in an incomplete UTF-8 character."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens = tokenizer, []
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens)
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
     def push(self, token: int) -> str | None:
         self.tokens.append(token)

@@ -206,3 +206,26 @@ def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
                               tokenizer.eos_id)[0]
     assert answer == tokenizer.decode([t for t in new if t != tokenizer.eos_id])
     assert len(new) > 0
+
+
+def test_reply_text_leaves_special_tokens_out_as_the_references_decode_it():
+    """Both references decode replies with skip_special_tokens=True: a stray <|im_start|> in
+    the generated ids is not shown, by `generate`/`chat` (whole and streamed) nor by `serve`."""
+    import io
+
+    from minimind_jax.serve_app import IncrementalDecoder
+    from minimind_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    words = tokenizer.encode("你好")
+    new = [*words, tokenizer.bos_id, *tokenizer.encode("世界"), tokenizer.eos_id]
+    assert gen.answer_text(tokenizer, new) == "你好世界"
+    out = io.StringIO()
+    streamer = gen.TextStreamer(tokenizer, out=out)
+    for token in new:
+        streamer(np.asarray([token]), np.asarray([False]))
+    assert out.getvalue() == "你好世界"
+    decoder = IncrementalDecoder(tokenizer)
+    for token in new[:-1]:  # the server stops at the end-of-sequence token
+        decoder.push(token)
+    assert decoder.text() == "你好世界"
