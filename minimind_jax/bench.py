@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from minimind_jax import host_memory
+from minimind_jax import host_memory, packing
 from minimind_jax.config import ModelConfig
 from minimind_jax.errors import UserError
 from minimind_jax.model_args import HelpFormatter, add_model_args, model_config_from_args
@@ -84,14 +84,14 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
         segments = np.zeros((batch_size, seq_len), np.int32)
         positions = np.zeros((batch_size, seq_len), np.int32)
         for row in range(batch_size):
-            start, segment = 0, 1
+            lengths, start = [], 0
             while start < seq_len:
-                n = min(int(rng.integers(max(1, doc_len // 2), doc_len * 3 // 2 + 1)),
-                        seq_len - start)
-                segments[row, start:start + n] = segment
-                positions[row, start:start + n] = np.arange(n)
-                batch["loss_mask"][row, start + n - 1] = 0.0  # its target is the next document
-                start, segment = start + n, segment + 1
+                lengths.append(min(int(rng.integers(max(1, doc_len // 2), doc_len * 3 // 2 + 1)),
+                                   seq_len - start))
+                start += lengths[-1]
+            segments[row], positions[row] = packing.segments_and_positions(lengths)
+            # a document's last token: its target is the next document
+            batch["loss_mask"][row, np.cumsum(lengths) - 1] = 0.0
         batch |= {"segment_ids": segments, "positions": positions}
     return batch
 

@@ -87,3 +87,12 @@ def pack(lengths: np.ndarray, capacity: int,
 def fill_fraction(lengths: np.ndarray, row_starts: np.ndarray, capacity: int) -> float:
     """Share of the row slots holding tokens."""
     return float(lengths.sum()) / ((len(row_starts) - 1) * capacity)
+
+
+def segments_and_positions(doc_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For documents of `doc_lengths` back to back in a row: each token's segment id (1, 2, ...
+    by document; 0 is left for padding) and its position within its document."""
+    doc_lengths = np.asarray(doc_lengths)
+    starts = np.repeat(np.cumsum(doc_lengths) - doc_lengths, doc_lengths)
+    segments = np.repeat(np.arange(1, len(doc_lengths) + 1), doc_lengths)
+    return segments, np.arange(int(doc_lengths.sum())) - starts

@@ -198,12 +198,10 @@ class PackedSource:
             docs = self.documents(row)
             doc_lengths = self.lengths[docs]
             n = int(doc_lengths.sum())
-            # Where each token sits in the row's first slot of its document, and in the cache.
-            row_doc_starts = np.repeat(np.cumsum(doc_lengths) - doc_lengths, doc_lengths)
-            positions[r, :n] = np.arange(n) - row_doc_starts
+            segments[r, :n], positions[r, :n] = packing.segments_and_positions(doc_lengths)
+            # A token's place in the cache: its document's offset + its position in it.
             ids[r, :n] = self.cache.ids[np.repeat(self.cache.offsets[docs], doc_lengths)
                                         + positions[r, :n]]
-            segments[r, :n] = np.repeat(np.arange(1, len(docs) + 1), doc_lengths)
         same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
         mask = np.zeros(shape, bool)
         mask[:, 1:] = same_doc & (ids[:, 1:] != self.pad_id)
