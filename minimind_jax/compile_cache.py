@@ -8,15 +8,16 @@ a changed program is compiled anew). Only compilations of 1 s or more are kept (
 
 The CLI points it at `$XDG_CACHE_HOME/minimind_jax/xla` (`~/.cache/...`) for a real process
 entry of the commands that train or run models, unless the user already chose a folder
-(`JAX_COMPILATION_CACHE_DIR`) or turned it off (`MINIMIND_JAX_COMPILE_CACHE=0`). The folder
-holds only cached executables and can be deleted at any time. Importing this module does
-nothing.
+(`JAX_COMPILATION_CACHE_DIR`) or turned it off (`MINIMIND_JAX_COMPILE_CACHE=0`); a folder it
+cannot write is one warning line and no cache. The folder holds only cached executables and can
+be deleted at any time. Importing this module does nothing.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 
 ENV_SWITCH = "MINIMIND_JAX_COMPILE_CACHE"
@@ -38,6 +39,16 @@ def enable_default(environ: Mapping[str, str] = os.environ) -> str | None:
     chosen = jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR, the user's
     if chosen:
         return chosen
-    path = str(default_cache_dir(environ))
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+    path = default_cache_dir(environ)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # else JAX warns at every compilation it cannot read back or store
+        print(f"warning: no compilation cache: cannot write {path} (set "
+              f"JAX_COMPILATION_CACHE_DIR to another folder, or {ENV_SWITCH}=0)",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)

@@ -16,6 +16,13 @@ def test_default_folder_and_off_switch(tmp_path):
     assert compile_cache.enable_default({compile_cache.ENV_SWITCH: "0"}) is None
 
 
+def test_a_folder_it_cannot_write_is_one_warning_and_no_cache(capsys):
+    assert compile_cache.enable_default({"XDG_CACHE_HOME": "/proc/no_such_cache"}) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "warning: no compilation cache: cannot write /proc/no_such_cache/minimind_jax/xla")
+
+
 @pytest.mark.slow
 def test_a_rerun_loads_the_train_step_from_the_cache(tmp_path):
     env = subprocess_env() | {"XDG_CACHE_HOME": str(tmp_path / "xdg"),
