@@ -15,9 +15,9 @@ import time
 import jax
 import numpy as np
 
-from minimind_jax.config import preset
-from minimind_jax.generate import SamplingConfig, generate_tokens
-from minimind_jax.model import count_params, init_params
+from minimind_jax.infer.generate import SamplingConfig, generate_tokens
+from minimind_jax.model.config import preset
+from minimind_jax.model.transformer import count_params, init_params
 
 
 def best_time(fn, repeats: int) -> float:

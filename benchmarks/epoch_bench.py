@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.loader_bench import TOKENIZER, write_corpora  # noqa: E402
 from minimind_jax.cli import main as cli_main  # noqa: E402
-from minimind_jax.packing import DEFAULT_WINDOW  # noqa: E402
+from minimind_jax.data.packing import DEFAULT_WINDOW  # noqa: E402
 
 # mode -> extra `pretrain` flags
 MODES = {"padded": [], "next_fit": ["--pack", "--pack_window", "0"], "best_fit": ["--pack"]}
@@ -112,8 +112,8 @@ def run_epoch(data: pathlib.Path, out: pathlib.Path, args, mode: str) -> dict:
 
 
 def main() -> None:
-    from minimind_jax.host_memory import reexec_with_hugepages
-    from minimind_jax.xla_flags import apply_cpu_defaults
+    from minimind_jax.runtime.host_memory import reexec_with_hugepages
+    from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
     reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
     apply_cpu_defaults()  # likewise (xla_flags.py)
@@ -143,7 +143,7 @@ def main() -> None:
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown --modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    from minimind_jax.rows import open_source
+    from minimind_jax.data.rows import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minimind_jax.bench import run_bench
-from minimind_jax.config import preset
-from minimind_jax.host_memory import reexec_with_hugepages
-from minimind_jax.model import MiniMind, init_params
+from minimind_jax.model.config import preset
+from minimind_jax.model.transformer import MiniMind, init_params
+from minimind_jax.runtime.host_memory import reexec_with_hugepages
+from minimind_jax.tools.bench import run_bench
 
 
 def scan_compile_seconds(config) -> float:

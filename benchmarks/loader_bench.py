@@ -77,8 +77,8 @@ def time_steps(step_fn, state, batches, mesh, put_batch) -> tuple[float, float, 
 
 
 def main() -> None:
-    from minimind_jax.host_memory import reexec_with_hugepages
-    from minimind_jax.xla_flags import apply_cpu_defaults
+    from minimind_jax.runtime.host_memory import reexec_with_hugepages
+    from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
     reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
     apply_cpu_defaults()  # likewise (xla_flags.py)
@@ -95,12 +95,12 @@ def main() -> None:
 
     import jax
 
-    from minimind_jax import optim, train_step
-    from minimind_jax.batches import Loader
-    from minimind_jax.config import ModelConfig, preset
-    from minimind_jax.model import init_params
-    from minimind_jax.model_args import resolve_dtype
-    from minimind_jax.rows import open_source
+    from minimind_jax.cli.model_args import resolve_dtype
+    from minimind_jax.data.batches import Loader
+    from minimind_jax.data.rows import open_source
+    from minimind_jax.model.config import ModelConfig, preset
+    from minimind_jax.model.transformer import init_params
+    from minimind_jax.train import optim, train_step
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="loader_bench_", dir="/tmp"))
     try:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minimind_jax.config import ModelConfig
-from minimind_jax.model import MiniMind, init_params
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind, init_params
 
 
 def time_fwd_bwd(config, params, ids, repeats):
@@ -32,8 +32,8 @@ def time_fwd_bwd(config, params, ids, repeats):
 
 
 def main():
-    from minimind_jax.host_memory import reexec_with_hugepages
-    from minimind_jax.xla_flags import apply_cpu_defaults
+    from minimind_jax.runtime.host_memory import reexec_with_hugepages
+    from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
     reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
     apply_cpu_defaults()  # likewise (xla_flags.py)

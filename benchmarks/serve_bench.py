@@ -24,13 +24,13 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from minimind_jax import generate  # noqa: E402
-from minimind_jax.config import preset  # noqa: E402
-from minimind_jax.model import count_params, init_params  # noqa: E402
-from minimind_jax.serve import running_server  # noqa: E402
-from minimind_jax.serve_app import ServeSettings, build_app  # noqa: E402
-from minimind_jax.serve_engine import BatchEngine, EngineConfig  # noqa: E402
-from minimind_jax.tokenizer import load_tokenizer  # noqa: E402
+from minimind_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from minimind_jax.infer import generate  # noqa: E402
+from minimind_jax.model.config import preset  # noqa: E402
+from minimind_jax.model.transformer import count_params, init_params  # noqa: E402
+from minimind_jax.serve.app import ServeSettings, build_app  # noqa: E402
+from minimind_jax.serve.command import running_server  # noqa: E402
+from minimind_jax.serve.engine import BatchEngine, EngineConfig  # noqa: E402
 
 TOPICS = ["春天", "大海", "月亮", "朋友", "学习", "音乐", "城市", "秋天", "时间", "家乡", "书籍",
           "科学", "旅行", "雨天", "星空", "勇气"]

@@ -30,15 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
-    from minimind_jax import xla_flags
+    from minimind_jax.runtime import xla_flags
 
     xla_flags.apply_cpu_defaults()
     import jax
     import numpy as np
 
-    from minimind_jax import optim, train_step
-    from minimind_jax.config import PRESETS, ModelConfig
-    from minimind_jax.model import init_params
+    from minimind_jax.model.config import PRESETS, ModelConfig
+    from minimind_jax.model.transformer import init_params
+    from minimind_jax.train import optim, train_step
 
     if args.model == "tiny":  # the tests' tiny model
         config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400,

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=6400)
     args = parser.parse_args()
 
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.data.tokenizer import load_tokenizer
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="tokenizer_bench_", dir="/tmp"))
     try:

@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minimind_jax import cli  # noqa: E402
-from minimind_jax.serve import build_server_app, running_server  # noqa: E402
+from minimind_jax.serve.command import build_server_app, running_server  # noqa: E402
 from tests.serve_fixtures import headless_chromium, send_and_wait  # noqa: E402
 
 

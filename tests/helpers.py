@@ -9,8 +9,9 @@ import sys
 
 import numpy as np
 
-from minimind_jax import cli, compile_cache
-from minimind_jax.config import ModelConfig
+from minimind_jax import cli
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.runtime import compile_cache
 
 REPO_ROOT = pathlib.Path(__file__).parent.parent
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -10,10 +10,10 @@ import time
 
 import jax
 
-from minimind_jax import generate as gen
-from minimind_jax.config import ModelConfig
-from minimind_jax.model import init_params
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.infer import generate as gen
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import init_params
 from tests.helpers import TINY_CONFIG, TOKENIZER_DIR
 
 TINY = TINY_CONFIG.replace(max_seq_len=128)
@@ -42,9 +42,9 @@ def live_server(params, *, api_key: str | None = API_KEY, max_batch: int = 8,
                 max_queue: int = 8, max_tokens_cap: int = 48, max_context: int = 192,
                 config: ModelConfig = TINY, tokenizer_dir=TOKENIZER_DIR):
     """Yields (base_url, engine); the server runs in a thread of this process."""
-    from minimind_jax.serve import running_server
-    from minimind_jax.serve_app import ServeSettings, build_app
-    from minimind_jax.serve_engine import BatchEngine, EngineConfig
+    from minimind_jax.serve.app import ServeSettings, build_app
+    from minimind_jax.serve.command import running_server
+    from minimind_jax.serve.engine import BatchEngine, EngineConfig
 
     tokenizer = load_tokenizer(tokenizer_dir)
     engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,

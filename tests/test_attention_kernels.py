@@ -6,9 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax.bench import synthetic_batch
-from minimind_jax.config import ModelConfig
-from minimind_jax.model import MiniMind, _segment_mask, cudnn_causal_attention, init_params
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import (
+    MiniMind,
+    _segment_mask,
+    cudnn_causal_attention,
+    init_params,
+)
+from minimind_jax.tools.bench import synthetic_batch
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 

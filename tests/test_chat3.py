@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax import generate as gen
-from minimind_jax.config import arch_defaults
-from minimind_jax.reply_text import (
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.infer import generate as gen
+from minimind_jax.infer.reply_text import (
     parse_tool_calls,
     safe_length,
     split_opened_thinking,
     split_thinking,
 )
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.model.config import arch_defaults
 from tests.helpers import TOKENIZER3_DIR, TOKENIZER_DIR
 
 TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -49,9 +49,9 @@ def tok3():
 
 @pytest.fixture(scope="module")
 def formats():
-    """minimind_jax.chat_format (the server's; needs pydantic, which the serve extra brings)."""
+    """serve.chat_format (the server's; needs pydantic, which the serve extra brings)."""
     pytest.importorskip("pydantic")
-    from minimind_jax import chat_format
+    from minimind_jax.serve import chat_format
 
     return chat_format
 
@@ -90,7 +90,7 @@ def test_generate_prompts_equal_transformers(tok3, hf3):
 def test_tool_prompts_equal_transformers(tok3, hf3, formats):
     """The server's prompt for requests with `tools`, assistant `tool_calls` and `tool`
     results: the ids transformers gives HEAD's template with the same tools."""
-    from minimind_jax.serve_schema import parse_request
+    from minimind_jax.serve.schema import parse_request
 
     ToolChatFormat, chat_format_for = formats.ToolChatFormat, formats.chat_format_for
     chat_format = chat_format_for(tok3)
@@ -161,8 +161,8 @@ class _FinishedCompletion:
 def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[dict]:
     """The chunks `_sse` sends for an answer whose tokens are those of `text`."""
     pytest.importorskip("fastapi")
-    from minimind_jax.chat_format import ReplyStream
-    from minimind_jax.serve_app import _sse
+    from minimind_jax.serve.app import _sse
+    from minimind_jax.serve.chat_format import ReplyStream
 
     async def run():
         events = asyncio.Queue()
@@ -208,7 +208,7 @@ def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats)
     """`chat_template_kwargs.enable_thinking` (or `open_thinking`) opens the think block as
     transformers renders it; the reasoning comes back as `reasoning_content`, streamed apart
     from the content; MiniMind2's template has no such switch."""
-    from minimind_jax.serve_schema import ApiError, parse_request
+    from minimind_jax.serve.schema import ApiError, parse_request
 
     ChatFormat, chat_format_for = formats.ChatFormat, formats.chat_format_for
     messages = [{"role": "user", "content": "北京天气？"}]
@@ -282,7 +282,8 @@ def test_live_server_takes_tools_with_the_minimind3_template(params3):
 def test_generate_command_with_a_minimind3_model(params3, tmp_path, capsys):
     """`generate` on a minimind-3 weights file with HEAD's tokenizer, with and without
     --think; --think on MiniMind2's template is a user error."""
-    from minimind_jax import cli, convert
+    from minimind_jax import cli
+    from minimind_jax.model import convert
 
     path = tmp_path / "full_sft_64.npz"
     np.savez(path, **convert.state_dict_from_params(params3, TINY3))

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax import cli, compare
+from minimind_jax import cli
 from minimind_jax.errors import UserError
+from minimind_jax.tools import compare
 
 # The reference's log line (train_pretrain.py / train_full_sft.py at d9453ed).
 REFERENCE_FORMAT = "Epoch:[{}/{}]({}/{}) loss:{:.3f} lr:{:.12f} epoch_Time:{}min:"

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from minimind_jax import compare
 from minimind_jax.errors import UserError
+from minimind_jax.tools import compare
 
 _TAIL = ", logits_loss: 0, aux_loss: 0.0010, lr: 0.0004, epoch_time: 0.0min"
 HEAD_LOG = "\n".join([

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minimind_jax import cli, compat_flags
+from minimind_jax import cli
+from minimind_jax.cli import compat_flags
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minimind_jax import compile_cache
+from minimind_jax.runtime import compile_cache
 from tests.helpers import REPO_ROOT, subprocess_env, tiny_run_argv
 
 

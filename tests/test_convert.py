@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from minimind_jax.cli import main
-from minimind_jax.config import ModelConfig
-from minimind_jax.convert import (
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.convert import (
     export_hf_llama,
     infer_config,
     load_state_dict,
@@ -13,8 +14,7 @@ from minimind_jax.convert import (
     save_state_dict,
     state_dict_from_params,
 )
-from minimind_jax.errors import UserError
-from minimind_jax.model import MiniMind, init_params
+from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG, golden_state_dict
 
 

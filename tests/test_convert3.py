@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import cli, convert
-from minimind_jax.config import ModelConfig
-from minimind_jax.model import MiniMind
+from minimind_jax import cli
+from minimind_jax.model import convert
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind
 from tests.helpers import TOKENIZER3_DIR, golden_state_dict
 from tests.test_model3 import CONFIGS
 

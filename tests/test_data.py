@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax.errors import UserError
-from minimind_jax.samples import (
+from minimind_jax.data.samples import (
     SkipReport,
     iter_jsonl_chunks,
     pretrain_sample,
     sft_loss_mask,
     sft_sample,
 )
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax import samples3, torch_rng
-from minimind_jax.batches import Loader
-from minimind_jax.rows import open_source
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.data import minimind3, torch_rng
+from minimind_jax.data.batches import Loader
+from minimind_jax.data.rows import open_source
+from minimind_jax.data.tokenizer import load_tokenizer
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
 
 
@@ -22,13 +22,13 @@ def _records(path):
 
 
 def test_system_prompts_and_markers(golden3, tok):
-    assert list(samples3.SYSTEM_PROMPTS) == json.loads(str(golden3["sft_system_prompts_json"]))
-    assert samples3.sft3_markers(tok) == ([1, 1388, 570, 811, 234], [2, 234])  # SPEC3 sec. 3
+    assert list(minimind3.SYSTEM_PROMPTS) == json.loads(str(golden3["sft_system_prompts_json"]))
+    assert minimind3.sft_markers(tok) == ([1, 1388, 570, 811, 234], [2, 234])  # SPEC3 sec. 3
 
 
 def test_pretrain_samples(golden3, tok):
     for i, record in enumerate(_records(PRETRAIN_JSONL)):
-        ids, labels = samples3.pretrain3_sample(tok, record["text"], 64)
+        ids, labels = minimind3.pretrain_sample(tok, record["text"], 64)
         np.testing.assert_array_equal(ids, golden3["pre_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, golden3["pre_labels"][i], err_msg=str(i))
 
@@ -36,16 +36,16 @@ def test_pretrain_samples(golden3, tok):
 def test_sft_draws_and_samples_in_index_order(golden3, tok):
     """`random.seed(42)`, items 0..39: draws, ids and labels equal HEAD's SFTDataset."""
     records = _records(SFT_JSONL)
-    slots = samples3.sft3_ids_batch(tok, [samples3.sft3_messages(r) for r in records], None)
+    slots = minimind3.sft_ids_batch(tok, [minimind3.sft_messages(r) for r in records], None)
     draws_system = np.array([len(slots[3 * i + 2]) > 0 for i in range(len(records))])
     has_think = np.array([len(slots[3 * i + 1]) > 0 for i in range(len(records))])
-    system_idx, stripped = samples3.draw_variants(draws_system, has_think,
+    system_idx, stripped = minimind3.draw_variants(draws_system, has_think,
                                                   np.arange(len(records)), 42)
     np.testing.assert_array_equal(system_idx, golden3["sft_system_idx"])
     np.testing.assert_array_equal(stripped, golden3["sft_think_stripped"])
     assert (system_idx >= 0).any() and (stripped == 0).any() and (stripped == 1).any()
     for i, record in enumerate(records):
-        ids, labels = samples3.sft3_sample(tok, record, 64, system_idx[i], stripped[i])
+        ids, labels = minimind3.sft_sample(tok, record, 64, system_idx[i], stripped[i])
         np.testing.assert_array_equal(ids, golden3["sft_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, golden3["sft_labels"][i], err_msg=str(i))
 
@@ -95,7 +95,7 @@ def test_sft_training_order_through_the_cache(golden3, tok, tmp_path):
                         sft_random=False)
     first, _ = _batch_to_head(plain.for_epoch(0, order).get_batch(np.arange(40)))
     for i, record in enumerate(_records(SFT_JSONL)):
-        np.testing.assert_array_equal(first[i], samples3.sft3_sample(tok, record, 64)[0])
+        np.testing.assert_array_equal(first[i], minimind3.sft_sample(tok, record, 64)[0])
 
 
 def test_pretrain_through_the_cache(golden3, tok, tmp_path):
@@ -121,11 +121,11 @@ def test_tool_conversations_kept_whole_and_rendered_as_transformers(tok):
          "tool_calls": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}])},
         {"role": "tool", "content": "{\"temp\": 20}"},
         {"role": "assistant", "content": "<think>\n想一想\n</think>\n\n20度。"}]}
-    messages = samples3.sft3_messages(record)
-    assert not samples3.draws_system_prompt(messages)
+    messages = minimind3.sft_messages(record)
+    assert not minimind3.draws_system_prompt(messages)
     hf = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER3_DIR))
     hf_messages = [dict(m) for m in messages]
     hf_messages[2]["tool_calls"] = json.loads(hf_messages[2]["tool_calls"])
     expected = hf.apply_chat_template(hf_messages, tokenize=False, tools=json.loads(tools))
-    assert samples3.render(tok, messages) == expected
+    assert minimind3.render(tok, messages) == expected
     assert "<tool_call>" in expected and "# Tools" in expected

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from minimind_jax import demo
+from minimind_jax.tools import demo
 from tests.helpers import REPO_ROOT, subprocess_env
 
 
@@ -75,8 +75,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert "sft eval: " in log  # the plot's eval curves
 
     # The chat prompt the demo asks with tokenizes as a prefix of a training conversation.
-    from minimind_jax.generate import encode_prompt
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.infer.generate import encode_prompt
 
     tokenizer = load_tokenizer(out / "tokenizer")
     question = demo.showcase_questions()[0]

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import checkpoint, cli, distributed, train_step
-from minimind_jax.train_config import DistributedConfig
+from minimind_jax import cli
+from minimind_jax.runtime import distributed
+from minimind_jax.train import checkpoint, train_step
+from minimind_jax.train.train_config import DistributedConfig
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 STEPS = 10

@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from minimind_jax import checkpoint, cli
-from minimind_jax.model import MiniMind
-from minimind_jax.samples import pretrain_sample, sft_sample
-from minimind_jax.samples3 import pretrain3_sample, sft3_sample
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax import cli
+from minimind_jax.data import minimind3
+from minimind_jax.data.samples import pretrain_sample, sft_sample
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.train import checkpoint
 from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,
@@ -115,9 +116,9 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
     records = [json.loads(line) for line in SFT_JSONL.read_text().splitlines()]
     expected = {
         "pretrain": per_sample_masked_mean(params, config, head_rows(
-            pretrain3_sample(tokenizer, t, 64) for t in texts)),
+            minimind3.pretrain_sample(tokenizer, t, 64) for t in texts)),
         "sft": per_sample_masked_mean(params, config, head_rows(
-            sft3_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
+            minimind3.sft_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
     }
     for stage, data, extra in (("pretrain", PRETRAIN_JSONL, []),
                                ("sft", SFT_JSONL, ["--no_sft_random"])):

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from minimind_jax import checkpoint, cli, run_lock
+from minimind_jax import cli
+from minimind_jax.train import checkpoint, run_lock
 from tests.helpers import child_argv, subprocess_env, tiny_run_argv
 
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import generate as gen
-from minimind_jax.config import ModelConfig
-from minimind_jax.model import MiniMind, init_params
+from minimind_jax.infer import generate as gen
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG, TOKENIZER_DIR, golden_state_dict
 
 TINY = TINY_CONFIG.replace(vocab_size=256)
@@ -156,7 +156,7 @@ def test_generate_jsonl_and_output_file(reference_npz, capsys, tmp_path):
     import json
 
     from minimind_jax import cli
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.data.tokenizer import load_tokenizer
 
     argv = ["generate", "--ckpt", str(reference_npz), "--tokenizer", str(TOKENIZER_DIR),
             "--n_heads", "4", "--raw", "--temperature", "0", "--max_new_tokens", "6",
@@ -178,8 +178,9 @@ def test_generate_jsonl_and_output_file(reference_npz, capsys, tmp_path):
 
 
 def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
-    from minimind_jax import cli, convert
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax import cli
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.model import convert
 
     questions = iter(["你好"])
 
@@ -213,8 +214,8 @@ def test_reply_text_leaves_special_tokens_out_as_the_references_decode_it():
     the generated ids is not shown, by `generate`/`chat` (whole and streamed) nor by `serve`."""
     import io
 
-    from minimind_jax.serve_app import IncrementalDecoder
-    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.serve.app import IncrementalDecoder
 
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     words = tokenizer.encode("你好")

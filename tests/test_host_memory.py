@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from minimind_jax import host_memory
-from minimind_jax.host_memory import ENV_SWITCH, TUNABLE, hugepage_environ
+from minimind_jax.runtime import host_memory
+from minimind_jax.runtime.host_memory import ENV_SWITCH, TUNABLE, hugepage_environ
 from tests.helpers import subprocess_env
 
 GLIBC = (2, 36)

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import packing
-from minimind_jax.batches import Loader
+from minimind_jax.data import packing
+from minimind_jax.data.batches import Loader
+from minimind_jax.data.rows import ArraySource, open_source
+from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
-from minimind_jax.loss import masked_cross_entropy
-from minimind_jax.model import MiniMind, init_params
-from minimind_jax.rows import ArraySource, open_source
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.model.loss import masked_cross_entropy
+from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG as TINY
 from tests.helpers import TOKENIZER_DIR
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax.config import preset
-from minimind_jax.convert import params_from_state_dict
-from minimind_jax.model import (
+from minimind_jax.model.config import preset
+from minimind_jax.model.convert import params_from_state_dict
+from minimind_jax.model.transformer import (
     MiniMind,
     count_active_params,
     count_params,
@@ -92,7 +92,7 @@ def test_moe_aux_loss_uniform_routing_is_alpha():
 def test_init_distributions_match_reference(golden):
     params_sd = golden_state_dict(golden, "dense/init/")
     ours = init_params(TINY_CONFIG, 0)
-    from minimind_jax.convert import state_dict_from_params
+    from minimind_jax.model.convert import state_dict_from_params
 
     ours_sd = state_dict_from_params(ours, TINY_CONFIG)
     for key, ref in params_sd.items():
@@ -169,7 +169,7 @@ def test_bfloat16_compute_keeps_float32_logits_and_params():
 
 @pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE.replace(scan_layers=True)])
 def test_kv_cache_prefill_then_decode_equals_full_forward(config):
-    from minimind_jax.model import init_cache
+    from minimind_jax.model.transformer import init_cache
 
     params = init_params(config, 0)
     ids = np.random.default_rng(3).integers(3, 6400, (2, 12))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax.config import arch_defaults, preset
-from minimind_jax.convert import params_from_state_dict, state_dict_from_params
-from minimind_jax.model import MiniMind, count_params, init_cache, init_params
+from minimind_jax.model.config import arch_defaults, preset
+from minimind_jax.model.convert import params_from_state_dict, state_dict_from_params
+from minimind_jax.model.transformer import MiniMind, count_params, init_cache, init_params
 from tests.helpers import golden_state_dict
 
 TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
@@ -71,7 +71,7 @@ def test_kv_cache_prefill_decode_equals_full_forward(golden3, name, changes):
     config = CONFIGS[name].replace(**changes)
     params = _golden_params(golden3, name, CONFIGS[name])
     if config.scan_layers:
-        from minimind_jax.convert import stack_layers
+        from minimind_jax.model.convert import stack_layers
 
         params = stack_layers(jax.device_get(params), config.n_layers)
     ids = jnp.asarray(golden3["pre_input_ids"][:2, :12])

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import checkpoint, cli
+from minimind_jax import cli
+from minimind_jax.train import checkpoint
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_jax import optim
-from minimind_jax.loss import masked_cross_entropy
+from minimind_jax.model.loss import masked_cross_entropy
+from minimind_jax.train import optim
 
 
 def test_minimind2_schedule_equals_golden_lrs(golden):

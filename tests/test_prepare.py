@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
+from minimind_jax.data.rows import open_source
+from minimind_jax.data.samples import sft_sample
+from minimind_jax.data.token_cache import CACHE_DIRNAME, prepare_token_cache
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer_cli import train_sentencepiece
 from minimind_jax.errors import UserError
-from minimind_jax.rows import open_source
-from minimind_jax.samples import sft_sample
-from minimind_jax.token_cache import CACHE_DIRNAME, prepare_token_cache
-from minimind_jax.tokenizer import load_tokenizer
-from minimind_jax.tokenizer_cli import train_sentencepiece
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 

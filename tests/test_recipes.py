@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import optim, recipes
 from minimind_jax.errors import UserError
+from minimind_jax.train import optim, recipes
 
 
 def test_flush_of_partial_window_equals_torch_loop():

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import bench, reference_bench
-from minimind_jax.config import arch_defaults
 from minimind_jax.errors import UserError
-from minimind_jax.loss import masked_cross_entropy
-from minimind_jax.model import MiniMind, init_params
+from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.loss import masked_cross_entropy
+from minimind_jax.model.transformer import MiniMind, init_params
+from minimind_jax.tools import bench, reference_bench
 from tests.helpers import TINY_CONFIG
 
 torch = pytest.importorskip("torch")

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from minimind_jax.generate import SamplingConfig
-from minimind_jax.serve_engine import BatchEngine, Completion, EngineConfig
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.infer.generate import SamplingConfig
+from minimind_jax.serve.engine import BatchEngine, Completion, EngineConfig
 from tests.helpers import TINY_SHAPE_FLAGS, TOKENIZER_DIR, subprocess_env
 from tests.serve_fixtures import API_KEY, TINY, expected_answer, live_server, tiny_model
 
@@ -209,7 +209,7 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
     import sys
     import time
 
-    from minimind_jax import convert
+    from minimind_jax.model import convert
 
     weights = tmp_path / "tiny.npz"
     convert.save_state_dict(convert.state_dict_from_params(params, TINY), weights)

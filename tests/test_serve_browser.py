@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from minimind_jax import generate as gen
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.infer import generate as gen
 from tests.helpers import TOKENIZER_DIR
 from tests.serve_fixtures import TINY, headless_chromium, live_server, send_and_wait, tiny_model
 

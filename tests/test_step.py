@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import optim, train_step
-from minimind_jax.model import init_params
+from minimind_jax.model.transformer import init_params
+from minimind_jax.train import optim, train_step
 from tests.helpers import TINY_CONFIG as CONFIG
 
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from minimind_jax import tb_events
+from minimind_jax.train import tb_events
 from tests.tracker_logs import tensorboard_history
 
 

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from minimind_jax import cli
+from minimind_jax.data.samples import sft_mask_markers
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer_cli import train_sentencepiece
 from minimind_jax.errors import UserError
-from minimind_jax.samples import sft_mask_markers
-from minimind_jax.tokenizer import load_tokenizer
-from minimind_jax.tokenizer_cli import train_sentencepiece
 from tests.helpers import PRETRAIN_JSONL, TOKENIZER_DIR
 
 ROUND_TRIP = [

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from minimind_jax import cli, recipes, tracking
+from minimind_jax import cli
+from minimind_jax.train import recipes, tracking
 from tests.helpers import PRETRAIN_JSONL, TINY_FLAGS, TOKENIZER_DIR
 from tests.tracker_logs import run_ids, swanlab_history, tensorboard_history, wandb_history
 

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_jax import checkpoint, cli, train
-from minimind_jax.batches import Loader
-from minimind_jax.config import arch_defaults
+from minimind_jax import cli
+from minimind_jax.data.batches import Loader
+from minimind_jax.data.rows import open_source
 from minimind_jax.errors import UserError
-from minimind_jax.loss import masked_cross_entropy
-from minimind_jax.model import MiniMind
-from minimind_jax.rows import open_source
-from minimind_jax.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.loss import masked_cross_entropy
+from minimind_jax.model.transformer import MiniMind
+from minimind_jax.train import checkpoint
+from minimind_jax.train import trainer as train
+from minimind_jax.train.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,

@@ -7,7 +7,8 @@ a user's `minimind-jax pretrain ...` runs, read back from metrics.jsonl and the 
 
 import numpy as np
 
-from minimind_jax import checkpoint, convert
+from minimind_jax.model import convert
+from minimind_jax.train import checkpoint
 from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,

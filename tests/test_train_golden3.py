@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from minimind_jax import checkpoint, cli, convert
+from minimind_jax import cli
+from minimind_jax.model import convert
+from minimind_jax.train import checkpoint
 from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,

@@ -4,8 +4,8 @@ and importing the package changes no environment variable."""
 import os
 import subprocess
 
-from minimind_jax import xla_flags
-from minimind_jax.xla_flags import CPU_FLAGS, cpu_backend_expected, with_cpu_defaults
+from minimind_jax.runtime import xla_flags
+from minimind_jax.runtime.xla_flags import CPU_FLAGS, cpu_backend_expected, with_cpu_defaults
 from tests.helpers import child_argv, subprocess_env
 
 

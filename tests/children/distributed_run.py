@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from minimind_jax import checkpoint, cli
+from minimind_jax import cli
+from minimind_jax.train import checkpoint
 
 argv = sys.argv[1:]
 code = cli.main(argv)

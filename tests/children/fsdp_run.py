@@ -12,7 +12,8 @@ import sys
 
 import jax
 
-from minimind_jax import checkpoint, cli, optim, train_step
+from minimind_jax import cli
+from minimind_jax.train import checkpoint, optim, train_step
 
 argv = sys.argv[1:]
 run_dir = pathlib.Path(argv[argv.index("--out_dir") + 1]) / "pretrain_64"

@@ -4,7 +4,7 @@
 import sys
 import time
 
-from minimind_jax import run_lock
+from minimind_jax.train import run_lock
 
 with run_lock.hold(sys.argv[1]):
     print("held", flush=True)

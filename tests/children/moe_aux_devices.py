@@ -7,9 +7,9 @@ import json
 import jax
 import numpy as np
 
-from minimind_jax import optim, train_step
-from minimind_jax.config import arch_defaults
-from minimind_jax.model import init_params
+from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.transformer import init_params
+from minimind_jax.train import optim, train_step
 
 config = arch_defaults("minimind3").replace(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6400, max_seq_len=32, use_moe=True,

@@ -5,7 +5,8 @@
 import sys
 import time
 
-from minimind_jax import cli, train_step
+from minimind_jax import cli
+from minimind_jax.train import train_step
 
 delay = float(sys.argv[1])
 put_batch = train_step.put_batch

@@ -1,0 +1,105 @@
+"""Flags and helpers shared by every command that builds a model: the `--arch/--preset/--dim
+...` group, the ModelConfig built from them, the help formatter. Imports no command module, so
+each command imports it at top level (cli.py imports the commands)."""
+
+from __future__ import annotations
+
+import argparse
+
+from minimind_jax.cli import compat_flags
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's line breaks."""
+
+
+def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> None:
+    """Model-shape flags shared by every command that builds a model (reference names).
+
+    `moe_value`: `--use_moe` also takes the reference scripts' value (0|1|True|False); only for
+    commands without positional arguments, which the optional value could swallow.
+    """
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHES, default=None,
+                   help="reference family: minimind2 (jingyaogong/minimind d9453ed, the "
+                        "default) or minimind3 (upstream HEAD d65ef2c: q/k norm, rotate-half "
+                        "RoPE, top-1 MoE, HEAD's samples and stage defaults; 768/8 by default)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a named preset; explicit flags below override it")
+    g.add_argument("--dim", type=int, default=None, help="model width (default 512)")
+    g.add_argument("--n_layers", type=int, default=None, help="transformer blocks (default 8)")
+    g.add_argument("--n_heads", type=int, default=None, help="attention heads (default 8)")
+    g.add_argument("--n_kv_heads", type=int, default=None,
+                   help="key/value heads for grouped-query attention (default 2)")
+    g.add_argument("--vocab_size", type=int, default=None,
+                   help="vocabulary size (default: the tokenizer's, else 6400)")
+    g.add_argument("--max_seq_len", type=int, default=None,
+                   help="training sequence length in tokens (default 512)")
+    moe_help = "mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)"
+    if moe_value:
+        g.add_argument("--use_moe", nargs="?", const=True, default=None,
+                       type=compat_flags.parse_flag_bool, metavar="0|1",
+                       help=moe_help + "; alone or 1/True = on, 0/False = off (minimind-3's "
+                            "`--use_moe 1`, MiniMind2's `--use_moe True`; MiniMind2's bool() "
+                            "parser read even `False` as on)")
+    else:
+        g.add_argument("--use_moe", action="store_true", default=None, help=moe_help)
+    g.add_argument("--moe_impl", choices=("auto", "ragged", "blocked", "dense"), default=None,
+                   help="MoE kernel: auto = ragged_dot grouped GEMM on GPU/TPU, blocked scan on "
+                        "CPU; dense = every expert on every token (for checks)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
+                        "(master weights, logits and softmax stay float32)")
+    g.add_argument("--attention_impl", choices=("auto", "xla", "cudnn", "chunked"),
+                   default="auto",
+                   help="attention kernel: auto = chunked causal blocks on CPU, cuDNN on GPU "
+                        "(bf16/fp16; packed rows through a mask bias, odd lengths padded by one), "
+                        "else XLA's dot_product_attention; decoding always uses XLA")
+    g.add_argument("--remat", action="store_true", help="rematerialise each block in backward")
+    g.add_argument("--scan_layers", action="store_true",
+                   help="compile one layer body and scan it (faster compiles for deep models)")
+
+
+def arch_from_args(args: argparse.Namespace) -> str:
+    """--arch, else the --preset's family, else minimind2; a preset of the other family is an
+    error."""
+    preset = getattr(args, "preset", None)
+    preset_arch = arch_of(PRESETS[preset]) if preset else None
+    arch = getattr(args, "arch", None)
+    if arch and preset_arch and arch != preset_arch:
+        raise UserError(f"--preset {preset} is a {preset_arch} model, not --arch {arch}")
+    return arch or preset_arch or "minimind2"
+
+
+def resolve_dtype(name: str) -> str:
+    """`auto` -> bfloat16 on accelerators, float32 on CPU."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = None,
+                           **overrides) -> ModelConfig:
+    """Build a ModelConfig: `base` (or the preset, or the defaults), then explicit flags."""
+    config = base or (PRESETS[args.preset] if getattr(args, "preset", None)
+                      else arch_defaults(arch_from_args(args)))
+    changes = {}
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
+                  "use_moe", "moe_impl"):
+        value = getattr(args, field, None)
+        if value is not None:
+            changes[field] = value
+    if getattr(args, "dtype", None):
+        changes["dtype"] = resolve_dtype(args.dtype)
+    if getattr(args, "attention_impl", None):
+        changes["attention_impl"] = args.attention_impl
+    if getattr(args, "remat", False):
+        changes["remat"] = True
+    if getattr(args, "scan_layers", False):
+        changes["scan_layers"] = True
+    changes.update(overrides)
+    return config.replace(**changes)  # a ConfigError names the offending fields

@@ -1,0 +1,98 @@
+"""Batches, the last stage of the data path: a seeded, shardable, resumable, prefetching loader
+over a source of rows (`rows`). Next: `train_step.put_batch` puts a batch on the devices.
+
+`Loader` orders rows by a pure function of (seed, epoch), so the position to checkpoint is just
+(epoch, batch index), and it computes batches ahead in background threads (grain's thread-pool
+prefetch over a MapDataset of batch indices).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from minimind_jax.data import torch_rng
+from minimind_jax.errors import UserError
+
+PERMUTATIONS = ("numpy", "torch")
+
+
+class Loader:
+    """Global batches of `batch_size` rows in an order fixed by (seed, epoch); this process
+    gets its contiguous `1/num_shards` slice of each. The last partial batch is kept and padded
+    with zero-mask rows so each shard's row count divides by `pad_to_multiple`."""
+
+    def __init__(self, source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 num_shards: int = 1, shard_index: int = 0, pad_to_multiple: int = 1,
+                 prefetch: int = 2, num_threads: int = 1, permutation: str = "numpy"):
+        if len(source) == 0:
+            raise UserError("the dataset has no samples")
+        if batch_size < 1 or pad_to_multiple < 1 or num_shards < 1:
+            raise UserError("batch_size, pad_to_multiple and num_shards must be positive")
+        if batch_size % num_shards:
+            raise UserError(f"batch_size {batch_size} must divide by the number of processes "
+                            f"{num_shards}")
+        if not 0 <= shard_index < num_shards:
+            raise UserError(f"shard_index {shard_index} is not in [0, {num_shards})")
+        if permutation not in PERMUTATIONS:
+            raise UserError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        self.permutation = permutation
+        self.source = source
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_shards = num_shards
+        self.shard_index = shard_index
+        self.pad_to_multiple = pad_to_multiple
+        self.prefetch = prefetch
+        self.num_threads = num_threads
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.source) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row order of `epoch`: file order, or a permutation seeded by (seed, epoch): numpy's,
+        or minimind-3's `torch.randperm` after `torch.manual_seed(seed + epoch)`."""
+        if not self.shuffle:
+            return np.arange(len(self.source))
+        if self.permutation == "torch":
+            return torch_rng.randperm(len(self.source), self.seed + epoch)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+        return rng.permutation(len(self.source))
+
+    def local_rows(self, order: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
+        """(row ids of this shard's slice of global batch `batch`, zero rows to append)."""
+        rows = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        unit = self.num_shards * self.pad_to_multiple
+        per_shard = math.ceil(len(rows) / unit) * unit // self.num_shards
+        begin = self.shard_index * per_shard
+        mine = rows[begin:begin + per_shard]
+        return mine, per_shard - len(mine)
+
+    def _batch(self, order: np.ndarray, source, batch: int) -> dict[str, np.ndarray]:
+        rows, n_padding = self.local_rows(order, batch)
+        arrays = source.get_batch(rows)
+        if n_padding:
+            arrays = {k: np.concatenate([v, np.zeros((n_padding, *v.shape[1:]), v.dtype)])
+                      for k, v in arrays.items()}
+        return arrays
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This shard's batches of `epoch`, from global batch `start_batch` on."""
+        import grain
+
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise UserError(f"start batch {start_batch} is outside epoch of "
+                            f"{self.batches_per_epoch} batches")
+        order = self.order(epoch)
+        for_epoch = getattr(self.source, "for_epoch", None)
+        source = for_epoch(epoch, order) if for_epoch else self.source
+        batches = grain.MapDataset.range(start_batch, self.batches_per_epoch).map(
+            functools.partial(self._batch, order, source))
+        threads = self.num_threads if self.prefetch > 0 else 0
+        return iter(batches.to_iter_dataset(grain.ReadOptions(
+            num_threads=threads, prefetch_buffer_size=max(self.prefetch, 0))))

@@ -1,0 +1,235 @@
+"""Rows, the third stage of the data path: a token cache laid out as training rows, and
+`open_source`, which opens a data file's rows, building its token cache on first use. Previous
+stage: `token_cache`; next: `batches`.
+
+A source of rows has `__len__()` and `get_batch(indices) -> dict` of [b, T] arrays, T =
+max_seq_len - 1: `input_ids`, `labels` (int32), `loss_mask` (float32), plus `positions` and
+`segment_ids` (int32) for packed rows. minimind-3 sources give T = max_seq_len (HEAD feeds the
+whole row to the model and drops the last logit; the row's last position has no target), which
+matters for the MoE aux loss (it averages over every fed token). A source with
+`for_epoch(epoch, order)` gives the per-epoch view batches are taken from (minimind-3's SFT
+draws).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from minimind_jax.data import minimind3, packing
+from minimind_jax.data.samples import pad_rows, sft_loss_mask, shift
+from minimind_jax.data.token_cache import TokenCache, prepare_token_cache
+from minimind_jax.data.tokenizer import Tokenizer, load_tokenizer
+from minimind_jax.errors import UserError
+
+_INT_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+
+
+def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray,
+              full_rows: bool = False) -> dict[str, np.ndarray]:
+    """Model inputs and next-token targets of padded rows whose `mask_BL` marks the supervised
+    positions (unshifted). MiniMind2 feeds ids[:-1]; `full_rows` (minimind-3) feeds all ids
+    and gives the last position no target."""
+    x, y, m = shift(ids_BL, mask_BL)
+    if full_rows:
+        pad = np.zeros((len(ids_BL), 1), ids_BL.dtype)
+        x, y, m = ids_BL, np.concatenate([y, pad], 1), np.concatenate([m, pad], 1)
+    return {"input_ids": x.astype(np.int32), "labels": y.astype(np.int32),
+            "loss_mask": m.astype(np.float32)}
+
+
+class ArraySource:
+    """In-memory rows: a dict of [N, T] arrays (e.g. the golden samples)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        missing = {"input_ids", "labels", "loss_mask"} - set(arrays)
+        if missing:
+            raise ValueError(f"ArraySource needs {sorted(missing)}")
+        shapes = {np.shape(v) for v in arrays.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"ArraySource arrays must share one [N, T] shape, got {shapes}")
+        self.arrays = {k: np.asarray(v, np.int32 if k in _INT_KEYS else np.float32)
+                       for k, v in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class CachedSource:
+    """One cached sample per row, right-padded to max_seq_len, masked as the reference does."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int):
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.stage = cache.meta["stage"]
+        self.pad_id = cache.meta["pad_id"]
+        self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
+        self.full_rows = cache.meta.get("rules", "minimind2") == "minimind3"
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the [N, max_seq_len] row slots that are padding."""
+        return 1.0 - self.cache.meta["num_tokens"] / (len(self) * self.max_seq_len)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = pad_rows([self.cache.sample(i) for i in indices], self.max_seq_len,
+                        self.pad_id, np.int32)
+        if self.stage == "pretrain":
+            mask = rows != self.pad_id
+        else:
+            mask = np.zeros(rows.shape, np.int64)
+            for row, row_mask in zip(rows, mask, strict=True):
+                row_mask[:] = sft_loss_mask(row, *self.markers)
+        return _as_batch(rows, mask, self.full_rows)
+
+
+class HeadSFTSource:
+    """minimind-3 SFT conversations from a cache of `minimind3.SLOTS` id lists each; every epoch
+    draws HEAD's random variants (system prompt, think stripping) with `random.Random(seed +
+    epoch)` in the epoch's order (`for_epoch`), or none with `randomize=False`."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int, system_ids, *, seed: int,
+                 randomize: bool = True):
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.pad_id = cache.meta["pad_id"]
+        self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
+        self.system_ids = system_ids
+        self.seed = seed
+        self.randomize = randomize
+        lengths = cache.lengths.reshape(-1, minimind3.SLOTS)
+        self.has_empty_think = lengths[:, 1] > 0
+        self.draws_system = lengths[:, 2] > 0
+
+    def __len__(self) -> int:
+        return len(self.cache) // minimind3.SLOTS
+
+    @property
+    def padding_fraction(self) -> float:
+        lengths = self.cache.lengths.reshape(-1, minimind3.SLOTS)[:, 0]
+        return 1.0 - float(np.minimum(lengths, self.max_seq_len).sum()) / (
+            len(self) * self.max_seq_len)
+
+    def draws(self, epoch: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(system prompt index or -1, think stripped) per conversation for `epoch`."""
+        if not self.randomize:
+            return np.full(len(self), -1), np.zeros(len(self), np.int64)
+        return minimind3.draw_variants(self.draws_system, self.has_empty_think, order,
+                                      self.seed + epoch)
+
+    def for_epoch(self, epoch: int, order: np.ndarray):
+        system_idx, stripped = self.draws(epoch, order)
+        return _DrawnSFT(self, system_idx, stripped)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Without an epoch: the draws of epoch 0 in file order."""
+        return self.for_epoch(0, np.arange(len(self))).get_batch(indices)
+
+
+class _DrawnSFT:
+    """One epoch's view of a HeadSFTSource: its variants fixed."""
+
+    def __init__(self, source: HeadSFTSource, system_idx: np.ndarray, stripped: np.ndarray):
+        self.source, self.system_idx, self.stripped = source, system_idx, stripped
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        src = self.source
+        ids_list = []
+        for i in np.asarray(indices).tolist():
+            slots = [src.cache.sample(minimind3.SLOTS * i + k) for k in range(2)]
+            ids = minimind3.variant_ids(slots, src.system_ids, int(self.system_idx[i]),
+                                       bool(self.stripped[i]))
+            ids_list.append(ids[:src.max_seq_len])
+        rows = pad_rows(ids_list, src.max_seq_len, src.pad_id, np.int32)
+        mask = np.stack([sft_loss_mask(row, *src.markers, offset=0) for row in rows])
+        return _as_batch(rows, mask, full_rows=True)
+
+
+def check_packable(stage: str, rules: str) -> None:
+    """The rule of --pack, checked only here: MiniMind2's pretrain documents only (an SFT row
+    keeps one conversation; minimind-3's rows are HEAD's)."""
+    if stage != "pretrain":
+        raise UserError("--pack works with pretrain data only (SFT rows keep one conversation)")
+    if rules != "minimind2":
+        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are HEAD's)")
+
+
+class PackedSource:
+    """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len), whole, packed into rows
+    of max_seq_len tokens by `packing.pack` (best fit over windows of `window` documents; 0:
+    next fit in file order). Segment ids count documents 1, 2, ... within a row (0 = padding),
+    positions restart at 0 per document, and a label is masked where it would cross a document
+    boundary, so each document gives exactly the targets it gives unpacked."""
+
+    def __init__(self, cache: TokenCache, max_seq_len: int,
+                 window: int = packing.DEFAULT_WINDOW):
+        check_packable(cache.meta["stage"], cache.meta.get("rules", "minimind2"))
+        if window < 0:
+            raise UserError(f"--pack_window must be 0 (next fit) or positive, got {window}")
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.pad_id = cache.meta["pad_id"]
+        self.lengths = cache.lengths
+        self.doc_order, self.row_starts = packing.pack(self.lengths, max_seq_len, window)
+
+    def __len__(self) -> int:
+        return len(self.row_starts) - 1
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - packing.fill_fraction(self.lengths, self.row_starts, self.max_seq_len)
+
+    def documents(self, row: int) -> np.ndarray:
+        """Ids of the documents in `row`, in the order they sit in it."""
+        return self.doc_order[self.row_starts[row]:self.row_starts[row + 1]]
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        shape = (len(indices), self.max_seq_len)
+        ids, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
+        ids[:] = self.pad_id
+        for r, row in enumerate(indices):
+            docs = self.documents(row)
+            doc_lengths = self.lengths[docs]
+            n = int(doc_lengths.sum())
+            segments[r, :n], positions[r, :n] = packing.segments_and_positions(doc_lengths)
+            # A token's place in the cache: its document's offset + its position in it.
+            ids[r, :n] = self.cache.ids[np.repeat(self.cache.offsets[docs], doc_lengths)
+                                        + positions[r, :n]]
+        same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
+        mask = np.zeros(shape, bool)
+        mask[:, 1:] = same_doc & (ids[:, 1:] != self.pad_id)
+        batch = _as_batch(ids, mask)
+        batch["positions"] = positions[:, :-1]
+        batch["segment_ids"] = segments[:, :-1]
+        return batch
+
+
+def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack: bool = False,
+                pack_window: int = packing.DEFAULT_WINDOW, cache_dir=None,
+                skip_bad_lines: bool = False, force: bool = False,
+                progress: bool | None = None, log=None, rules: str = "minimind2",
+                sft_seed: int = 42, sft_random: bool = True):
+    """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
+    on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer.
+    `rules` "minimind3" gives HEAD's samples; its SFT draws use `sft_seed + epoch` (or none
+    without `sft_random`)."""
+    if pack:
+        check_packable(stage, rules)  # before the cache is built
+    tokenizer = (tokenizer_path if isinstance(tokenizer_path, Tokenizer)
+                 else load_tokenizer(tokenizer_path))
+    cache = prepare_token_cache(data_path, tokenizer, stage, max_seq_len, cache_dir=cache_dir,
+                                skip_bad_lines=skip_bad_lines, force=force, progress=progress,
+                                log=log, rules=rules)
+    if pack:
+        return PackedSource(cache, max_seq_len, pack_window)
+    if rules == "minimind3" and stage == "sft":
+        return HeadSFTSource(cache, max_seq_len, minimind3.system_block_ids(tokenizer),
+                             seed=sft_seed, randomize=sft_random)
+    return CachedSource(cache, max_seq_len)

@@ -1,0 +1,1 @@
+"""Using a trained model: generation (`generate`, `chat`) and reply text."""

@@ -1,0 +1,508 @@
+"""The MiniMind transformer as Flax linen modules (pure init/apply over explicit param pytrees).
+
+Numerics follow the PyTorch references (shared/SPEC.md for MiniMind2, shared/SPEC3.md for
+minimind-3): pre-norm blocks, RMSNorm in float32, RoPE (MiniMind2's interleaved pairs or
+minimind-3's rotate-half, after minimind-3's per-head q/k RMSNorm), grouped-query causal
+attention, SwiGLU or MoE feed-forward, and an output projection tied to the token embedding.
+The config's switches select the family; there is one code path. Logits are always float32.
+
+Param layout: Dense kernels are [in, out] (the reference's Linear weights transposed); expert
+weights are stacked [E, in, out]; with `scan_layers` the blocks live under "layers" with a leading
+[n_layers] axis, otherwise under "layers_0", "layers_1", ....
+
+Shape suffixes (`x_BTD` is [batch, time, model dim]); each letter means one thing:
+  B batch            T query positions      S key positions (cache slots)   L layers
+  D model dim        V vocab                F feed-forward hidden dim
+  N query heads      K key/value heads      G query heads per KV head (N = K*G)
+  H head dim         R rotary frequencies (H/2)
+  W query rows of one attention chunk       J rows of a chunk's grouped matmul (G*W)
+  E routed experts   C experts chosen per token (top-k)
+  M tokens of the batch, flattened (B*T)    P routed (token, expert) pairs (M*C)
+  A pair rows padded to whole expert blocks O blocks; b rows of one block
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from minimind_jax.model.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+
+def uniform_fan_in_init(key, shape, dtype=jnp.float32):
+    """PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = shape[-2]."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def tied_embedding_init(key, shape, dtype=jnp.float32):
+    """The tied [vocab, dim] matrix takes the output Linear's init: U(+-1/sqrt(dim))."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def kernel_init(config: ModelConfig):
+    """N(0, init_std^2) when the config sets `init_std` (minimind-3), else PyTorch's Linear
+    default U(+-1/sqrt(fan_in)) (MiniMind2)."""
+    if config.init_std > 0:
+        return nn.initializers.normal(config.init_std)
+    return uniform_fan_in_init
+
+
+def embedding_init(config: ModelConfig):
+    """The tied [vocab, dim] matrix: N(0, init_std^2), or the output Linear's uniform init."""
+    if config.init_std > 0:
+        return nn.initializers.normal(config.init_std)
+    return tied_embedding_init
+
+
+def rope_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float):
+    """cos/sin [B, T, head_dim/2] of angle pos * theta^(-2i/head_dim), in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    return jnp.cos(angles_BTR), jnp.sin(angles_BTR)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array,
+               layout: str = "interleaved") -> jax.Array:
+    """Rotate every head by its position's angles. `interleaved` pairs features (2i, 2i+1)
+    (MiniMind2's complex layout); `rotate_half` pairs (i, i + hd/2) (HF/NeoX, minimind-3)."""
+    x = x_BTNH.astype(jnp.float32)
+    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+    if layout == "rotate_half":
+        first, second = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+        return rotated.astype(x_BTNH.dtype)
+    x = x.reshape(*x_BTNH.shape[:-1], -1, 2)
+    even, odd = x[..., 0], x[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x_BTNH.shape).astype(x_BTNH.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Normalised in float32; MiniMind2 casts back to x's dtype before the weight multiply,
+    minimind-3 (`weight_fp32`) multiplies in float32 and casts after."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    weight_fp32: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        weight = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + weight.shape)
+        if self.weight_fp32:
+            return (weight * normed).astype(x.dtype).astype(self.dtype)
+        return (weight * normed.astype(x.dtype)).astype(self.dtype)
+
+
+def _norm(config: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(config.norm_eps, config.dtype, config.param_dtype, config.norm_weight_fp32,
+                   name=name)
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                    kernel_init=kernel_init(config), name=name)
+
+
+def _attention_impl(config: ModelConfig, has_cache: bool) -> str:
+    """The kernel for this call: `config.attention_impl`, with auto resolved per platform."""
+    if has_cache or config.attention_impl == "xla":
+        return "xla"  # decoding: one query row against the cache slots
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    if jax.default_backend() == "cpu":
+        return "chunked"
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, scale: float,
+                           implementation: str = "cudnn"):
+    """cuDNN's fused causal attention, packed rows included (their segment mask goes in as a
+    bias). Its training kernels reject odd lengths ("Unsupported sequence length Q 511"), and
+    MiniMind2 trains on max_seq_len - 1 = 511 tokens: an odd T gets one trailing position,
+    which causality hides from every real query, and its output row is cut off again.
+    (`implementation` lets the padding be checked where there is no cuDNN.)"""
+    T = q_BTNH.shape[1]
+    pad = T % 2
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, widths) for x in (q_BTNH, k_BTKH, v_BTKH))
+        if mask_B1TS is not None:
+            mask_B1TS = jnp.pad(mask_B1TS, ((0, 0), (0, 0), (0, pad), (0, pad)))
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
+                                            is_causal=True, scale=scale,
+                                            implementation=implementation)
+    return out_BTNH[:, :T]
+
+
+def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=None):
+    """Exact causal grouped-query attention computed in `n_chunks` query blocks.
+
+    Block i only scores the keys before its end, so about (n+1)/(2n) of the T x T scores are
+    computed. The G query heads sharing a KV head are folded into the rows of one matmul,
+    which XLA:CPU runs much faster than G small batched ones. Softmax is float32.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    q_BKGTH = (q_BTNH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH = k_BTKH.transpose(0, 2, 1, 3)
+    v_BKTH = v_BTKH.transpose(0, 2, 1, 3)
+    bounds = [round(T * i / n_chunks) for i in range(n_chunks + 1)]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        W = end - start
+        q_BKJH = q_BKGTH[:, :, :, start:end].reshape(B, K, G * W, H)
+        scores_BKJS = jnp.einsum("bkjh,bksh->bkjs", q_BKJH, k_BKTH[:, :, :end],
+                                 preferred_element_type=jnp.float32)
+        allowed_WS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        allowed = jnp.tile(allowed_WS, (G, 1))[None, None]
+        if mask_B1TS is not None:
+            allowed = allowed & jnp.tile(mask_B1TS[:, :, start:end, :end], (1, 1, G, 1))
+        scores_BKJS = jnp.where(allowed, scores_BKJS, jnp.finfo(jnp.float32).min)
+        probs_BKJS = jax.nn.softmax(scores_BKJS, axis=-1).astype(v_BKTH.dtype)
+        out_BKJH = jnp.einsum("bkjs,bksh->bkjh", probs_BKJS, v_BKTH[:, :, :end])
+        outs.append(out_BKJH.reshape(B, K, G, W, H))
+    out_BKGTH = jnp.concatenate(outs, axis=3)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache):
+        cfg = self.config
+        B, T, _ = x_BTD.shape
+        hd = cfg.head_dim
+        q_BTNH = _dense(cfg, cfg.n_heads * hd, "wq")(x_BTD).reshape(B, T, cfg.n_heads, hd)
+        k_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wk")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
+        v_BTKH = _dense(cfg, cfg.n_kv_heads * hd, "wv")(x_BTD).reshape(B, T, cfg.n_kv_heads, hd)
+        if cfg.qk_norm:  # minimind-3: one [hd] RMSNorm shared by all heads, before RoPE
+            q_BTNH = _norm(cfg, "q_norm")(q_BTNH)
+            k_BTKH = _norm(cfg, "k_norm")(k_BTKH)
+        q_BTNH = apply_rope(q_BTNH, cos_BTR, sin_BTR, cfg.rope_layout)
+        k_BTKH = apply_rope(k_BTKH, cos_BTR, sin_BTR, cfg.rope_layout)
+
+        new_cache = None
+        if layer_cache is not None:
+            index = layer_cache["index"]
+            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), index, axis=1)
+            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), index, axis=1)
+            new_cache = {"k": k_BSKH, "v": v_BSKH}
+            k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+
+        impl = _attention_impl(cfg, layer_cache is not None)
+        if impl == "chunked":
+            # Four query blocks: 62.5% of the score matrix, still few enough ops to fuse well.
+            n_chunks = max(1, min(4, T // 64))
+            out_BTNH = chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks, mask_B1TS)
+        elif impl == "cudnn":
+            out_BTNH = cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS,
+                                              1.0 / math.sqrt(hd))
+        else:
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=mask_B1TS is None,
+                scale=1.0 / math.sqrt(hd), implementation=impl)
+        out_BTD = _dense(cfg, cfg.dim, "wo")(out_BTNH.reshape(B, T, cfg.n_heads * hd))
+        return out_BTD, new_cache
+
+
+class FeedForward(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        gate = nn.silu(_dense(cfg, cfg.hidden_dim, "w1")(x_BTD))
+        return _dense(cfg, cfg.dim, "w2")(gate * _dense(cfg, cfg.hidden_dim, "w3")(x_BTD))
+
+
+def moe_aux_loss(scores_BTE, topk_idx_BTC, alpha: float) -> jax.Array:
+    """Per-sequence balance loss: alpha * mean_b sum_e f[b,e] * mean_t scores[b,t,e]."""
+    _, T, E = scores_BTE.shape
+    C = topk_idx_BTC.shape[-1]
+    picks_BE = jax.nn.one_hot(topk_idx_BTC, E, dtype=jnp.float32).sum(axis=(1, 2))
+    load_BE = picks_BE / (T * C / E)
+    return alpha * jnp.mean(jnp.sum(load_BE * scores_BTE.mean(axis=1), axis=-1))
+
+
+def moe_batch_aux_loss(scores_ME, topk_idx_MC, alpha: float) -> jax.Array:
+    """minimind-3's balance loss over all M tokens of the micro-batch (padding included):
+    alpha * E * sum_e (picks of e / M) * mean_t scores[t, e]; no division by C."""
+    M, E = scores_ME.shape
+    picks_E = jax.nn.one_hot(topk_idx_MC, E, dtype=jnp.float32).sum(axis=(0, 1))
+    return alpha * E * jnp.sum(picks_E / M * scores_ME.mean(axis=0))
+
+
+def _swiglu_experts_ragged(x_PD, w1_EDF, w3_EDF, w2_EFD, group_sizes_E):
+    """SwiGLU over rows already sorted by expert; group_sizes_E rows per expert."""
+    gate = nn.silu(jax.lax.ragged_dot(x_PD, w1_EDF, group_sizes_E))
+    up = jax.lax.ragged_dot(x_PD, w3_EDF, group_sizes_E)
+    return jax.lax.ragged_dot(gate * up, w2_EFD, group_sizes_E)
+
+
+def _swiglu_experts_blocked(x_PD, w1_EDF, w3_EDF, w2_EFD, group_sizes_E):
+    """Same contract as `_swiglu_experts_ragged`, as a scan over fixed-size row blocks.
+
+    Each expert's rows are padded to a multiple of the block size, so every block belongs to
+    one expert and costs one [block, D] x [D, F] matmul with that expert's weights. Work is the
+    routed rows plus at most E blocks of padding. XLA:CPU lowers `ragged_dot` by masking every
+    group over every row (E times the work), which this avoids.
+    """
+    P, D = x_PD.shape
+    E = group_sizes_E.shape[0]
+    block = int(min(128, max(8, -(-P // E))))
+    n_blocks = -(-(P + E * (block - 1)) // block)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    padded_E = -(-group_sizes_E // block) * block
+    padded_ends_E = jnp.cumsum(padded_E)
+    expert_P = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(P), side="right")
+    dest_P = (padded_ends_E - padded_E)[expert_P] + jnp.arange(P) - starts_E[expert_P]
+    x_AD = jnp.zeros((n_blocks * block, D), x_PD.dtype).at[dest_P].set(x_PD)
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_ends_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
+
+    def expert_block(_, inputs):
+        x_bD, e = inputs
+        hidden = nn.silu(x_bD @ w1_EDF[e]) * (x_bD @ w3_EDF[e])
+        return None, hidden @ w2_EFD[e]
+
+    _, y_ObD = jax.lax.scan(expert_block, None, (x_AD.reshape(n_blocks, block, D), block_expert))
+    return y_ObD.reshape(n_blocks * block, D)[dest_P]
+
+
+class MoEFeedForward(nn.Module):
+    """Softmax gate, top-k routed SwiGLU experts (weights renormalised) plus a shared expert.
+
+    Exact: no capacity factor, no token dropping. The sorted paths order the M*C (token, expert)
+    pairs by expert and run each expert only on its own tokens: "ragged" with `lax.ragged_dot`
+    (a grouped GEMM on GPU/TPU), "blocked" with a scan over per-expert row blocks (CPU);
+    "auto" picks by backend. "dense" runs every expert on every token (for checks/benchmarks).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        E, C, F = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_dim
+        pdt = cfg.param_dtype
+        init = kernel_init(cfg)
+        gate_DE = self.param("gate", init, (D, E), pdt)
+        w1_EDF = self.param("w1", init, (E, D, F), pdt).astype(cfg.dtype)
+        w3_EDF = self.param("w3", init, (E, D, F), pdt).astype(cfg.dtype)
+        w2_EFD = self.param("w2", init, (E, F, D), pdt).astype(cfg.dtype)
+
+        scores_BTE = jax.nn.softmax(
+            jnp.dot(x_BTD.astype(jnp.float32), gate_DE.astype(jnp.float32)), axis=-1)
+        weights_BTC, idx_BTC = jax.lax.top_k(scores_BTE, C)
+        if cfg.norm_topk_prob and (C > 1 or cfg.renorm_top1):
+            weights_BTC = weights_BTC / (weights_BTC.sum(axis=-1, keepdims=True) + 1e-20)
+        if cfg.seq_aux:
+            aux = moe_aux_loss(scores_BTE, idx_BTC, cfg.aux_loss_alpha)
+        else:
+            aux = moe_batch_aux_loss(scores_BTE.reshape(B * T, E), idx_BTC.reshape(B * T, C),
+                                     cfg.aux_loss_alpha)
+
+        x_MD = x_BTD.reshape(B * T, D)
+        weights_MC = weights_BTC.reshape(B * T, C)
+        idx_MC = idx_BTC.reshape(B * T, C)
+        impl = cfg.moe_impl
+        if impl == "auto":
+            impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+        if impl in ("ragged", "blocked"):
+            expert_P = idx_MC.reshape(-1)
+            order_P = jnp.argsort(expert_P, stable=True)
+            group_sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
+            experts_fn = _swiglu_experts_ragged if impl == "ragged" else _swiglu_experts_blocked
+            y_sorted_PD = experts_fn(x_MD[order_P // C], w1_EDF, w3_EDF, w2_EFD, group_sizes_E)
+            y_MCD = jnp.zeros_like(y_sorted_PD).at[order_P].set(y_sorted_PD).reshape(B * T, C, D)
+            routed_MD = jnp.einsum("mcd,mc->md", y_MCD.astype(jnp.float32), weights_MC)
+        else:
+            gate_MEF = nn.silu(jnp.einsum("md,edf->mef", x_MD, w1_EDF))
+            up_MEF = jnp.einsum("md,edf->mef", x_MD, w3_EDF)
+            y_MED = jnp.einsum("mef,efd->med", gate_MEF * up_MEF, w2_EFD)
+            combine_ME = jnp.einsum("mc,mce->me", weights_MC, jax.nn.one_hot(idx_MC, E))
+            routed_MD = jnp.einsum("med,me->md", y_MED.astype(jnp.float32), combine_ME)
+
+        out_BTD = routed_MD.reshape(B, T, D).astype(x_BTD.dtype)
+        if cfg.n_shared_experts:
+            out_BTD = out_BTD + FeedForward(cfg, name="shared_experts")(x_BTD)
+        return out_BTD, aux
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache):
+        cfg = self.config
+        attn_out, new_cache = Attention(cfg, name="attention")(
+            _norm(cfg, "attention_norm")(x_BTD), cos_BTR, sin_BTR, mask_B1TS, layer_cache)
+        h_BTD = x_BTD + attn_out
+        ffn_in = _norm(cfg, "ffn_norm")(h_BTD)
+        if cfg.use_moe:
+            ffn_out, aux = MoEFeedForward(cfg, name="feed_forward")(ffn_in)
+        else:
+            ffn_out, aux = FeedForward(cfg, name="feed_forward")(ffn_in), jnp.zeros((), jnp.float32)
+        return h_BTD + ffn_out, aux, new_cache
+
+
+class ScannedBlock(nn.Module):
+    """Block with the (carry, xs) -> (carry, ys) signature nn.scan needs."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, layer_cache, cos_BTR, sin_BTR, mask_B1TS):
+        block_cls = nn.remat(Block, prevent_cse=False) if self.config.remat else Block
+        x_BTD, aux, new_cache = block_cls(self.config, name="block")(
+            x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache)
+        return x_BTD, (aux, new_cache)
+
+
+def _segment_mask(segment_ids_BT):
+    """Boolean [B, 1, T, T] causal mask within equal segment ids, or None for plain causal."""
+    if segment_ids_BT is None:
+        return None
+    T = segment_ids_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return (same_BTT & causal_TT[None])[:, None]
+
+
+def _cache_mask(segment_ids_BT, cache):
+    """([B, 1, T, S] mask over the cache slots, the cache's segment ids with the new T written)."""
+    T = segment_ids_BT.shape[1]
+    S = cache["segment_ids"].shape[1]
+    q_slot_T = cache["index"] + jnp.arange(T)
+    k_slot_S = jnp.arange(S)
+    seg_k_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BT,
+                                                   cache["index"], axis=1)
+    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+    same_BTS = ((segment_ids_BT[:, :, None] == seg_k_BS[:, None, :])
+                & (seg_k_BS[:, None, :] != 0))
+    # Every query may see itself, so padded queries never get an all-masked (NaN) row.
+    self_TS = k_slot_S[None, :] == q_slot_T[:, None]
+    return ((same_BTS & causal_TS[None]) | self_TS[None])[:, None], seg_k_BS
+
+
+class MiniMind(nn.Module):
+    """MiniMind causal LM (MiniMind2 or minimind-3, by config):
+    `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
+
+    Optional `positions` [B, T] (default 0..T-1, or continuing from the cache) and
+    `segment_ids` [B, T] (attention stays within equal ids; 0 marks padding). With `cache`
+    (from `init_cache`) the call returns `(logits, aux_loss, new_cache)`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None):
+        cfg = self.config
+        B, T = input_ids_BT.shape
+        embedding_VD = self.param("tok_embeddings", embedding_init(cfg),
+                                  (cfg.vocab_size, cfg.dim), cfg.param_dtype)
+        x_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.dtype)
+
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        new_segment_ids = None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((B, T), jnp.int32)
+            mask_B1TS, new_segment_ids = _cache_mask(segment_ids, cache)
+            layer_caches = {"k": cache["k"], "v": cache["v"],
+                            "index": jnp.broadcast_to(cache["index"], (cfg.n_layers,))}
+        else:
+            mask_B1TS = _segment_mask(segment_ids)
+            layer_caches = None
+
+        if cfg.scan_layers:
+            stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                            split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast,
+                                                                  nn.broadcast),
+                            length=cfg.n_layers)(cfg, name="layers")
+            x_BTD, (aux_L, new_layer_caches) = stack(x_BTD, layer_caches, cos_BTR, sin_BTR,
+                                                     mask_B1TS)
+            aux = aux_L.sum()
+        else:
+            block_cls = nn.remat(Block) if cfg.remat else Block
+            aux = jnp.zeros((), jnp.float32)
+            ks, vs = [], []
+            for i in range(cfg.n_layers):
+                layer_cache = None if layer_caches is None else jax.tree.map(
+                    lambda a, i=i: a[i], layer_caches)
+                x_BTD, layer_aux, new_layer_cache = block_cls(cfg, name=f"layers_{i}")(
+                    x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache)
+                aux = aux + layer_aux
+                if new_layer_cache is not None:
+                    ks.append(new_layer_cache["k"])
+                    vs.append(new_layer_cache["v"])
+            new_layer_caches = {"k": jnp.stack(ks), "v": jnp.stack(vs)} if ks else None
+
+        h_BTD = _norm(cfg, "norm")(x_BTD)
+        logits_BTV = jnp.dot(h_BTD, embedding_VD.astype(cfg.dtype).T,
+                             preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits_BTV, aux
+        new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"],
+                     "segment_ids": new_segment_ids, "index": cache["index"] + T}
+        return logits_BTV, aux, new_cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+    """An empty KV cache for `max_len` slots (keys/values in the compute dtype by default)."""
+    dtype = dtype or config.dtype
+    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 1337) -> dict:
+    """Fresh params with the reference's init distributions (seeded)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    dummy_ids = jnp.zeros((1, 8), jnp.int32)
+    init = jax.jit(lambda key: MiniMind(config).init(key, dummy_ids)["params"])
+    return init(rng)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a param pytree (the tied matrix counted once)."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def count_active_params(params, config: ModelConfig) -> int:
+    """Parameters one token goes through: all of them, less the routed experts it is not sent
+    to ((E - top-k) / E of the stacked expert weights w1/w2/w3)."""
+    total = count_params(params)
+    if not config.use_moe:
+        return total
+    routed = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                 if getattr(path[-1], "key", None) in ("w1", "w2", "w3"))
+    unused = config.n_routed_experts - config.num_experts_per_tok
+    return total - routed * unused // config.n_routed_experts

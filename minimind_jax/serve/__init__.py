@@ -1,0 +1,1 @@
+"""The `serve` command: an OpenAI-compatible API and a web chat over a batching engine."""

@@ -1,0 +1,1 @@
+"""Side commands: loss-curve comparison, the demo, benchmarks against the reference."""
