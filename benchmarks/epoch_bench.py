@@ -84,7 +84,7 @@ def pretrain_argv(data: pathlib.Path, out: pathlib.Path, args, mode: str) -> lis
 
 def run_process(data: pathlib.Path, out: pathlib.Path, args, xdg_cache: pathlib.Path) -> float:
     """Seconds of a whole `minimind-jax pretrain --pack` process (imports included), with the
-    CLI's persistent compilation cache in `xdg_cache` (compile_cache.py)."""
+    CLI's persistent compilation cache in `xdg_cache` (runtime/compile_cache.py)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(xdg_cache))
     for name in ("JAX_COMPILATION_CACHE_DIR", "MINIMIND_JAX_COMPILE_CACHE"):
         env.pop(name, None)
@@ -115,8 +115,8 @@ def main() -> None:
     from minimind_jax.runtime.host_memory import reexec_with_hugepages
     from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
-    reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
-    apply_cpu_defaults()  # likewise (xla_flags.py)
+    reexec_with_hugepages()  # as the CLI entry point does (runtime/host_memory.py)
+    apply_cpu_defaults()  # likewise (runtime/xla_flags.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_docs", type=int, default=1000)

@@ -26,7 +26,7 @@ def scan_compile_seconds(config) -> float:
 
 
 if __name__ == "__main__":
-    reexec_with_hugepages()  # as the training CLI does (host_memory.py)
+    reexec_with_hugepages()  # as the training CLI does (runtime/host_memory.py)
     for name in ("minimind2-small", "minimind2"):
         print(f"== {name}", flush=True)
         run_bench(preset(name).replace(dtype="bfloat16"), 64, 512, steps=5, warmup=2,

@@ -80,8 +80,8 @@ def main() -> None:
     from minimind_jax.runtime.host_memory import reexec_with_hugepages
     from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
-    reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
-    apply_cpu_defaults()  # likewise (xla_flags.py)
+    reexec_with_hugepages()  # as the CLI entry point does (runtime/host_memory.py)
+    apply_cpu_defaults()  # likewise (runtime/xla_flags.py)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=20000, help="documents per corpus")

@@ -35,8 +35,8 @@ def main():
     from minimind_jax.runtime.host_memory import reexec_with_hugepages
     from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
-    reexec_with_hugepages()  # as the CLI entry point does (host_memory.py)
-    apply_cpu_defaults()  # likewise (xla_flags.py)
+    reexec_with_hugepages()  # as the CLI entry point does (runtime/host_memory.py)
+    apply_cpu_defaults()  # likewise (runtime/xla_flags.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dim", type=int, default=640)
     parser.add_argument("--n_layers", type=int, default=2)

@@ -1,8 +1,7 @@
-"""Tokens/s of the replicated train step (`train_step.make_train_step`) on a fixed batch.
+"""Tokens/s of the replicated train step (`train.train_step.make_train_step`) on one batch.
 
 It imports `minimind_jax` from PYTHONPATH, so it times whichever checkout that names: run it
-alternately against two commits to compare their step implementations (issue 12, item 3:
-the removed `shard_map` path against the one `jax.jit` path).
+alternately against two commits to compare their step implementations.
 
     python benchmarks/step_bench.py --devices 1 --model minimind2-small --batch_size 8
     PYTHONPATH=/path/to/other/checkout python benchmarks/step_bench.py --devices 4 --model tiny

@@ -1,6 +1,6 @@
 """Flags and helpers shared by every command that builds a model: the `--arch/--preset/--dim
 ...` group, the ModelConfig built from them, the help formatter. Imports no command module, so
-each command imports it at top level (cli.py imports the commands)."""
+each command imports it at top level (cli/parser.py imports the commands)."""
 
 from __future__ import annotations
 

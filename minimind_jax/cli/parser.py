@@ -2,8 +2,8 @@
 
 Each command lives in its own module, which exposes `register(subparsers)`; that function adds
 its sub-parser and sets `func(args) -> int | None` as the default, `host_hugepages=True` if
-the command trains (see host_memory.py) and `compile_cache=True` if it compiles models
-(compile_cache.py). Modules are imported when the parser is built; heavy or
+the command trains (see runtime/host_memory.py) and `compile_cache=True` if it compiles
+models (runtime/compile_cache.py). Modules are imported when the parser is built; heavy or
 optional imports (torch, matplotlib) stay inside the commands.
 """
 

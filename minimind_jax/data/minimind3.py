@@ -1,11 +1,12 @@
 """minimind-3's (upstream HEAD d65ef2c) sample rules: its PretrainDataset and SFTDataset, exactly.
 
-SPEC3 section 4. Pretrain: `[bos] + first (max_len - 2) tokens + [eos]`, right-padded with 0;
-every 0 is a non-target. SFT: roles from the `role` field, HEAD's chat template (the tokenizer's
-own), and two random decisions per conversation drawn from Python's `random` in HEAD's order —
-a system prompt prepended with probability 0.2 (only if no message has tools and the first is
-not a system message), and every empty think block removed with probability 0.8 (only if the
-text has one). Labels cover each `<|im_start|>assistant\\n ... <|im_end|>\\n` span.
+shared/SPEC3.md section 4. Pretrain: `[bos] + first (max_len - 2) tokens + [eos]`, right-padded
+with 0; every 0 is a non-target. SFT: roles from the `role` field, minimind-3's chat template (the
+tokenizer's own), and two random decisions per conversation drawn from Python's `random` in
+minimind-3's order — a system prompt prepended with probability 0.2 (only if no message has
+tools and the first is not a system message), and every empty think block removed with
+probability 0.8 (only if the text has one). Labels cover each
+`<|im_start|>assistant\\n ... <|im_end|>\\n` span.
 
 For the token cache a conversation is stored as three id lists: the template's ids as is, the
 ids with the empty think blocks removed (empty if it has none) and a one-element list if it

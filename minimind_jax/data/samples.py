@@ -1,10 +1,10 @@
 """Samples, the first stage of the data path: validated JSONL records and MiniMind2's rules
 for their token ids and loss masks, exactly as the reference builds them (minimind-3's rules:
-`samples3`). Next stage: `token_cache`.
+`data.minimind3`). Next stage: `token_cache`.
 
 Pretrain lines are `{"text": str}`; SFT lines are `{"conversations": [{"content": str}, ...]}`
 with roles taken by position (even = user, odd = assistant; the `role` field is ignored, as in
-the reference). See SPEC.md "Samples". `STAGES` is the one table of training stages.
+the reference). See shared/SPEC.md "Samples". `STAGES` is the one table of training stages.
 """
 
 from __future__ import annotations
@@ -241,10 +241,10 @@ def _occurrences(ids_L: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
 
 def sft_loss_mask(ids_L: np.ndarray, start_ids: Sequence[int],
                   end_ids: Sequence[int], offset: int = 1) -> np.ndarray:
-    """The reference's SFT mask over one padded row (SPEC "Samples"): after each `<s>assistant`
-    at i, from start = i + len(start_ids) to the next `</s>` at `end` (or the row end), mark
-    start+o <= j < min(end + len(end_ids) + o, L), then continue after that `</s>`. MiniMind2
-    marks the shifted targets (o = 1); minimind-3 marks its unshifted labels (o = 0)."""
+    """The reference's SFT mask over one padded row (shared/SPEC.md "Samples"): after each
+    `<s>assistant` at i, from start = i + len(start_ids) to the next `</s>` at `end` (or the row
+    end), mark start+o <= j < min(end + len(end_ids) + o, L), then continue after that `</s>`.
+    MiniMind2 marks the shifted targets (o = 1); minimind-3 marks its unshifted labels (o = 0)."""
     ids_L = np.asarray(ids_L)
     length = len(ids_L)
     mask = np.zeros(length, np.int64)

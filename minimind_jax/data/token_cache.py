@@ -57,7 +57,7 @@ class SampleRules:
 
 
 def sample_rules(stage: str, rules: str) -> SampleRules:
-    """MiniMind2's (shared/SPEC.md) or minimind-3's (minimind3.py) rules for `stage`."""
+    """MiniMind2's (shared/SPEC.md) or minimind-3's (data/minimind3.py) rules for `stage`."""
     if rules not in SAMPLE_RULES:
         raise UserError(f"unknown sample rules {rules!r}; expected one of {SAMPLE_RULES}")
     minimind2 = stage_named(stage)

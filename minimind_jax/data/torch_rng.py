@@ -1,4 +1,5 @@
-"""`torch.randperm(n)` after `torch.manual_seed(seed)` on CPU, without torch (SPEC3 section 5).
+"""`torch.randperm(n)` after `torch.manual_seed(seed)` on CPU, without torch
+(shared/SPEC3.md section 5).
 
 torch seeds its CPU generator's MT19937 with the standard 32-bit `init_genrand(seed)` (numpy's
 legacy `RandomState(seed)` does the same) and, for n < 2**32 / 20, shuffles 0..n-1 in place:

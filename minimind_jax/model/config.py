@@ -149,9 +149,10 @@ class ModelConfig:
         return cls(**values)
 
 
-# minimind-3 (SPEC3 section 1): hidden 768, 8 layers, 8 heads / 4 kv heads, eps 1e-6, q/k norm,
-# rotate-half RoPE, FFN width ceil(dim*pi/64)*64, MoE top-1 of 4 without a shared expert and a
-# batch-level aux loss (coef 5e-4), N(0, 0.02) init, max_seq_len 340 (pretrain's default).
+# minimind-3 (shared/SPEC3.md section 1): hidden 768, 8 layers, 8 heads / 4 kv heads, eps 1e-6,
+# q/k norm, rotate-half RoPE, FFN width ceil(dim*pi/64)*64, MoE top-1 of 4 without a shared
+# expert and a batch-level aux loss (coef 5e-4), N(0, 0.02) init, max_seq_len 340 (pretrain's
+# default).
 _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "minimind2": {},
     "minimind3": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, norm_eps=1e-6,

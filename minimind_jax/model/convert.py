@@ -63,7 +63,6 @@ MINIMIND3_KEYS = KeyNames(
                "k_norm": "self_attn.k_norm"},
     ffn="mlp", ffn_weights={"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"},
     router="gate", expert="experts.{e}", shared_expert=None)
-TIED_KEYS = (MINIMIND2_KEYS.embedding, MINIMIND2_KEYS.head)
 
 
 def key_names(config: ModelConfig) -> KeyNames:

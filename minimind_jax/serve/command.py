@@ -1,7 +1,7 @@
 """`minimind-jax serve`: an OpenAI-compatible chat server and a web chat page for a model.
 
 Concurrent requests are decoded together in batches of the jit-compiled generation program
-(serve_engine.py); the HTTP side is FastAPI + uvicorn (serve_app.py), installed with
+(serve/engine.py); the HTTP side is FastAPI + uvicorn (serve/app.py), installed with
 `pip install -e '.[serve]'`.
 """
 
