@@ -5,16 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from minimind_jax.data.samples import (
-    SkipReport,
-    iter_jsonl_chunks,
-    pretrain_sample,
-    sft_loss_mask,
-    sft_sample,
-)
+from minimind_jax.data.samples import SkipReport, iter_jsonl_chunks, sft_loss_mask
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.reference_samples import minimind2_pretrain_sample, minimind2_sft_sample
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +22,8 @@ def _lines(path):
 
 
 @pytest.mark.parametrize("path, make_sample, field, prefix, count", [
-    (PRETRAIN_JSONL, pretrain_sample, "text", "pre", 80),
-    (SFT_JSONL, sft_sample, "conversations", "sft", 40),
+    (PRETRAIN_JSONL, minimind2_pretrain_sample, "text", "pre", 80),
+    (SFT_JSONL, minimind2_sft_sample, "conversations", "sft", 40),
 ], ids=["pretrain", "sft"])
 def test_samples_equal_golden(tok, golden, path, make_sample, field, prefix, count):
     records = _lines(path)
@@ -60,12 +55,12 @@ def test_sft_loss_mask_rule(ids, expected):
 def test_sft_roles_by_position_and_truncated_reply(tok):
     # The role field is ignored (reference behaviour): the odd turn is supervised regardless.
     turns = [{"role": "assistant", "content": "q"}, {"role": "user", "content": "answer"}]
-    x, y, mask = sft_sample(tok, turns, 64)
+    x, y, mask = minimind2_sft_sample(tok, turns, 64)
     supervised = tok.decode(y[mask == 1])
     assert supervised == "answer</s>\n"
     # A reply truncated away leaves no supervised token (the loss must handle it).
     long_user = [{"role": "user", "content": "很" * 200}, {"role": "assistant", "content": "a"}]
-    assert sft_sample(tok, long_user, 64)[2].sum() == 0
+    assert minimind2_sft_sample(tok, long_user, 64)[2].sum() == 0
 
 
 def _read_all(tmp_path, content: bytes, stage="pretrain", **kwargs):

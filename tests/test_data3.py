@@ -10,6 +10,7 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import load_tokenizer
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR
+from tests.reference_samples import minimind3_pretrain_sample, minimind3_sft_sample
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_system_prompts_and_markers(golden3, tok):
 
 def test_pretrain_samples(golden3, tok):
     for i, record in enumerate(_records(PRETRAIN_JSONL)):
-        ids, labels = minimind3.pretrain_sample(tok, record["text"], 64)
+        ids, labels = minimind3_pretrain_sample(tok, record["text"], 64)
         np.testing.assert_array_equal(ids, golden3["pre_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, golden3["pre_labels"][i], err_msg=str(i))
 
@@ -45,7 +46,7 @@ def test_sft_draws_and_samples_in_index_order(golden3, tok):
     np.testing.assert_array_equal(stripped, golden3["sft_think_stripped"])
     assert (system_idx >= 0).any() and (stripped == 0).any() and (stripped == 1).any()
     for i, record in enumerate(records):
-        ids, labels = minimind3.sft_sample(tok, record, 64, system_idx[i], stripped[i])
+        ids, labels = minimind3_sft_sample(tok, record, 64, system_idx[i], stripped[i])
         np.testing.assert_array_equal(ids, golden3["sft_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, golden3["sft_labels"][i], err_msg=str(i))
 
@@ -95,7 +96,7 @@ def test_sft_training_order_through_the_cache(golden3, tok, tmp_path):
                         sft_random=False)
     first, _ = _batch_to_head(plain.for_epoch(0, order).get_batch(np.arange(40)))
     for i, record in enumerate(_records(SFT_JSONL)):
-        np.testing.assert_array_equal(first[i], minimind3.sft_sample(tok, record, 64)[0])
+        np.testing.assert_array_equal(first[i], minimind3_sft_sample(tok, record, 64)[0])
 
 
 def test_pretrain_through_the_cache(golden3, tok, tmp_path):

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.data import minimind3
-from minimind_jax.data.samples import pretrain_sample, sft_sample
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.train import checkpoint
@@ -22,6 +20,12 @@ from tests.helpers import (
     TOKENIZER3_DIR,
     TOKENIZER_DIR,
     subprocess_env,
+)
+from tests.reference_samples import (
+    minimind2_pretrain_sample,
+    minimind2_sft_sample,
+    minimind3_pretrain_sample,
+    minimind3_sft_sample,
 )
 
 TINY = [*TINY_FLAGS, "--tokenizer", str(TOKENIZER_DIR)]
@@ -66,10 +70,9 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
     params, config = checkpoint.restore_params(run_dir)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
-    expected = per_sample_masked_mean(params, config,
-                                      [pretrain_sample(tokenizer, t, 64) for t in texts])
-    assert evals[1]["eval_tokens"] == sum(int(pretrain_sample(tokenizer, t, 64)[2].sum())
-                                          for t in texts)
+    samples = [minimind2_pretrain_sample(tokenizer, t, 64) for t in texts]
+    expected = per_sample_masked_mean(params, config, samples)
+    assert evals[1]["eval_tokens"] == sum(int(mask.sum()) for _, _, mask in samples)
     assert abs(evals[1]["eval_loss"] - expected) < 2e-5
 
     # The eval command, at another batch size, on the same weights; and on SFT data.
@@ -90,8 +93,8 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
                      "--stage", "sft", "--batch_size", "7", "--cache_dir", str(cache)]) == 0
     conversations = [json.loads(line)["conversations"]
                      for line in SFT_JSONL.read_text().splitlines()]
-    expected_sft = per_sample_masked_mean(params, config,
-                                          [sft_sample(tokenizer, c, 64) for c in conversations])
+    expected_sft = per_sample_masked_mean(
+        params, config, [minimind2_sft_sample(tokenizer, c, 64) for c in conversations])
     assert abs(eval_figure(capsys.readouterr().out) - expected_sft) < 2e-5
 
 
@@ -116,9 +119,9 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
     records = [json.loads(line) for line in SFT_JSONL.read_text().splitlines()]
     expected = {
         "pretrain": per_sample_masked_mean(params, config, head_rows(
-            minimind3.pretrain_sample(tokenizer, t, 64) for t in texts)),
+            minimind3_pretrain_sample(tokenizer, t, 64) for t in texts)),
         "sft": per_sample_masked_mean(params, config, head_rows(
-            minimind3.sft_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
+            minimind3_sft_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
     }
     for stage, data, extra in (("pretrain", PRETRAIN_JSONL, []),
                                ("sft", SFT_JSONL, ["--no_sft_random"])):

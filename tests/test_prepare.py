@@ -9,12 +9,12 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.data.rows import open_source
-from minimind_jax.data.samples import sft_sample
 from minimind_jax.data.token_cache import CACHE_DIRNAME, prepare_token_cache
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.data.tokenizer_cli import train_sentencepiece
 from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
+from tests.reference_samples import minimind2_sft_sample
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_sentencepiece_cache_matches_samples(data, tmp_path):
     source = open_source(data / "sft.jsonl", sp, "sft", 256, log=lambda m: None)
     batch = source.get_batch(np.arange(len(source)))
     for i, line in enumerate(SFT_JSONL.read_text().splitlines()):
-        x, y, mask = sft_sample(sp, json.loads(line)["conversations"], 256)
+        x, y, mask = minimind2_sft_sample(sp, json.loads(line)["conversations"], 256)
         np.testing.assert_array_equal(batch["input_ids"][i], x)
         np.testing.assert_array_equal(batch["loss_mask"][i], mask)
     assert batch["loss_mask"].sum() > 0

@@ -27,8 +27,6 @@ from minimind_jax.data.samples import (
     LineProblem,
     _json_type,
     conversation_turns,
-    pad_rows,
-    sft_loss_mask,
 )
 
 SYSTEM_PROMPTS = (
@@ -146,23 +144,6 @@ def variant_ids(slots: Sequence[Sequence[int]], system_ids: Sequence[Sequence[in
     """The ids of one drawn variant from a conversation's cached slots."""
     body = list(slots[1] if stripped else slots[0])
     return (list(system_ids[system_idx]) + body) if system_idx >= 0 else body
-
-
-def sft_sample(tokenizer, record, max_seq_len: int, system_idx: int = -1,
-                stripped: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """HEAD's SFTDataset item for given draws: (input_ids, labels), int64 [max_seq_len]."""
-    slots = sft_ids_batch(tokenizer, [sft_messages(record)], None)
-    ids = variant_ids(slots, system_block_ids(tokenizer), system_idx, stripped)[:max_seq_len]
-    row = pad_rows([ids], max_seq_len, tokenizer.pad_id)[0]
-    mask = sft_loss_mask(row, *sft_markers(tokenizer), offset=0)
-    return row, np.where(mask > 0, row, -100)
-
-
-def pretrain_sample(tokenizer, text: str, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """HEAD's PretrainDataset item: (input_ids, labels), int64 [max_seq_len]."""
-    row = pad_rows(pretrain_ids_batch(tokenizer, [text], max_seq_len), max_seq_len,
-                   tokenizer.pad_id)[0]
-    return row, np.where(row == tokenizer.pad_id, -100, row)
 
 
 def sft_markers(tokenizer) -> tuple[list[int], list[int]]:

@@ -266,22 +266,6 @@ def shift(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return ids[..., :-1], ids[..., 1:], mask[..., 1:]
 
 
-def pretrain_sample(tokenizer, text: str, max_seq_len: int):
-    """The reference's pretrain sample of `text`: (X, Y, loss_mask), int64 [max_seq_len - 1]."""
-    ids_list = pretrain_ids_batch(tokenizer, [pretrain_text({"text": text})], max_seq_len)
-    row = pad_rows(ids_list, max_seq_len, tokenizer.pad_id)[0]
-    return shift(row, (row != tokenizer.pad_id).astype(np.int64))
-
-
-def sft_sample(tokenizer, conversations: Sequence[dict], max_seq_len: int):
-    """The reference's SFT sample of `conversations` ([{"role", "content"}, ...]):
-    (X, Y, loss_mask), int64 [max_seq_len - 1]; only assistant replies are supervised."""
-    contents = conversation_contents(list(conversations))
-    row = pad_rows(sft_ids_batch(tokenizer, [contents], max_seq_len), max_seq_len,
-                   tokenizer.pad_id)[0]
-    return shift(row, sft_loss_mask(row, *sft_mask_markers(tokenizer)))
-
-
 # --- training stages ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
