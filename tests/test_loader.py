@@ -9,13 +9,27 @@ import pytest
 
 from minimind_jax.data import packing
 from minimind_jax.data.batches import Loader
-from minimind_jax.data.rows import ArraySource, open_source
+from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG as TINY
 from tests.helpers import TOKENIZER_DIR
+
+
+class ArraySource:
+    """In-memory rows (a source as `data.rows` defines one): a dict of [N, T] arrays."""
+
+    def __init__(self, arrays):
+        self.arrays = {k: np.asarray(v, np.float32 if k == "loss_mask" else np.int32)
+                       for k, v in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.arrays.items()}
 
 
 def numbered_source(n=103, t=4):

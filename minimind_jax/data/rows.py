@@ -13,8 +13,6 @@ draws).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from minimind_jax.data import minimind3, packing
@@ -22,8 +20,6 @@ from minimind_jax.data.samples import pad_rows, sft_loss_mask, shift
 from minimind_jax.data.token_cache import TokenCache, prepare_token_cache
 from minimind_jax.data.tokenizer import Tokenizer, load_tokenizer
 from minimind_jax.errors import UserError
-
-_INT_KEYS = ("input_ids", "labels", "positions", "segment_ids")
 
 
 def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray,
@@ -37,26 +33,6 @@ def _as_batch(ids_BL: np.ndarray, mask_BL: np.ndarray,
         x, y, m = ids_BL, np.concatenate([y, pad], 1), np.concatenate([m, pad], 1)
     return {"input_ids": x.astype(np.int32), "labels": y.astype(np.int32),
             "loss_mask": m.astype(np.float32)}
-
-
-class ArraySource:
-    """In-memory rows: a dict of [N, T] arrays (e.g. the golden samples)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
-        missing = {"input_ids", "labels", "loss_mask"} - set(arrays)
-        if missing:
-            raise ValueError(f"ArraySource needs {sorted(missing)}")
-        shapes = {np.shape(v) for v in arrays.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"ArraySource arrays must share one [N, T] shape, got {shapes}")
-        self.arrays = {k: np.asarray(v, np.int32 if k in _INT_KEYS else np.float32)
-                       for k, v in arrays.items()}
-
-    def __len__(self) -> int:
-        return len(self.arrays["input_ids"])
-
-    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[indices] for k, v in self.arrays.items()}
 
 
 class CachedSource:
