@@ -7,6 +7,7 @@ import argparse
 from minimind_jax.cli import model_args
 from minimind_jax.data.rows import CachedSource, open_source
 from minimind_jax.data.samples import STAGES
+from minimind_jax.model.config import ARCHES
 
 
 def register(subparsers) -> None:
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
                         help="record format: pretrain ({\"text\"}) or sft ({\"conversations\"})")
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="training sequence length; samples are cached truncated to it")
-    parser.add_argument("--arch", choices=("minimind2", "minimind3"), default="minimind2",
+    parser.add_argument("--arch", choices=ARCHES, default="minimind2",
                         help="whose sample rules: MiniMind2's or minimind-3's (HEAD's "
                              "PretrainDataset/SFTDataset; match the training run's --arch)")
     parser.add_argument("--pack", action="store_true",

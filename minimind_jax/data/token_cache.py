@@ -42,8 +42,7 @@ from minimind_jax.data.samples import (
     truncate_ids,
 )
 from minimind_jax.errors import UserError
-
-SAMPLE_RULES = ("minimind2", "minimind3")
+from minimind_jax.model.config import ARCHES
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,8 @@ class SampleRules:
 
 def sample_rules(stage: str, rules: str) -> SampleRules:
     """MiniMind2's (shared/SPEC.md) or minimind-3's (data/minimind3.py) rules for `stage`."""
-    if rules not in SAMPLE_RULES:
-        raise UserError(f"unknown sample rules {rules!r}; expected one of {SAMPLE_RULES}")
+    if rules not in ARCHES:
+        raise UserError(f"unknown sample rules {rules!r}; expected one of {ARCHES}")
     minimind2 = stage_named(stage)
     if rules == "minimind2":
         return SampleRules(minimind2.read_record, minimind2.sample_ids, truncate_ids,
