@@ -10,7 +10,7 @@ The training path, flags to checkpoint (`pretrain`/`sft`; `train.trainer.run` fr
     the data path (package data), one module per stage (minimind-3's sample rules: minimind3):
         JSONL --samples (validated records; MiniMind2's ids, loss masks)--> samples
         --token_cache (tokenized once, memory-mapped; built on first use or by `prepare`)-->
-        token cache --rows (CachedSource | PackedSource(packing) | HeadSFTSource;
+        token cache --rows (CachedSource | PackedSource(packing) | Minimind3SFTSource;
         rows.open_source: a file's rows, its cache built on first use)--> rows
         --batches (Loader.epoch: shuffled per epoch, this process's share)--> numpy batches
         --train.train_step.put_batch--> device batch --train_step.make_train_step (model,

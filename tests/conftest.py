@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import GOLDEN3_PATH, GOLDEN_PATH, JAX_OPTIONS
+from tests.helpers import GOLDEN_PATH, JAX_OPTIONS, MINIMIND3_GOLDEN_PATH
 
 for _name, _value in JAX_OPTIONS.items():
     jax.config.update(_name, _value)
@@ -18,7 +18,7 @@ def golden():
 
 
 @pytest.fixture(scope="session")
-def golden3():
-    """minimind-3 (upstream HEAD) goldens, SPEC3 section 6."""
-    with np.load(GOLDEN3_PATH) as data:
+def minimind3_golden():
+    """minimind-3 (upstream HEAD d65ef2c) goldens, SPEC3 section 6."""
+    with np.load(MINIMIND3_GOLDEN_PATH) as data:
         return {k: data[k] for k in data.files}

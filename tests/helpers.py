@@ -18,8 +18,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 CHILDREN = pathlib.Path(__file__).parent / "children"
 GOLDEN_PATH = FIXTURES / "minimind2_golden.npz"
 TOKENIZER_DIR = FIXTURES / "minimind_tokenizer"
-GOLDEN3_PATH = FIXTURES / "minimind3_golden.npz"
-TOKENIZER3_DIR = FIXTURES / "minimind3_tokenizer"
+MINIMIND3_GOLDEN_PATH = FIXTURES / "minimind3_golden.npz"
+MINIMIND3_TOKENIZER_DIR = FIXTURES / "minimind3_tokenizer"
 PRETRAIN_JSONL = FIXTURES / "pretrain.jsonl"
 SFT_JSONL = FIXTURES / "sft.jsonl"
 
@@ -34,7 +34,7 @@ TINY_CONFIG = ModelConfig(max_seq_len=64, **TINY_SHAPE)
 TINY_SHAPE_FLAGS = [flag for name, value in TINY_SHAPE.items()
                     for flag in (f"--{name}", str(value))]
 TINY_FLAGS = ["--max_seq_len", "64", *TINY_SHAPE_FLAGS, "--dtype", "float32"]
-TINY3_FLAGS = ["--arch", "minimind3", "--recipe", "minimind3", *TINY_FLAGS]  # minimind-3's
+TINY_MINIMIND3_FLAGS = ["--arch", "minimind3", "--recipe", "minimind3", *TINY_FLAGS]  # minimind-3's
 
 
 def tiny_run_argv(command: str, out_dir, cache_dir, *extra, data=None) -> list[str]:

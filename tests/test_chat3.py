@@ -1,5 +1,5 @@
 """minimind-3's chat template in `generate`/`chat` and `serve`: prompts as transformers renders
-HEAD's template (system, history, thinking, tools), answers' think and tool-call blocks."""
+minimind-3's template (system, history, thinking, tools), answers' think and tool-call blocks."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from minimind_jax.infer.reply_text import (
     split_thinking,
 )
 from minimind_jax.model.config import arch_defaults
-from tests.helpers import TOKENIZER3_DIR, TOKENIZER_DIR
+from tests.helpers import MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR
 
-TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+TINY_MINIMIND3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                            max_seq_len=512)
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "城市天气 <now> & \"quotes\"",
@@ -43,8 +43,8 @@ TOOL_CONVERSATIONS = [  # (messages, tools)
 
 
 @pytest.fixture(scope="module")
-def tok3():
-    return load_tokenizer(TOKENIZER3_DIR)
+def minimind3_tok():
+    return load_tokenizer(MINIMIND3_TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def formats():
 
 
 @pytest.fixture(scope="module")
-def hf3():
+def minimind3_hf():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER3_DIR))
+    return transformers.AutoTokenizer.from_pretrained(str(MINIMIND3_TOKENIZER_DIR))
 
 
 def hf_ids(hf, messages, **kwargs) -> list[int]:
@@ -67,9 +67,9 @@ def hf_ids(hf, messages, **kwargs) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def test_generate_prompts_equal_transformers(tok3, hf3):
+def test_generate_prompts_equal_transformers(minimind3_tok, minimind3_hf):
     """`generate`/`chat` prompts (system, history with and without reasoning, --think) have
-    the ids transformers gives HEAD's template, ending in HEAD's generation prompt."""
+    the ids transformers gives minimind-3's template, ending in its generation prompt."""
     history = [{"role": "user", "content": "你好"},
                {"role": "assistant", "content": "<think>\n打个招呼\n</think>\n\n你好！"},
                {"role": "user", "content": "1+1?"},
@@ -77,29 +77,31 @@ def test_generate_prompts_equal_transformers(tok3, hf3):
     cases = [("你是谁", None, [], False), ("你是谁", "你是MiniMind", [], False),
              ("再见", None, history, False), ("再见", "简短回答", history, True)]
     for text, system, past, think in cases:
-        ids = gen.encode_prompt(tok3, text, True, system, past, think)
+        ids = gen.encode_prompt(minimind3_tok, text, True, system, past, think)
         messages = ([{"role": "system", "content": system}] if system else []) + past + [
             {"role": "user", "content": text}]
-        assert ids == hf_ids(hf3, messages, open_thinking=think), (text, system, think)
+        assert ids == hf_ids(minimind3_hf, messages, open_thinking=think), (text, system, think)
         tail = "<|im_start|>assistant\n<think>\n" + ("" if think else "\n</think>\n\n")
-        assert tok3.decode(ids).endswith(tail)
-    assert tok3.eos_id == 2 and tok3.eos_token == "<|im_end|>"  # generation stops there
-    assert gen.encode_prompt(tok3, "床前", False) == [1] + tok3.encode("床前")  # HEAD's bos+text
+        assert minimind3_tok.decode(ids).endswith(tail)
+    # generation stops there
+    assert minimind3_tok.eos_id == 2 and minimind3_tok.eos_token == "<|im_end|>"
+    # minimind-3's bos + text
+    assert gen.encode_prompt(minimind3_tok, "床前", False) == [1] + minimind3_tok.encode("床前")
 
 
-def test_tool_prompts_equal_transformers(tok3, hf3, formats):
+def test_tool_prompts_equal_transformers(minimind3_tok, minimind3_hf, formats):
     """The server's prompt for requests with `tools`, assistant `tool_calls` and `tool`
-    results: the ids transformers gives HEAD's template with the same tools."""
+    results: the ids transformers gives minimind-3's template with the same tools."""
     from minimind_jax.serve.schema import parse_request
 
     ToolChatFormat, chat_format_for = formats.ToolChatFormat, formats.chat_format_for
-    chat_format = chat_format_for(tok3)
+    chat_format = chat_format_for(minimind3_tok)
     assert isinstance(chat_format, ToolChatFormat)
     for messages, tools in TOOL_CONVERSATIONS:
         request = parse_request(json.dumps({"messages": messages, "tools": tools}).encode())
         ids = chat_format.prompt_ids(request)
-        assert ids == hf_ids(hf3, messages, tools=tools), messages
-        assert "# Tools" in tok3.decode(ids)
+        assert ids == hf_ids(minimind3_hf, messages, tools=tools), messages
+        assert "# Tools" in minimind3_tok.decode(ids)
     assert not isinstance(chat_format_for(load_tokenizer(TOKENIZER_DIR)), ToolChatFormat)
 
 
@@ -130,11 +132,11 @@ def test_think_and_tool_call_blocks_in_answers():
     assert split_opened_thinking("还在想") == ("还在想", "", False)
 
 
-def test_reply_builder_returns_openai_tool_calls(tok3, formats):
+def test_reply_builder_returns_openai_tool_calls(minimind3_tok, formats):
     ChatFormat, ToolChatFormat = formats.ChatFormat, formats.ToolChatFormat
     text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
             '\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
-    message, reason = ToolChatFormat(tok3).reply(text)
+    message, reason = ToolChatFormat(minimind3_tok).reply(text)
     assert reason == "tool_calls" and message["content"] is None
     assert [c["function"] for c in message["tool_calls"]] == [
         {"name": "get_weather", "arguments": '{"city": "北京"}'},
@@ -143,9 +145,9 @@ def test_reply_builder_returns_openai_tool_calls(tok3, formats):
     assert all(i.startswith("call_") for i in ids) and len(set(ids)) == 2
     assert all(c["type"] == "function" for c in message["tool_calls"])
     malformed = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
-    assert ToolChatFormat(tok3).reply(malformed) == (
+    assert ToolChatFormat(minimind3_tok).reply(malformed) == (
         {"role": "assistant", "content": malformed}, None)
-    assert ChatFormat(tok3).reply(text) == ({"role": "assistant", "content": text}, None)
+    assert ChatFormat(minimind3_tok).reply(text) == ({"role": "assistant", "content": text}, None)
     openai = pytest.importorskip("openai")
     parsed = openai.types.chat.ChatCompletionMessage.model_validate(message)
     assert parsed.tool_calls[0].function.name == "get_weather"
@@ -183,10 +185,11 @@ def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[d
     return chunks
 
 
-def test_streamed_tool_calls_come_as_deltas_not_text(tok3, formats):
+def test_streamed_tool_calls_come_as_deltas_not_text(minimind3_tok, formats):
     ToolChatFormat = formats.ToolChatFormat
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
-    chunks = _stream(tok3, ToolChatFormat(tok3), "我查一下。\n" + call + "\n" + call)
+    chunks = _stream(minimind3_tok, ToolChatFormat(minimind3_tok),
+                     "我查一下。\n" + call + "\n" + call)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     content = "".join(d.get("content") or "" for d in deltas)
     assert content == "我查一下。\n" and "<tool_call>" not in content
@@ -197,14 +200,15 @@ def test_streamed_tool_calls_come_as_deltas_not_text(tok3, formats):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     # malformed: everything arrives as text, finish_reason from the decoder
     malformed = "看看<tool_call>{oops}</tool_call>完"
-    chunks = _stream(tok3, ToolChatFormat(tok3), malformed)
+    chunks = _stream(minimind3_tok, ToolChatFormat(minimind3_tok), malformed)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("content") or "" for d in deltas) == malformed
     assert not any("tool_calls" in d for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats):
+def test_thinking_requests_render_and_answer_as_minimind3s_server(minimind3_tok, minimind3_hf,
+                                                                  formats):
     """`chat_template_kwargs.enable_thinking` (or `open_thinking`) opens the think block as
     transformers renders it; the reasoning comes back as `reasoning_content`, streamed apart
     from the content; MiniMind2's template has no such switch."""
@@ -216,14 +220,15 @@ def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats)
                  {"chat_template_kwargs": {"open_thinking": True}, "tools": [WEATHER]}):
         request = parse_request(json.dumps({"messages": messages, **body}).encode())
         assert request.thinking
-        assert chat_format_for(tok3).prompt_ids(request) == hf_ids(
-            hf3, messages, open_thinking=True, tools=body.get("tools"))
+        assert chat_format_for(minimind3_tok).prompt_ids(request) == hf_ids(
+            minimind3_hf, messages, open_thinking=True, tools=body.get("tools"))
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
     text = "先查天气。\n</think>\n\n" + call
-    message, reason = chat_format_for(tok3).reply(text, thinking=True)
+    message, reason = chat_format_for(minimind3_tok).reply(text, thinking=True)
     assert (message["reasoning_content"], message["content"], reason) == (
         "先查天气。", None, "tool_calls")
-    chunks = _stream(tok3, chat_format_for(tok3), "先想想，再答\n</think>\n\n答案是2", True)
+    chunks = _stream(minimind3_tok, chat_format_for(minimind3_tok),
+                     "先想想，再答\n</think>\n\n答案是2", True)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
     content = "".join(d.get("content") or "" for d in deltas)
@@ -235,13 +240,14 @@ def test_thinking_requests_render_and_answer_as_heads_server(tok3, hf3, formats)
 
 
 @pytest.fixture(scope="module")
-def params3():
+def minimind3_params():
     from tests.serve_fixtures import tiny_model
 
-    return tiny_model(config=TINY3, scale=16.0)  # N(0, 0.02) init: sharper, or it says "\n"
+    # N(0, 0.02) init: sharper, or it says "\n"
+    return tiny_model(config=TINY_MINIMIND3, scale=16.0)
 
 
-def test_live_server_takes_tools_with_the_minimind3_template(params3):
+def test_live_server_takes_tools_with_the_minimind3_template(minimind3_params):
     """The openai client sends `tools` (and a history with tool calls and results) to a
     minimind-3 model: 200 and a well-formed answer, streamed and not."""
     pytest.importorskip("uvicorn")
@@ -251,7 +257,7 @@ def test_live_server_takes_tools_with_the_minimind3_template(params3):
     messages = [{"role": "user", "content": "北京天气？"}, CALLED,
                 {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 20}"},
                 {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}]
-    with live_server(params3, config=TINY3, tokenizer_dir=TOKENIZER3_DIR,
+    with live_server(minimind3_params, config=TINY_MINIMIND3, tokenizer_dir=MINIMIND3_TOKENIZER_DIR,
                      max_context=512) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0,
                                timeout=120)
@@ -261,10 +267,10 @@ def test_live_server_takes_tools_with_the_minimind3_template(params3):
         choice = reply.choices[0]
         assert choice.finish_reason in ("stop", "length", "tool_calls")
         assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
-        tok3 = load_tokenizer(TOKENIZER3_DIR)  # the tools reached the template:
-        rendered = tok3.apply_chat_template(messages, add_generation_prompt=True,
+        minimind3_tok = load_tokenizer(MINIMIND3_TOKENIZER_DIR)  # the tools reached the template:
+        rendered = minimind3_tok.apply_chat_template(messages, add_generation_prompt=True,
                                             tools=[WEATHER, CLOCK])
-        assert reply.usage.prompt_tokens == len(tok3.encode(rendered)) > 250
+        assert reply.usage.prompt_tokens == len(minimind3_tok.encode(rendered)) > 250
         pieces = [c.choices[0].delta.content or "" for c in
                   client.chat.completions.create(**kwargs, stream=True) if c.choices]
         assert "".join(pieces) == choice.message.content  # greedy: the same answer
@@ -279,16 +285,16 @@ def test_live_server_takes_tools_with_the_minimind3_template(params3):
                                                       message.content]
 
 
-def test_generate_command_with_a_minimind3_model(params3, tmp_path, capsys):
-    """`generate` on a minimind-3 weights file with HEAD's tokenizer, with and without
+def test_generate_command_with_a_minimind3_model(minimind3_params, tmp_path, capsys):
+    """`generate` on a minimind-3 weights file with its tokenizer, with and without
     --think; --think on MiniMind2's template is a user error."""
     from minimind_jax import cli
     from minimind_jax.model import convert
 
     path = tmp_path / "full_sft_64.npz"
-    np.savez(path, **convert.state_dict_from_params(params3, TINY3))
-    base = ["generate", "--ckpt", str(path), "--tokenizer", str(TOKENIZER3_DIR), "--n_heads",
-            "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好"]
+    np.savez(path, **convert.state_dict_from_params(minimind3_params, TINY_MINIMIND3))
+    base = ["generate", "--ckpt", str(path), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
+            "--n_heads", "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好"]
     for extra in ([], ["--think", "--system", "简短回答"]):
         assert cli.main(base + extra) == 0
         out = capsys.readouterr().out

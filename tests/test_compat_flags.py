@@ -6,7 +6,7 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.cli import compat_flags
-from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER3_DIR, TOKENIZER_DIR
+from tests.helpers import MINIMIND3_TOKENIZER_DIR, PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",
         "--tokenizer", str(TOKENIZER_DIR)]
@@ -80,7 +80,7 @@ def test_reference_command_lines_run(tmp_path, capsys):
     assert "--ddp: nothing to switch on" in text and "--device cpu: running on the CPU" in text
     assert (out / "pretrain_64" / "checkpoints" / "2").is_dir()
 
-    head = ["--max_seq_len", "64", "--tokenizer", str(TOKENIZER3_DIR),
+    shared = ["--max_seq_len", "64", "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
             "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2"]
     out = tmp_path / "out3"  # minimind-3's lines, in a folder of their own (same run names)
     minimind3_pretrain = ["pretrain", "--save_dir", str(out), "--save_weight", "pretrain",
@@ -90,7 +90,7 @@ def test_reference_command_lines_run(tmp_path, capsys):
                           "1", "--save_interval", "1000", "--hidden_size", "64",
                           "--num_hidden_layers", "2", "--use_moe", "0", "--data_path",
                           str(PRETRAIN_JSONL), "--from_weight", "none", "--from_resume", "0",
-                          "--use_compile", "0", *head]
+                          "--use_compile", "0", *shared]
     assert cli.main(minimind3_pretrain) == 0
     assert "so --arch minimind3" in capsys.readouterr().out
 
@@ -100,7 +100,7 @@ def test_reference_command_lines_run(tmp_path, capsys):
                  "--grad_clip", "1.0", "--log_interval", "1", "--save_interval", "1000",
                  "--hidden_size", "64", "--num_hidden_layers", "2", "--use_moe", "0",
                  "--data_path", str(SFT_JSONL), "--from_weight", "pretrain", "--from_resume", "0",
-                 "--use_compile", "0", *head]
+                 "--use_compile", "0", *shared]
     assert cli.main(minimind3) == 0
     text = capsys.readouterr().out
     assert f"initial weights: {out / 'pretrain_64'}" in text

@@ -13,11 +13,11 @@ from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.train import checkpoint
 from tests.helpers import (
+    MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,
     SFT_JSONL,
-    TINY3_FLAGS,
     TINY_FLAGS,
-    TOKENIZER3_DIR,
+    TINY_MINIMIND3_FLAGS,
     TOKENIZER_DIR,
     subprocess_env,
 )
@@ -100,27 +100,27 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
-    """A minimind-3 model is evaluated on HEAD's rows (pretrain: bos + text + eos; SFT: its
+    """A minimind-3 model is evaluated on minimind-3's rows (pretrain: bos + text + eos; SFT: its
     chat template and supervised spans, its random variants drawn as a run's validation draws
     them), not MiniMind2's."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert cli.main(["pretrain", "--data_path", str(PRETRAIN_JSONL), "--out_dir", str(out),
-                     "--cache_dir", str(cache), "--tokenizer", str(TOKENIZER3_DIR),
-                     *TINY3_FLAGS, "--batch_size", "8", "--max_steps", "2"]) == 0
+                     "--cache_dir", str(cache), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
+                     *TINY_MINIMIND3_FLAGS, "--batch_size", "8", "--max_steps", "2"]) == 0
     run_dir = out / "pretrain_64"
     params, config = checkpoint.restore_params(run_dir)
-    tokenizer = load_tokenizer(TOKENIZER3_DIR)
+    tokenizer = load_tokenizer(MINIMIND3_TOKENIZER_DIR)
 
-    def head_rows(rows):  # HEAD's (input_ids, labels) -> next-token triplets
+    def minimind3_rows(rows):  # minimind-3's (input_ids, labels) -> next-token triplets
         return [(ids[:-1], ids[1:], (labels[1:] != -100).astype(np.int64))
                 for ids, labels in rows]
 
     texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
     records = [json.loads(line) for line in SFT_JSONL.read_text().splitlines()]
     expected = {
-        "pretrain": per_sample_masked_mean(params, config, head_rows(
+        "pretrain": per_sample_masked_mean(params, config, minimind3_rows(
             minimind3_pretrain_sample(tokenizer, t, 64) for t in texts)),
-        "sft": per_sample_masked_mean(params, config, head_rows(
+        "sft": per_sample_masked_mean(params, config, minimind3_rows(
             minimind3_sft_sample(tokenizer, r, 64) for r in records)),  # no variants drawn
     }
     for stage, data, extra in (("pretrain", PRETRAIN_JSONL, []),
@@ -132,7 +132,7 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
 
     # With its variants drawn (default --seed 42, the recipe's): an SFT run's own validation.
     assert cli.main(["sft", "--data_path", str(SFT_JSONL), "--out_dir", str(out), "--cache_dir",
-                     str(cache), "--tokenizer", str(TOKENIZER3_DIR), *TINY3_FLAGS,
+                     str(cache), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR), *TINY_MINIMIND3_FLAGS,
                      "--batch_size", "4", "--max_steps", "1", "--eval_data", str(SFT_JSONL),
                      "--tracker", "none"]) == 0
     capsys.readouterr()

@@ -1,4 +1,5 @@
-"""minimind-3 (upstream HEAD) architecture against HEAD's golden logits, through the same model."""
+"""minimind-3 (upstream HEAD d65ef2c) architecture against its golden logits, through the same
+model."""
 
 import jax
 import jax.numpy as jnp
@@ -10,34 +11,34 @@ from minimind_jax.model.convert import params_from_state_dict, state_dict_from_p
 from minimind_jax.model.transformer import MiniMind, count_params, init_cache, init_params
 from tests.helpers import golden_state_dict
 
-TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
-TINY3_MOE = TINY3.replace(use_moe=True)
-CONFIGS = {"dense": TINY3, "moe": TINY3_MOE}
+TINY_MINIMIND3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
+TINY_MINIMIND3_MOE = TINY_MINIMIND3.replace(use_moe=True)
+CONFIGS = {"dense": TINY_MINIMIND3, "moe": TINY_MINIMIND3_MOE}
 
 
-def _golden_params(golden3, name, config):
-    return params_from_state_dict(golden_state_dict(golden3, f"{name}/init/"), config)
+def _golden_params(minimind3_golden, name, config):
+    return params_from_state_dict(golden_state_dict(minimind3_golden, f"{name}/init/"), config)
 
 
 @pytest.mark.parametrize("name,changes", [
     ("dense", {}), ("dense", {"attention_impl": "xla", "scan_layers": True, "remat": True}),
     ("moe", {}), ("moe", {"moe_impl": "dense"}),
     ("moe", {"moe_impl": "ragged", "attention_impl": "xla"})])
-def test_golden_logits(golden3, name, changes):
+def test_golden_logits(minimind3_golden, name, changes):
     config = CONFIGS[name].replace(**changes)
-    params = _golden_params(golden3, name, config)
-    ids = golden3["pre_input_ids"][:2, :16]
+    params = _golden_params(minimind3_golden, name, config)
+    ids = minimind3_golden["pre_input_ids"][:2, :16]
     logits, _ = jax.jit(MiniMind(config).apply)({"params": params}, jnp.asarray(ids))
-    diff = float(np.abs(np.asarray(logits) - golden3[f"{name}/logits"]).max())
+    diff = float(np.abs(np.asarray(logits) - minimind3_golden[f"{name}/logits"]).max())
     print(f"{name} {changes}: max |logits - golden| = {diff:.3g}")
     assert diff <= 1e-4, diff
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
-def test_state_dict_round_trip_uses_head_names(golden3, name):
+def test_state_dict_round_trip_uses_minimind3_names(minimind3_golden, name):
     config = CONFIGS[name]
-    expected = golden_state_dict(golden3, f"{name}/init/")
-    got = state_dict_from_params(_golden_params(golden3, name, config), config)
+    expected = golden_state_dict(minimind3_golden, f"{name}/init/")
+    got = state_dict_from_params(_golden_params(minimind3_golden, name, config), config)
     assert set(got) == set(expected)
     assert len(got) == (25 if name == "dense" else 45)  # SPEC3: lm_head.weight included
     for key, value in expected.items():
@@ -50,14 +51,14 @@ def test_parameter_counts_match_spec3():
     for name, expected in shapes.items():
         params = jax.eval_shape(lambda name=name: init_params(preset(name), 0))
         assert count_params(params) == expected, name
-    for config, expected in ((TINY3, 532_832), (TINY3_MOE, 828_256)):
+    for config, expected in ((TINY_MINIMIND3, 532_832), (TINY_MINIMIND3_MOE, 828_256)):
         assert count_params(jax.eval_shape(lambda c=config: init_params(c, 0))) == expected
 
 
 def test_init_is_normal_002():
-    """HEAD's post_init: every matrix ~ N(0, 0.02^2), norms (q/k norm too) = 1 (the MoE
+    """minimind-3's post_init: every matrix ~ N(0, 0.02^2), norms (q/k norm too) = 1 (the MoE
     router and experts take the same `kernel_init`)."""
-    sd = state_dict_from_params(init_params(TINY3, 0), TINY3)
+    sd = state_dict_from_params(init_params(TINY_MINIMIND3, 0), TINY_MINIMIND3)
     for key, value in sd.items():
         if key.endswith("norm.weight") or "layernorm" in key:
             assert np.all(value == 1), key
@@ -67,14 +68,14 @@ def test_init_is_normal_002():
 
 @pytest.mark.parametrize("name,changes", [("dense", {}),
                                           ("moe", {"moe_impl": "ragged", "scan_layers": True})])
-def test_kv_cache_prefill_decode_equals_full_forward(golden3, name, changes):
+def test_kv_cache_prefill_decode_equals_full_forward(minimind3_golden, name, changes):
     config = CONFIGS[name].replace(**changes)
-    params = _golden_params(golden3, name, CONFIGS[name])
+    params = _golden_params(minimind3_golden, name, CONFIGS[name])
     if config.scan_layers:
         from minimind_jax.model.convert import stack_layers
 
         params = stack_layers(jax.device_get(params), config.n_layers)
-    ids = jnp.asarray(golden3["pre_input_ids"][:2, :12])
+    ids = jnp.asarray(minimind3_golden["pre_input_ids"][:2, :12])
     apply = jax.jit(MiniMind(config).apply)
     full, _ = apply({"params": params}, ids)
     cache = init_cache(config, 2, 16)
@@ -86,18 +87,18 @@ def test_kv_cache_prefill_decode_equals_full_forward(golden3, name, changes):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-def test_batch_aux_loss_is_heads_formula(golden3):
+def test_batch_aux_loss_is_minimind3s_formula(minimind3_golden):
     """The MoE aux of the init model on a batch equals SPEC3's formula recomputed in numpy."""
-    config = TINY3_MOE
-    params = _golden_params(golden3, "moe", config)
-    ids = jnp.asarray(golden3["pre_input_ids"][:3, :20])
+    config = TINY_MINIMIND3_MOE
+    params = _golden_params(minimind3_golden, "moe", config)
+    ids = jnp.asarray(minimind3_golden["pre_input_ids"][:3, :20])
     (_, aux), state = jax.jit(lambda p, x: MiniMind(config).apply(
         {"params": p}, x, capture_intermediates=lambda m, _: m.name == "ffn_norm"))(params, ids)
     expected = 0.0
     for i in range(config.n_layers):
         x = np.asarray(state["intermediates"][f"layers_{i}"]["ffn_norm"]["__call__"][0])
         x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        z = x @ golden3[f"moe/init/model.layers.{i}.mlp.gate.weight"].T.astype(np.float64)
+        z = x @ minimind3_golden[f"moe/init/model.layers.{i}.mlp.gate.weight"].T.astype(np.float64)
         p = np.exp(z - z.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         f = np.bincount(p.argmax(-1), minlength=4) / len(p)

@@ -25,8 +25,8 @@ torch = pytest.importorskip("torch")
 
 TINY = TINY_CONFIG.replace(n_heads=8)
 REAL_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_DIR", "/tmp/minimind_d9453ed"))
-HEAD_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_HEAD_DIR", "/tmp/minimind_head"))
-TINY3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
+MINIMIND3_DIR = pathlib.Path(os.environ.get("MINIMIND_REFERENCE_HEAD_DIR", "/tmp/minimind_head"))
+TINY_MINIMIND3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
 
 FAKE_CONFIG = '''
 class LMConfig:
@@ -95,7 +95,7 @@ def _first_step_losses(checkout, config):
     """(the reference's first-step loss, ours) on one batch, from the same initial weights."""
     params = init_params(config, 0)
     batch = bench.synthetic_batch(2, 32, config.vocab_size)
-    batch["loss_mask"][:, :5] = 0  # some unsupervised targets (-100 labels for HEAD's model)
+    batch["loss_mask"][:, :5] = 0  # some unsupervised targets (-100 labels for minimind-3's model)
     model, layout = reference_bench.build_reference(checkout, config, params, "cpu")
     reference_loss = reference_bench.reference_step(model, layout, batch, "cpu")()
     logits, aux = MiniMind(config).apply({"params": params}, jnp.asarray(batch["input_ids"]))
@@ -105,16 +105,16 @@ def _first_step_losses(checkout, config):
 
 NO_MINIMIND2 = pytest.mark.skipif(not (REAL_DIR / "model" / "model.py").is_file(),
                                   reason="no d9453ed checkout (set MINIMIND_REFERENCE_DIR)")
-NO_HEAD = pytest.mark.skipif(not (HEAD_DIR / "model" / "model_minimind.py").is_file(),
+NO_MINIMIND3 = pytest.mark.skipif(not (MINIMIND3_DIR / "model" / "model_minimind.py").is_file(),
                              reason="no HEAD (d65ef2c) checkout (set MINIMIND_REFERENCE_HEAD_DIR)")
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
 @pytest.mark.parametrize("checkout, config", [
     pytest.param(REAL_DIR, TINY, marks=NO_MINIMIND2, id="minimind2"),
-    # HEAD's MiniMindForCausalLM takes our minimind3 weights under its names and the batch as
+    # minimind-3's MiniMindForCausalLM takes our minimind3 weights under its names and the batch as
     # labels with -100; its loss is its own CE + its batch-level aux loss.
-    pytest.param(HEAD_DIR, TINY3, marks=NO_HEAD, id="head"),
+    pytest.param(MINIMIND3_DIR, TINY_MINIMIND3, marks=NO_MINIMIND3, id="minimind3"),
 ])
 def test_real_reference_gets_our_weights(checkout, config, use_moe):
     # The reference model built by the bench gives our first-step loss on the same batch.
@@ -122,7 +122,7 @@ def test_real_reference_gets_our_weights(checkout, config, use_moe):
     np.testing.assert_allclose(reference_loss, ours, atol=1e-5)
 
 
-@NO_HEAD
-def test_head_checkout_needs_the_minimind3_arch():
+@NO_MINIMIND3
+def test_minimind3_checkout_needs_the_minimind3_arch():
     with pytest.raises(UserError, match="needs --arch minimind3"):
-        reference_bench.build_reference(HEAD_DIR, TINY, init_params(TINY, 0), "cpu")
+        reference_bench.build_reference(MINIMIND3_DIR, TINY, init_params(TINY, 0), "cpu")

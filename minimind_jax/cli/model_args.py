@@ -25,7 +25,7 @@ def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> 
     g.add_argument("--arch", choices=ARCHES, default=None,
                    help="reference family: minimind2 (jingyaogong/minimind d9453ed, the "
                         "default) or minimind3 (upstream HEAD d65ef2c: q/k norm, rotate-half "
-                        "RoPE, top-1 MoE, HEAD's samples and stage defaults; 768/8 by default)")
+                        "RoPE, top-1 MoE, its samples and stage defaults; 768/8 by default)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named preset; explicit flags below override it")
     g.add_argument("--dim", type=int, default=None, help="model width (default 512)")

@@ -49,7 +49,7 @@ SLOTS = 3  # cached id lists per conversation: as is, think-stripped, system-coi
 
 
 def sft_messages(record) -> list[dict]:
-    """A record's messages as HEAD reads them: the five string fields, missing -> None."""
+    """A record's messages as minimind-3 reads them: the five string fields, missing -> None."""
     messages = []
     for i, turn in enumerate(conversation_turns(record)):
         for name in MESSAGE_FIELDS:
@@ -71,12 +71,13 @@ def sft_messages(record) -> list[dict]:
 
 
 def draws_system_prompt(messages: Sequence[dict]) -> bool:
-    """Whether HEAD draws the system-prompt coin: no tools anywhere, first role not system."""
+    """Whether minimind-3 draws the system-prompt coin: no tools anywhere, first role not system."""
     return not any(m.get("tools") for m in messages) and messages[0].get("role") != "system"
 
 
 def render(tokenizer, messages: Sequence[dict]) -> str:
-    """HEAD's `create_chat_prompt`: tools from a system message, tool_calls parsed from JSON."""
+    """minimind-3's `create_chat_prompt`: tools from a system message, tool_calls parsed from
+    JSON."""
     tools = None
     rendered = []
     for message in messages:
@@ -90,7 +91,7 @@ def render(tokenizer, messages: Sequence[dict]) -> str:
 
 
 def system_block_ids(tokenizer) -> list[list[int]]:
-    """Ids of the system turn HEAD prepends, for each of the 10 prompts."""
+    """Ids of the system turn minimind-3 prepends, for each of the 10 prompts."""
     texts = [render(tokenizer, [{"role": "system", "content": p}]) for p in SYSTEM_PROMPTS]
     return tokenizer.encode_batch(texts)
 
@@ -118,13 +119,13 @@ def pretrain_ids_batch(tokenizer, texts: Sequence[str],
 
 
 def pretrain_truncate(ids_lists: list[list[int]], max_seq_len: int) -> list[list[int]]:
-    """HEAD keeps the first max_len - 2 text tokens and always the eos."""
+    """minimind-3 keeps the first max_len - 2 text tokens and always the eos."""
     return [x if len(x) <= max_seq_len else x[:max_seq_len - 1] + x[-1:] for x in ids_lists]
 
 
 def draw_variants(flags_system: np.ndarray, has_empty_think: np.ndarray, order: np.ndarray,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """HEAD's draws for one epoch: `random.seed(seed)` then the items in `order`, each drawing
+    """minimind-3's draws for one epoch: `random.seed(seed)` then the items in `order`, each drawing
     `random() < 0.2` (+ `choice` of a prompt) if it draws the system coin, then
     `random() > 0.2` if it has an empty think block. -> (system prompt index or -1,
     think stripped 0/1), per item index."""
@@ -147,6 +148,6 @@ def variant_ids(slots: Sequence[Sequence[int]], system_ids: Sequence[Sequence[in
 
 
 def sft_markers(tokenizer) -> tuple[list[int], list[int]]:
-    """`<|im_start|>assistant\n` and `<|im_end|>\n`: the spans HEAD supervises."""
+    """`<|im_start|>assistant\n` and `<|im_end|>\n`: the spans minimind-3 supervises."""
     return (tokenizer.encode(f"{tokenizer.bos_token}assistant\n"),
             tokenizer.encode(f"{tokenizer.eos_token}\n"))

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="training sequence length; samples are cached truncated to it")
     parser.add_argument("--arch", choices=ARCHES, default="minimind2",
-                        help="whose sample rules: MiniMind2's or minimind-3's (HEAD's "
+                        help="whose sample rules: MiniMind2's or minimind-3's (its "
                              "PretrainDataset/SFTDataset; match the training run's --arch)")
     parser.add_argument("--pack", action="store_true",
                         help="also report the packed layout (pretrain; packing reuses the same "

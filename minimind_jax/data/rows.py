@@ -4,8 +4,8 @@ stage: `token_cache`; next: `batches`.
 
 A source of rows has `__len__()` and `get_batch(indices) -> dict` of [b, T] arrays, T =
 max_seq_len - 1: `input_ids`, `labels` (int32), `loss_mask` (float32), plus `positions` and
-`segment_ids` (int32) for packed rows. minimind-3 sources give T = max_seq_len (HEAD feeds the
-whole row to the model and drops the last logit; the row's last position has no target), which
+`segment_ids` (int32) for packed rows. minimind-3 sources give T = max_seq_len (its trainer feeds
+the whole row to the model and drops the last logit; the row's last position has no target), which
 matters for the MoE aux loss (it averages over every fed token). A source with
 `for_epoch(epoch, order)` gives the per-epoch view batches are taken from (minimind-3's SFT
 draws).
@@ -66,9 +66,9 @@ class CachedSource:
         return _as_batch(rows, mask, self.full_rows)
 
 
-class HeadSFTSource:
+class Minimind3SFTSource:
     """minimind-3 SFT conversations from a cache of `minimind3.SLOTS` id lists each; every epoch
-    draws HEAD's random variants (system prompt, think stripping) with `random.Random(seed +
+    draws minimind-3's random variants (system prompt, think stripping) with `random.Random(seed +
     epoch)` in the epoch's order (`for_epoch`), or none with `randomize=False`."""
 
     def __init__(self, cache: TokenCache, max_seq_len: int, system_ids, *, seed: int,
@@ -110,9 +110,9 @@ class HeadSFTSource:
 
 
 class _DrawnSFT:
-    """One epoch's view of a HeadSFTSource: its variants fixed."""
+    """One epoch's view of a Minimind3SFTSource: its variants fixed."""
 
-    def __init__(self, source: HeadSFTSource, system_idx: np.ndarray, stripped: np.ndarray):
+    def __init__(self, source: Minimind3SFTSource, system_idx: np.ndarray, stripped: np.ndarray):
         self.source, self.system_idx, self.stripped = source, system_idx, stripped
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -130,11 +130,12 @@ class _DrawnSFT:
 
 def check_packable(stage: str, rules: str) -> None:
     """The rule of --pack, checked only here: MiniMind2's pretrain documents only (an SFT row
-    keeps one conversation; minimind-3's rows are HEAD's)."""
+    keeps one conversation; minimind-3's rows are its datasets')."""
     if stage != "pretrain":
         raise UserError("--pack works with pretrain data only (SFT rows keep one conversation)")
     if rules != "minimind2":
-        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are HEAD's)")
+        raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are its "
+                        "datasets')")
 
 
 class PackedSource:
@@ -194,7 +195,7 @@ def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack
                 sft_seed: int = 42, sft_random: bool = True):
     """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
     on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer.
-    `rules` "minimind3" gives HEAD's samples; its SFT draws use `sft_seed + epoch` (or none
+    `rules` "minimind3" gives minimind-3's samples; its SFT draws use `sft_seed + epoch` (or none
     without `sft_random`)."""
     if pack:
         check_packable(stage, rules)  # before the cache is built
@@ -206,6 +207,6 @@ def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack
     if pack:
         return PackedSource(cache, max_seq_len, pack_window)
     if rules == "minimind3" and stage == "sft":
-        return HeadSFTSource(cache, max_seq_len, minimind3.system_block_ids(tokenizer),
+        return Minimind3SFTSource(cache, max_seq_len, minimind3.system_block_ids(tokenizer),
                              seed=sft_seed, randomize=sft_random)
     return CachedSource(cache, max_seq_len)

@@ -267,7 +267,7 @@ def encode_prompt(tokenizer, text: str, template: bool, system: str | None = Non
                   history: list[dict] | None = None, think: bool = False) -> list[int]:
     """Chat-template a user turn (with history) and the generation prompt, or `<s>` + raw text
     for pretrained models. `think` opens a reasoning block (minimind-3's `open_thinking`;
-    without it that template closes an empty one, as HEAD's eval_llm.py does by default)."""
+    without it that template closes an empty one, as minimind-3's eval_llm.py does by default)."""
     if template:
         messages = ([{"role": "system", "content": system}] if system else []) + (history or [])
         messages = messages + [{"role": "user", "content": text}]
@@ -382,7 +382,7 @@ def run_chat(args: argparse.Namespace) -> int:
         new = generate_tokens(params, config, [ids], sampling, tokenizer.eos_id, seed,
                               on_tokens=streamer)[0]
         # streamed as written, `</think>` included; the template takes the reasoning apart
-        # again when this answer is history (HEAD's eval_llm.py keeps it the same way)
+        # again when this answer is history (minimind-3's eval_llm.py keeps it the same way)
         answer = answer_text(tokenizer, new)
         print(answer[streamer.printed:], flush=True)
         history += [{"role": "user", "content": question},
@@ -412,7 +412,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "one, none for minimind-3)")
     parser.add_argument("--think", action="store_true",
                         help="minimind-3: open a <think> block for the model to reason in "
-                             "(HEAD's open_thinking); by default the template closes an empty one")
+                             "(its open_thinking); by default the template closes an empty "
+                             "one")
     model_args.add_model_args(parser)
 
 

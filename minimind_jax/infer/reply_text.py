@@ -1,8 +1,8 @@
 """What a chat model's answer text holds besides the answer: a `<think>` block and
-`<tool_call>` blocks, as minimind-3's chat template (upstream HEAD) writes them.
+`<tool_call>` blocks, as minimind-3's chat template (upstream HEAD d65ef2c) writes them.
 
 Pure string functions, shared by `generate`/`chat` (display) and `serve` (OpenAI's
-`tool_calls`). The rules follow HEAD's server (`scripts/serve_openai_api.py`), except that a
+`tool_calls`). The rules follow minimind-3's server (`scripts/serve_openai_api.py`), except that a
 `<tool_call>` block whose body is not a JSON object with a string `name` stays in the text
 instead of vanishing.
 """
@@ -64,7 +64,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
 def split_opened_thinking(text: str) -> tuple[str, str, bool]:
     """(reasoning, answer, closed) of an answer whose prompt opened a `<think>` block: the
     reasoning runs to `</think>` (all of the text while it is still open); the answer follows
-    without its leading newlines (as HEAD's server streams it)."""
+    without its leading newlines (as minimind-3's server streams it)."""
     reasoning, close, answer = text.partition(THINK_CLOSE)
     return reasoning, answer.lstrip("\n"), bool(close)
 

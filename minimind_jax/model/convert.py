@@ -421,9 +421,9 @@ def export_hf_llama(params, config: ModelConfig, out_dir: str | pathlib.Path) ->
 def export_hf_qwen3(params, config: ModelConfig, out_dir: str | pathlib.Path) -> pathlib.Path:
     """Write a Hugging Face `Qwen3ForCausalLM` (dense) or `Qwen3MoeForCausalLM` (MoE) folder
     for a minimind-3 config. Its numerics are minimind-3's exactly: q/k RMSNorm over head_dim
-    before rotate-half RoPE, no biases, tied embeddings, one eps; HEAD's state-dict names are
+    before rotate-half RoPE, no biases, tied embeddings, one eps; minimind-3's state-dict names are
     already Qwen3's (the MoE experts in the per-expert layout transformers converts on load).
-    Training-only differences: HEAD's aux loss and its renormalisation epsilon (1e-20)."""
+    Training-only differences: minimind-3's aux loss and its renormalisation epsilon (1e-20)."""
     if not config.qk_norm or config.rope_layout != "rotate_half" or config.n_shared_experts:
         raise UserError("the Qwen3 export is for minimind-3 models (--arch minimind3)")
     from safetensors.numpy import save_file
@@ -516,7 +516,7 @@ def register(subparsers) -> None:
         help="convert weights: reference .pth/.safetensors/.npz <-> our checkpoints, HF Llama",
         description="Convert weights. INPUT is a reference-keyed state dict (.pth needs torch, "
                     ".safetensors, .npz; MiniMind2's or minimind-3's HF-style names, e.g. "
-                    "HEAD's float16 pretrain_768.pth or its *_resume.pth) or one of our "
+                    "minimind-3's float16 pretrain_768.pth or its *_resume.pth) or one of our "
                     "checkpoint/run folders. OUTPUT is a state dict in the model family's names "
                     "(format from its extension) or, with --hf_llama, a Hugging Face "
                     "LlamaForCausalLM folder (MiniMind2 dense; RoPE rows permuted to HF's "

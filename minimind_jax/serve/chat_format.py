@@ -3,9 +3,9 @@ template, and the generated text -> an OpenAI assistant message or its streamed 
 
 `ChatFormat` knows no tools (MiniMind2's template); `ToolChatFormat` serves templates that
 take `tools` (minimind-3's): the request's tools go to the template and the answer's
-`<tool_call>` blocks come back as OpenAI `tool_calls`, as HEAD's server returns them. A request
-may open a think block (`open_thinking`, or `chat_template_kwargs` with `open_thinking` /
-`enable_thinking`, as HEAD's server reads them) when the template has that switch; the
+`<tool_call>` blocks come back as OpenAI `tool_calls`, as minimind-3's server returns them. A
+request may open a think block (`open_thinking`, or `chat_template_kwargs` with `open_thinking` /
+`enable_thinking`, as minimind-3's server reads them) when the template has that switch; the
 reasoning then comes back as `reasoning_content`.
 """
 

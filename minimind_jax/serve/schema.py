@@ -67,12 +67,12 @@ class ChatRequest(_Strict):
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    open_thinking: bool = False  # HEAD's server's switch, also read from chat_template_kwargs
+    open_thinking: bool = False  # minimind-3's server's switch, also read from chat_template_kwargs
     chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def thinking(self) -> bool:
-        """Whether the prompt opens a think block (HEAD's server reads these three)."""
+        """Whether the prompt opens a think block (minimind-3's server reads these three)."""
         kwargs = self.chat_template_kwargs or {}
         return bool(self.open_thinking or kwargs.get("open_thinking")
                     or kwargs.get("enable_thinking"))

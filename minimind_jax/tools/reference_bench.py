@@ -147,7 +147,7 @@ def build_reference(reference_dir: pathlib.Path, config: ModelConfig, params, de
                         f"--arch {layout.arch} (this model is {arch_of(config)})")
     model_cls, config_cls = import_reference(reference_dir, layout)
     model = model_cls(config_cls(**layout.config_kwargs(config)))
-    # Our export names the keys as that version does (convert: MiniMind2's or HEAD's by arch).
+    # Our export names the keys as that version does (convert: MiniMind2's or minimind-3's by arch).
     state = {k: torch.from_numpy(np.array(v, np.float32))
              for k, v in state_dict_from_params(params, config).items()}
     model.load_state_dict(state, strict=True)

@@ -7,7 +7,7 @@ batch's CE sum and token count; the host adds them up in float64.
 
 Used by `pretrain`/`sft --eval_data` (every `--eval_interval` micro-steps and at the end) and by
 `minimind-jax eval --ckpt RUN|.pth --data_path X.jsonl --stage pretrain|sft`, whose rows follow
-the model's sample rules (MiniMind2's, or HEAD's for a minimind-3 model), as training's do.
+the model's sample rules (MiniMind2's, or minimind-3's for a minimind-3 model), as training's do.
 """
 
 from __future__ import annotations

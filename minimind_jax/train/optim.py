@@ -27,7 +27,7 @@ class Schedule:
 
     `minimind2`: lr/10 + lr/2 * (1 + cos(pi * s / total)), the reference's `get_lr` (starts at
     1.1 * lr, no warmup). `minimind3`: lr * (0.1 + 0.45 * (1 + cos(pi * (s + 1) / total))),
-    HEAD's `get_lr` of the 1-based micro-step (starts at ~lr, ends at lr/10).
+    minimind-3's `get_lr` of the 1-based micro-step (starts at ~lr, ends at lr/10).
     `cosine`: counted in updates u = s // accumulation_steps: linear
     warmup lr * (u + 1) / warmup_iters over the first `warmup_iters` updates, then a cosine from
     lr down to lr/10 at the last update.
@@ -140,14 +140,14 @@ def make_optimizer(*, accumulation_steps: int = 1, **inner_args) -> optax.MultiS
 def flush_partial_window(inner, opt_state: optax.MultiStepsState, params, learning_rate,
                          accumulation_steps: int):
     """minimind-3's end-of-epoch flush: if m > 0 micro-batches are accumulated, one clip +
-    AdamW step with their summed gradients / accumulation_steps (HEAD's `.grad` after m
+    AdamW step with their summed gradients / accumulation_steps (minimind-3's `.grad` after m
     backward passes of loss / accumulation_steps; not renormalised to m), then an empty window.
     `inner` is the MultiSteps' inner optimizer (`make_inner_optimizer` with the same args).
     -> (params, opt_state)."""
     m = opt_state.mini_step
 
     def flush(params, opt_state):
-        # MultiSteps keeps the running mean of the window; HEAD's sum / k is mean * m / k.
+        # MultiSteps keeps the running mean of the window; minimind-3's sum / k is mean * m / k.
         scale = m.astype(jnp.float32) / accumulation_steps
         grads = jax.tree.map(lambda a: (a * scale).astype(a.dtype), opt_state.acc_grads)
         updates, inner_state = inner.update(grads, opt_state.inner_opt_state, params,
