@@ -1,12 +1,19 @@
 """Tokenizer backends: reference tokenizer.json and a trained sentencepiece model."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from minimind_jax import cli
 from minimind_jax.data.samples import sft_mask_markers
-from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.data.tokenizer import (
+    beside_weights,
+    load_tokenizer,
+    locate_tokenizer,
+    training_tokenizer_candidates,
+)
 from minimind_jax.data.tokenizer_cli import train_sentencepiece
 from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, TOKENIZER_DIR
@@ -116,3 +123,30 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match=r"tokenizer\.json: cannot load tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_locate_tokenizer(tmp_path):
+    run = tmp_path / "out" / "full_sft_64"
+    step = run / "checkpoints" / "4"
+    step.mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    with pytest.raises(UserError) as err:  # an empty tokenizer/ is no tokenizer
+        locate_tokenizer(None, beside_weights(step), what="the checkpoint x")
+    assert str(err.value).startswith("no tokenizer for the checkpoint x: pass --tokenizer DIR")
+    assert str(err.value).endswith(", ".join(str(c) for c in beside_weights(step)))
+    (run / "tokenizer" / "tokenizer.model").write_bytes(b"")
+    assert beside_weights(step)[:3] == [step / "tokenizer", step, run / "checkpoints" / "tokenizer"]
+    assert locate_tokenizer(None, beside_weights(step), what="x") == run / "tokenizer"
+    assert locate_tokenizer(None, beside_weights(run), what="x") == run / "tokenizer"
+    assert locate_tokenizer(str(tmp_path), [run / "tokenizer"], what="x") == tmp_path
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", tmp_path / "out")
+    weights = tmp_path / "out" / "w.npz"  # a weights file: its own folder
+    assert locate_tokenizer(None, beside_weights(weights), what="x") == tmp_path / "out"
+
+
+def test_training_tokenizer_candidates(tmp_path):
+    assert training_tokenizer_candidates("minimind2") == [Path("model/minimind_tokenizer")]
+    assert training_tokenizer_candidates("minimind3", run_dir=tmp_path / "a",
+                                         start_dir=tmp_path / "b") == [
+        tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer", Path("model"),
+        Path("../model")]

@@ -2,7 +2,8 @@
 
 `load_tokenizer(path)` accepts a folder holding `tokenizer.json` (+ `tokenizer_config.json`, whose
 Jinja chat template and special-token names are used), a sentencepiece `.model` file, or a
-folder holding one. Special-token strings in raw text (`<unk>`, `<s>`, `</s>`) encode to their
+folder holding one. `locate_tokenizer` is the one search for a tokenizer folder that no
+--tokenizer names. Special-token strings in raw text (`<unk>`, `<s>`, `</s>`) encode to their
 ids in both backends, and no BOS/EOS is added automatically (the reference's behaviour).
 """
 
@@ -22,6 +23,8 @@ from minimind_jax.errors import UserError
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
+REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where MiniMind2 keeps its tokenizer
+MINIMIND3_TOKENIZER_DIR = "model"  # where minimind-3 keeps its tokenizer.json
 
 
 def default_chat_template() -> str:
@@ -282,3 +285,45 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.exists():
         raise UserError(f"{path}: tokenizer not found")
     raise UserError(f"{path}: expected a tokenizer folder or a sentencepiece .model file")
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a saved tokenizer (tokenizer.json or a sentencepiece
+    tokenizer.model)."""
+    return any((folder / name).is_file() for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL))
+
+
+def locate_tokenizer(explicit: str | os.PathLike | None, candidates: Sequence[Path], *,
+                     what: str) -> Path:
+    """The tokenizer folder: `explicit` (--tokenizer; `load_tokenizer` checks it) if given, else
+    the first of `candidates` that `holds_tokenizer`; else one UserError saying that `what`
+    needs one and every folder looked in."""
+    if explicit:
+        return Path(explicit)
+    for folder in candidates:
+        if holds_tokenizer(folder):
+            return Path(folder)
+    raise UserError(f"no tokenizer for {what}: pass --tokenizer DIR (a folder with "
+                    f"{TOKENIZER_JSON} or a sentencepiece {SENTENCEPIECE_MODEL}); looked in "
+                    + ", ".join(str(c) for c in candidates))
+
+
+def beside_weights(weights: str | os.PathLike) -> list[Path]:
+    """Where a tokenizer saved with weights lies (a run copies it into its folder): `tokenizer/`
+    in, or else the folder itself of, the weights (a run, checkpoint or file), its parent and its
+    grandparent, in that order."""
+    path = Path(weights)
+    return [folder / name for folder in (path, path.parent, path.parent.parent)
+            for name in ("tokenizer", ".")]
+
+
+def training_tokenizer_candidates(arch: str, *, run_dir: Path | None = None,
+                                  start_dir: Path | None = None) -> list[Path]:
+    """Training's search: the `tokenizer/` copy of the run (`run_dir`, when resuming) and of the
+    run it starts from (`start_dir`: sft's pretrain run, or an --init_from run folder), then the
+    reference's own folder: MiniMind2's ./model/minimind_tokenizer, or minimind-3's ./model and
+    ../model (its scripts run from trainer/)."""
+    candidates = [folder / "tokenizer" for folder in (run_dir, start_dir) if folder is not None]
+    if arch == "minimind3":
+        return candidates + [Path(MINIMIND3_TOKENIZER_DIR), Path("..") / MINIMIND3_TOKENIZER_DIR]
+    return candidates + [Path(REFERENCE_TOKENIZER_DIR)]

@@ -241,20 +241,15 @@ def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
                       getattr(args, "dtype", "auto"))
 
 
-def resolve_tokenizer_dir(args: argparse.Namespace) -> str:
-    """--tokenizer, else a tokenizer saved next to the checkpoint, else the error."""
+def tokenizer_of(args: argparse.Namespace):
+    """The commands' tokenizer: --tokenizer, else the one saved beside --ckpt."""
+    from minimind_jax.data.tokenizer import beside_weights, load_tokenizer, locate_tokenizer
+
     ckpt = pathlib.Path(args.ckpt)
     if not ckpt.exists():  # said first: the missing checkpoint is why no tokenizer is beside it
         raise UserError(f"checkpoint not found: {ckpt}")
-    if args.tokenizer:
-        return args.tokenizer
-    for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
-        for name in ("tokenizer", "."):
-            candidate = folder / name
-            if candidate.is_dir() and any((candidate / f).exists() for f in
-                                          ("tokenizer.json", "tokenizer.model")):
-                return str(candidate)
-    raise UserError(f"no tokenizer found next to {ckpt}; pass --tokenizer DIR")
+    return load_tokenizer(locate_tokenizer(args.tokenizer, beside_weights(ckpt),
+                                           what=f"the checkpoint {ckpt}"))
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -293,8 +288,6 @@ def answer_text(tokenizer, new: list[int]) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from minimind_jax.data.tokenizer import load_tokenizer
-
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
@@ -305,7 +298,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt_file")
     sampling = sampling_from_args(args)
-    tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    tokenizer = tokenizer_of(args)
     check_think_flag(tokenizer, args)
     params, config = load_model_of(args)
     ids = [encode_prompt(tokenizer, p, not args.raw, args.system, think=args.think)
@@ -357,10 +350,8 @@ def write_records(path: str, records: list[dict]) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from minimind_jax.data.tokenizer import load_tokenizer
-
     sampling = sampling_from_args(args)
-    tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    tokenizer = tokenizer_of(args)
     check_think_flag(tokenizer, args)
     params, config = load_model_of(args)
     streamer = TextStreamer(tokenizer)

@@ -54,8 +54,7 @@ def settings_from_args(args: argparse.Namespace, model_name: str):
 
 def build_server_app(args: argparse.Namespace):
     """Load tokenizer and model, start the decoder, return (app, settings)."""
-    from minimind_jax.data.tokenizer import load_tokenizer
-    from minimind_jax.infer.generate import SamplingConfig, load_model_of, resolve_tokenizer_dir
+    from minimind_jax.infer.generate import SamplingConfig, load_model_of, tokenizer_of
     from minimind_jax.serve.app import build_app
     from minimind_jax.serve.engine import BatchEngine, EngineConfig
 
@@ -63,7 +62,7 @@ def build_server_app(args: argparse.Namespace):
                    repetition_penalty=args.repetition_penalty)  # validates the defaults
     model_name = args.model_name or pathlib.Path(args.ckpt).resolve().name
     settings = settings_from_args(args, model_name)
-    tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    tokenizer = tokenizer_of(args)
     params, config = load_model_of(args)
     engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,

@@ -98,12 +98,11 @@ class Evaluator:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from minimind_jax.data.tokenizer import load_tokenizer
     from minimind_jax.infer import generate
     from minimind_jax.train.train_step import data_mesh, put_replicated
 
     params, config = generate.load_model_of(args)
-    tokenizer = load_tokenizer(generate.resolve_tokenizer_dir(args))
+    tokenizer = generate.tokenizer_of(args)
     source = open_source(args.data_path, tokenizer, args.stage, config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
                          rules=arch_of(config), sft_seed=args.seed,
