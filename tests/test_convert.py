@@ -10,6 +10,7 @@ from minimind_jax.model.convert import (
     export_hf_llama,
     infer_config,
     load_state_dict,
+    load_weights,
     params_from_state_dict,
     save_state_dict,
     state_dict_from_params,
@@ -80,6 +81,19 @@ def test_missing_and_unknown_files(tmp_path):
     corrupt.write_bytes(b"garbage")
     with pytest.raises(UserError, match="could not read"):
         load_state_dict(corrupt)
+
+
+def test_load_weights_of_a_file(tmp_path, golden):
+    """Shapes inferred on top of the given config, `dtype` the compute dtype; `exact` numpy."""
+    path = tmp_path / "ref.npz"
+    save_state_dict(golden_state_dict(golden, "dense/init/"), path)
+    params, config, origin = load_weights(path, ModelConfig(n_heads=4), dtype="bfloat16")
+    assert (config.dim, config.n_layers, config.dtype, origin) == (64, 2, "bfloat16", str(path))
+    exact, same, _ = load_weights(path, config, exact=True)
+    assert same == config and isinstance(exact["norm"]["weight"], np.ndarray)
+    np.testing.assert_array_equal(exact["norm"]["weight"], params["norm"]["weight"])
+    with pytest.raises(UserError, match="mis-shaped"):
+        load_weights(path, config.replace(dim=128), exact=True)
 
 
 def test_infer_config_from_weights(golden):

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
+from minimind_jax.model.convert import load_weights
 from minimind_jax.runtime import distributed
-from minimind_jax.train import checkpoint, train_step
+from minimind_jax.train import train_step
 from minimind_jax.train.train_config import DistributedConfig
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
@@ -55,7 +56,7 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
     assert cli.main(argv(out, out / "cache")) == 0
     run_dir = out / "pretrain_64"
-    return metrics(run_dir), checkpoint.restore_params(run_dir)[0]
+    return metrics(run_dir), load_weights(run_dir)[0]
 
 
 def free_port() -> int:
@@ -127,11 +128,11 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
     assert "resuming" in out0 and "at step 6 (epoch 1, batch 6)" in out0
     resumed = metrics(run_dir)
     resume_diff = assert_same_run(straight, resumed, 1e-6)
-    params = checkpoint.restore_params(run_dir)[0]
+    params = load_weights(run_dir)[0]
     param_diff = max_param_diff(expected_params, params)
     assert param_diff < 1e-5, param_diff
 
-    # restore_params in each process of the pair equals it in this one.
+    # load_weights in each process of the pair equals it in this one.
     sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
     for out in (out0, out1):
         restored = json.loads(out.split("RESTORED ", 1)[1].splitlines()[0])
@@ -154,7 +155,7 @@ def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, r
     straight = metrics(out / "straight")
     loss_diff = assert_same_run(expected, straight, 1e-5)
     resume_diff = assert_same_run(straight, metrics(out / "pretrain_64"), 1e-6)
-    param_diff = max_param_diff(expected_params, checkpoint.restore_params(out / "pretrain_64")[0])
+    param_diff = max_param_diff(expected_params, load_weights(out / "pretrain_64")[0])
     assert param_diff < 1e-5, param_diff
 
     layout = json.loads(child.stdout.split("LAYOUT ", 1)[1].splitlines()[0])

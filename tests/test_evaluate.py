@@ -10,8 +10,8 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.model.convert import load_weights
 from minimind_jax.model.transformer import MiniMind
-from minimind_jax.train import checkpoint
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,
@@ -67,7 +67,7 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
     assert "step 4: eval_loss:" in text
     assert evals[1]["eval_ppl"] == pytest.approx(np.exp(evals[1]["eval_loss"]))
 
-    params, config = checkpoint.restore_params(run_dir)
+    params, config, _ = load_weights(run_dir)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
     samples = [minimind2_pretrain_sample(tokenizer, t, 64) for t in texts]
@@ -108,7 +108,7 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
                      "--cache_dir", str(cache), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
                      *TINY_MINIMIND3_FLAGS, "--batch_size", "8", "--max_steps", "2"]) == 0
     run_dir = out / "pretrain_64"
-    params, config = checkpoint.restore_params(run_dir)
+    params, config, _ = load_weights(run_dir)
     tokenizer = load_tokenizer(MINIMIND3_TOKENIZER_DIR)
 
     def minimind3_rows(rows):  # minimind-3's (input_ids, labels) -> next-token triplets

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.train import checkpoint
+from minimind_jax.model.convert import load_weights
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 
@@ -43,8 +43,8 @@ def test_four_devices_match_one_device(tmp_path, extra):
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
 
-    params_one, _ = checkpoint.restore_params(tmp_path / "one" / "pretrain_64")
-    params_four, _ = checkpoint.restore_params(tmp_path / "four" / "pretrain_64")
+    params_one, _, _ = load_weights(tmp_path / "one" / "pretrain_64")
+    params_four, _, _ = load_weights(tmp_path / "four" / "pretrain_64")
     worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
                 zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True))
     # Losses must agree to 1e-5 (above). Weights get a little more room: Adam's first updates

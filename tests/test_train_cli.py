@@ -12,6 +12,7 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.convert import load_weights
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.train import checkpoint
@@ -65,7 +66,7 @@ def test_pretrain_then_sft_restores_the_pretrain_weights(tmp_path, capsys):
     assert len(sft) == 3
 
     # The first SFT loss is the loss of the final pretrain weights on the first SFT batch.
-    params, config = checkpoint.restore_params(run_dir)
+    params, config, _ = load_weights(run_dir)
     source = open_source(SFT_JSONL, str(TOKENIZER_DIR), "sft", 64,
                          cache_dir=tmp_path / "cache")
     first = next(Loader(source, 4, shuffle=True, seed=1337).epoch(0))
@@ -126,7 +127,7 @@ def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys)
     logged = metrics(run_dir)
     assert [r.get("skipped", 0) for r in logged] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
     assert checkpoint.latest_checkpoint(run_dir) is not None
-    params, _ = checkpoint.restore_params(run_dir)  # saved without the skipped steps' effects
+    params, _, _ = load_weights(run_dir)  # saved without the skipped steps' effects
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(params))
     manager = checkpoint.open_manager(run_dir, create=False)
     assert checkpoint.restore_meta(manager)["elapsed_s"] > 0  # saved like every checkpoint

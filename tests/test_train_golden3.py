@@ -13,6 +13,7 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.model import convert
+from minimind_jax.model.convert import load_weights
 from minimind_jax.train import checkpoint
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
@@ -45,7 +46,7 @@ def test_dense_pretrain_matches_minimind3(tmp_path, minimind3_golden):
     assert diff <= 1e-4, diff
     np.testing.assert_array_equal([r["lr"] for r in records], minimind3_golden["dense/pretrain_lr"])
 
-    params, config = checkpoint.restore_params(run_dir)
+    params, config, _ = load_weights(run_dir)
     got = convert.state_dict_from_params(params, config)
     expected = golden_state_dict(minimind3_golden, "dense/after_pretrain/")
     assert set(got) == set(expected)
@@ -95,7 +96,7 @@ def test_resume_mid_window_keeps_draws_and_flush(tmp_path, minimind3_golden):
              "--save_interval", "7"]
     run_dir, records = run_cli(tmp_path, "sft", SFT_JSONL,
                                golden_state_dict(minimind3_golden, "dense/after_pretrain/"), extra)
-    final, config = checkpoint.restore_params(run_dir)
+    final, config, _ = load_weights(run_dir)
     for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
         if step_dir.name != "7":
             shutil.rmtree(step_dir)
@@ -106,6 +107,6 @@ def test_resume_mid_window_keeps_draws_and_flush(tmp_path, minimind3_golden):
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "epoch", "batch", "update", "loss", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
-    again, _ = checkpoint.restore_params(run_dir)
+    again, _, _ = load_weights(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -224,30 +224,32 @@ class TextStreamer:
 # ---------------------------------------------------------------- loading models and prompts
 
 
-def load_model(ckpt: str, flags: ModelConfig, dtype: str = "auto") -> tuple[dict, ModelConfig]:
-    """Our run/checkpoint folder or a reference weights file (shapes read from the weights,
-    the rest from `flags`), computing in `dtype` (`auto`: by platform)."""
-    path = pathlib.Path(ckpt)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    params, config, _ = convert.load_weights(path, flags)
-    config = config.replace(dtype=model_args.resolve_dtype(dtype))
-    return jax.tree.map(jnp.asarray, params), config
+def _checkpoint(args: argparse.Namespace) -> pathlib.Path:
+    ckpt = pathlib.Path(args.ckpt)
+    if not ckpt.exists():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    return ckpt
 
 
 def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
-    """`load_model` of the commands' --ckpt, model flags and --dtype."""
-    return load_model(args.ckpt, model_args.model_config_from_args(args),
-                      getattr(args, "dtype", "auto"))
+    """The commands' model: `convert.load_weights` of --ckpt (shapes from the weights, the rest
+    from the model flags), computing in --dtype."""
+    params, config, _ = convert.load_weights(_checkpoint(args),
+                                             model_args.model_config_from_args(args),
+                                             dtype=getattr(args, "dtype", "auto"))
+    return params, config
+
+
+def load_model(ckpt: str, flags: ModelConfig, dtype: str = "auto") -> tuple[dict, ModelConfig]:
+    """Deprecated: tools/demo.py's call, until it uses `convert.load_weights(..., dtype=)`."""
+    return convert.load_weights(ckpt, flags, dtype=dtype)[:2]
 
 
 def tokenizer_of(args: argparse.Namespace):
     """The commands' tokenizer: --tokenizer, else the one saved beside --ckpt."""
     from minimind_jax.data.tokenizer import beside_weights, load_tokenizer, locate_tokenizer
 
-    ckpt = pathlib.Path(args.ckpt)
-    if not ckpt.exists():  # said first: the missing checkpoint is why no tokenizer is beside it
-        raise UserError(f"checkpoint not found: {ckpt}")
+    ckpt = _checkpoint(args)  # first: a missing checkpoint is why no tokenizer is beside it
     return load_tokenizer(locate_tokenizer(args.tokenizer, beside_weights(ckpt),
                                            what=f"the checkpoint {ckpt}"))
 

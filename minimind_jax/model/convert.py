@@ -21,7 +21,12 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from minimind_jax.cli.model_args import HelpFormatter, add_model_args, model_config_from_args
+from minimind_jax.cli.model_args import (
+    HelpFormatter,
+    add_model_args,
+    model_config_from_args,
+    resolve_dtype,
+)
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_defaults
 from minimind_jax.train import checkpoint
@@ -457,34 +462,42 @@ def export_hf_qwen3(params, config: ModelConfig, out_dir: str | pathlib.Path) ->
     return out_dir
 
 
-def load_weights(path: str | pathlib.Path, config: ModelConfig, *, exact: bool = False,
-         warn: Callable[[str], None] | None = None) -> tuple[dict, ModelConfig, str]:
+def load_weights(path: str | pathlib.Path, config: ModelConfig | None = None, *,
+                 exact: bool = False, dtype: str | None = None,
+                 warn: Callable[[str], None] | None = None) -> tuple[dict, ModelConfig, str]:
     """(params, their ModelConfig, where they came from) from an orbax run folder (its
     newest intact checkpoint, damaged ones skipped with `warn`), a checkpoint folder, or a
-    state-dict file.
+    state-dict file: the one way to load weights (training's start, generate, chat, eval, serve,
+    convert).
 
     `exact`: the weights must fit `config` exactly (reference keys and shapes; otherwise a
     UserError lists the missing, unexpected and mis-shaped keys) and come back as numpy arrays:
     what training starts from, never a random fallback. Otherwise the shape fields come from the
-    weights: a folder's saved config, or a file's shapes inferred on top of `config`.
+    weights: a folder's saved config, or a file's shapes inferred on top of `config` (default
+    ModelConfig()). `dtype` sets the returned config's compute dtype (`auto`: by platform).
     """
     path = pathlib.Path(path)
     if not path.exists():
         raise UserError(f"weights not found: {path}")
-    origin = str(path)
+    config = config or ModelConfig()
     if path.is_dir():
-        params, saved_config, origin = checkpoint.restore_params_with_origin(path, warn)
-        if not exact:
-            return params, saved_config, origin
-        state_dict = state_dict_from_params(params, saved_config)
+        params, saved_config, origin = checkpoint.restore_params(path, warn)
+        if exact:
+            state_dict = state_dict_from_params(params, saved_config)
+        else:
+            config = saved_config
     else:
+        origin = str(path)
         state_dict = load_state_dict(path)
         if not exact:
             config = infer_config(state_dict, config)
-            return params_from_state_dict(state_dict, config, source=str(path)), \
-                config, origin
-    params = params_from_state_dict(state_dict, config, source=str(path))
-    return jax.tree.map(np.asarray, params), config, origin
+            params = params_from_state_dict(state_dict, config, source=origin)
+    if exact:
+        params = params_from_state_dict(state_dict, config, source=str(path))
+        params = jax.tree.map(np.asarray, params)
+    if dtype is not None:
+        config = config.replace(dtype=resolve_dtype(dtype))
+    return params, config, origin
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -362,21 +362,14 @@ def latest_checkpoint(run_dir: str | pathlib.Path) -> pathlib.Path | None:
 
 
 def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None = None
-                   ) -> tuple[dict, ModelConfig]:
-    """(params, ModelConfig) from a run folder (its newest intact checkpoint, skipping damaged
-    ones with a warning) or a checkpoint folder.
+                   ) -> tuple[dict, ModelConfig, str]:
+    """(params, ModelConfig, the checkpoint folder read) from a run folder (its newest intact
+    checkpoint, skipping damaged ones with a warning) or a checkpoint folder: the orbax
+    primitive of `model.convert.load_weights`, which callers use.
 
     Params come back whole on this process's first device, whatever layout (replicated or
     FSDP-sharded) they were saved in.
     """
-    params, config, _ = restore_params_with_origin(path, warn)
-    return params, config
-
-
-def restore_params_with_origin(path: str | pathlib.Path,
-                               warn: Callable[[str], None] | None = None
-                               ) -> tuple[dict, ModelConfig, str]:
-    """`restore_params` and the checkpoint folder it read."""
     from minimind_jax.model.transformer import init_params
 
     root, steps = _locate(pathlib.Path(path).absolute())

@@ -13,6 +13,7 @@ import sys
 import jax
 
 from minimind_jax import cli
+from minimind_jax.model.convert import load_weights
 from minimind_jax.train import checkpoint, optim, train_step
 
 argv = sys.argv[1:]
@@ -24,7 +25,7 @@ for step in (9, 10):
     shutil.rmtree(run_dir / "checkpoints" / str(step))
 assert cli.main(argv + ["--resume"]) == 0
 
-config = checkpoint.restore_params(run_dir)[1]
+config = load_weights(run_dir)[1]
 optimizer = optim.make_optimizer(accumulation_steps=2)
 abstract = train_step.abstract_train_state(config, optimizer, train_step.data_mesh(), fsdp=True)
 with checkpoint.open_manager(run_dir, create=False) as manager:
