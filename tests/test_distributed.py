@@ -18,8 +18,8 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.runtime import distributed
+from minimind_jax.runtime.distributed import DistributedConfig
 from minimind_jax.train import checkpoint, train_step
-from minimind_jax.train.train_config import DistributedConfig
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 STEPS = 10

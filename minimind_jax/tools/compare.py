@@ -382,7 +382,7 @@ def register(subparsers) -> None:
                         help="CSV loss column (default: by name); for metrics.jsonl the record "
                              "key, e.g. eval_loss for the validation curve (default loss)")
     parser.add_argument("--csv_log_steps", default=None, metavar="INTERVAL:ITERS",
-                        help="the CSV's step column counts log calls of a minimind-3 (HEAD) run "
+                        help="the CSV's step column counts log calls of a minimind-3 run "
                              "logging every INTERVAL micro-steps with ITERS per epoch (wandb/"
                              "SwanLab step without step=); map them to micro-steps")
     parser.set_defaults(func=run_compare)

@@ -134,13 +134,13 @@ def _add_optim_flags(g, stage: Stage) -> None:
                         f"--max_seq_len to {head['max_seq_len']}")
     g.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None,
                    help="reproduce a reference's trainer: minimind2 = --no_shuffle "
-                        "--lr_schedule minimind2; minimind3 = HEAD's per-epoch torch.randperm "
-                        "seeded 42+epoch, its LR formula, end-of-epoch flush of a partial "
-                        "accumulation window, SFT draws seeded 42+epoch, SFT from the "
-                        "pretrain weights rounded to float16")
+                        "--lr_schedule minimind2; minimind3 = minimind-3's per-epoch "
+                        "torch.randperm seeded 42+epoch, its LR formula, end-of-epoch flush of "
+                        "a partial accumulation window, SFT draws seeded 42+epoch, SFT from "
+                        "the pretrain weights rounded to float16")
     g.add_argument("--no_sft_random", action="store_true",
                    help="minimind-3 SFT: no random system prompts and keep every empty think "
-                        "block (HEAD adds a prompt with p=0.2 and strips with p=0.8)")
+                        "block (minimind-3 adds a prompt with p=0.2 and strips with p=0.8)")
     g.add_argument("--grad_clip", type=float, default=_default(OptimConfig, "grad_clip"),
                    help="clip the global gradient norm to this (<= 0: no clipping)")
     g.add_argument("--weight_decay", type=float,
@@ -150,7 +150,7 @@ def _add_optim_flags(g, stage: Stage) -> None:
                    help="cosine (default): linear warmup over --warmup_iters updates, then cosine "
                         "to lr/10; minimind2: the reference's lr/10 + lr/2*(1+cos(pi*step/total)) "
                         "per micro-step (no warmup; use it to reproduce reference curves); "
-                        "minimind3: HEAD's lr*(0.1+0.45*(1+cos(pi*(step+1)/total)))")
+                        "minimind3: minimind-3's lr*(0.1+0.45*(1+cos(pi*(step+1)/total)))")
     g.add_argument("--warmup_iters", type=int, default=_default(OptimConfig, "warmup_iters"),
                    help="warmup updates of the cosine schedule (the reference ignores it)")
     g.add_argument("--max_steps", type=int, default=None,
@@ -158,7 +158,7 @@ def _add_optim_flags(g, stage: Stage) -> None:
                         "them instead of all epochs")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the random init and of the shuffling order (default 1337; "
-                        "--recipe minimind3: 42, HEAD's epoch e uses seed + e)")
+                        "--recipe minimind3: 42, minimind-3's epoch e uses seed + e)")
 
 
 def _add_rows_flags(g) -> None:
@@ -223,7 +223,7 @@ def register(subparsers) -> None:
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
-                        "epoch_Time:..min:` (--arch minimind3: HEAD's `Epoch:[e/E](s/iters), "
+                        "epoch_Time:..min:` (--arch minimind3: minimind-3's `Epoch:[e/E](s/iters), "
                         "loss: .., logits_loss: .., aux_loss: .., lr: .., epoch_time: ..min`); "
                         "writes config.json, metrics.jsonl, TensorBoard events and orbax "
                         "checkpoints into the run folder. Exact reference runs: --recipe "
