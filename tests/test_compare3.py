@@ -5,6 +5,7 @@ import pytest
 
 from minimind_jax.errors import UserError
 from minimind_jax.tools import compare
+from minimind_jax.train import log_lines
 
 _TAIL = ", logits_loss: 0, aux_loss: 0.0010, lr: 0.0004, epoch_time: 0.0min"
 HEAD_LOG = "\n".join([
@@ -33,7 +34,7 @@ def test_minimind2_lines_stay_zero_based(tmp_path):
 
 def test_head_csv_export_log_calls_to_micro_steps(tmp_path):
     """HEAD logs at s % 2 == 0 and s == iters (5): micro-steps 1, 3, 4, then 6, 8, 9."""
-    logged = compare.head_logged_steps(2, 5)
+    logged = log_lines.logged_steps(2, 5)
     assert [next(logged) for _ in range(6)] == [1, 3, 4, 6, 8, 9]
     path = tmp_path / "wandb.csv"
     path.write_text('"Step","run - loss","run - logits_loss","run - aux_loss"\n'

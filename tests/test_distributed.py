@@ -19,8 +19,8 @@ import pytest
 from minimind_jax import cli
 from minimind_jax.model.convert import load_weights
 from minimind_jax.runtime import distributed
+from minimind_jax.runtime.distributed import DistributedConfig
 from minimind_jax.train import train_step
-from minimind_jax.train.train_config import DistributedConfig
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 STEPS = 10

@@ -1,6 +1,7 @@
-"""Recipes: HEAD's end-of-epoch flush against torch's AdamW, LR formula, stage defaults."""
+"""Recipes: minimind-3's end-of-epoch flush against torch's AdamW, LR formula, stage defaults,
+and one resolution of stage defaults and recipe for the command and for Python."""
 
-import argparse
+import dataclasses
 import math
 
 import jax
@@ -8,8 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from minimind_jax import cli
+from minimind_jax.data.samples import STAGES
 from minimind_jax.errors import UserError
-from minimind_jax.train import optim, recipes
+from minimind_jax.model.config import arch_defaults
+from minimind_jax.train import flags, optim, recipes
+from minimind_jax.train.recipes import RECIPES
+from minimind_jax.train.train_config import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 
 def test_flush_of_partial_window_equals_torch_loop():
@@ -68,34 +79,63 @@ def test_minimind3_schedule_is_heads_get_lr():
     np.testing.assert_allclose([float(schedule(s)) for s in range(40)], expected, rtol=1e-6)
 
 
-def _args(**kw):
-    base = dict(arch=None, preset=None, recipe=None, epochs=None, batch_size=None,
-                learning_rate=None, accumulation_steps=None, max_seq_len=None, seed=None,
-                lr_schedule=None, no_shuffle=False)
-    return argparse.Namespace(**{**base, **kw})
+def _command_config(command: str, *argv: str) -> TrainConfig:
+    """The TrainConfig the `command` builds from `argv` (its flags, resolved)."""
+    args = cli.build_parser().parse_args([command, *argv])
+    return flags.config_from_args(args, STAGES[command])
+
+
+def _defaults(c: TrainConfig) -> tuple:
+    return (c.optim.epochs, c.data.batch_size, c.optim.learning_rate, c.optim.accumulation_steps,
+            c.model.max_seq_len, c.seed, c.optim.lr_schedule, c.data.shuffle)
 
 
 def test_stage_defaults_and_recipes():
-    args = _args(arch="minimind3", recipe="minimind3")
-    recipes.apply_defaults(args, "pretrain")
-    assert (args.epochs, args.batch_size, args.learning_rate, args.accumulation_steps,
-            args.max_seq_len, args.seed, args.lr_schedule, args.no_shuffle) == (
-        2, 32, 5e-4, 8, 340, 42, "minimind3", False)
-    args = _args(preset="minimind3", batch_size=4)
-    recipes.apply_defaults(args, "sft")
-    assert (args.epochs, args.batch_size, args.learning_rate, args.accumulation_steps,
-            args.max_seq_len, args.seed, args.lr_schedule) == (2, 4, 1e-5, 1, 768, 1337,
-                                                               "cosine")
-    args = _args(recipe="minimind2")
-    recipes.apply_defaults(args, "sft")
-    assert (args.epochs, args.batch_size, args.learning_rate, args.max_seq_len,
-            args.lr_schedule, args.no_shuffle) == (1, 32, 5e-5, None, "minimind2", True)
+    assert _defaults(_command_config("pretrain", "--arch", "minimind3", "--recipe",
+                                     "minimind3")) == (2, 32, 5e-4, 8, 340, 42, "minimind3", True)
+    assert _defaults(_command_config("sft", "--preset", "minimind3", "--batch_size", "4")) == (
+        2, 4, 1e-5, 1, 768, 1337, "cosine", True)
+    assert _defaults(_command_config("sft", "--recipe", "minimind2")) == (
+        1, 32, 5e-5, 1, 512, 1337, "minimind2", False)
     with pytest.raises(UserError, match="uses --lr_schedule minimind3"):
-        recipes.apply_defaults(_args(recipe="minimind3", lr_schedule="cosine"), "pretrain")
+        _command_config("pretrain", "--recipe", "minimind3", "--lr_schedule", "cosine")
     with pytest.raises(UserError, match="drop --no_shuffle"):
-        recipes.apply_defaults(_args(recipe="minimind3", no_shuffle=True), "pretrain")
+        _command_config("pretrain", "--recipe", "minimind3", "--no_shuffle")
     with pytest.raises(UserError, match="is a minimind2 model"):
-        recipes.apply_defaults(_args(arch="minimind3", preset="minimind2"), "pretrain")
+        _command_config("pretrain", "--arch", "minimind3", "--preset", "minimind2")
+
+
+@pytest.mark.parametrize("recipe", [None, *RECIPES])
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_a_python_config_resolves_as_the_command(recipe, command):
+    """TrainConfig(recipe=...) built in Python, resolved, equals the command's config with
+    --recipe (the recorded flags aside): one path from stage defaults and recipe to config."""
+    arch = "minimind3" if recipe == "minimind3" else "minimind2"
+    argv = ["--arch", arch, "--data_path", "data.jsonl"] + (["--recipe", recipe] if recipe
+                                                               else [])
+    from_command = _command_config(command, *argv)
+    model = arch_defaults(arch).replace(vocab_size=from_command.model.vocab_size,
+                                        max_seq_len=from_command.model.max_seq_len,
+                                        dtype=from_command.model.dtype)
+    from_python = TrainConfig(model=model, data=DataConfig(data_path="data.jsonl"),
+                              recipe=recipe, vocab_from_tokenizer=True).resolved(command)
+    assert from_python.recipe == recipes.recipe_named(recipe)
+    assert dataclasses.replace(from_command, run=RunConfig()) == \
+        dataclasses.replace(from_python, run=RunConfig(tracker=from_command.run.tracker))
+    assert from_python.resolved(command) == from_python  # resolving twice changes nothing
+
+
+def test_a_python_config_with_a_recipes_other_choice_is_refused():
+    model = arch_defaults("minimind2")
+    with pytest.raises(UserError, match="reads the data in file order"):
+        TrainConfig(model=model, data=DataConfig(data_path="x", shuffle=True),
+                    recipe="minimind2").resolved("pretrain")
+    with pytest.raises(UserError, match="uses --lr_schedule minimind2, not cosine"):
+        TrainConfig(model=model, data=DataConfig(data_path="x"),
+                    optim=OptimConfig(lr_schedule="cosine"), recipe="minimind2"
+                    ).resolved("sft")
+    with pytest.raises(UserError, match="unknown recipe 'minimind4'"):
+        TrainConfig(model=model, data=DataConfig(data_path="x"), recipe="minimind4")
 
 
 def test_round_to_float16():

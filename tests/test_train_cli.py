@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_jax import cli
+from minimind_jax import cli, train
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.errors import UserError
@@ -15,13 +15,14 @@ from minimind_jax.model.config import arch_defaults
 from minimind_jax.model.convert import load_weights
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind
-from minimind_jax.train import checkpoint
-from minimind_jax.train import trainer as train
-from minimind_jax.train.train_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from minimind_jax.train import DataConfig, OptimConfig, RunConfig, TrainConfig, checkpoint
 from tests.helpers import (
+    MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,
     SFT_JSONL,
     TINY_CONFIG,
+    TINY_MINIMIND3_FLAGS,
+    TINY_SHAPE,
     TOKENIZER_DIR,
     golden_state_dict,
     metrics,
@@ -134,27 +135,43 @@ def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys)
     checkpoint.close(manager)
 
 
-def test_training_from_python_matches_the_command(tmp_path, capsys):
-    """`train.run(TrainConfig(...))` is the `pretrain` command without the flags."""
-    steps = ["--batch_size", "4", "--accumulation_steps", "2", "--max_steps", "3",
-             "--log_interval", "1", "--seed", "7"]
-    assert cli.main(tiny_run(tmp_path, "pretrain", *steps)) == 0
+# (recipe, the command's extra flags, the model of the Python config, its tokenizer)
+RECIPE_RUNS = {
+    None: ([], TINY_CONFIG, TOKENIZER_DIR),
+    "minimind2": (["--recipe", "minimind2"], TINY_CONFIG, TOKENIZER_DIR),
+    "minimind3": ([*TINY_MINIMIND3_FLAGS, "--tokenizer", str(MINIMIND3_TOKENIZER_DIR)],
+                  arch_defaults("minimind3").replace(**TINY_SHAPE, max_seq_len=64,
+                                                     dtype="float32"), MINIMIND3_TOKENIZER_DIR),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_RUNS))
+def test_training_from_python_matches_the_command(tmp_path, capsys, recipe):
+    """`train.run(TrainConfig(recipe=...))` is the `pretrain --recipe ...` command without the
+    flags: the recipe's data order, schedule and seed, and the stage's defaults (accumulation,
+    learning rate) reach both the same way."""
+    flags, model, tokenizer = RECIPE_RUNS[recipe]
+    assert cli.main(tiny_run(tmp_path, "pretrain", "--batch_size", "4", "--max_steps", "3",
+                             "--log_interval", "1", *flags)) == 0
     from_cli = metrics(tmp_path / "out" / "pretrain_64")
     config = TrainConfig(
-        model=TINY_CONFIG, vocab_from_tokenizer=True, seed=7,
-        data=DataConfig(data_path=str(PRETRAIN_JSONL), tokenizer=str(TOKENIZER_DIR),
+        model=model, vocab_from_tokenizer=True, recipe=recipe,
+        data=DataConfig(data_path=str(PRETRAIN_JSONL), tokenizer=str(tokenizer),
                         batch_size=4, cache_dir=str(tmp_path / "cache")),
-        optim=OptimConfig(learning_rate=5e-4, accumulation_steps=2, max_steps=3),
+        optim=OptimConfig(max_steps=3),
         run=RunConfig(out_dir=str(tmp_path / "py"), log_interval=1))
     assert train.run(config, "pretrain") == 0
     capsys.readouterr()
     run_dir = tmp_path / "py" / "pretrain_64"
     from_python = metrics(run_dir)
     keys = ("step", "update", "loss", "aux", "lr", "grad_norm")
+    assert len(from_python) == 3
     assert [{k: r.get(k) for k in keys} for r in from_python] == \
         [{k: r.get(k) for k in keys} for r in from_cli]
     recorded = json.loads((run_dir / "train_args.json").read_text())
     assert recorded["optim"]["learning_rate"] == 5e-4 and recorded["model"]["dim"] == 64
+    assert recorded["optim"]["accumulation_steps"] == 8  # pretrain's, as the command's
+    assert recorded["recipe"]["name"] == recipe
 
 
 def test_training_from_python_checks_its_numbers_first(tmp_path):

@@ -19,8 +19,8 @@ from minimind_jax.errors import UserError
 GROUP_TITLE = "reference compatibility (flags of MiniMind2's and minimind-3's training scripts)"
 
 # Flags only minimind-3's scripts have: a command line with one of them is a minimind-3 run.
-HEAD_ONLY_FLAGS = ("hidden_size", "num_hidden_layers", "save_dir", "save_weight", "from_weight",
-                   "from_resume", "use_compile")
+MINIMIND3_ONLY_FLAGS = ("hidden_size", "num_hidden_layers", "save_dir", "save_weight",
+                        "from_weight", "from_resume", "use_compile")
 
 FALSE_WORDS = ("0", "false", "no", "off", "")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -122,7 +122,7 @@ def apply(args: argparse.Namespace) -> list[str]:
     Runs before JAX picks its devices, so `--device cpu` can still select the CPU.
     """
     notes: list[str] = []
-    given = [f"--{f}" for f in HEAD_ONLY_FLAGS if getattr(args, f) is not None]
+    given = [f"--{f}" for f in MINIMIND3_ONLY_FLAGS if getattr(args, f) is not None]
     if given and args.arch is None and args.preset is None:
         args.arch = "minimind3"
         notes.append(f"{' '.join(given)}: minimind-3's script flags, so --arch minimind3 "

@@ -9,13 +9,24 @@ pass `--coordinator_address HOST:PORT --num_processes N --process_id I` on each 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import warnings
 
 import jax
 
 from minimind_jax.errors import UserError
-from minimind_jax.train.train_config import DistributedConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """jax.distributed's explicit settings (None: auto-detected) and the parameter layout."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    fsdp: bool = False  # shard params and optimizer state instead of replicating them
 
 
 def _device_ids(text: str) -> list[int]:
@@ -40,6 +51,17 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local_device_ids", type=_device_ids, default=None, metavar="IDS",
                    help="comma-separated local GPU ids this process uses (default: all; under "
                         "SLURM/Open MPI jax gives each process one GPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> DistributedConfig:
+    """The `add_distributed_args` flags (and --fsdp) of a parsed command line."""
+    ids = getattr(args, "local_device_ids", None)
+    return DistributedConfig(
+        coordinator_address=getattr(args, "coordinator_address", None),
+        num_processes=getattr(args, "num_processes", None),
+        process_id=getattr(args, "process_id", None),
+        local_device_ids=tuple(ids) if ids is not None else None,
+        fsdp=bool(getattr(args, "fsdp", False)))
 
 
 def detected_cluster() -> str | None:

@@ -122,21 +122,7 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
                   lifespan=lifespan, dependencies=[Depends(_key_checker(settings.api_key))])
     page = resources.files("minimind_jax").joinpath("web/chat.html").read_text(encoding="utf-8")
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        response = _error_response(err)
-        if err.status == 401 and request.url.path == "/":
-            response.headers["WWW-Authenticate"] = 'Basic realm="minimind-jax"'
-        return response
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException):
-        return _error_response(ApiError(err.status_code, str(err.detail)))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}").body(),
-                            status_code=500)
+    _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
     def chat_page() -> HTMLResponse:
@@ -169,20 +155,7 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
                      ReplyStream(chat_format, chat.thinking), len(prompt_ids), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, completion, events))
-        try:
-            decoder, finish = IncrementalDecoder(tokenizer), None
-            while finish is None:
-                kind, value = await events.get()
-                if kind == "token":
-                    decoder.tokens.append(value)
-                elif kind == "error":
-                    raise ApiError(503, value)
-                else:
-                    finish = value
-        finally:
-            watcher.cancel()
-            completion.cancel()
+        decoder, finish = await _collect(request, completion, events, tokenizer)
         if finish == "cancelled":
             return JSONResponse({}, status_code=499)  # nobody is listening
         message, reason = chat_format.reply(decoder.text(), chat.thinking)
@@ -192,6 +165,47 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
                 "usage": _usage(len(prompt_ids), completion.generated)}
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as the OpenAI-style JSON body (the chat page's 401 asks for a password)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        response = _error_response(err)
+        if err.status == 401 and request.url.path == "/":
+            response.headers["WWW-Authenticate"] = 'Basic realm="minimind-jax"'
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return _error_response(ApiError(err.status_code, str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}").body(),
+                            status_code=500)
+
+
+async def _collect(request: Request, completion: Completion, events: asyncio.Queue,
+                   tokenizer) -> tuple[IncrementalDecoder, str]:
+    """A whole (non-streamed) reply: its tokens and why it finished ("cancelled" when the
+    client went away); the completion is cancelled on every way out."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, completion, events))
+    try:
+        decoder, finish = IncrementalDecoder(tokenizer), None
+        while finish is None:
+            kind, value = await events.get()
+            if kind == "token":
+                decoder.tokens.append(value)
+            elif kind == "error":
+                raise ApiError(503, value)
+            else:
+                finish = value
+    finally:
+        watcher.cancel()
+        completion.cancel()
+    return decoder, finish
 
 
 def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],

@@ -238,6 +238,21 @@ def _fmt_bytes(n: int | None) -> str:
 SPEEDUP_KEYS = {"torch-eager": "speedup_vs_torch", "reference": "speedup_vs_reference"}
 
 
+def _report_run(run, flops_per_token: float, peak: float, datasheet_tflops: float | None
+                ) -> dict:
+    """Print one run's row (MFU of the measured peak, and of the datasheet's on a known GPU);
+    return its figures."""
+    mfu = run.tokens_per_s * flops_per_token / peak
+    sheet = ""
+    if datasheet_tflops:
+        mfu_sheet = run.tokens_per_s * flops_per_token / (datasheet_tflops * 1e12)
+        sheet = f", MFU vs datasheet {mfu_sheet:.1%}"
+    print(f"  {run.name:12s} {run.tokens_per_s:10.0f} tokens/s  step {run.step_s * 1e3:8.1f} ms"
+          f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
+          f"  page faults/step {run.page_faults_per_step:,.0f}  MFU {mfu:.1%}{sheet}")
+    return dataclasses.asdict(run) | {"mfu": mfu}
+
+
 def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
               with_torch: bool, reference_dir=None, peak_size: int | None = None,
               doc_len: int | None = None) -> dict:
@@ -284,16 +299,8 @@ def run_bench(config: ModelConfig, batch_size: int, seq_len: int, steps: int, wa
                "config": config.to_dict(),
                "host_hugepages": hugepages}
     for run in runs:
-        mfu = run.tokens_per_s * flops_per_token / peak
-        if backend == "gpu" and known:
-            mfu_sheet = run.tokens_per_s * flops_per_token / (known * 1e12)
-            sheet = f", MFU vs datasheet {mfu_sheet:.1%}"
-        else:
-            sheet = ""
-        print(f"  {run.name:12s} {run.tokens_per_s:10.0f} tokens/s  step {run.step_s * 1e3:8.1f} ms"
-              f"  first step/compile {run.compile_s:6.1f} s  peak mem {_fmt_bytes(run.peak_bytes)}"
-              f"  page faults/step {run.page_faults_per_step:,.0f}  MFU {mfu:.1%}{sheet}")
-        results[run.name] = dataclasses.asdict(run) | {"mfu": mfu}
+        results[run.name] = _report_run(run, flops_per_token, peak,
+                                        known if backend == "gpu" else None)
     for other in runs[1:]:
         ratio = runs[0].tokens_per_s / other.tokens_per_s
         print(f"  jax / {other.name} tokens/s: {ratio:.2f}x")

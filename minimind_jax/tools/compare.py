@@ -6,7 +6,7 @@ A run is one of
   1-based, `step` 0-based within the epoch, so the global micro-step is (e-1)*iters + step) or
   minimind-3's `Epoch:[e/E](step/iters), loss: ..., logits_loss: ..., aux_loss: ..., lr: ...`
   (`step` 1-based: the global micro-step is (e-1)*iters + step - 1),
-- a CSV export (wandb, SwanLab, ...) with a step column and a loss column, found by name. HEAD
+- a CSV export (wandb, SwanLab, ...) with a step column and a loss column, found by name. minimind-3
   logs without a step, so its exports count log calls; `--csv_log_steps INTERVAL:ITERS` turns
   that count back into micro-steps (logged every INTERVAL micro-steps and at each epoch's end).
 """
@@ -19,19 +19,13 @@ import dataclasses
 import json
 import math
 import pathlib
-import re
 
 import numpy as np
 
 from minimind_jax.cli.model_args import HelpFormatter
 from minimind_jax.errors import UserError
+from minimind_jax.train.log_lines import REFERENCE_LINE, logged_steps, parse_reference_log
 
-_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
-REFERENCE_LINE = re.compile(
-    r"Epoch:\[(?P<epoch>\d+)/(?P<epochs>\d+)\]\((?P<step>\d+)/(?P<iters>\d+)\)"
-    rf"(?P<head>,)?\s*loss:\s*(?P<loss>{_NUMBER})",
-    re.IGNORECASE,
-)
 _STEP_NAMES = ("step", "_step", "global_step", "steps", "iter", "iteration", "train/step")
 _LOSS_NAMES = ("loss", "train/loss", "train_loss", "train/train_loss")
 
@@ -55,30 +49,6 @@ def _curve(name: str, source: str, pairs: list[tuple[int, float]], path: pathlib
     steps = np.array(sorted(by_step), dtype=np.int64)
     losses = np.array([by_step[s] for s in steps], dtype=np.float64)
     return LossCurve(name=name, steps=steps, losses=losses, source=source)
-
-
-def parse_reference_log(lines, path: pathlib.Path) -> list[tuple[int, float]]:
-    """(global micro-step, loss) of each reference log line; other lines are ignored.
-    minimind-3's lines (a comma before `loss:`) count steps from 1, MiniMind2's from 0."""
-    pairs = []
-    for line in lines:
-        match = REFERENCE_LINE.search(line)
-        if match:
-            epoch, iters = int(match["epoch"]), int(match["iters"])
-            step = int(match["step"]) - (1 if match["head"] else 0)
-            pairs.append(((epoch - 1) * iters + step, float(match["loss"])))
-    return pairs
-
-
-def head_logged_steps(interval: int, iters: int):
-    """The global micro-steps (0-based) minimind-3's trainer logs at, in order: 1-based step s
-    of each epoch with s % interval == 0 or s == iters."""
-    epoch = 0
-    while True:
-        for s in range(1, iters + 1):
-            if s % interval == 0 or s == iters:
-                yield epoch * iters + s - 1
-        epoch += 1
 
 
 def parse_log_steps(text: str) -> tuple[int, int]:
@@ -177,14 +147,14 @@ def load_curve(path: str | pathlib.Path, name: str | None = None, step_column: s
     first = next((line.strip() for line in lines if line.strip()), "")
     name = name or path.stem
     if REFERENCE_LINE.search(text):
-        return _curve(name, "reference log", parse_reference_log(lines, path), path)
+        return _curve(name, "reference log", parse_reference_log(lines), path)
     if first.startswith("{"):
         return _curve(name, "metrics", parse_metrics_jsonl(lines, path, loss_column or "loss"),
                       path)
     if path.suffix.lower() == ".csv" or (first.count(",") and "loss" in first.lower()):
         pairs = parse_csv(lines, path, step_column, loss_column)
         if csv_log_steps:
-            logged = head_logged_steps(*csv_log_steps)
+            logged = logged_steps(*csv_log_steps)
             steps = [next(logged) for _ in range(max((s for s, _ in pairs), default=-1) + 1)]
             pairs = [(steps[s], loss) for s, loss in pairs if s >= 0]
         return _curve(name, "csv", pairs, path)
@@ -412,7 +382,7 @@ def register(subparsers) -> None:
                         help="CSV loss column (default: by name); for metrics.jsonl the record "
                              "key, e.g. eval_loss for the validation curve (default loss)")
     parser.add_argument("--csv_log_steps", default=None, metavar="INTERVAL:ITERS",
-                        help="the CSV's step column counts log calls of a minimind-3 (HEAD) run "
+                        help="the CSV's step column counts log calls of a minimind-3 run "
                              "logging every INTERVAL micro-steps with ITERS per epoch (wandb/"
                              "SwanLab step without step=); map them to micro-steps")
     parser.set_defaults(func=run_compare)

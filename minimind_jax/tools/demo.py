@@ -84,19 +84,19 @@ PLANS = {
         n_idioms=150, n_held_out=50, per_idiom=2, max_text_chars=140, n_scored=50,
         vocab_size=2000, character_coverage=0.995,
         model={"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128},
-        pretrain=StagePlan(OptimConfig(learning_rate=5e-3, epochs=30, warmup_iters=20),
-                           pack=True, eval_interval=24),
-        sft=StagePlan(OptimConfig(learning_rate=2e-3, epochs=8, warmup_iters=10),
-                      eval_interval=13),
+        pretrain=StagePlan(OptimConfig(learning_rate=5e-3, epochs=30, warmup_iters=20,
+                                       accumulation_steps=1), pack=True, eval_interval=24),
+        sft=StagePlan(OptimConfig(learning_rate=2e-3, epochs=8, warmup_iters=10,
+                                  accumulation_steps=1), eval_interval=13),
         max_new_tokens=96),
     "tiny": DemoPlan(
         n_idioms=300, n_held_out=8, per_idiom=1, max_text_chars=140, n_scored=8,
         vocab_size=2600, character_coverage=0.98,
         model={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 96},
-        pretrain=StagePlan(OptimConfig(learning_rate=2e-3, max_steps=12), pack=True,
-                           eval_interval=6, eval_batches=1, save_interval=1000),
-        sft=StagePlan(OptimConfig(learning_rate=1e-3, max_steps=8), eval_interval=4,
-                      save_interval=1000),
+        pretrain=StagePlan(OptimConfig(learning_rate=2e-3, max_steps=12, accumulation_steps=1),
+                           pack=True, eval_interval=6, eval_batches=1, save_interval=1000),
+        sft=StagePlan(OptimConfig(learning_rate=1e-3, max_steps=8, accumulation_steps=1),
+                      eval_interval=4, save_interval=1000),
         max_new_tokens=12),
 }
 
@@ -277,7 +277,7 @@ def train_config(plan: DemoPlan, stage: str, data: pathlib.Path, eval_data: path
 
 def run_training(config: TrainConfig, stage: str) -> None:
     """`train.run` in this process, saying what it trains."""
-    from minimind_jax.train import trainer as train
+    from minimind_jax import train
 
     optim = config.optim
     print(f">>> train.run({stage}): {config.data.data_path}, lr {optim.learning_rate}, "

@@ -1,14 +1,15 @@
-"""The training run's typed configuration: frozen dataclasses, built once from the flags.
+"""The training run's typed configuration: frozen dataclasses, resolved once.
 
 `TrainConfig` bundles the model (`ModelConfig`), the data, the optimisation and its schedule,
-the run folder (checkpoints, resume, tracker), validation and the multi-process setup. The
-`pretrain`/`sft` commands build it from their flags (`from_args`, at the CLI edge); Python
-callers build it directly and call `train.run(config, stage)`.
+the run folder (checkpoints, resume, tracker), validation, the multi-process setup and the
+`Recipe`. A field left None takes the stage's default for the model's arch or the recipe's
+choice; `TrainConfig.resolved(command)` fills them in, and is the one place that does: the
+`pretrain`/`sft` commands build a TrainConfig from their flags (whose defaults are these
+fields'), Python callers build one directly, and `train.run` resolves either the same way.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -16,7 +17,9 @@ from typing import Any
 
 from minimind_jax.data.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.runtime.distributed import DistributedConfig
+from minimind_jax.train.recipes import Recipe, recipe_named, stage_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +27,9 @@ class DataConfig:
     """Where the rows come from and how they are batched."""
 
     data_path: str
-    tokenizer: str | None = None  # None: `train.resolve_tokenizer`'s search
-    batch_size: int = 32  # sequences per micro-batch, over all devices
-    shuffle: bool = True
+    tokenizer: str | None = None  # None: searched (train.setup.tokenizer_dir)
+    batch_size: int | None = None  # sequences per micro-batch, over all devices; None: stage's
+    shuffle: bool | None = None  # None: the recipe's (every epoch, except MiniMind2's)
     pack: bool = False  # several documents per row (pretrain only)
     pack_window: int = DEFAULT_PACK_WINDOW
     cache_dir: str | None = None
@@ -38,11 +41,11 @@ class DataConfig:
 class OptimConfig:
     """AdamW with accumulation and clipping, and the learning-rate schedule over the run."""
 
-    learning_rate: float
-    accumulation_steps: int = 1
-    epochs: int = 1
+    learning_rate: float | None = None  # None: the stage's
+    accumulation_steps: int | None = None  # None: the stage's
+    epochs: int | None = None  # None: the stage's
     max_steps: int | None = None  # None: all epochs
-    lr_schedule: str = "cosine"  # optim.SCHEDULES
+    lr_schedule: str | None = None  # train.optim.SCHEDULES; None: the recipe's, else cosine
     warmup_iters: int = 0
     grad_clip: float = 1.0
     weight_decay: float = 0.01
@@ -53,7 +56,7 @@ class EvalConfig:
     """Validation on held-out data (none without `data_path`)."""
 
     data_path: str | None = None
-    interval: int = 100  # micro-steps between evaluations
+    interval: int | None = None  # micro-steps between evaluations; None: run.save_interval
     batches: int | None = None  # None: all
 
 
@@ -69,33 +72,31 @@ class RunConfig:
     log_interval: int = 100
     save_interval: int = 100
     max_consecutive_skips: int = 20
-    tracker: str = "tensorboard"  # tracking.TRACKERS
+    tracker: str = "tensorboard"  # train.tracking.TRACKERS
     tracker_project: str | None = None
     flags: Mapping[str, Any] | None = None  # recorded as train_args.json (None: this config)
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """jax.distributed's explicit settings (None: auto-detected) and the parameter layout."""
-
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    local_device_ids: tuple[int, ...] | None = None
-    fsdp: bool = False  # shard params and optimizer state instead of replicating them
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     data: DataConfig
-    optim: OptimConfig
+    optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
-    seed: int = 1337
-    recipe: str | None = None  # recipes.RECIPES
+    seed: int | None = None  # None: the recipe's (1337; minimind3: 42)
+    recipe: Recipe = Recipe()  # a Recipe, or its name (train.recipes.RECIPES)
     vocab_from_tokenizer: bool = False  # model.vocab_size := the tokenizer's
+
+    def __post_init__(self):
+        if not isinstance(self.recipe, Recipe):  # a name, for callers' convenience
+            object.__setattr__(self, "recipe", recipe_named(self.recipe))
+
+    def resolved(self, command: str) -> TrainConfig:
+        """This config with every None default filled in for `command` (pretrain / sft)."""
+        return dataclasses.replace(self, **resolve_settings(vars(self), command,
+                                                            arch_of(self.model)))
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""
@@ -104,46 +105,49 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def distributed_from_args(args: argparse.Namespace) -> DistributedConfig:
-    ids = getattr(args, "local_device_ids", None)
-    return DistributedConfig(
-        coordinator_address=getattr(args, "coordinator_address", None),
-        num_processes=getattr(args, "num_processes", None),
-        process_id=getattr(args, "process_id", None),
-        local_device_ids=tuple(ids) if ids is not None else None,
-        fsdp=bool(getattr(args, "fsdp", False)))
+def field_default(cls, name: str):
+    """The default of dataclass `cls`'s field `name` (for the flags that set it)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def settings_from_args(args: argparse.Namespace, tracker: str) -> dict:
-    """The training flags (after `compat_flags.apply` and `recipes.apply_defaults`) as the
-    fields of a `TrainConfig` but its model (whose dtype `auto` needs the JAX backend)."""
+def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> dict:
+    """A TrainConfig's fields but the model (`settings`), with the Nones filled in from the
+    stage defaults of `arch` and from the recipe; a recipe's fixed choice given otherwise is an
+    error. Resolved settings come back equal."""
+    recipe = recipe_named(settings["recipe"])
+    data, optim, run, eval_ = (settings[k] for k in ("data", "optim", "run", "eval"))
+    defaults = stage_defaults(command, arch)
+
+    def given_or(value, default):
+        return default if value is None else value
+
+    if recipe.lr_schedule and optim.lr_schedule not in (None, recipe.lr_schedule):
+        raise UserError(f"--recipe {recipe.name} uses --lr_schedule {recipe.lr_schedule}, "
+                        f"not {optim.lr_schedule}")
+    if recipe.name and data.shuffle not in (None, recipe.shuffle):
+        raise UserError(f"--recipe {recipe.name} shuffles every epoch; drop --no_shuffle"
+                        if recipe.shuffle else
+                        f"--recipe {recipe.name} reads the data in file order; do not shuffle")
     return dict(
-        data=DataConfig(data_path=args.data_path, tokenizer=args.tokenizer,
-                        batch_size=args.batch_size, shuffle=not args.no_shuffle, pack=args.pack,
-                        pack_window=args.pack_window, cache_dir=args.cache_dir,
-                        skip_bad_lines=args.skip_bad_lines, sft_random=not args.no_sft_random),
-        optim=OptimConfig(learning_rate=args.learning_rate,
-                          accumulation_steps=args.accumulation_steps, epochs=args.epochs,
-                          max_steps=args.max_steps, lr_schedule=args.lr_schedule,
-                          warmup_iters=args.warmup_iters, grad_clip=args.grad_clip,
-                          weight_decay=args.weight_decay),
-        run=RunConfig(out_dir=args.out_dir, run_prefix=getattr(args, "run_prefix", None) or None,
-                      init_from=args.init_from, resume=args.resume, overwrite=args.overwrite,
-                      log_interval=args.log_interval, save_interval=args.save_interval,
-                      max_consecutive_skips=args.max_consecutive_skips, tracker=tracker,
-                      tracker_project=args.wandb_project,
-                      flags={k: v for k, v in vars(args).items() if k != "func"}),
-        eval=EvalConfig(data_path=args.eval_data, interval=args.eval_interval,
-                        batches=args.eval_batches),
-        distributed=distributed_from_args(args),
-        seed=args.seed,
-        recipe=args.recipe,
-        vocab_from_tokenizer=args.vocab_size is None)
+        settings,
+        recipe=recipe,
+        seed=given_or(settings["seed"], recipe.seed),
+        data=dataclasses.replace(data, batch_size=given_or(data.batch_size,
+                                                           defaults["batch_size"]),
+                                 shuffle=given_or(data.shuffle, recipe.shuffle)),
+        optim=dataclasses.replace(
+            optim, learning_rate=given_or(optim.learning_rate, defaults["learning_rate"]),
+            accumulation_steps=given_or(optim.accumulation_steps,
+                                        defaults["accumulation_steps"]),
+            epochs=given_or(optim.epochs, defaults["epochs"]),
+            lr_schedule=given_or(optim.lr_schedule, recipe.lr_schedule or "cosine")),
+        eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
+    )
 
 
 def check_settings(settings: Mapping[str, Any]) -> None:
     """Refuse numbers that make no run (named by their flags), before anything is created or
-    opened. `settings`: a TrainConfig's fields (`settings_from_args`, or `vars(config)`)."""
+    opened. `settings`: resolved TrainConfig fields (`resolve_settings`, or `vars(config)`)."""
     data, optim, run = settings["data"], settings["optim"], settings["run"]
     for flag, value in (("batch_size", data.batch_size), ("epochs", optim.epochs),
                         ("accumulation_steps", optim.accumulation_steps),

@@ -1,0 +1,90 @@
+"""The references' console lines, written and read back in one place.
+
+MiniMind2 prints `Epoch:[e/E](b/iters) loss:.. lr:.. epoch_Time:..min:` at 0-based batches b
+with b % interval == 0. minimind-3 prints `Epoch:[e/E](s/iters), loss: .., logits_loss: ..,
+aux_loss: .., lr: .., epoch_time: ..min` at 1-based steps s with s % interval == 0 and at each
+epoch's last step. Training writes these lines (`LineStyle`); `compare` parses them back
+(`parse_reference_log`) and maps a minimind-3 export's log calls to micro-steps (`logged_steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
+REFERENCE_LINE = re.compile(
+    r"Epoch:\[(?P<epoch>\d+)/(?P<epochs>\d+)\]\((?P<step>\d+)/(?P<iters>\d+)\)"
+    rf"(?P<minimind3>,)?\s*loss:\s*(?P<loss>{_NUMBER})",
+    re.IGNORECASE,
+)
+
+
+def minimind2_line(epoch: int, epochs: int, batch: int, batches: int, loss: float, lr: float,
+                   epoch_seconds: float, batches_done: int) -> str:
+    """MiniMind2's line (`epoch`, `batch` 0-based; it prints the batch 0-based too)."""
+    minutes_left = epoch_seconds / batches_done * batches // 60 - epoch_seconds // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch}/{batches}) loss:{loss:.3f} lr:{lr:.12f} "
+            f"epoch_Time:{minutes_left}min:")
+
+
+def minimind3_line(epoch: int, epochs: int, batch: int, batches: int, loss: float, aux: float,
+                   lr: float, epoch_seconds: float, batches_done: int) -> str:
+    """minimind-3's line, which prints the step 1-based (logits_loss = loss - aux)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {loss:.4f}, "
+            f"logits_loss: {loss - aux:.4f}, aux_loss: {aux:.4f}, lr: {lr:.8f}, "
+            f"epoch_time: {eta_min:.1f}min")
+
+
+def is_logged_batch(batch: int, batches: int, interval: int, minimind3: bool) -> bool:
+    """Whether the reference logs 0-based `batch` of an epoch of `batches`."""
+    if minimind3:
+        return (batch + 1) % interval == 0 or batch + 1 == batches
+    return batch % interval == 0
+
+
+def logged_steps(interval: int, iters: int) -> Iterator[int]:
+    """The global micro-steps (0-based) minimind-3's trainer logs at, in order, over as many
+    epochs of `iters` batches as are consumed."""
+    epoch = 0
+    while True:
+        for batch in range(iters):
+            if is_logged_batch(batch, iters, interval, minimind3=True):
+                yield epoch * iters + batch
+        epoch += 1
+
+
+def parse_reference_log(lines: Iterable[str]) -> list[tuple[int, float]]:
+    """(global micro-step, loss) of each reference line in `lines`; other lines are ignored.
+    minimind-3's lines (a comma before `loss:`) count steps from 1, MiniMind2's from 0."""
+    pairs = []
+    for line in lines:
+        match = REFERENCE_LINE.search(line)
+        if match:
+            epoch, iters = int(match["epoch"]), int(match["iters"])
+            step = int(match["step"]) - (1 if match["minimind3"] else 0)
+            pairs.append(((epoch - 1) * iters + step, float(match["loss"])))
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class LineStyle:
+    """Which reference's console line a run prints, and at which batches."""
+
+    epochs: int
+    batches: int  # per epoch
+    interval: int  # --log_interval
+    minimind3: bool
+
+    def is_logged(self, batch: int) -> bool:
+        return is_logged_batch(batch, self.batches, self.interval, self.minimind3)
+
+    def line(self, epoch: int, batch: int, record: dict, epoch_seconds: float,
+             batches_done: int) -> str:
+        if self.minimind3:
+            return minimind3_line(epoch, self.epochs, batch, self.batches, record["loss"],
+                                  record["aux"], record["lr"], epoch_seconds, batches_done)
+        return minimind2_line(epoch, self.epochs, batch, self.batches, record["loss"],
+                              record["lr"], epoch_seconds, batches_done)

@@ -1,0 +1,357 @@
+"""A run made ready to train, from its `TrainConfig`: tokenizer, model, the locked run folder,
+data, the train state (fresh, from given weights, or resumed), step functions, checkpoint
+manager and log. `build_run` returns it as a `Run`; `train.loop` consumes it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+
+from minimind_jax.data.batches import Loader
+from minimind_jax.data.rows import open_source
+from minimind_jax.data.samples import STAGES, Stage
+from minimind_jax.errors import UserError
+from minimind_jax.model import convert
+from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
+from minimind_jax.runtime import distributed, host_memory
+from minimind_jax.train import checkpoint, evaluate, optim, recipes, run_folder, tracking
+from minimind_jax.train.log_lines import LineStyle
+from minimind_jax.train.run_log import RunLog, say, warn
+from minimind_jax.train.train_config import DataConfig, TrainConfig
+
+REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where MiniMind2 keeps its tokenizer
+MINIMIND3_TOKENIZER_DIR = "model"  # where minimind-3 keeps its tokenizer.json
+
+
+def resolve_tokenizer(config: TrainConfig, stage: Stage) -> pathlib.Path:
+    """--tokenizer; else the run's own copy (--resume) or, for sft, the pretrain run's copy;
+    else the reference's ./model/minimind_tokenizer."""
+    if config.data.tokenizer:
+        return pathlib.Path(config.data.tokenizer)
+    tag, run = config.model.tag, config.run
+    candidates = []
+    if run.resume:
+        candidates.append(pathlib.Path(run.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
+    if stage.command == "sft" and not run.init_from:
+        candidates.append(pathlib.Path(run.out_dir) / f"pretrain_{tag}" / "tokenizer")
+    elif run.init_from and pathlib.Path(run.init_from).is_dir():  # one of our run folders
+        candidates.append(pathlib.Path(run.init_from) / "tokenizer")
+    if arch_of(config.model) == "minimind3":  # its scripts run from trainer/ and read ../model
+        candidates += [pathlib.Path(MINIMIND3_TOKENIZER_DIR),
+                       pathlib.Path("..") / MINIMIND3_TOKENIZER_DIR]
+    else:
+        candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise UserError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json, e.g. the "
+                    "reference's model/minimind_tokenizer); looked in "
+                    + ", ".join(str(c) for c in candidates))
+
+
+def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> None:
+    diffs = [f"{f}: checkpoint {getattr(saved, f)!r}, flags {getattr(config, f)!r}"
+             for f in SHAPE_FIELDS if getattr(saved, f) != getattr(config, f)]
+    if diffs:
+        raise UserError(f"{where} was trained with another model shape; pass matching flags:\n  "
+                        + "\n  ".join(diffs))
+
+
+def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
+    """Where the initial weights come from: --init_from; else sft: the pretrain run folder;
+    else None (a seeded random init). Checked to exist, so a missing one fails early."""
+    init_from = config.run.init_from
+    if init_from == "none":  # minimind-3's --from_weight none
+        return None
+    if init_from:
+        source = pathlib.Path(init_from)
+        if not source.exists():
+            raise UserError(f"--init_from: {source} does not exist")
+        return source
+    if stage.command != "sft":
+        return None
+    pretrain_dir = run_folder.run_dir_for(config.run.out_dir, STAGES["pretrain"], config.model)
+    if checkpoint.latest_checkpoint(pretrain_dir) is None:
+        raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
+                        f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
+                        "and model flags, or pass --init_from (checkpoint folder, .pth, "
+                        ".safetensors or .npz)")
+    return pretrain_dir
+
+
+def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | None,
+                   model: ModelConfig):
+    """(params, where they came from): `init_source`'s weights, or a seeded random init."""
+    from minimind_jax.model.transformer import init_params
+
+    if source is None:
+        return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
+    params, _, origin = convert.load_weights(source, model, exact=True, warn=warn)
+    if stage.command == "sft" and config.recipe.fp16_sft_init:
+        return recipes.round_to_float16(params), f"{origin} (rounded to float16, as minimind-3)"
+    return params, origin
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run ready to train: all that `train_loop` consumes."""
+
+    config: TrainConfig
+    stage: Stage
+    model: ModelConfig  # config.model, with the tokenizer's vocabulary where it asks so
+    run_dir: pathlib.Path
+    state: Any  # the train state to start from, fresh or resumed
+    start: tuple[int, int, int]  # (global step, epoch, batch) of the next micro-step
+    total_steps: int
+    loader: Any
+    mesh: Any
+    schedule: optim.Schedule
+    step_fn: Any
+    flush_fn: Any  # minimind-3's end-of-epoch flush of a partial accumulation window, or None
+    evaluator: Any  # evaluate.Evaluator or None
+    manager: Any  # the orbax checkpoint manager
+    log: RunLog
+
+
+def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) -> Run:
+    """Tokenizer, model, run folder (locked), data, train state (fresh or resumed), step
+    functions, checkpoint manager, tracker and log; what is opened is closed by `stack`."""
+    from minimind_jax.data.tokenizer import load_tokenizer
+
+    if config.run.run_prefix:  # minimind-3's --save_weight
+        stage = dataclasses.replace(stage, run_prefix=config.run.run_prefix)
+    tokenizer_dir = resolve_tokenizer(config, stage)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = config.model
+    if config.vocab_from_tokenizer:
+        model = model.replace(vocab_size=tokenizer.vocab_size)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"--vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
+    source = None if config.run.resume else init_source(config, stage)
+    run_dir = run_folder.run_dir_for(config.run.out_dir, stage, model)
+    stack.enter_context(run_folder.own(run_dir))
+    with run_folder.write_failures(run_dir):
+        return _build_owned(config, stage, model, tokenizer, tokenizer_dir, source, run_dir,
+                            stack)
+
+
+def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
+                 tokenizer_dir: pathlib.Path, source, run_dir: pathlib.Path,
+                 stack: contextlib.ExitStack) -> Run:
+    """`build_run` once the run folder is ours."""
+    from minimind_jax.train import train_step
+
+    previous = run_folder.check_start(config.run, run_dir)
+    mesh = train_step.data_mesh()
+    data, loader, evaluator = _open_data(config, stage, tokenizer, model, mesh)
+    batches = loader.batches_per_epoch
+    total_steps = _total_steps(config, batches)
+    opt = config.optim
+    schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
+                              opt.accumulation_steps, opt.warmup_iters)
+    optimizer = optim.make_optimizer(accumulation_steps=opt.accumulation_steps,
+                                     grad_clip=opt.grad_clip, weight_decay=opt.weight_decay)
+    abstract = train_step.abstract_train_state(model, optimizer, mesh,
+                                               fsdp=config.distributed.fsdp)
+    shardings = train_step.shardings_of(abstract)
+    state, (epoch, batch), elapsed_before = _start_state(
+        config, stage, model, source, run_dir, previous, abstract, optimizer, shardings)
+    manager = checkpoint.open_manager(run_dir)
+    stack.callback(checkpoint.close, manager)
+    start_step = int(train_step.to_host(state.step))
+    if distributed.is_main_process():
+        run_folder.write_run_files(run_dir, model, config, tokenizer_dir)
+    _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps)
+
+    tracker = (tracking.open_tracker(config.run.tracker, config.run.tracker_project,
+                                     tracking.run_name(stage.command, opt.epochs,
+                                                       config.data.batch_size,
+                                                       opt.learning_rate),
+                                     config.record(), stage.command, run_dir, start_step)
+               if distributed.is_main_process() else None)
+    lines = LineStyle(opt.epochs, batches, config.run.log_interval,
+                      minimind3=arch_of(model) == "minimind3")
+    log = RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
+                 lines=lines, elapsed_before=elapsed_before)
+    stack.callback(log.close)
+    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings)
+    flush_fn = None
+    if config.recipe.flush_epoch_end \
+            and batches % opt.accumulation_steps != 0:
+        inner = optim.make_inner_optimizer(grad_clip=opt.grad_clip,
+                                           weight_decay=opt.weight_decay)
+        flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings)
+    return Run(config=config, stage=stage, model=model, run_dir=run_dir, state=state,
+               start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
+               mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
+               evaluator=evaluator, manager=manager, log=log)
+
+
+def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh):
+    """(training rows, their loader, the evaluator or None)."""
+    data_config = config.data
+    data = _open_source_once(config, stage, tokenizer, model, data_config.data_path,
+                             data_config.pack)
+    evaluator = None
+    if config.eval.data_path:
+        eval_source = _open_source_once(config, stage, tokenizer, model, config.eval.data_path,
+                                        pack=False)
+        evaluator = evaluate.Evaluator(eval_source, model, mesh, data_config.batch_size,
+                                       config.eval.batches)
+    loader = Loader(data, data_config.batch_size, shuffle=data_config.shuffle, seed=config.seed,
+                    num_shards=jax.process_count(), shard_index=jax.process_index(),
+                    pad_to_multiple=_rows_multiple(model, data_config.batch_size),
+                    permutation=config.recipe.permutation)
+    return data, loader, evaluator
+
+
+def _total_steps(config: TrainConfig, batches: int) -> int:
+    total_steps = config.optim.epochs * batches
+    if config.optim.max_steps is not None:
+        total_steps = min(total_steps, config.optim.max_steps)
+    if total_steps < 1:
+        raise UserError(f"nothing to train: {config.data.data_path} gives {batches} batches of "
+                        f"--batch_size {config.data.batch_size} per epoch")
+    return total_steps
+
+
+def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, run_dir,
+                 previous: str | None, abstract, optimizer, shardings):
+    """(train state, (epoch, batch) of the next batch, run seconds so far): resumed from the
+    newest intact checkpoint, or fresh from `initial_params` (removing an earlier run's files
+    with --overwrite)."""
+    from minimind_jax.train import train_step
+
+    if config.run.resume:
+        def same_run(meta):
+            where = f"{run_dir} (step {meta['step']})"
+            check_same_shape(ModelConfig.from_dict(meta["model_config"]), model, where)
+            _check_same_rows(meta.get("rows"), rows_layout(config.data), where)
+
+        state, meta, damaged = checkpoint.resume_state(run_dir, abstract, same_run, warn)
+        if damaged:
+            distributed.barrier("train:damaged_seen")  # all restored before one moves them
+            if distributed.is_main_process():
+                moved = checkpoint.set_aside(run_dir, damaged)
+                warn(f"warning: moved the damaged checkpoint(s) to {', '.join(map(str, moved))}")
+            distributed.barrier("train:damaged_moved")
+        epoch, batch = meta["epoch"], meta["batch"]
+        say(f"resuming {run_dir} at step {meta['step']} (epoch {epoch + 1}, batch {batch})")
+        return state, (epoch, batch), float(meta.get("elapsed_s", 0.0))
+    params, origin = initial_params(config, stage, source, model)
+    if previous:  # --overwrite, checked by run_folder.check_start
+        say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
+        distributed.barrier("train:previous_seen")  # all decided before one deletes
+        if distributed.is_main_process():
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        distributed.barrier("train:previous_removed")
+    state = train_step.init_train_state(params, optimizer, config.seed, shardings)
+    say(f"initial weights: {origin}")
+    return state, (0, 0), 0.0
+
+
+def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh, data,
+              run_dir: pathlib.Path, batches: int, total_steps: int) -> None:
+    """The run's opening lines: model size, devices, layout, host memory, schedule, rows."""
+    from minimind_jax.model.transformer import count_params
+
+    opt = config.optim
+    n_params = count_params(state.params)
+    say(f"model parameters: {n_params / 1e6:.3f} M ({n_params:,}); {mesh.devices.size} "
+         f"device(s) {jax.devices()[0].platform} in {jax.process_count()} process(es); "
+         f"dtype {model.dtype}; run folder {run_dir}")
+    say(_layout_line(state, config.distributed.fsdp, mesh.devices.size))
+    say(host_memory.describe())
+    if cache_dir := jax.config.jax_compilation_cache_dir:
+        say(f"compilation cache: {cache_dir} (reruns of these shapes skip most compiling)")
+    say(f"{stage.command}: {opt.epochs} epoch(s) x {batches} batches of "
+         f"{config.data.batch_size}, accumulation {opt.accumulation_steps}, {total_steps} "
+         f"micro-steps, lr {opt.learning_rate} ({opt.lr_schedule})")
+    say(_rows_line(data, config.data))
+
+
+def _open_source_once(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
+                      data_path: str, pack: bool):
+    """The rows of `data_path`; with several processes, process 0 builds a missing token cache
+    first, so the others find it (shared storage) instead of racing on it."""
+    data_config = config.data
+
+    def open_it(quiet: bool):
+        return open_source(data_path, tokenizer, stage.command, model.max_seq_len,
+                           pack=pack, pack_window=data_config.pack_window,
+                           cache_dir=data_config.cache_dir,
+                           skip_bad_lines=data_config.skip_bad_lines,
+                           progress=False if quiet else None,
+                           log=(lambda message: None) if quiet else None,
+                           rules=arch_of(model), sft_seed=config.seed,
+                           sft_random=data_config.sft_random)
+
+    if not distributed.is_main_process():
+        distributed.barrier("train:token_cache")
+        return open_it(quiet=True)  # bad data fails here too, with the same UserError
+    try:
+        return open_it(quiet=False)
+    finally:
+        distributed.barrier("train:token_cache")  # reached on failure too: nobody hangs
+
+
+def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
+    """What this process's rows of a batch are padded to a multiple of (zero-mask rows).
+
+    Dense models: the whole per-process batch, so the last partial batch of an epoch keeps the
+    compiled shape instead of compiling the step a second time (seconds on CPU; the masked
+    mean loss ignores the empty rows exactly). MoE models: only the local device count, since
+    the reference's per-sequence aux loss is a mean over the batch's rows."""
+    per_process, devices = batch_size // jax.process_count(), jax.local_device_count()
+    if not config.use_moe and per_process % devices == 0:
+        return per_process
+    return devices
+
+
+def _rows_line(data, data_config: DataConfig) -> str:
+    """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
+    fill = 1.0 - data.padding_fraction
+    if data_config.pack:
+        how = ("next fit in file order" if data_config.pack_window == 0
+               else f"best fit over windows of {data_config.pack_window:,} documents")
+        return f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
+    return f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
+
+
+def _layout_line(state, fsdp: bool, n_devices: int) -> str:
+    """Where params and optimizer state live, with this device's share of the params."""
+    from minimind_jax.train import train_step
+
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    local = train_step.local_bytes(state.params)
+    layout = (f"fsdp: params and optimizer state sharded over {n_devices} device(s)" if fsdp
+              else "params and optimizer state replicated on every device")
+    return (f"{layout}; params per device {local / 2**20:.3f} MiB of {total / 2**20:.3f} MiB "
+            f"({100 * local / total:.1f}%)")
+
+
+def rows_layout(data_config) -> dict:
+    """The flags that decide which rows a (epoch, batch) position points at: a resumed run
+    must keep them, or it would continue at another place in the data."""
+    return {"pack": data_config.pack,
+            "pack_window": data_config.pack_window if data_config.pack else None}
+
+
+def _check_same_rows(saved: dict | None, now: dict, where: str) -> None:
+    if saved is None or saved == now:  # checkpoints from before the layout was saved: unchecked
+        return
+
+    def flags(layout):
+        if not layout["pack"]:
+            return "one sample per row (no --pack)"
+        return f"--pack --pack_window {layout['pack_window']}"
+
+    raise UserError(f"--resume: {where} was trained on rows made with {flags(saved)}, but this "
+                    f"run asks for {flags(now)}; resume with the same flags, or start a new run")
