@@ -1,4 +1,4 @@
-"""`compare` reads minimind-3 (HEAD) logs and its wandb/SwanLab CSV exports."""
+"""`compare` reads minimind-3 logs and its wandb/SwanLab CSV exports."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from minimind_jax.tools import compare
 from minimind_jax.train import log_lines
 
 _TAIL = ", logits_loss: 0, aux_loss: 0.0010, lr: 0.0004, epoch_time: 0.0min"
-HEAD_LOG = "\n".join([
+MINIMIND3_LOG = "\n".join([
     "Model Params: 0.533M",
     "Epoch:[1/2](1/3), loss: 8.7663" + _TAIL,
     "Epoch:[1/2](2/3), loss: 8.7000" + _TAIL,
@@ -17,9 +17,9 @@ HEAD_LOG = "\n".join([
 ])
 
 
-def test_head_log_lines_are_one_based(tmp_path):
-    path = tmp_path / "head.log"
-    path.write_text(HEAD_LOG)
+def test_minimind3_log_lines_are_one_based(tmp_path):
+    path = tmp_path / "minimind3.log"
+    path.write_text(MINIMIND3_LOG)
     curve = compare.load_curve(path)
     assert curve.source == "reference log"
     np.testing.assert_array_equal(curve.steps, [0, 1, 2, 3])
@@ -32,7 +32,7 @@ def test_minimind2_lines_stay_zero_based(tmp_path):
     np.testing.assert_array_equal(compare.load_curve(path).steps, [4])
 
 
-def test_head_csv_export_log_calls_to_micro_steps(tmp_path):
+def test_minimind3_csv_export_log_calls_to_micro_steps(tmp_path):
     """HEAD logs at s % 2 == 0 and s == iters (5): micro-steps 1, 3, 4, then 6, 8, 9."""
     logged = log_lines.logged_steps(2, 5)
     assert [next(logged) for _ in range(6)] == [1, 3, 4, 6, 8, 9]

@@ -240,11 +240,6 @@ def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
     return params, config
 
 
-def load_model(ckpt: str, flags: ModelConfig, dtype: str = "auto") -> tuple[dict, ModelConfig]:
-    """Deprecated: tools/demo.py's call, until it uses `convert.load_weights(..., dtype=)`."""
-    return convert.load_weights(ckpt, flags, dtype=dtype)[:2]
-
-
 def tokenizer_of(args: argparse.Namespace):
     """The commands' tokenizer: --tokenizer, else the one saved beside --ckpt."""
     from minimind_jax.data.tokenizer import beside_weights, load_tokenizer, locate_tokenizer

@@ -15,10 +15,10 @@ import dataclasses
 from minimind_jax.cli import compat_flags, model_args
 from minimind_jax.data import prepare
 from minimind_jax.data.samples import STAGES, Stage
+from minimind_jax.data.tokenizer import REFERENCE_TOKENIZER_DIR
 from minimind_jax.runtime import distributed
 from minimind_jax.train import evaluate, optim, recipes, tracking
 from minimind_jax.train.run_log import say
-from minimind_jax.train.setup import REFERENCE_TOKENIZER_DIR
 from minimind_jax.train.train_config import (
     DataConfig,
     EvalConfig,

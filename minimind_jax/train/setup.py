@@ -15,6 +15,7 @@ import jax
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import STAGES, Stage
+from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
 from minimind_jax.model import convert
 from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
@@ -24,34 +25,20 @@ from minimind_jax.train.log_lines import LineStyle
 from minimind_jax.train.run_log import RunLog, say, warn
 from minimind_jax.train.train_config import DataConfig, TrainConfig
 
-REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where MiniMind2 keeps its tokenizer
-MINIMIND3_TOKENIZER_DIR = "model"  # where minimind-3 keeps its tokenizer.json
-
 
 def resolve_tokenizer(config: TrainConfig, stage: Stage) -> pathlib.Path:
-    """--tokenizer; else the run's own copy (--resume) or, for sft, the pretrain run's copy;
-    else the reference's ./model/minimind_tokenizer."""
-    if config.data.tokenizer:
-        return pathlib.Path(config.data.tokenizer)
-    tag, run = config.model.tag, config.run
-    candidates = []
-    if run.resume:
-        candidates.append(pathlib.Path(run.out_dir) / f"{stage.run_prefix}_{tag}" / "tokenizer")
+    """--tokenizer; else the run's own copy (--resume), the copy of the run it starts from
+    (sft: the pretrain run; an --init_from run folder), or the reference's own folder."""
+    run, model = config.run, config.model
+    own = run_folder.run_dir_for(run.out_dir, stage, model) if run.resume else None
     if stage.command == "sft" and not run.init_from:
-        candidates.append(pathlib.Path(run.out_dir) / f"pretrain_{tag}" / "tokenizer")
+        start = run_folder.run_dir_for(run.out_dir, STAGES["pretrain"], model)
     elif run.init_from and pathlib.Path(run.init_from).is_dir():  # one of our run folders
-        candidates.append(pathlib.Path(run.init_from) / "tokenizer")
-    if arch_of(config.model) == "minimind3":  # its scripts run from trainer/ and read ../model
-        candidates += [pathlib.Path(MINIMIND3_TOKENIZER_DIR),
-                       pathlib.Path("..") / MINIMIND3_TOKENIZER_DIR]
+        start = pathlib.Path(run.init_from)
     else:
-        candidates.append(pathlib.Path(REFERENCE_TOKENIZER_DIR))
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise UserError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json, e.g. the "
-                    "reference's model/minimind_tokenizer); looked in "
-                    + ", ".join(str(c) for c in candidates))
+        start = None
+    return locate_tokenizer(config.data.tokenizer, training_tokenizer_candidates(
+        arch_of(model), run_dir=own, start_dir=start), what=stage.command)
 
 
 def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> None:

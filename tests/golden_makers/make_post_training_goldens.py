@@ -24,6 +24,7 @@ see README.md):
     python tests/golden_makers/make_post_training_goldens.py --ref2 /tmp/ref2 --ref3 /tmp/ref3 \
         --out tests/fixtures/post/
 """
+
 import argparse
 import json
 import os
@@ -42,98 +43,396 @@ DEFAULT_M3_GOLDEN = "/work/shared/reference/minimind3_golden.npz"
 
 # Seeds used by THIS maker (the reference scripts seed themselves: v2 torch.manual_seed(1337),
 # HEAD setup_seed(42) at start and setup_seed(42 + epoch) before each epoch's randperm).
-SEED_M2_BASE = 1337      # torch.manual_seed before MiniMindLM(LMConfig(dim=64, n_layers=2))
-SEED_M2_TEACHER = 2024   # torch.manual_seed before MiniMindLM(LMConfig(dim=80, n_layers=2))
-SEED_M3_TEACHER = 7      # torch.manual_seed before MiniMindForCausalLM(hidden 96, 2 layers)
+SEED_M2_BASE = 1337  # torch.manual_seed before MiniMindLM(LMConfig(dim=64, n_layers=2))
+SEED_M2_TEACHER = 2024  # torch.manual_seed before MiniMindLM(LMConfig(dim=80, n_layers=2))
+SEED_M3_TEACHER = 7  # torch.manual_seed before MiniMindForCausalLM(hidden 96, 2 layers)
 
 N_DPO_PAIRS = 24
-MULTI_TURN_KEEP = (0, 3)   # pair 0: long multi-turn (last reply beyond 64 tokens); pair 3: short multi-turn
-BAD_REPLIES = ["我不知道。", "Sorry, I cannot help with that.", "嗯。", "这个问题没有意义，请换一个问题。"]
+MULTI_TURN_KEEP = (
+    0,
+    3,
+)  # pair 0: long multi-turn (last reply beyond 64 tokens); pair 3: short multi-turn
+BAD_REPLIES = [
+    "我不知道。",
+    "Sorry, I cannot help with that.",
+    "嗯。",
+    "这个问题没有意义，请换一个问题。",
+]
 
 # --------------------------------------------------------------------------------------------
 # cases: (generation, script, argv, extra layout)
 # --------------------------------------------------------------------------------------------
 CASES = {
     "m2_lora": dict(
-        gen=2, script="train_lora.py", cwd="",
-        argv=["--out_dir", "out", "--epochs", "2", "--batch_size", "4", "--learning_rate", "5e-3",
-              "--device", "cpu", "--dtype", "float32", "--num_workers", "0",
-              "--accumulation_steps", "3", "--grad_clip", "1.0", "--log_interval", "1",
-              "--save_interval", "1", "--dim", "64", "--n_layers", "2", "--max_seq_len", "64",
-              "--data_path", "./dataset/lora_sft.jsonl", "--lora_name", "lora_golden"],
-        base="m2_dense64", kind="lora"),
+        gen=2,
+        script="train_lora.py",
+        cwd="",
+        argv=[
+            "--out_dir",
+            "out",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "5e-3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "3",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1",
+            "--dim",
+            "64",
+            "--n_layers",
+            "2",
+            "--max_seq_len",
+            "64",
+            "--data_path",
+            "./dataset/lora_sft.jsonl",
+            "--lora_name",
+            "lora_golden",
+        ],
+        base="m2_dense64",
+        kind="lora",
+    ),
     "m3_lora": dict(
-        gen=3, script="trainer/train_lora.py", cwd="trainer",
-        argv=["--save_dir", "../out", "--lora_name", "lora_golden", "--epochs", "2",
-              "--batch_size", "4", "--learning_rate", "5e-3", "--device", "cpu",
-              "--dtype", "float32", "--num_workers", "0", "--accumulation_steps", "3",
-              "--grad_clip", "1.0", "--log_interval", "1", "--save_interval", "1000",
-              "--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "64",
-              "--use_moe", "0", "--data_path", "../dataset/lora_sft.jsonl",
-              "--from_weight", "full_sft"],
-        base="m3_dense64", kind="lora"),
+        gen=3,
+        script="trainer/train_lora.py",
+        cwd="trainer",
+        argv=[
+            "--save_dir",
+            "../out",
+            "--lora_name",
+            "lora_golden",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "5e-3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "3",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000",
+            "--hidden_size",
+            "64",
+            "--num_hidden_layers",
+            "2",
+            "--max_seq_len",
+            "64",
+            "--use_moe",
+            "0",
+            "--data_path",
+            "../dataset/lora_sft.jsonl",
+            "--from_weight",
+            "full_sft",
+        ],
+        base="m3_dense64",
+        kind="lora",
+    ),
     "m2_dpo": dict(
-        gen=2, script="train_dpo.py", cwd="",
-        argv=["--out_dir", "out", "--epochs", "2", "--batch_size", "4", "--learning_rate", "1e-4",
-              "--device", "cpu", "--dtype", "float32", "--num_workers", "0",
-              "--accumulation_steps", "1", "--grad_clip", "1.0", "--log_interval", "1",
-              "--save_interval", "6", "--dim", "64", "--n_layers", "2", "--max_seq_len", "64",
-              "--data_path", "./dataset/dpo_pairs.jsonl"],
-        base="m2_dense64", kind="dpo"),
+        gen=2,
+        script="train_dpo.py",
+        cwd="",
+        argv=[
+            "--out_dir",
+            "out",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "1",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "6",
+            "--dim",
+            "64",
+            "--n_layers",
+            "2",
+            "--max_seq_len",
+            "64",
+            "--data_path",
+            "./dataset/dpo_pairs.jsonl",
+        ],
+        base="m2_dense64",
+        kind="dpo",
+    ),
     "m3_dpo": dict(
-        gen=3, script="trainer/train_dpo.py", cwd="trainer",
-        argv=["--save_dir", "../out", "--save_weight", "dpo", "--epochs", "2", "--batch_size", "4",
-              "--learning_rate", "1e-4", "--device", "cpu", "--dtype", "float32",
-              "--num_workers", "0", "--accumulation_steps", "1", "--grad_clip", "1.0",
-              "--log_interval", "1", "--save_interval", "1000", "--hidden_size", "64",
-              "--num_hidden_layers", "2", "--max_seq_len", "64", "--use_moe", "0",
-              "--data_path", "../dataset/dpo_pairs.jsonl", "--from_weight", "full_sft",
-              "--beta", "0.15"],
-        base="m3_dense64", kind="dpo"),
+        gen=3,
+        script="trainer/train_dpo.py",
+        cwd="trainer",
+        argv=[
+            "--save_dir",
+            "../out",
+            "--save_weight",
+            "dpo",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "1",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000",
+            "--hidden_size",
+            "64",
+            "--num_hidden_layers",
+            "2",
+            "--max_seq_len",
+            "64",
+            "--use_moe",
+            "0",
+            "--data_path",
+            "../dataset/dpo_pairs.jsonl",
+            "--from_weight",
+            "full_sft",
+            "--beta",
+            "0.15",
+        ],
+        base="m3_dense64",
+        kind="dpo",
+    ),
     "m3_dpo_moe": dict(
-        gen=3, script="trainer/train_dpo.py", cwd="trainer",
-        argv=["--save_dir", "../out", "--save_weight", "dpo", "--epochs", "2", "--batch_size", "4",
-              "--learning_rate", "1e-4", "--device", "cpu", "--dtype", "float32",
-              "--num_workers", "0", "--accumulation_steps", "2", "--grad_clip", "1.0",
-              "--log_interval", "1", "--save_interval", "1000", "--hidden_size", "64",
-              "--num_hidden_layers", "2", "--max_seq_len", "64", "--use_moe", "1",
-              "--data_path", "../dataset/dpo_pairs.jsonl", "--from_weight", "full_sft",
-              "--beta", "0.15"],
-        base="m3_moe64", kind="dpo"),
+        gen=3,
+        script="trainer/train_dpo.py",
+        cwd="trainer",
+        argv=[
+            "--save_dir",
+            "../out",
+            "--save_weight",
+            "dpo",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "2",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000",
+            "--hidden_size",
+            "64",
+            "--num_hidden_layers",
+            "2",
+            "--max_seq_len",
+            "64",
+            "--use_moe",
+            "1",
+            "--data_path",
+            "../dataset/dpo_pairs.jsonl",
+            "--from_weight",
+            "full_sft",
+            "--beta",
+            "0.15",
+        ],
+        base="m3_moe64",
+        kind="dpo",
+    ),
     "m2_distill": dict(
-        gen=2, script="train_distillation.py", cwd="",
-        argv=["--out_dir", "out", "--epochs", "2", "--batch_size", "4", "--learning_rate", "1e-4",
-              "--device", "cpu", "--dtype", "float32", "--num_workers", "0",
-              "--accumulation_steps", "1", "--grad_clip", "1.0", "--log_interval", "1",
-              "--save_interval", "10", "--data_path", "./dataset/lora_sft.jsonl"],
-        base="m2_dense64", teacher="m2_dense80_teacher", kind="distill",
-        config_map={"512/8": [64, 2, 64], "768/16": [80, 2, 64]}),
+        gen=2,
+        script="train_distillation.py",
+        cwd="",
+        argv=[
+            "--out_dir",
+            "out",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "1",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "10",
+            "--data_path",
+            "./dataset/lora_sft.jsonl",
+        ],
+        base="m2_dense64",
+        teacher="m2_dense80_teacher",
+        kind="distill",
+        config_map={"512/8": [64, 2, 64], "768/16": [80, 2, 64]},
+    ),
     "m3_distill": dict(
-        gen=3, script="trainer/train_distillation.py", cwd="trainer",
-        argv=["--save_dir", "../out", "--save_weight", "full_dist", "--epochs", "2",
-              "--batch_size", "4", "--learning_rate", "1e-4", "--device", "cpu",
-              "--dtype", "float32", "--num_workers", "0", "--accumulation_steps", "1",
-              "--grad_clip", "1.0", "--log_interval", "1", "--save_interval", "1000",
-              "--max_seq_len", "64", "--data_path", "../dataset/lora_sft.jsonl",
-              "--student_hidden_size", "64", "--student_num_layers", "2",
-              "--teacher_hidden_size", "96", "--teacher_num_layers", "2",
-              "--student_use_moe", "0", "--teacher_use_moe", "0",
-              "--from_student_weight", "full_sft", "--from_teacher_weight", "full_sft",
-              "--alpha", "0.5", "--temperature", "1.5"],
-        base="m3_dense64", teacher="m3_dense96_teacher", kind="distill"),
+        gen=3,
+        script="trainer/train_distillation.py",
+        cwd="trainer",
+        argv=[
+            "--save_dir",
+            "../out",
+            "--save_weight",
+            "full_dist",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "1",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000",
+            "--max_seq_len",
+            "64",
+            "--data_path",
+            "../dataset/lora_sft.jsonl",
+            "--student_hidden_size",
+            "64",
+            "--student_num_layers",
+            "2",
+            "--teacher_hidden_size",
+            "96",
+            "--teacher_num_layers",
+            "2",
+            "--student_use_moe",
+            "0",
+            "--teacher_use_moe",
+            "0",
+            "--from_student_weight",
+            "full_sft",
+            "--from_teacher_weight",
+            "full_sft",
+            "--alpha",
+            "0.5",
+            "--temperature",
+            "1.5",
+        ],
+        base="m3_dense64",
+        teacher="m3_dense96_teacher",
+        kind="distill",
+    ),
     "m3_distill_moe_teacher": dict(
-        gen=3, script="trainer/train_distillation.py", cwd="trainer",
-        argv=["--save_dir", "../out", "--save_weight", "full_dist", "--epochs", "2",
-              "--batch_size", "4", "--learning_rate", "1e-4", "--device", "cpu",
-              "--dtype", "float32", "--num_workers", "0", "--accumulation_steps", "1",
-              "--grad_clip", "1.0", "--log_interval", "1", "--save_interval", "1000",
-              "--max_seq_len", "64", "--data_path", "../dataset/lora_sft.jsonl",
-              "--student_hidden_size", "64", "--student_num_layers", "2",
-              "--teacher_hidden_size", "64", "--teacher_num_layers", "2",
-              "--student_use_moe", "0", "--teacher_use_moe", "1",
-              "--from_student_weight", "full_sft", "--from_teacher_weight", "full_sft",
-              "--alpha", "0.5", "--temperature", "1.5"],
-        base="m3_dense64", teacher="m3_moe64", kind="distill"),
+        gen=3,
+        script="trainer/train_distillation.py",
+        cwd="trainer",
+        argv=[
+            "--save_dir",
+            "../out",
+            "--save_weight",
+            "full_dist",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--learning_rate",
+            "1e-4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num_workers",
+            "0",
+            "--accumulation_steps",
+            "1",
+            "--grad_clip",
+            "1.0",
+            "--log_interval",
+            "1",
+            "--save_interval",
+            "1000",
+            "--max_seq_len",
+            "64",
+            "--data_path",
+            "../dataset/lora_sft.jsonl",
+            "--student_hidden_size",
+            "64",
+            "--student_num_layers",
+            "2",
+            "--teacher_hidden_size",
+            "64",
+            "--teacher_num_layers",
+            "2",
+            "--student_use_moe",
+            "0",
+            "--teacher_use_moe",
+            "1",
+            "--from_student_weight",
+            "full_sft",
+            "--from_teacher_weight",
+            "full_sft",
+            "--alpha",
+            "0.5",
+            "--temperature",
+            "1.5",
+        ],
+        base="m3_dense64",
+        teacher="m3_moe64",
+        kind="distill",
+    ),
 }
 
 # where each base-weight set goes inside the checkout copy (relative to the checkout root)
@@ -152,7 +451,8 @@ TIED_SRC = {2: "tok_embeddings.weight", 3: "model.embed_tokens.weight"}
 # inputs
 # --------------------------------------------------------------------------------------------
 def make_inputs(sft_path, out):
-    convs = [json.loads(l) for l in open(sft_path, encoding="utf-8") if l.strip()]
+    with open(sft_path, encoding="utf-8") as f:
+        convs = [json.loads(line) for line in f if line.strip()]
     # LoRA / distillation data: the 40 shared SFT conversations, unchanged.
     shutil.copyfile(sft_path, os.path.join(out, "lora_sft.jsonl"))
     # DPO pairs: conversation i (i < 24); chosen = the conversation (role/content only), cut to
@@ -183,47 +483,72 @@ def make_inputs(sft_path, out):
 # --------------------------------------------------------------------------------------------
 def child_make_weights(args):
     import torch
+
     torch.set_num_threads(1)
     out = args.out
     res = {}
     # ---- MiniMind2: built by the reference's own MiniMindLM (PyTorch default init) ----
     sys.path.insert(0, args.ref2)
-    from model.model import MiniMindLM
     from model.LMConfig import LMConfig
-    for name, seed, dim in [("m2_dense64", SEED_M2_BASE, 64), ("m2_dense80_teacher", SEED_M2_TEACHER, 80)]:
+    from model.model import MiniMindLM
+
+    for name, seed, dim in [
+        ("m2_dense64", SEED_M2_BASE, 64),
+        ("m2_dense80_teacher", SEED_M2_TEACHER, 80),
+    ]:
         torch.manual_seed(seed)
         m = MiniMindLM(LMConfig(dim=dim, n_layers=2, max_seq_len=64))
         sd = m.state_dict()  # v2 scripts torch.save(model.state_dict()) in float32
         torch.save(sd, os.path.join(out, f"{name}.pth"))
-        res[name] = (sd, 2, f"torch.manual_seed({seed}); MiniMindLM(LMConfig(dim={dim}, n_layers=2, "
-                             f"max_seq_len=64)).state_dict() (reference d9453ed code, PyTorch default init), float32")
+        res[name] = (
+            sd,
+            2,
+            f"torch.manual_seed({seed}); MiniMindLM(LMConfig(dim={dim}, n_layers=2, "
+            f"max_seq_len=64)).state_dict() (reference d9453ed code, PyTorch default init), "
+            "float32",
+        )
     for k in [k for k in sys.modules if k == "model" or k.startswith("model.")]:
         del sys.modules[k]
     sys.path.remove(args.ref2)
     # ---- minimind-3 ----
     sys.path.insert(0, args.ref3)
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+
     g = np.load(args.m3_golden)
 
     def from_golden(prefix, use_moe):
-        m = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=use_moe))
+        m = MiniMindForCausalLM(
+            MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=use_moe)
+        )
         keys = list(m.state_dict().keys())
         # HEAD saves {k: v.half().cpu()} for every state-dict key (tied pair -> two equal tensors)
         return {k: torch.from_numpy(g[f"{prefix}/{k}"]).half() for k in keys}
 
     sd = from_golden("dense/after_pretrain", False)
     torch.save(sd, os.path.join(out, "m3_dense64.pth"))
-    res["m3_dense64"] = (sd, 3, "float16(minimind3_golden.npz dense/after_pretrain/*), saved as HEAD saves "
-                                "weights ({k: v.half()}); loaded by the scripts into float32")
+    res["m3_dense64"] = (
+        sd,
+        3,
+        "float16(minimind3_golden.npz dense/after_pretrain/*), saved as HEAD saves "
+        "weights ({k: v.half()}); loaded by the scripts into float32",
+    )
     sd = from_golden("moe/init", True)
     torch.save(sd, os.path.join(out, "m3_moe64.pth"))
-    res["m3_moe64"] = (sd, 3, "float16(minimind3_golden.npz moe/init/*) (hidden 64, 2 layers, MoE 4 experts top-1)")
+    res["m3_moe64"] = (
+        sd,
+        3,
+        "float16(minimind3_golden.npz moe/init/*) (hidden 64, 2 layers, MoE 4 experts top-1)",
+    )
     torch.manual_seed(SEED_M3_TEACHER)
     m = MiniMindForCausalLM(MiniMindConfig(hidden_size=96, num_hidden_layers=2, use_moe=False))
     sd = {k: v.half().cpu() for k, v in m.state_dict().items()}
     torch.save(sd, os.path.join(out, "m3_dense96_teacher.pth"))
-    res["m3_dense96_teacher"] = (sd, 3, f"torch.manual_seed({SEED_M3_TEACHER}); MiniMindForCausalLM(MiniMindConfig("
-                                        "hidden_size=96, num_hidden_layers=2)) (HEAD init N(0,0.02)), float16")
+    res["m3_dense96_teacher"] = (
+        sd,
+        3,
+        f"torch.manual_seed({SEED_M3_TEACHER}); MiniMindForCausalLM(MiniMindConfig("
+        "hidden_size=96, num_hidden_layers=2)) (HEAD init N(0,0.02)), float16",
+    )
     for name, (sd, gen, how) in res.items():
         dup, src = TIED_DUP[gen], TIED_SRC[gen]
         assert torch.equal(sd[dup].float(), sd[src].float())
@@ -233,7 +558,10 @@ def child_make_weights(args):
         arrs["meta/how"] = np.array([how])
         arrs["meta/dtype_in_reference_file"] = np.array([str(next(iter(sd.values())).dtype)])
         np.savez_compressed(os.path.join(out, f"weights_{name}.npz"), **arrs)
-        print(f"weights {name}: {len(sd)} tensors, {sum(v.numel() for k, v in sd.items() if k != dup)} values")
+        print(
+            f"weights {name}: {len(sd)} tensors, "
+            f"{sum(v.numel() for k, v in sd.items() if k != dup)} values"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +585,7 @@ class Tee:
 def _f(t):
     """exact Python float of a 0-d tensor (float32 value, widened), or None"""
     import torch
+
     if t is None:
         return None
     if isinstance(t, torch.Tensor):
@@ -266,6 +595,7 @@ def _f(t):
 
 def child_run_case(args):
     import torch
+
     torch.set_num_threads(1)
     cfg = CASES[args.case]
     gen = cfg["gen"]
@@ -292,8 +622,8 @@ def child_run_case(args):
 
     # ---------------- wrappers (no reference file is edited) ----------------
     rec = dict(loss=[], lr=[], epoch=[], step=[], clip_norm=[], clip_after_micro=[])
-    extra = {}          # name -> list of per-micro-step values
-    trace_rec = []      # per call of the script's loss function: dict of locals
+    extra = {}  # name -> list of per-micro-step values
+    trace_rec = []  # per call of the script's loss function: dict of locals
     state = {"optimizer": None, "first": None}
 
     def push(name, v):
@@ -309,33 +639,43 @@ def child_run_case(args):
         rec["lr"].append(float(opt.param_groups[-1]["lr"]) if opt is not None else float("nan"))
         rec["epoch"].append(int(L.get("epoch", -1)))
         rec["step"].append(int(L.get("step", -1)))
-        if state["first"] is None:   # weights as the script holds them before any update
+        if state["first"] is None:  # weights as the script holds them before any update
             model = G["model"]
             state["first"] = {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
-            state["first_trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+            state["first_trainable"] = sorted(
+                n for n, p in model.named_parameters() if p.requires_grad
+            )
         kind = cfg["kind"]
         if gen == 2:
             if kind in ("lora", "distill"):
-                push("batch_X", L["X"].numpy().copy()); push("batch_Y", L["Y"].numpy().copy())
+                push("batch_X", L["X"].numpy().copy())
+                push("batch_Y", L["Y"].numpy().copy())
                 push("batch_loss_mask", L["loss_mask"].numpy().copy())
             if kind == "dpo":
-                push("batch_x", L["x"].numpy().copy()); push("batch_y", L["y"].numpy().copy())
+                push("batch_x", L["x"].numpy().copy())
+                push("batch_y", L["y"].numpy().copy())
                 push("batch_mask", L["mask"].numpy().copy())
             if kind == "distill":
-                push("ce_loss", _f(L["ce_loss"])); push("distill_loss", _f(L["distill_loss"]))
+                push("ce_loss", _f(L["ce_loss"]))
+                push("distill_loss", _f(L["distill_loss"]))
         else:
             if kind in ("lora", "distill"):
                 push("batch_input_ids", L["input_ids"].numpy().copy())
                 push("batch_labels", L["labels"].numpy().copy())
             if kind == "lora":
-                push("ce_loss", _f(L["res"].loss)); push("aux_loss", _f(L["res"].aux_loss))
+                push("ce_loss", _f(L["res"].loss))
+                push("aux_loss", _f(L["res"].aux_loss))
             if kind == "dpo":
-                push("batch_x", L["x"].numpy().copy()); push("batch_y", L["y"].numpy().copy())
+                push("batch_x", L["x"].numpy().copy())
+                push("batch_y", L["y"].numpy().copy())
                 push("batch_mask", L["mask"].numpy().copy())
-                push("dpo_loss", _f(L["dpo_loss_val"])); push("aux_loss", _f(L["outputs"].aux_loss))
+                push("dpo_loss", _f(L["dpo_loss_val"]))
+                push("aux_loss", _f(L["outputs"].aux_loss))
             if kind == "distill":
-                push("ce_loss_raw", _f(L["ce_loss_raw"])); push("ce_loss", _f(L["ce_loss"]))
-                push("distill_loss", _f(L["distill_loss"])); push("aux_loss", _f(L["res"].aux_loss))
+                push("ce_loss_raw", _f(L["ce_loss_raw"]))
+                push("ce_loss", _f(L["ce_loss"]))
+                push("distill_loss", _f(L["distill_loss"]))
+                push("aux_loss", _f(L["res"].aux_loss))
         return orig_backward(self, *a, **k)
 
     torch.Tensor.backward = backward
@@ -365,12 +705,17 @@ def child_run_case(args):
         return local_tracer
 
     def global_tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_name in target_names and frame.f_code.co_filename == script:
+        if (
+            event == "call"
+            and frame.f_code.co_name in target_names
+            and frame.f_code.co_filename == script
+        ):
             return local_tracer
         return None
 
     if gen == 2 and "config_map" in cfg:
         import model.LMConfig as lmc
+
         Orig = lmc.LMConfig
         cmap = cfg["config_map"]
 
@@ -385,6 +730,7 @@ def child_run_case(args):
 
     tee = Tee(sys.__stdout__)
     import runpy
+
     old_stdout = sys.stdout
     sys.stdout = tee
     sys.settrace(global_tracer)
@@ -401,29 +747,61 @@ def child_run_case(args):
     out["meta/case"] = np.array([args.case])
     out["meta/reference_commit"] = np.array([REF2_COMMIT if gen == 2 else REF3_COMMIT])
     out["meta/script"] = np.array([cfg["script"]])
-    out["meta/command"] = np.array(["cd " + (cfg["cwd"] or ".") + " && python " + os.path.basename(script)
-                                    + " " + " ".join(cfg["argv"])])
+    out["meta/command"] = np.array(
+        [
+            "cd "
+            + (cfg["cwd"] or ".")
+            + " && python "
+            + os.path.basename(script)
+            + " "
+            + " ".join(cfg["argv"])
+        ]
+    )
     out["meta/argv"] = np.array(sys.argv)
     out["meta/base_weights_file"] = np.array([f"weights_{cfg['base']}.npz"])
     if "teacher" in cfg:
         out["meta/teacher_weights_file"] = np.array([f"weights_{cfg['teacher']}.npz"])
-    out["meta/seeds"] = np.array([
-        "reference: v2 torch.manual_seed(1337) at start; HEAD setup_seed(42) at start and setup_seed(42+epoch) "
-        "before each epoch's torch.randperm",
-        f"maker: base weights m2_dense64 seed {SEED_M2_BASE}, m2_dense80_teacher seed {SEED_M2_TEACHER}, "
-        f"m3_dense96_teacher seed {SEED_M3_TEACHER}; m3_dense64/m3_moe64 from minimind3_golden.npz"])
-    out["meta/wrapping"] = np.array([
-        "torch.Tensor.backward wrapped (records value + caller frame locals)",
-        "torch.nn.utils.clip_grad_norm_ wrapped (records returned total norm)",
-        "sys.settrace on the script's dpo_loss/distillation_loss[_fn] (records locals at return)",
-        "stdout tee"] + (["model.LMConfig.LMConfig replaced by a subclass mapping " + json.dumps(cfg["config_map"])]
-                         if "config_map" in cfg else []))
-    import transformers
+    out["meta/seeds"] = np.array(
+        [
+            "reference: v2 torch.manual_seed(1337) at start; HEAD setup_seed(42) at start and "
+            "setup_seed(42+epoch) "
+            "before each epoch's torch.randperm",
+            f"maker: base weights m2_dense64 seed {SEED_M2_BASE}, "
+            f"m2_dense80_teacher seed {SEED_M2_TEACHER}, "
+            f"m3_dense96_teacher seed {SEED_M3_TEACHER}; "
+            "m3_dense64/m3_moe64 from minimind3_golden.npz",
+        ]
+    )
+    out["meta/wrapping"] = np.array(
+        [
+            "torch.Tensor.backward wrapped (records value + caller frame locals)",
+            "torch.nn.utils.clip_grad_norm_ wrapped (records returned total norm)",
+            "sys.settrace on the script's dpo_loss/distillation_loss[_fn] "
+            "(records locals at return)",
+            "stdout tee",
+        ]
+        + (
+            [
+                "model.LMConfig.LMConfig replaced by a subclass mapping "
+                + json.dumps(cfg["config_map"])
+            ]
+            if "config_map" in cfg
+            else []
+        )
+    )
     import datasets  # noqa
-    out["meta/versions"] = np.array([f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
-                                     f"transformers {transformers.__version__}",
-                                     f"datasets {datasets.__version__}", f"numpy {np.__version__}"])
-    out["log_lines"] = np.array([l for l in "".join(tee.buf).splitlines()])
+    import transformers
+
+    out["meta/versions"] = np.array(
+        [
+            f"python {sys.version.split()[0]}",
+            f"torch {torch.__version__}",
+            f"transformers {transformers.__version__}",
+            f"datasets {datasets.__version__}",
+            f"numpy {np.__version__}",
+        ]
+    )
+    out["log_lines"] = np.array("".join(tee.buf).splitlines())
     out["loss_backward"] = np.array(rec["loss"], dtype=np.float64)
     out["lr"] = np.array(rec["lr"], dtype=np.float64)
     out["epoch"] = np.array(rec["epoch"], dtype=np.int64)
@@ -470,8 +848,10 @@ def child_run_case(args):
             if n == dup:
                 continue
             a = p.detach().numpy()
-            if n == emb:   # large: keep statistics and a few rows only
-                out[f"final_stats/{n}"] = np.array([a.astype(np.float64).sum(), (a.astype(np.float64) ** 2).sum()])
+            if n == emb:  # large: keep statistics and a few rows only
+                out[f"final_stats/{n}"] = np.array(
+                    [a.astype(np.float64).sum(), (a.astype(np.float64) ** 2).sum()]
+                )
                 out[f"final_rows/{n}"] = a[[0, 1, 2, 234, 1000, 6399]].copy()
             else:
                 out[f"final/{n}"] = a.copy()
@@ -497,17 +877,25 @@ def child_run_case(args):
         if gen == 2:
             names = ("chosen_probs", "chosen_ref_probs", "reject_probs", "reject_ref_probs")
         else:
-            names = ("chosen_policy_log_probs", "chosen_ref_log_probs",
-                     "reject_policy_log_probs", "reject_ref_log_probs")
+            names = (
+                "chosen_policy_log_probs",
+                "chosen_ref_log_probs",
+                "reject_policy_log_probs",
+                "reject_ref_log_probs",
+            )
         cp, cr, rp, rr = (out[f"lossfn/{n}"] for n in names)
         beta = out["lossfn/beta"][:, None]
         out["derived/chosen_rewards"] = beta * (cp - cr)
         out["derived/rejected_rewards"] = beta * (rp - rr)
-        out["derived/reward_margin"] = out["derived/chosen_rewards"] - out["derived/rejected_rewards"]
-        out["derived/reward_accuracy"] = (out["derived/chosen_rewards"] > out["derived/rejected_rewards"]).mean(1)
+        out["derived/reward_margin"] = (
+            out["derived/chosen_rewards"] - out["derived/rejected_rewards"]
+        )
+        out["derived/reward_accuracy"] = (
+            out["derived/chosen_rewards"] > out["derived/rejected_rewards"]
+        ).mean(1)
 
     written = []
-    for dp, dn, fns in os.walk(work):
+    for dp, _dirs, fns in os.walk(work):
         for fn in fns:
             if fn.endswith(".pth"):
                 p = os.path.join(dp, fn)
@@ -515,8 +903,10 @@ def child_run_case(args):
     out["meta/pth_files_in_layout_after_run"] = np.array(sorted(written))
     path = os.path.join(args.out, f"{args.case}.npz")
     np.savez_compressed(path, **out)
-    print(f"[maker] wrote {path} ({os.path.getsize(path)} bytes), {len(rec['loss'])} micro-steps, "
-          f"{len(rec['clip_norm'])} updates")
+    print(
+        f"[maker] wrote {path} ({os.path.getsize(path)} bytes), {len(rec['loss'])} micro-steps, "
+        f"{len(rec['clip_norm'])} updates"
+    )
     os.chdir("/")
     shutil.rmtree(work)
 
@@ -525,12 +915,18 @@ def child_run_case(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref2", required=True, help="checkout of jingyaogong/minimind at d9453ed")
-    ap.add_argument("--ref3", required=True, help="checkout of jingyaogong/minimind at d65ef2c (HEAD)")
+    ap.add_argument(
+        "--ref3", required=True, help="checkout of jingyaogong/minimind at d65ef2c (HEAD)"
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--sft", default=DEFAULT_SFT)
     ap.add_argument("--m3-golden", default=DEFAULT_M3_GOLDEN)
-    ap.add_argument("--python", default=sys.executable,
-                    help="interpreter for the reference runs (needs torch, transformers 4.x, datasets, scikit-learn)")
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for the reference runs "
+        "(needs torch, transformers 4.x, datasets, scikit-learn)",
+    )
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--_child", default=None)
     ap.add_argument("--case", default=None)
@@ -546,11 +942,32 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     make_inputs(args.sft, args.out)
     hf_home = tempfile.mkdtemp(prefix="golden_hf_home_")
-    env = dict(os.environ, HF_HOME=hf_home, PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    common = [args.python, os.path.abspath(__file__), "--ref2", args.ref2, "--ref3", args.ref3,
-              "--out", args.out, "--sft", args.sft, "--m3-golden", args.m3_golden]
+    env = dict(
+        os.environ,
+        HF_HOME=hf_home,
+        PYTHONHASHSEED="0",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+    )
+    common = [
+        args.python,
+        os.path.abspath(__file__),
+        "--ref2",
+        args.ref2,
+        "--ref3",
+        args.ref3,
+        "--out",
+        args.out,
+        "--sft",
+        args.sft,
+        "--m3-golden",
+        args.m3_golden,
+    ]
     subprocess.run(common + ["--_child", "weights"], check=True, env=env)
     for case in args.cases.split(","):
         print(f"===== {case} =====", flush=True)
