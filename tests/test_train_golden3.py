@@ -24,7 +24,8 @@ from tests.helpers import (
 )
 
 TINY_MINIMIND3 = ["--arch", "minimind3", "--recipe", "minimind3", "--dim", "64", "--n_layers", "2",
-         "--max_seq_len", "64", "--dtype", "float32", "--batch_size", "4", "--log_interval", "1"]
+                  "--max_seq_len", "64", "--dtype", "float32", "--batch_size", "4",
+                  "--log_interval", "1"]
 
 
 def run_cli(tmp_path, command, data, init_sd, extra):
