@@ -1,0 +1,120 @@
+"""LoRA golden parity through the CLI: `lora` reproduces the references' own train_lora.py
+runs (tests/fixtures/post/m2_lora.npz, m3_lora.npz; docs/post_training_spec.md 1) from their
+base weights and their LoRA A init (`--lora_init_from`).
+
+Both goldens: 40 conversations, batch 4 (10 batches per epoch), 2 epochs, accumulation 3,
+lr 5e-3. MiniMind2 counts windows per epoch and carries the leftover micro-batch into the next
+epoch's first window (updates after micro-steps 3, 6, 9, 13, 16, 19); minimind-3 flushes each
+epoch's partial window (3, 6, 9, 10, 13, 16, 19, 20). fp32 on CPU, matmul precision "highest".
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from minimind_jax import cli
+from minimind_jax.model import lora
+from minimind_jax.model.config import ModelConfig, arch_defaults
+from minimind_jax.train import checkpoint
+from tests.helpers import FIXTURES, TOKENIZER3_DIR, TOKENIZER_DIR, metrics
+
+POST = FIXTURES / "post"
+CASES = {
+    "m2_lora": dict(weights="weights_m2_dense64.npz", tokenizer=TOKENIZER_DIR,
+                    flags=["--recipe", "minimind2", "--n_heads", "8"],
+                    config=ModelConfig(dim=64, n_layers=2, n_heads=8, max_seq_len=64)),
+    "m3_lora": dict(weights="weights_m3_dense64.npz", tokenizer=TOKENIZER3_DIR,
+                    flags=["--arch", "minimind3", "--recipe", "minimind3"],
+                    config=arch_defaults("minimind3").replace(dim=64, n_layers=2,
+                                                              max_seq_len=64)),
+}
+FLAGS = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "float32",
+         "--batch_size", "4", "--accumulation_steps", "3", "--learning_rate", "5e-3",
+         "--epochs", "2", "--grad_clip", "1.0", "--log_interval", "1", "--lora_name",
+         "lora_golden"]
+
+
+def _prefixed(npz, prefix: str) -> dict:
+    return {k.removeprefix(prefix): npz[k] for k in npz.files if k.startswith(prefix)}
+
+
+def run_lora(tmp_path, case: str, extra=()):
+    """Our CLI from the golden's base weights and LoRA init: (run folder, records, golden)."""
+    spec = CASES[case]
+    golden = np.load(POST / f"{case}.npz")
+    weights = np.load(POST / spec["weights"])
+    base = tmp_path / "base.npz"
+    np.savez(base, **{k: np.asarray(weights[k], np.float32) for k in weights.files
+                      if not k.startswith("meta/")})
+    init = tmp_path / "lora_init.npz"
+    np.savez(init, **_prefixed(golden, "lora_init/"))
+    argv = ["lora", "--data_path", str(POST / "lora_sft.jsonl"), "--out_dir",
+            str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--tokenizer",
+            str(spec["tokenizer"]), "--init_from", str(base), "--lora_init_from", str(init),
+            *spec["flags"], *FLAGS, *extra]
+    assert cli.main(argv) == 0
+    run_dir = tmp_path / "out" / "lora_golden_64"
+    return run_dir, metrics(run_dir), golden
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lora_matches_reference(tmp_path, case):
+    run_dir, records, golden = run_lora(tmp_path, case)
+    config = CASES[case]["config"].replace(lora_rank=16)
+    assert [r["step"] for r in records] == list(range(20))
+    losses = np.array([r["loss"] for r in records])
+    expected = golden["loss_backward"] * 3  # the script back-propagates loss / accumulation
+    diff = np.abs(losses - expected).max()
+    print(f"{case}: max |loss - reference| = {diff:.3g}")
+    assert diff <= 1e-4, diff
+    np.testing.assert_allclose([r["lr"] for r in records], golden["lr"], rtol=1e-6, atol=0)
+    # updates made by a step (minimind-3's end-of-epoch flushes, after micro-steps 10 and 20,
+    # are not a step's and have no record)
+    in_step = [(u, n) for u, n in zip(golden["clip_after_micro"], golden["clip_total_norm"],
+                                      strict=True) if case == "m2_lora" or u % 10]
+    updates = [r["step"] + 1 for r in records if "grad_norm" in r]
+    assert updates == [u for u, _ in in_step], updates
+    norms = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
+    norm_diff = np.abs(norms - np.array([n for _, n in in_step])).max()
+    print(f"{case}: max |pre-clip norm - reference| = {norm_diff:.3g}")
+    assert norm_diff <= 1e-4 * golden["clip_total_norm"].max() + 1e-6, norm_diff
+
+    # the final adapters, from the checkpoint and from the adapter file written at the end
+    params, saved_config = checkpoint.restore_params(run_dir)
+    assert saved_config.lora_rank == 16
+    ours = lora.adapter_state_dict(params, config)
+    final = _prefixed(golden, "lora_final/")
+    assert set(ours) == set(final)
+    worst = max(float(np.abs(ours[k] - final[k]).max()) for k in final)
+    print(f"{case}: max |adapter - reference final| = {worst:.3g}")
+    assert worst <= 2e-5, worst
+    # the frozen base is unchanged
+    weights = np.load(POST / CASES[case]["weights"])
+    from minimind_jax.model import convert
+
+    base_sd = convert.state_dict_from_params(lora.split(params)[1], config.replace(lora_rank=0))
+    assert set(weights.files) - {"meta/" + k.split("meta/")[-1] for k in weights.files
+                                 if k.startswith("meta/")} <= set(base_sd)
+    for k in (k for k in weights.files if not k.startswith("meta/")):
+        v = base_sd[k]
+        np.testing.assert_array_equal(v, np.asarray(weights[k], np.float32), err_msg=k)
+
+    files = sorted(run_dir.glob("lora_golden_64.*"))
+    assert len(files) == 1, files
+    back = lora.load_adapters(files[0], config)
+    again = lora.adapter_state_dict(back, config)
+    fp16 = case == "m3_lora"
+    for k in final:
+        want = ours[k].astype(np.float16).astype(np.float32) if fp16 else ours[k]
+        np.testing.assert_array_equal(again[k], want, err_msg=k)
+    if files[0].suffix == ".pth":
+        torch = pytest.importorskip("torch")
+        mine = torch.load(files[0], map_location="cpu")
+        theirs = torch.load(POST / f"{case}_saved_adapter.pth", map_location="cpu")
+        assert list(mine) == list(theirs) or set(mine) == set(theirs)
+        for k in theirs:
+            assert mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype, k
+    train_args = json.loads((run_dir / "train_args.json").read_text())
+    assert train_args["run_prefix"] == "lora_golden"
