@@ -76,3 +76,34 @@ def test_adapter_state_dict_round_trip_with_reference_keys(case, base):
         np.testing.assert_array_equal(again[k], ref[k])
     with pytest.raises(Exception, match="missing"):
         lora.adapters_from_state_dict({}, config, "empty")
+
+
+@pytest.mark.parametrize("case,base", [("m2_lora", M2), ("m3_lora", M3)])
+def test_reads_the_references_adapter_files(case, base):
+    pytest.importorskip("torch")
+    config = base.replace(lora_rank=16)
+    adapters = lora.load_adapters(POST / f"{case}_saved_adapter.pth", config)
+    golden = np.load(POST / f"{case}.npz")
+    back = lora.adapter_state_dict(adapters, config)
+    for k in back:
+        np.testing.assert_array_equal(back[k], golden[f"lora_saved/{k}"].astype(np.float32))
+
+
+def test_merge_in_float16_as_minimind3():
+    """minimind-3's merge_lora: fp16(W) + fp16(B A), the sum rounded to float16."""
+    config = M3.replace(lora_rank=16)
+    golden = np.load(POST / "m3_lora.npz")
+    adapters = lora.adapters_from_state_dict(
+        {k.removeprefix("lora_final/"): golden[k] for k in golden.files
+         if k.startswith("lora_final/")}, config, "m3_lora")
+    params = lora.join(adapters, jax.tree.map(np.asarray, lora.split(init_params(config, 0))[1]))
+    exact, half = lora.merged(params, config), lora.merged(params, config, fp16=True)
+    wq = params["layers_0"]["attention"]["wq"]
+    a, b = golden["lora_final/model.layers.0.self_attn.q_proj.lora.A.weight"], \
+        golden["lora_final/model.layers.0.self_attn.q_proj.lora.B.weight"]
+    w_ref = wq["kernel"].T  # torch layout [out, in]
+    want16 = (w_ref.astype(np.float16) + (b @ a).astype(np.float16)).astype(np.float32)
+    np.testing.assert_array_equal(half["layers_0"]["attention"]["wq"]["kernel"].T, want16)
+    np.testing.assert_allclose(exact["layers_0"]["attention"]["wq"]["kernel"].T, w_ref + b @ a,
+                               atol=1e-6)
+    assert "lora_A" not in exact["layers_0"]["attention"]["wq"]

@@ -118,3 +118,61 @@ def test_lora_matches_reference(tmp_path, case):
             assert mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype, k
     train_args = json.loads((run_dir / "train_args.json").read_text())
     assert train_args["run_prefix"] == "lora_golden"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,save_at", [("m2_lora", 11), ("m3_lora", 7)])
+def test_lora_resume_mid_window(tmp_path, case, save_at):
+    """Killed after checkpoint `save_at` (inside an accumulation window: MiniMind2's step 11
+    is in the window that carries epoch 1's leftover), `--resume` continues to the same
+    losses, LRs and adapters as the uninterrupted run, without --init_from."""
+    import shutil
+
+    run_dir, records, _ = run_lora(tmp_path, case, ["--save_interval", str(save_at)])
+    final, _ = checkpoint.restore_params(run_dir)
+    for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
+        if step_dir.name != str(save_at):
+            shutil.rmtree(step_dir)
+    spec = CASES[case]
+    argv = ["lora", "--data_path", str(POST / "lora_sft.jsonl"), "--out_dir",
+            str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--tokenizer",
+            str(spec["tokenizer"]), "--resume", *spec["flags"], *FLAGS,
+            "--save_interval", str(save_at)]
+    assert cli.main(argv) == 0
+    resumed = metrics(run_dir)
+    keys = ("step", "epoch", "batch", "update", "loss", "lr")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
+    again, _ = checkpoint.restore_params(run_dir)
+    import jax
+
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lora_command_defaults(tmp_path):
+    """The references' train_lora.py defaults per arch, the base they load, the run name."""
+    from minimind_jax.cli.parser import build_parser
+    from minimind_jax.data.samples import STAGES
+    from minimind_jax.errors import UserError
+    from minimind_jax.train import flags, lora_stage
+
+    def config(*argv):
+        args = build_parser().parse_args(["lora", "--out_dir", str(tmp_path), *argv])
+        return flags.config_from_args(args, STAGES["lora"])
+
+    v2, v3 = config(), config("--arch", "minimind3")
+    got = [(c.optim.epochs, c.data.batch_size, c.optim.learning_rate,
+            c.optim.accumulation_steps, c.model.max_seq_len, c.model.lora_rank,
+            c.run.run_prefix, c.optim.weight_decay, c.optim.grad_clip) for c in (v2, v3)]
+    assert got == [(50, 16, 5e-5, 1, 512, 16, "lora_identity", 0.01, 1.0),
+                   (10, 32, 1e-4, 1, 340, 16, "lora_medical", 0.01, 1.0)]
+    assert config("--lora_name", "x", "--lora_rank", "8").run.run_prefix == "x"
+    assert STAGES["lora"].samples == "sft"
+    with pytest.raises(UserError, match="rlhf_512"):
+        lora_stage.default_base(str(tmp_path), v2.model)
+    (tmp_path / "full_sft_768.pth").write_bytes(b"")
+    assert lora_stage.default_base(str(tmp_path), v3.model).name == "full_sft_768.pth"
+    assert lora_stage.adapter_file(tmp_path, "n", v3.model.replace(use_moe=True)).name \
+        == "n_768_moe.pth"
+    assert lora_stage.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
+        == "n_512.pth"
