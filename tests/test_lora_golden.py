@@ -176,3 +176,47 @@ def test_lora_command_defaults(tmp_path):
         == "n_768_moe.pth"
     assert lora_stage.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
         == "n_512.pth"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_for_export(tmp_path, case):
+    """`lora.merge_for_export` (what `convert --merge_lora` is to call) folds a LoRA run's
+    adapters, or an adapter file's, into the kernels: MiniMind2 within 1e-6 of W + B A;
+    minimind-3 in float16 as its merge_lora (exactly, from its float16 adapter file)."""
+    from minimind_jax.model import convert
+
+    run_dir, _, _ = run_lora(tmp_path, case, ["--epochs", "1"])
+    spec = CASES[case]
+    config = spec["config"].replace(lora_rank=16)
+    params, saved = checkpoint.restore_params(run_dir)
+    adapters = lora.adapter_state_dict(params, config)
+    base_params = lora.split(params)[1]
+    base = convert.state_dict_from_params(base_params, config.replace(lora_rank=0))
+    merged_run, c1 = lora.merge_for_export(params, saved)
+    adapter = next(run_dir.glob("lora_golden_64.*"))
+    merged_file, c2 = lora.merge_for_export(base_params, config.replace(lora_rank=0), adapter)
+    assert c1.lora_rank == c2.lora_rank == 0
+    got_run = convert.state_dict_from_params(merged_run, c1)
+    got_file = convert.state_dict_from_params(merged_file, c2)
+    assert not lora.split(merged_run)[0] and not lora.split(merged_file)[0]
+    for k in adapters:
+        if not k.endswith("lora.A.weight"):
+            continue
+        linear = k.removesuffix(".lora.A.weight")
+        a, b = adapters[k], adapters[f"{linear}.lora.B.weight"]
+        w = base[f"{linear}.weight"]
+        if case == "m3_lora":
+            a16, b16 = (np.asarray(x, np.float16).astype(np.float32) for x in (a, b))
+            want_file = (w.astype(np.float16) + (b16 @ a16).astype(np.float16)).astype(
+                np.float32)
+            np.testing.assert_array_equal(got_file[f"{linear}.weight"], want_file)
+            want_run = (w.astype(np.float16) + (b @ a).astype(np.float16)).astype(np.float32)
+            np.testing.assert_allclose(got_run[f"{linear}.weight"], want_run, rtol=1e-3,
+                                       atol=1e-4)
+        else:
+            np.testing.assert_allclose(got_run[f"{linear}.weight"], w + b @ a, atol=1e-6)
+            np.testing.assert_allclose(got_file[f"{linear}.weight"], w + b @ a, atol=1e-6)
+    for k in base:
+        if f"{k.removesuffix('.weight')}.lora.A.weight" not in adapters:
+            np.testing.assert_array_equal(got_run[k], base[k])
