@@ -10,6 +10,7 @@ epoch's partial window (3, 6, 9, 10, 13, 16, 19, 20). fp32 on CPU, matmul precis
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,8 +144,6 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     keys = ("step", "epoch", "batch", "update", "loss", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
     again, _ = checkpoint.restore_params(run_dir)
-    import jax
-
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -200,6 +199,24 @@ def test_merge_for_export(tmp_path, case):
     got_run = convert.state_dict_from_params(merged_run, c1)
     got_file = convert.state_dict_from_params(merged_file, c2)
     assert not lora.split(merged_run)[0] and not lora.split(merged_file)[0]
+    # what generate/chat/eval/serve load from the run folder is the adapted model, and
+    # `attach_adapter_file` (their --lora_weight) gives the same from the adapter file
+    from minimind_jax.model.config import ModelConfig
+    from minimind_jax.model.transformer import MiniMind
+
+    loaded, loaded_config = convert.load_weights(run_dir, ModelConfig())[:2]
+    assert loaded_config.lora_rank == 16
+    attached, attached_config = lora.attach_adapter_file(base_params, c2, adapter)
+    ids = np.asarray(np.load(POST / f"{case}.npz")[
+        "batch_X" if case == "m2_lora" else "batch_input_ids"][0])
+    run = lambda cfg, p: np.asarray(MiniMind(cfg).apply({"params": p}, ids)[0])  # noqa: E731
+    plain = loaded_config.replace(lora_rank=0)
+    for cfg, p in ((loaded_config, loaded), (attached_config, attached)):
+        np.testing.assert_allclose(run(cfg, p), run(plain, lora.merged(p, cfg)), atol=2e-5)
+    if case == "m2_lora":  # a float32 file: the same adapters
+        for a, b in zip(jax.tree.leaves(lora.split(loaded)[0]),
+                        jax.tree.leaves(lora.split(attached)[0]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for k in adapters:
         if not k.endswith("lora.A.weight"):
             continue

@@ -194,25 +194,32 @@ def merged(params: dict, config: ModelConfig, fp16: bool = False) -> dict:
     return fold(jax.tree.map(np.asarray, params))
 
 
+def attach_adapter_file(params: dict, config: ModelConfig, adapter_path):
+    """(params, config) with the adapters of `adapter_path` (the references' `save_lora` keys;
+    its rank read from the file) in place of any the params had: the reference's `load_lora`
+    on a model after `apply_lora`. For `--lora_weight` of the inference commands."""
+    from minimind_jax.model.convert import load_state_dict
+
+    state_dict = load_state_dict(adapter_path)
+    ranks = {np.shape(v)[0] for k, v in state_dict.items() if k.endswith(".lora.A.weight")}
+    if len(ranks) != 1:
+        raise UserError(f"{adapter_path}: no LoRA adapters of one rank (keys "
+                        "'<linear>.lora.A.weight' / '.lora.B.weight'), found ranks "
+                        f"{sorted(ranks)}")
+    config = config.replace(lora_rank=ranks.pop())
+    adapters = adapters_from_state_dict(state_dict, config, str(adapter_path))
+    return join(adapters, split(params)[1]), config
+
+
 def merge_for_export(params: dict, config: ModelConfig, adapter_path=None):
     """(params, config) without LoRA leaves, for `convert`: the adapters of `params` (a LoRA
-    run's checkpoint) or of the adapter file `adapter_path` (its rank read from the file; a
-    base that has adapters of its own gets these instead) folded into the kernels. minimind-3
-    adds in float16 as its `merge_lora`; MiniMind2 (no merge function of its own) in float32."""
+    run's checkpoint) or of the adapter file `adapter_path` (`attach_adapter_file`) folded
+    into the kernels. minimind-3 adds in float16 as its `merge_lora`; MiniMind2 (no merge
+    function of its own) in float32."""
     from minimind_jax.model.config import arch_of
 
     if adapter_path is not None:
-        from minimind_jax.model.convert import load_state_dict
-
-        state_dict = load_state_dict(adapter_path)
-        ranks = {np.shape(v)[0] for k, v in state_dict.items() if k.endswith(".lora.A.weight")}
-        if len(ranks) != 1:
-            raise UserError(f"{adapter_path}: no LoRA adapters of one rank (keys "
-                            "'<linear>.lora.A.weight' / '.lora.B.weight'), found ranks "
-                            f"{sorted(ranks)}")
-        config = config.replace(lora_rank=ranks.pop())
-        adapters = adapters_from_state_dict(state_dict, config, str(adapter_path))
-        params = join(adapters, split(params)[1])
+        params, config = attach_adapter_file(params, config, adapter_path)
     if not config.lora_rank:
         return params, config
     fp16 = arch_of(config) == "minimind3"
