@@ -1,4 +1,4 @@
-"""The `pretrain` and `sft` commands: their flags, read once into a `TrainConfig`.
+"""The `pretrain`, `sft` and `lora` commands: their flags, read once into a `TrainConfig`.
 
 Every flag that sets a TrainConfig field defaults to that field's default; a None default
 (epochs, batch size, learning rate, accumulation, seed, schedule, shuffling) is resolved with
