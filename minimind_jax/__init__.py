@@ -3,7 +3,7 @@
 Layers, one folder each: `cli` (the command line), `model`, `data`, `train`, `infer`, `serve`,
 `runtime` (process and devices), `tools` (compare, demo, benchmarks); `errors` is shared.
 
-The training path, flags to checkpoint (`pretrain`/`sft`; `train.run` from Python)::
+The training path, flags to checkpoint (`pretrain`/`sft`/`lora`; `train.run` from Python)::
 
     flags --train.flags.config_from_args--> TrainConfig (train.train_config: model, data,
         optim, run, eval, distributed, recipe; frozen; None fields resolved once by

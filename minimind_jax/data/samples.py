@@ -278,12 +278,21 @@ class Stage:
     sample_ids: Callable  # (tokenizer, records, max_seq_len or None) -> MiniMind2's id lists
     run_prefix: str  # the reference's save name; our run folder is {out_dir}/{run_prefix}_{tag}
     data_path: str  # the reference's default data file
+    sample_format: str | None = None  # the stage whose samples it reads; None: `command`
+
+    @property
+    def samples(self) -> str:
+        """The sample format (`pretrain`/`sft`) of its data."""
+        return self.sample_format or self.command
 
 
 STAGES = {stage.command: stage for stage in (
     Stage("pretrain", pretrain_text, pretrain_ids_batch, "pretrain",
           "./dataset/pretrain_hq.jsonl"),
     Stage("sft", sft_contents, sft_ids_batch, "full_sft", "./dataset/sft_mini_512.jsonl"),
+    # LoRA (train_lora.py) reads SFT conversations; minimind-3's name is lora_medical (recipes)
+    Stage("lora", sft_contents, sft_ids_batch, "lora_identity", "./dataset/lora_identity.jsonl",
+          sample_format="sft"),
 )}
 
 

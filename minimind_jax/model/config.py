@@ -35,7 +35,7 @@ HIDDEN_DIM_RULES = {"minimind2": reference_hidden_dim, "minimind3": minimind3_hi
 # The fields that fix the params' tree and shapes: a checkpoint only fits a config equal in these.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
                 "use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                "scan_layers", "qk_norm", "rope_layout")
+                "scan_layers", "qk_norm", "rope_layout", "lora_rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,9 @@ class ModelConfig:
     attention_impl: str = "auto"
     remat: bool = False
     scan_layers: bool = False
+    # LoRA (the references' model_lora.py): > 0 adds an adapter of this rank to every square
+    # Linear (with the default shapes: the attention's wq and wo), y = x W + (x A) B, no scaling
+    lora_rank: int = 0
 
     def __post_init__(self):
         sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len",
@@ -110,6 +113,8 @@ class ModelConfig:
             errors.append("num_experts_per_tok must be in [1, n_routed_experts]")
         if self.n_shared_experts not in (0, 1):
             errors.append("n_shared_experts must be 0 or 1 (the reference has one shared FFN)")
+        if self.lora_rank < 0:
+            errors.append(f"lora_rank={self.lora_rank} must be >= 0")
         if self.dropout:
             errors.append("dropout > 0 is not supported (the reference trains with 0.0)")
         if self.moe_impl not in ("auto", "ragged", "blocked", "dense"):

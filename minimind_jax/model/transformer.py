@@ -110,9 +110,40 @@ def _norm(config: ModelConfig, name: str) -> RMSNorm:
                    name=name)
 
 
-def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Module:
+    if config.lora_rank:
+        return LoRADense(features, config, name=name)
     return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
                     kernel_init=kernel_init(config), name=name)
+
+
+def lora_a_init(key, shape, dtype=jnp.float32):
+    """The references' LoRA A: N(0, 0.02^2) (stored [in, rank], their weight transposed)."""
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+class LoRADense(nn.Module):
+    """nn.Dense without bias (same `kernel`, same product) plus, when square (in == out, as
+    the references' `apply_lora` picks its Linears), a LoRA adapter `lora_A` [in, rank] ~
+    N(0, 0.02^2), `lora_B` [rank, out] = 0: y = x K + (x A) B, no alpha scaling."""
+
+    features: int
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", kernel_init(cfg), (x.shape[-1], self.features),
+                            cfg.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=cfg.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if x.shape[-1] != self.features:
+            return y
+        a = self.param("lora_A", lora_a_init, (x.shape[-1], cfg.lora_rank), cfg.param_dtype)
+        b = self.param("lora_B", nn.initializers.zeros, (cfg.lora_rank, self.features),
+                       cfg.param_dtype)
+        a, b = nn.dtypes.promote_dtype(a, b, dtype=cfg.dtype)
+        return y + jnp.dot(jnp.dot(x, a), b)
 
 
 def _attention_impl(config: ModelConfig, has_cache: bool) -> str:

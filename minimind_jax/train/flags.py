@@ -1,4 +1,4 @@
-"""The `pretrain` and `sft` commands: their flags, read once into a `TrainConfig`.
+"""The `pretrain`, `sft` and `lora` commands: their flags, read once into a `TrainConfig`.
 
 Every flag that sets a TrainConfig field defaults to that field's default; a None default
 (epochs, batch size, learning rate, accumulation, seed, schedule, shuffling) is resolved with
@@ -17,7 +17,7 @@ from minimind_jax.data import prepare
 from minimind_jax.data.samples import STAGES, Stage
 from minimind_jax.data.tokenizer import REFERENCE_TOKENIZER_DIR
 from minimind_jax.runtime import distributed
-from minimind_jax.train import evaluate, optim, recipes, tracking
+from minimind_jax.train import evaluate, lora_stage, optim, recipes, tracking
 from minimind_jax.train.run_log import say
 from minimind_jax.train.train_config import (
     DataConfig,
@@ -52,7 +52,7 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     stage_seq_len = recipes.stage_defaults(stage.command, arch).get("max_seq_len")
     model = model_args.model_config_from_args(
         args, **({"max_seq_len": stage_seq_len} if args.max_seq_len is None and stage_seq_len
-                 else {}))
+                 else {}), **({"lora_rank": args.lora_rank} if stage.command == "lora" else {}))
     for note in notes:
         say(note)
     run = dataclasses.replace(settings["run"], flags=_recorded_flags(args, settings, model))
@@ -74,6 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
                           weight_decay=args.weight_decay),
         run=RunConfig(out_dir=args.out_dir, run_prefix=getattr(args, "run_prefix", None) or None,
                       init_from=args.init_from, resume=args.resume, overwrite=args.overwrite,
+                      lora_init_from=getattr(args, "lora_init_from", None),
                       log_interval=args.log_interval, save_interval=args.save_interval,
                       max_consecutive_skips=args.max_consecutive_skips,
                       tracker=tracking.tracker_kind(args.tracker, args.use_wandb),
@@ -188,6 +189,9 @@ def _add_run_flags(g, stage: Stage) -> None:
                         "fresh optimizer)" + ("; default: the latest checkpoint of "
                                               "OUT_DIR/pretrain_{dim}[_moe]"
                                               if stage.command == "sft" else
+                                              "; default: OUT_DIR/rlhf_{dim} (--arch "
+                                              "minimind3: full_sft_{hidden}[_moe]), a run "
+                                              "folder or .pth" if stage.command == "lora" else
                                               "; default: random init from --seed"))
     start = g.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -209,6 +213,22 @@ def _add_run_flags(g, stage: Stage) -> None:
                         "results. Checkpoints load into either layout")
 
 
+def _add_lora_args(parser) -> None:
+    ours = recipes.stage_defaults("lora", "minimind2")
+    head = recipes.stage_defaults("lora", "minimind3")
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_name", dest="run_prefix", default=None,
+                   help=f"the adapter's name: run folder OUT_DIR/{{lora_name}}_{{dim}}[_moe] "
+                        f"and adapter file (default {ours['run_prefix']}; --arch minimind3: "
+                        f"{head['run_prefix']})")
+    g.add_argument("--lora_rank", type=int, default=lora_stage.DEFAULT_RANK,
+                   help="adapter rank (the references: 16; no alpha scaling either way)")
+    g.add_argument("--lora_init_from", default=None,
+                   help="start the adapters from this adapter file (the references' "
+                        "{linear}.lora.A.weight / .lora.B.weight keys; .pth, .safetensors, "
+                        ".npz) instead of a seeded A ~ N(0, 0.02^2), B = 0")
+
+
 def register(subparsers) -> None:
     descriptions = {
         "pretrain": "Pretrain a MiniMind2 model on {\"text\": ...} JSONL (the reference's "
@@ -216,6 +236,11 @@ def register(subparsers) -> None:
         "sft": "Full supervised fine-tuning on {\"conversations\": [...]} JSONL (the "
                "reference's train_full_sft.py), starting from the pretrain weights; the loss "
                "covers the assistant replies only.",
+        "lora": "LoRA fine-tuning on SFT JSONL (the reference's train_lora.py): rank-16 "
+                "adapters on every square projection (wq, wo), base weights frozen (MiniMind2: "
+                "OUT_DIR/rlhf_{dim}, minimind-3: full_sft_{hidden}, as a run folder or .pth); "
+                "writes the reference's adapter file {lora_name}_{dim}.pth (minimind-3: "
+                "float16) into the run folder at the end.",
     }
     for name, stage in STAGES.items():
         parser = subparsers.add_parser(
@@ -229,6 +254,8 @@ def register(subparsers) -> None:
                         "checkpoints into the run folder. Exact reference runs: --recipe "
                         "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
+        if stage.command == "lora":
+            _add_lora_args(parser)
         model_args.add_model_args(parser, moe_value=True)
         evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)

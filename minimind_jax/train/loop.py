@@ -30,6 +30,8 @@ def run(config: TrainConfig, stage: Stage | str) -> int:
         with run_folder.write_failures(trainer.run_dir):
             state = train_loop(trainer)
             checkpoint.finish(trainer.manager)
+            if trainer.finish_fn is not None:
+                trainer.finish_fn(state)
             say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
                 f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
                 f"{trainer.run_dir / checkpoint.CHECKPOINT_DIR}")

@@ -128,13 +128,41 @@ def make_inner_optimizer(*, grad_clip: float = 1.0, weight_decay: float = 0.01,
     )
 
 
-def make_optimizer(*, accumulation_steps: int = 1, **inner_args) -> optax.MultiSteps:
+def make_optimizer(*, accumulation_steps: int = 1, epoch_batches: int | None = None,
+                   **inner_args) -> optax.MultiSteps:
     """`make_inner_optimizer(**inner_args)` inside optax.MultiSteps: gradients of
     `accumulation_steps` micro-batches are averaged before the clip + AdamW step.
     Call `update(grads, state, params, learning_rate=lr)`.
+
+    `epoch_batches` (MiniMind2's loop, when the epoch's batch count is not a multiple of
+    `accumulation_steps`): windows are counted within each epoch, `(step + 1) % acc == 0` with
+    the epoch's 0-based step, and nothing is flushed or zeroed at an epoch's end, so the
+    leftover micro-batches join the next epoch's first window, whose gradient is then their
+    sum / accumulation_steps (`minimind2_windows`).
     """
     inner = make_inner_optimizer(**inner_args)
-    return optax.MultiSteps(inner, every_k_schedule=accumulation_steps)
+    if epoch_batches is None or epoch_batches % accumulation_steps == 0:
+        return optax.MultiSteps(inner, every_k_schedule=accumulation_steps)
+    return optax.MultiSteps(optax.chain(optax.scale(1.0 / accumulation_steps), inner),
+                            every_k_schedule=minimind2_windows(accumulation_steps,
+                                                               epoch_batches),
+                            use_grad_mean=False)
+
+
+def minimind2_windows(accumulation_steps: int, epoch_batches: int):
+    """Micro-batches in the window of update u (0-based) under MiniMind2's per-epoch counting:
+    `accumulation_steps`, plus the previous epoch's `epoch_batches % accumulation_steps`
+    leftovers for the first update of every later epoch. An epoch shorter than the window
+    never updates (as the reference)."""
+    per_epoch, extra = divmod(epoch_batches, accumulation_steps)
+    if per_epoch == 0:
+        return lambda u: jnp.asarray(2**30, jnp.int32)
+
+    def window(u):
+        later_first = jnp.logical_and(u > 0, u % per_epoch == 0)
+        return accumulation_steps + extra * later_first.astype(jnp.int32)
+
+    return window
 
 
 def flush_partial_window(inner, opt_state: optax.MultiStepsState, params, learning_rate,

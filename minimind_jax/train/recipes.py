@@ -27,11 +27,15 @@ class Recipe:
     lr_schedule: str | None = None  # None: the config's (default cosine)
     seed: int = 1337  # the default seed
     flush_epoch_end: bool = False
+    # MiniMind2: accumulation windows counted per epoch, leftovers carried into the next
+    # epoch's first window (optim.minimind2_windows)
+    epoch_windows: bool = False
     fp16_sft_init: bool = False
 
 
 RECIPES = {
-    "minimind2": Recipe("minimind2", shuffle=False, lr_schedule="minimind2"),
+    "minimind2": Recipe("minimind2", shuffle=False, lr_schedule="minimind2",
+                        epoch_windows=True),
     "minimind3": Recipe("minimind3", permutation="torch", lr_schedule="minimind3", seed=42,
                         flush_epoch_end=True, fp16_sft_init=True),
 }
@@ -48,6 +52,12 @@ _STAGE_DEFAULTS = {
                                     accumulation_steps=8, max_seq_len=340),
     ("sft", "minimind3"): dict(epochs=2, batch_size=16, learning_rate=1e-5,
                                accumulation_steps=1, max_seq_len=768),
+    # train_lora.py of each (docs/post_training_spec.md 1.2); run_prefix = its --lora_name
+    ("lora", "minimind2"): dict(epochs=50, batch_size=16, learning_rate=5e-5,
+                                accumulation_steps=1, run_prefix="lora_identity", base="rlhf"),
+    ("lora", "minimind3"): dict(epochs=10, batch_size=32, learning_rate=1e-4,
+                                accumulation_steps=1, max_seq_len=340,
+                                run_prefix="lora_medical", base="full_sft"),
 }
 
 

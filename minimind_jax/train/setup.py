@@ -17,10 +17,18 @@ from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import STAGES, Stage
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
-from minimind_jax.model import convert
+from minimind_jax.model import convert, lora
 from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
 from minimind_jax.runtime import distributed, host_memory
-from minimind_jax.train import checkpoint, evaluate, optim, recipes, run_folder, tracking
+from minimind_jax.train import (
+    checkpoint,
+    evaluate,
+    lora_stage,
+    optim,
+    recipes,
+    run_folder,
+    tracking,
+)
 from minimind_jax.train.log_lines import LineStyle
 from minimind_jax.train.run_log import RunLog, say, warn
 from minimind_jax.train.train_config import DataConfig, TrainConfig
@@ -60,6 +68,8 @@ def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
         if not source.exists():
             raise UserError(f"--init_from: {source} does not exist")
         return source
+    if lora_stage.is_lora(stage):
+        return lora_stage.default_base(config.run.out_dir, config.model)
     if stage.command != "sft":
         return None
     pretrain_dir = run_folder.run_dir_for(config.run.out_dir, STAGES["pretrain"], config.model)
@@ -76,6 +86,8 @@ def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | Non
     """(params, where they came from): `init_source`'s weights, or a seeded random init."""
     from minimind_jax.model.transformer import init_params
 
+    if lora_stage.is_lora(stage):
+        return lora_stage.initial_params(config, source, model, warn)
     if source is None:
         return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
     params, _, origin = convert.load_weights(source, model, exact=True, warn=warn)
@@ -103,6 +115,7 @@ class Run:
     evaluator: Any  # evaluate.Evaluator or None
     manager: Any  # the orbax checkpoint manager
     log: RunLog
+    finish_fn: Any = None  # (final state) -> None, on every process: lora writes its adapters
 
 
 def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) -> Run:
@@ -115,6 +128,8 @@ def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) ->
     tokenizer_dir = resolve_tokenizer(config, stage)
     tokenizer = load_tokenizer(tokenizer_dir)
     model = config.model
+    if lora_stage.is_lora(stage):
+        model = lora_stage.model_for(model)
     if config.vocab_from_tokenizer:
         model = model.replace(vocab_size=tokenizer.vocab_size)
     if model.vocab_size < tokenizer.vocab_size:
@@ -142,13 +157,18 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     opt = config.optim
     schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
                               opt.accumulation_steps, opt.warmup_iters)
-    optimizer = optim.make_optimizer(accumulation_steps=opt.accumulation_steps,
-                                     grad_clip=opt.grad_clip, weight_decay=opt.weight_decay)
+    optimizer = optim.make_optimizer(
+        accumulation_steps=opt.accumulation_steps, grad_clip=opt.grad_clip,
+        weight_decay=opt.weight_decay,
+        epoch_batches=batches if config.recipe.epoch_windows else None)
+    partition = lora.Partition() if lora_stage.is_lora(stage) else None
     abstract = train_step.abstract_train_state(model, optimizer, mesh,
-                                               fsdp=config.distributed.fsdp)
+                                               fsdp=config.distributed.fsdp,
+                                               partition=partition)
     shardings = train_step.shardings_of(abstract)
     state, (epoch, batch), elapsed_before = _start_state(
-        config, stage, model, source, run_dir, previous, abstract, optimizer, shardings)
+        config, stage, model, source, run_dir, previous, abstract, optimizer, shardings,
+        partition)
     manager = checkpoint.open_manager(run_dir)
     stack.callback(checkpoint.close, manager)
     start_step = int(train_step.to_host(state.step))
@@ -167,17 +187,23 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     log = RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
                  lines=lines, elapsed_before=elapsed_before)
     stack.callback(log.close)
-    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings)
+    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings, partition)
     flush_fn = None
     if config.recipe.flush_epoch_end \
             and batches % opt.accumulation_steps != 0:
         inner = optim.make_inner_optimizer(grad_clip=opt.grad_clip,
                                            weight_decay=opt.weight_decay)
-        flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings)
+        flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings,
+                                              partition)
+    finish_fn = None
+    if lora_stage.is_lora(stage):
+        path = lora_stage.adapter_file(run_dir, stage.run_prefix, model)
+        finish_fn = lambda state: lora_stage.export_adapters(  # noqa: E731
+            state.params, model, path, distributed.is_main_process(), say)
     return Run(config=config, stage=stage, model=model, run_dir=run_dir, state=state,
                start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
                mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
-               evaluator=evaluator, manager=manager, log=log)
+               evaluator=evaluator, manager=manager, log=log, finish_fn=finish_fn)
 
 
 def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh):
@@ -209,7 +235,7 @@ def _total_steps(config: TrainConfig, batches: int) -> int:
 
 
 def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, run_dir,
-                 previous: str | None, abstract, optimizer, shardings):
+                 previous: str | None, abstract, optimizer, shardings, partition=None):
     """(train state, (epoch, batch) of the next batch, run seconds so far): resumed from the
     newest intact checkpoint, or fresh from `initial_params` (removing an earlier run's files
     with --overwrite)."""
@@ -239,7 +265,7 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
             shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         distributed.barrier("train:previous_removed")
-    state = train_step.init_train_state(params, optimizer, config.seed, shardings)
+    state = train_step.init_train_state(params, optimizer, config.seed, shardings, partition)
     say(f"initial weights: {origin}")
     return state, (0, 0), 0.0
 
@@ -271,7 +297,7 @@ def _open_source_once(config: TrainConfig, stage: Stage, tokenizer, model: Model
     data_config = config.data
 
     def open_it(quiet: bool):
-        return open_source(data_path, tokenizer, stage.command, model.max_seq_len,
+        return open_source(data_path, tokenizer, stage.samples, model.max_seq_len,
                            pack=pack, pack_window=data_config.pack_window,
                            cache_dir=data_config.cache_dir,
                            skip_bad_lines=data_config.skip_bad_lines,

@@ -67,6 +67,7 @@ class RunConfig:
     out_dir: str = "out"
     run_prefix: str | None = None  # None: the stage's (pretrain / full_sft)
     init_from: str | None = None  # None: random init (pretrain) or the pretrain run (sft)
+    lora_init_from: str | None = None  # lora: adapter file to start from (None: seeded init)
     resume: bool = False
     overwrite: bool = False
     log_interval: int = 100
@@ -142,6 +143,8 @@ def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> di
             epochs=given_or(optim.epochs, defaults["epochs"]),
             lr_schedule=given_or(optim.lr_schedule, recipe.lr_schedule or "cosine")),
         eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
+        run=dataclasses.replace(run, run_prefix=given_or(run.run_prefix,
+                                                         defaults.get("run_prefix"))),
     )
 
 

@@ -50,11 +50,18 @@ class TrainState:
     consecutive_skips: jax.Array  # ... in a row, up to now
 
 
+def _trained(params, partition):
+    """The params the optimizer sees: all, or `partition.split(params)[0]` (LoRA: the
+    adapters; the rest stays frozen)."""
+    return params if partition is None else partition.split(params)[0]
+
+
 def create_train_state(params, optimizer: optax.GradientTransformation,
-                       seed: int = 0) -> TrainState:
-    """A fresh state at step 0 (the optimizer state is built from `params`)."""
+                       seed: int = 0, partition=None) -> TrainState:
+    """A fresh state at step 0 (the optimizer state is built from the trained `params`)."""
     zero = lambda: jnp.zeros((), jnp.int32)
-    return TrainState(step=zero(), params=params, opt_state=optimizer.init(params),
+    return TrainState(step=zero(), params=params,
+                      opt_state=optimizer.init(_trained(params, partition)),
                       rng=jax.random.PRNGKey(seed), skipped=zero(), consecutive_skips=zero())
 
 
@@ -98,13 +105,13 @@ def state_shardings(abstract_state, mesh: Mesh, *, fsdp: bool = False):
 
 
 def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
-                         mesh: Mesh, *, fsdp: bool = False) -> TrainState:
+                         mesh: Mesh, *, fsdp: bool = False, partition=None) -> TrainState:
     """The TrainState's shapes and dtypes as ShapeDtypeStructs carrying their shardings
     (`state_shardings`): what a checkpoint is restored into, and where a fresh state goes."""
     from minimind_jax.model.transformer import init_params
 
     shapes = jax.eval_shape(lambda: create_train_state(
-        init_params(config, jax.random.PRNGKey(0)), optimizer))
+        init_params(config, jax.random.PRNGKey(0)), optimizer, partition=partition))
     return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                  sharding=sharding),
                         shapes, state_shardings(shapes, mesh, fsdp=fsdp))
@@ -133,11 +140,12 @@ def put_replicated(tree, mesh: Mesh):
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
-                     shardings) -> TrainState:
+                     shardings, partition=None) -> TrainState:
     """`create_train_state` laid out as `shardings` (from `state_shardings`): params are
     placed from the host, the optimizer state is built on the devices, shard by shard."""
     params = place(params, shardings.params)
-    build = jax.jit(lambda p: create_train_state(p, optimizer, seed), out_shardings=shardings)
+    build = jax.jit(lambda p: create_train_state(p, optimizer, seed, partition),
+                    out_shardings=shardings)
     return build(params)
 
 
@@ -186,12 +194,16 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule):
+def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule,
+                     partition=None):
     """The update: skip non-finite steps, else accumulate / clip / AdamW at LR
     schedule(step). A step is skipped (params and optimizer state unchanged) when its loss, its
     gradient, or the weights and optimizer state it would produce are not finite. `totals` are
-    the global loss, aux, n_tokens and n_rows."""
+    the global loss, aux, n_tokens and n_rows. With a `partition`, `grads` are those of the
+    trained part only, and only that part changes."""
     lr = schedule(state.step)
+    trained, frozen = ((state.params, None) if partition is None
+                       else partition.split(state.params))
     loss_ok = jnp.isfinite(totals["loss"])
     grads_ok = jnp.isfinite(optax.tree.norm(grads))
 
@@ -205,7 +217,9 @@ def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule
 
     params, opt_state, update_ok = jax.lax.cond(
         loss_ok & grads_ok, apply_update, lambda p, o: (p, o, jnp.asarray(True)),
-        state.params, state.opt_state)
+        trained, state.opt_state)
+    if partition is not None:
+        params = partition.join(params, frozen)
     finite = loss_ok & grads_ok & update_ok
     nonfinite = jnp.where(~loss_ok, 1, jnp.where(~grads_ok, 2, jnp.where(~update_ok, 3, 0)))
     skip = (~finite).astype(jnp.int32)
@@ -223,7 +237,8 @@ def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], mesh: Mesh,
-                    shardings=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    shardings=None, partition=None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step; the incoming state's buffers are donated.
 
     One micro-batch: loss = masked mean CE + MoE aux; gradients go into the MultiSteps
@@ -238,21 +253,29 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     batch is split over "data". Params are gathered whole for the forward pass (a no-op when
     replicated); their gradients come back in the params' layout, so the optimizer update runs
     on each device's share.
+
+    `partition` (e.g. `model.lora.Partition`): gradients, accumulation, clip and AdamW cover
+    only `partition.split(params)[0]`; the rest of the params is frozen.
     """
     model = MiniMind(config)
     whole = replicated(mesh)
 
     def step(state: TrainState, batch: dict):
+        frozen = None if partition is None else partition.split(state.params)[1]
+
         def objective(params):
+            if partition is not None:
+                params = partition.join(params, frozen)
             params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: whole,
                                                                            params))
             ce, aux = _loss_terms(model, params, batch)
             return ce + aux, aux
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+            _trained(state.params, partition))
         totals = {"loss": loss, "aux": aux, "n_tokens": batch["loss_mask"].sum(),
                   "n_rows": _real_rows(batch)}
-        return _apply_gradients(state, grads, totals, optimizer, schedule)
+        return _apply_gradients(state, grads, totals, optimizer, schedule, partition)
 
     # A single sharding stands for every leaf of the state (a pytree prefix).
     state_layout = whole if shardings is None else shardings
@@ -262,14 +285,20 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
 
 def make_flush_step(inner_optimizer, schedule: Callable[[jax.Array], jax.Array],
-                    accumulation_steps: int, shardings) -> Callable[[TrainState], TrainState]:
+                    accumulation_steps: int, shardings,
+                    partition=None) -> Callable[[TrainState], TrainState]:
     """The jitted end-of-epoch flush (`optim.flush_partial_window`) at the LR of the last
-    micro-step; the state keeps the layout `shardings` and its buffers are donated."""
+    micro-step (of the trained part of the params, see `make_train_step`); the state keeps the
+    layout `shardings` and its buffers are donated."""
 
     def flush(state: TrainState) -> TrainState:
+        trained, frozen = ((state.params, None) if partition is None
+                           else partition.split(state.params))
         params, opt_state = optim.flush_partial_window(
-            inner_optimizer, state.opt_state, state.params, schedule(state.step - 1),
+            inner_optimizer, state.opt_state, trained, schedule(state.step - 1),
             accumulation_steps)
+        if partition is not None:
+            params = partition.join(params, frozen)
         return state.replace(params=params, opt_state=opt_state)
 
     return jax.jit(flush, out_shardings=shardings, donate_argnums=0)
