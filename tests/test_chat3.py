@@ -289,10 +289,10 @@ def test_generate_command_with_a_minimind3_model(minimind3_params, tmp_path, cap
     """`generate` on a minimind-3 weights file with its tokenizer, with and without
     --think; --think on MiniMind2's template is a user error."""
     from minimind_jax import cli
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
     path = tmp_path / "full_sft_64.npz"
-    np.savez(path, **convert.state_dict_from_params(minimind3_params, TINY_MINIMIND3))
+    np.savez(path, **weights.state_dict_from_params(minimind3_params, TINY_MINIMIND3))
     base = ["generate", "--ckpt", str(path), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
             "--n_heads", "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好"]
     for extra in ([], ["--think", "--system", "简短回答"]):

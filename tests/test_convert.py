@@ -6,8 +6,9 @@ import pytest
 from minimind_jax.cli import main
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.convert import (
-    export_hf_llama,
+from minimind_jax.model.convert import export_hf_llama
+from minimind_jax.model.transformer import MiniMind, init_params
+from minimind_jax.model.weights import (
     infer_config,
     load_state_dict,
     load_weights,
@@ -15,7 +16,6 @@ from minimind_jax.model.convert import (
     save_state_dict,
     state_dict_from_params,
 )
-from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG, golden_state_dict
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model import convert
+from minimind_jax.model import convert, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
 from tests.helpers import MINIMIND3_TOKENIZER_DIR, golden_state_dict
@@ -36,9 +36,9 @@ def test_minimind3_pth_files_load_with_config_inferred(tmp_path, minimind3_golde
     expected = {k: v.astype(np.float16).astype(np.float32)
                 for k, v in golden_state_dict(minimind3_golden, f"{name}/init/").items()}
     for path in (weights, resume):
-        params, config, _ = convert.load_weights(path, ModelConfig())  # a MiniMind2 base
+        params, config, _ = weights.load_weights(path, ModelConfig())  # a MiniMind2 base
         assert config == CONFIGS[name].replace(max_seq_len=512), config
-        got = convert.state_dict_from_params(params, config)
+        got = weights.state_dict_from_params(params, config)
         assert set(got) == set(expected)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
@@ -47,9 +47,9 @@ def test_minimind3_pth_files_load_with_config_inferred(tmp_path, minimind3_golde
 def test_export_to_minimind3_pth_round_trip(tmp_path, minimind3_golden):
     config = CONFIGS["moe"]
     sd = golden_state_dict(minimind3_golden, "moe/init/")
-    params = convert.params_from_state_dict(sd, config)
+    params = weights.params_from_state_dict(sd, config)
     out = tmp_path / "ours.pth"
-    convert.save_state_dict(convert.state_dict_from_params(params, config), out)
+    weights.save_state_dict(weights.state_dict_from_params(params, config), out)
     loaded = torch.load(out, weights_only=True)
     assert set(loaded) == set(sd)
     assert loaded["lm_head.weight"].data_ptr() == loaded["model.embed_tokens.weight"].data_ptr()
@@ -71,7 +71,7 @@ def test_hf_qwen3_export_matches_transformers(tmp_path, minimind3_golden, name):
     if not hasattr(transformers, "Qwen3MoeForCausalLM"):
         pytest.skip("transformers without Qwen3 (needs >= 4.51)")
     config = CONFIGS[name]
-    params = convert.params_from_state_dict(
+    params = weights.params_from_state_dict(
         golden_state_dict(minimind3_golden, f"{name}/init/"), config)
     out = convert.export_hf_qwen3(params, config, tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

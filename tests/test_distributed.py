@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model.weights import load_weights
 from minimind_jax.runtime import distributed
 from minimind_jax.runtime.distributed import DistributedConfig
 from minimind_jax.train import train_step

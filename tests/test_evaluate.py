@@ -10,8 +10,8 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.data.tokenizer import load_tokenizer
-from minimind_jax.model.convert import load_weights
 from minimind_jax.model.transformer import MiniMind
+from minimind_jax.model.weights import load_weights
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,

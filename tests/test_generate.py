@@ -180,7 +180,7 @@ def test_generate_jsonl_and_output_file(reference_npz, capsys, tmp_path):
 def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
     from minimind_jax import cli
     from minimind_jax.data.tokenizer import load_tokenizer
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
     questions = iter(["你好"])
 
@@ -199,9 +199,9 @@ def test_chat_streams_the_answer_it_returns(reference_npz, capsys, monkeypatch):
     answer = out.split("model: ", 1)[1].split("\nyou: ")[0]
     # The same prompt through the batch API gives the streamed text.
     tokenizer = load_tokenizer(TOKENIZER_DIR)
-    sd = convert.load_state_dict(reference_npz)
-    config = convert.infer_config(sd, ModelConfig(n_heads=4))
-    params = convert.params_from_state_dict(sd, config)
+    sd = weights.load_state_dict(reference_npz)
+    config = weights.infer_config(sd, ModelConfig(n_heads=4))
+    params = weights.params_from_state_dict(sd, config)
     ids = gen.encode_prompt(tokenizer, "你好", template=True)
     new = gen.generate_tokens(params, config, [ids], gen.SamplingConfig(0.0, max_new_tokens=10),
                               tokenizer.eos_id)[0]

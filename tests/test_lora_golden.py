@@ -18,14 +18,14 @@ from minimind_jax import cli
 from minimind_jax.model import lora
 from minimind_jax.model.config import ModelConfig, arch_defaults
 from minimind_jax.train import checkpoint
-from tests.helpers import FIXTURES, TOKENIZER3_DIR, TOKENIZER_DIR, metrics
+from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
 
 POST = FIXTURES / "post"
 CASES = {
     "m2_lora": dict(weights="weights_m2_dense64.npz", tokenizer=TOKENIZER_DIR,
                     flags=["--recipe", "minimind2", "--n_heads", "8"],
                     config=ModelConfig(dim=64, n_layers=2, n_heads=8, max_seq_len=64)),
-    "m3_lora": dict(weights="weights_m3_dense64.npz", tokenizer=TOKENIZER3_DIR,
+    "m3_lora": dict(weights="weights_m3_dense64.npz", tokenizer=MINIMIND3_TOKENIZER_DIR,
                     flags=["--arch", "minimind3", "--recipe", "minimind3"],
                     config=arch_defaults("minimind3").replace(dim=64, n_layers=2,
                                                               max_seq_len=64)),
@@ -83,7 +83,7 @@ def test_lora_matches_reference(tmp_path, case):
     assert norm_diff <= 1e-4 * golden["clip_total_norm"].max() + 1e-6, norm_diff
 
     # the final adapters, from the checkpoint and from the adapter file written at the end
-    params, saved_config = checkpoint.restore_params(run_dir)
+    params, saved_config, _ = checkpoint.restore_params(run_dir)
     assert saved_config.lora_rank == 16
     ours = lora.adapter_state_dict(params, config)
     final = _prefixed(golden, "lora_final/")
@@ -92,15 +92,17 @@ def test_lora_matches_reference(tmp_path, case):
     print(f"{case}: max |adapter - reference final| = {worst:.3g}")
     assert worst <= 2e-5, worst
     # the frozen base is unchanged
-    weights = np.load(POST / CASES[case]["weights"])
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
-    base_sd = convert.state_dict_from_params(lora.split(params)[1], config.replace(lora_rank=0))
-    assert set(weights.files) - {"meta/" + k.split("meta/")[-1] for k in weights.files
-                                 if k.startswith("meta/")} <= set(base_sd)
-    for k in (k for k in weights.files if not k.startswith("meta/")):
+    base_golden = np.load(POST / CASES[case]["weights"])
+
+    base_sd = weights.state_dict_from_params(lora.split(params)[1], config.replace(lora_rank=0))
+    assert set(base_golden.files) - {"meta/" + k.split("meta/")[-1]
+                                     for k in base_golden.files
+                                     if k.startswith("meta/")} <= set(base_sd)
+    for k in (k for k in base_golden.files if not k.startswith("meta/")):
         v = base_sd[k]
-        np.testing.assert_array_equal(v, np.asarray(weights[k], np.float32), err_msg=k)
+        np.testing.assert_array_equal(v, np.asarray(base_golden[k], np.float32), err_msg=k)
 
     files = sorted(run_dir.glob("lora_golden_64.*"))
     assert len(files) == 1, files
@@ -130,7 +132,7 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     import shutil
 
     run_dir, records, _ = run_lora(tmp_path, case, ["--save_interval", str(save_at)])
-    final, _ = checkpoint.restore_params(run_dir)
+    final, _, _ = checkpoint.restore_params(run_dir)
     for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
         if step_dir.name != str(save_at):
             shutil.rmtree(step_dir)
@@ -143,7 +145,7 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     resumed = metrics(run_dir)
     keys = ("step", "epoch", "batch", "update", "loss", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
-    again, _ = checkpoint.restore_params(run_dir)
+    again, _, _ = checkpoint.restore_params(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -180,31 +182,32 @@ def test_lora_command_defaults(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_for_export(tmp_path, case):
-    """`lora.merge_for_export` (what `convert --merge_lora` is to call) folds a LoRA run's
-    adapters, or an adapter file's, into the kernels: MiniMind2 within 1e-6 of W + B A;
-    minimind-3 in float16 as its merge_lora (exactly, from its float16 adapter file)."""
-    from minimind_jax.model import convert
+    """`lora.merge_for_export` (`convert`'s merge) folds a LoRA run's adapters, or an adapter
+    file's, into the kernels: MiniMind2 within 1e-6 of W + B A; minimind-3 in float16 as its
+    merge_lora (exactly, from its float16 adapter file). `convert BASE OUT --merge_lora
+    ADAPTER` and `convert RUN OUT` write those merged weights."""
+    from minimind_jax.model import weights
 
     run_dir, _, _ = run_lora(tmp_path, case, ["--epochs", "1"])
     spec = CASES[case]
     config = spec["config"].replace(lora_rank=16)
-    params, saved = checkpoint.restore_params(run_dir)
+    params, saved, _ = checkpoint.restore_params(run_dir)
     adapters = lora.adapter_state_dict(params, config)
     base_params = lora.split(params)[1]
-    base = convert.state_dict_from_params(base_params, config.replace(lora_rank=0))
+    base = weights.state_dict_from_params(base_params, config.replace(lora_rank=0))
     merged_run, c1 = lora.merge_for_export(params, saved)
     adapter = next(run_dir.glob("lora_golden_64.*"))
     merged_file, c2 = lora.merge_for_export(base_params, config.replace(lora_rank=0), adapter)
     assert c1.lora_rank == c2.lora_rank == 0
-    got_run = convert.state_dict_from_params(merged_run, c1)
-    got_file = convert.state_dict_from_params(merged_file, c2)
+    got_run = weights.state_dict_from_params(merged_run, c1)
+    got_file = weights.state_dict_from_params(merged_file, c2)
     assert not lora.split(merged_run)[0] and not lora.split(merged_file)[0]
     # what generate/chat/eval/serve load from the run folder is the adapted model, and
     # `attach_adapter_file` (their --lora_weight) gives the same from the adapter file
     from minimind_jax.model.config import ModelConfig
     from minimind_jax.model.transformer import MiniMind
 
-    loaded, loaded_config = convert.load_weights(run_dir, ModelConfig())[:2]
+    loaded, loaded_config = weights.load_weights(run_dir, ModelConfig())[:2]
     assert loaded_config.lora_rank == 16
     attached, attached_config = lora.attach_adapter_file(base_params, c2, adapter)
     ids = np.asarray(np.load(POST / f"{case}.npz")[
@@ -217,6 +220,18 @@ def test_merge_for_export(tmp_path, case):
         for a, b in zip(jax.tree.leaves(lora.split(loaded)[0]),
                         jax.tree.leaves(lora.split(attached)[0]), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the command: base weights + adapter file, and the LoRA run folder itself
+    base_file, from_file, from_run = (tmp_path / n for n in ("base.npz", "file.npz", "run.npz"))
+    weights.save_state_dict(base, base_file)
+    arch = ["--arch", "minimind3"] if case == "m3_lora" else ["--n_heads", "8"]
+    assert cli.main(["convert", str(base_file), str(from_file), "--merge_lora", str(adapter),
+                     *arch]) == 0
+    assert cli.main(["convert", str(run_dir), str(from_run), *arch]) == 0
+    for written, expected in ((from_file, got_file), (from_run, got_run)):
+        sd = weights.load_state_dict(written)
+        assert set(sd) == set(expected)
+        for k in expected:
+            np.testing.assert_array_equal(sd[k], expected[k], err_msg=k)
     for k in adapters:
         if not k.endswith("lora.A.weight"):
             continue

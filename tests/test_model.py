@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from minimind_jax.model.config import preset
-from minimind_jax.model.convert import params_from_state_dict
 from minimind_jax.model.transformer import (
     MiniMind,
     count_active_params,
@@ -14,6 +13,7 @@ from minimind_jax.model.transformer import (
     init_params,
     moe_aux_loss,
 )
+from minimind_jax.model.weights import params_from_state_dict
 from tests.helpers import TINY_CONFIG, golden_state_dict
 
 TINY_MOE = TINY_CONFIG.replace(use_moe=True)
@@ -92,7 +92,7 @@ def test_moe_aux_loss_uniform_routing_is_alpha():
 def test_init_distributions_match_reference(golden):
     params_sd = golden_state_dict(golden, "dense/init/")
     ours = init_params(TINY_CONFIG, 0)
-    from minimind_jax.model.convert import state_dict_from_params
+    from minimind_jax.model.weights import state_dict_from_params
 
     ours_sd = state_dict_from_params(ours, TINY_CONFIG)
     for key, ref in params_sd.items():

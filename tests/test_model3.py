@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from minimind_jax.model.config import arch_defaults, preset
-from minimind_jax.model.convert import params_from_state_dict, state_dict_from_params
 from minimind_jax.model.transformer import MiniMind, count_params, init_cache, init_params
+from minimind_jax.model.weights import params_from_state_dict, state_dict_from_params
 from tests.helpers import golden_state_dict
 
 TINY_MINIMIND3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64)
@@ -72,7 +72,7 @@ def test_kv_cache_prefill_decode_equals_full_forward(minimind3_golden, name, cha
     config = CONFIGS[name].replace(**changes)
     params = _golden_params(minimind3_golden, name, CONFIGS[name])
     if config.scan_layers:
-        from minimind_jax.model.convert import stack_layers
+        from minimind_jax.model.weights import stack_layers
 
         params = stack_layers(jax.device_get(params), config.n_layers)
     ids = jnp.asarray(minimind3_golden["pre_input_ids"][:2, :12])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model.weights import load_weights
 from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
 
 

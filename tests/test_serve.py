@@ -209,14 +209,14 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
     import sys
     import time
 
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
-    weights = tmp_path / "tiny.npz"
-    convert.save_state_dict(convert.state_dict_from_params(params, TINY), weights)
+    weights_file = tmp_path / "tiny.npz"
+    weights.save_state_dict(weights.state_dict_from_params(params, TINY), weights_file)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights),
+    argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights_file),
             "--tokenizer", str(TOKENIZER_DIR), *TINY_SHAPE_FLAGS, "--port", str(port),
             "--api_key", API_KEY, "--log_level", "warning"]
     server = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)

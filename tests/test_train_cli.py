@@ -12,9 +12,9 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import arch_defaults
-from minimind_jax.model.convert import load_weights
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind
+from minimind_jax.model.weights import load_weights
 from minimind_jax.train import DataConfig, OptimConfig, RunConfig, TrainConfig, checkpoint
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,

@@ -7,8 +7,8 @@ a user's `minimind-jax pretrain ...` runs, read back from metrics.jsonl and the 
 
 import numpy as np
 
-from minimind_jax.model import convert
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model import weights
+from minimind_jax.model.weights import load_weights
 from tests.helpers import (
     PRETRAIN_JSONL,
     SFT_JSONL,
@@ -38,7 +38,7 @@ def test_dense_pretrain_matches_reference(tmp_path, golden):
     assert all(("grad_norm" in r) == (s % 2 == 1) for s, r in enumerate(records))
 
     params, config, _ = load_weights(run_dir)
-    got = convert.state_dict_from_params(params, config)
+    got = weights.state_dict_from_params(params, config)
     expected = golden_state_dict(golden, "dense/after_pretrain/")
     assert set(got) == set(expected)
     worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)

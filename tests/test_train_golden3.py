@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model import convert
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model import weights
+from minimind_jax.model.weights import load_weights
 from minimind_jax.train import checkpoint
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
@@ -48,7 +48,7 @@ def test_dense_pretrain_matches_minimind3(tmp_path, minimind3_golden):
     np.testing.assert_array_equal([r["lr"] for r in records], minimind3_golden["dense/pretrain_lr"])
 
     params, config, _ = load_weights(run_dir)
-    got = convert.state_dict_from_params(params, config)
+    got = weights.state_dict_from_params(params, config)
     expected = golden_state_dict(minimind3_golden, "dense/after_pretrain/")
     assert set(got) == set(expected)
     worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)

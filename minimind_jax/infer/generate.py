@@ -27,7 +27,7 @@ from jax.experimental import io_callback
 from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
 from minimind_jax.infer.reply_text import split_opened_thinking, split_thinking
-from minimind_jax.model import convert
+from minimind_jax.model import weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
 
@@ -232,9 +232,9 @@ def _checkpoint(args: argparse.Namespace) -> pathlib.Path:
 
 
 def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
-    """The commands' model: `convert.load_weights` of --ckpt (shapes from the weights, the rest
+    """The commands' model: `weights.load_weights` of --ckpt (shapes from the weights, the rest
     from the model flags), computing in --dtype."""
-    params, config, _ = convert.load_weights(_checkpoint(args),
+    params, config, _ = weights.load_weights(_checkpoint(args),
                                              model_args.model_config_from_args(args),
                                              dtype=getattr(args, "dtype", "auto"))
     return params, config

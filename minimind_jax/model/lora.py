@@ -70,7 +70,7 @@ def with_adapters(base: dict, adapters: dict) -> dict:
 def _adapted(config: ModelConfig):
     """(our path of the adapted module, the reference's Linear name), for the square
     projections of an unscanned tree, in layer order."""
-    from minimind_jax.model.convert import key_names
+    from minimind_jax.model.weights import key_names
 
     names = key_names(config)
     hd = config.head_dim
@@ -95,7 +95,7 @@ def _adapted(config: ModelConfig):
 
 
 def _unscanned(params: dict, config: ModelConfig) -> dict:
-    from minimind_jax.model.convert import unstack_layers
+    from minimind_jax.model.weights import unstack_layers
 
     return unstack_layers(params, config.n_layers) if config.scan_layers else params
 
@@ -147,7 +147,7 @@ def adapters_from_state_dict(state_dict: dict, config: ModelConfig, source: str)
                         + (f"\n  missing: {', '.join(missing[:6])}" if missing else "")
                         + (f"\n  mis-shaped: {'; '.join(bad[:6])}" if bad else ""))
     if config.scan_layers:
-        from minimind_jax.model.convert import stack_layers
+        from minimind_jax.model.weights import stack_layers
 
         tree = stack_layers(tree, config.n_layers)
     return tree
@@ -155,7 +155,7 @@ def adapters_from_state_dict(state_dict: dict, config: ModelConfig, source: str)
 
 def load_adapters(path: str | pathlib.Path, config: ModelConfig) -> dict:
     """Our adapter tree from an adapter file (.pth needs torch, .safetensors, .npz)."""
-    from minimind_jax.model.convert import load_state_dict
+    from minimind_jax.model.weights import load_state_dict
 
     return adapters_from_state_dict(load_state_dict(path), config, str(path))
 
@@ -163,7 +163,7 @@ def load_adapters(path: str | pathlib.Path, config: ModelConfig) -> dict:
 def save_adapters(params: dict, config: ModelConfig, path: str | pathlib.Path,
                   fp16: bool) -> pathlib.Path:
     """`params`' adapters as the references' adapter file (fp16: minimind-3's `.half()`)."""
-    from minimind_jax.model.convert import save_state_dict
+    from minimind_jax.model.weights import save_state_dict
 
     path = pathlib.Path(path)
     save_state_dict(adapter_state_dict(params, config, np.float16 if fp16 else np.float32),
@@ -198,7 +198,7 @@ def attach_adapter_file(params: dict, config: ModelConfig, adapter_path):
     """(params, config) with the adapters of `adapter_path` (the references' `save_lora` keys;
     its rank read from the file) in place of any the params had: the reference's `load_lora`
     on a model after `apply_lora`. For `--lora_weight` of the inference commands."""
-    from minimind_jax.model.convert import load_state_dict
+    from minimind_jax.model.weights import load_state_dict
 
     state_dict = load_state_dict(adapter_path)
     ranks = {np.shape(v)[0] for k, v in state_dict.items() if k.endswith(".lora.A.weight")}

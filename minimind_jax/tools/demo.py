@@ -293,9 +293,9 @@ def answer_questions(ckpt: pathlib.Path, tokenizer, questions: list[str],
                      max_new_tokens: int) -> list[str]:
     """Greedy answers by the model in `ckpt` (the `generate` code path, one batch)."""
     from minimind_jax.infer import generate
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
-    params, config, _ = convert.load_weights(ckpt, arch_defaults("minimind2"), dtype="auto")
+    params, config, _ = weights.load_weights(ckpt, arch_defaults("minimind2"), dtype="auto")
     sampling = generate.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     prompts = [generate.encode_prompt(tokenizer, q, template=True) for q in questions]
     outputs = generate.generate_tokens(params, config, prompts, sampling, tokenizer.eos_id)

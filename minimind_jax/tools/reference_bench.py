@@ -139,7 +139,7 @@ def build_reference(reference_dir: pathlib.Path, config: ModelConfig, params, de
     """The reference's model at `reference_dir` with our `config` and our `params` loaded."""
     import torch
 
-    from minimind_jax.model.convert import state_dict_from_params
+    from minimind_jax.model.weights import state_dict_from_params
 
     layout = find_layout(reference_dir)
     if arch_of(config) != layout.arch:

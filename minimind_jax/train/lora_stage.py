@@ -52,9 +52,9 @@ def initial_params(config, source: pathlib.Path, model: ModelConfig, warn):
     the lora_rank 0 model (minimind-3's recipe: rounded to float16, as its .pth files hold
     them); the adapters come from --lora_init_from (an adapter file in the references' keys)
     or fresh from the seed (A ~ N(0, 0.02^2), B = 0)."""
-    from minimind_jax.model import convert
+    from minimind_jax.model import weights
 
-    base, _, origin = convert.load_weights(source, model.replace(lora_rank=0), exact=True,
+    base, _, origin = weights.load_weights(source, model.replace(lora_rank=0), exact=True,
                                            warn=warn)
     if config.recipe.fp16_sft_init:
         base = recipes.round_to_float16(base)

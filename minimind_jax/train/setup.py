@@ -17,7 +17,7 @@ from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import STAGES, Stage
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
-from minimind_jax.model import convert, lora
+from minimind_jax.model import lora, weights
 from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
 from minimind_jax.runtime import distributed, host_memory
 from minimind_jax.train import (
@@ -90,7 +90,7 @@ def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | Non
         return lora_stage.initial_params(config, source, model, warn)
     if source is None:
         return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
-    params, _, origin = convert.load_weights(source, model, exact=True, warn=warn)
+    params, _, origin = weights.load_weights(source, model, exact=True, warn=warn)
     if stage.command == "sft" and config.recipe.fp16_sft_init:
         return recipes.round_to_float16(params), f"{origin} (rounded to float16, as minimind-3)"
     return params, origin

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from minimind_jax import cli
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model.weights import load_weights
 
 argv = sys.argv[1:]
 code = cli.main(argv)

@@ -13,7 +13,7 @@ import sys
 import jax
 
 from minimind_jax import cli
-from minimind_jax.model.convert import load_weights
+from minimind_jax.model.weights import load_weights
 from minimind_jax.train import checkpoint, optim, train_step
 
 argv = sys.argv[1:]
