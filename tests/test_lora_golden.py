@@ -181,7 +181,7 @@ def test_lora_command_defaults(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_merge_for_export(tmp_path, case):
+def test_merge_for_export(tmp_path, capsys, case):
     """`lora.merge_for_export` (`convert`'s merge) folds a LoRA run's adapters, or an adapter
     file's, into the kernels: MiniMind2 within 1e-6 of W + B A; minimind-3 in float16 as its
     merge_lora (exactly, from its float16 adapter file). `convert BASE OUT --merge_lora
@@ -232,6 +232,17 @@ def test_merge_for_export(tmp_path, case):
         assert set(sd) == set(expected)
         for k in expected:
             np.testing.assert_array_equal(sd[k], expected[k], err_msg=k)
+    # eval with --lora_weight on the base weights is eval of the lora run itself
+    data = str(POST / "lora_sft.jsonl")
+    lines = []
+    for ckpt in (["--ckpt", str(base_file), "--lora_weight", str(adapter)],
+                 ["--ckpt", str(run_dir)]):
+        assert cli.main(["eval", *ckpt, "--data_path", data, "--stage", "sft",
+                         "--tokenizer", str(spec["tokenizer"]), "--max_seq_len", "64",
+                         "--dtype", "float32", *arch]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        lines.append(float(line.split("eval_loss:")[1].split()[0]))
+    assert abs(lines[0] - lines[1]) <= 1e-5, lines  # minimind-3's adapter file is float16
     for k in adapters:
         if not k.endswith("lora.A.weight"):
             continue

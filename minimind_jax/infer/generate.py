@@ -27,7 +27,7 @@ from jax.experimental import io_callback
 from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
 from minimind_jax.infer.reply_text import split_opened_thinking, split_thinking
-from minimind_jax.model import weights
+from minimind_jax.model import lora, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
 
@@ -233,11 +233,21 @@ def _checkpoint(args: argparse.Namespace) -> pathlib.Path:
 
 def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
     """The commands' model: `weights.load_weights` of --ckpt (shapes from the weights, the rest
-    from the model flags), computing in --dtype."""
+    from the model flags) with --lora_weight's adapters, computing in --dtype."""
     params, config, _ = weights.load_weights(_checkpoint(args),
                                              model_args.model_config_from_args(args),
                                              dtype=getattr(args, "dtype", "auto"))
+    if getattr(args, "lora_weight", None):
+        params, config = lora.attach_adapter_file(params, config, args.lora_weight)
     return params, config
+
+
+def add_lora_weight_arg(parser: argparse.ArgumentParser) -> None:
+    """--lora_weight of the commands that run a model (generate, chat, eval, serve)."""
+    parser.add_argument("--lora_weight", default=None, metavar="ADAPTER",
+                        help="apply this LoRA adapter (the reference's adapter .pth, or our lora "
+                             "run's lora_*.pth) to the --ckpt weights, as the reference's "
+                             "load_lora (a lora run folder as --ckpt has its adapters already)")
 
 
 def tokenizer_of(args: argparse.Namespace):
@@ -382,6 +392,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True,
                         help="our checkpoint directory, or reference weights (.pth, .safetensors,"
                              " .npz; shapes read from the file, --n_heads from the flags)")
+    add_lora_weight_arg(parser)
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder (default: one saved beside the checkpoint)")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate")

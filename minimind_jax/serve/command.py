@@ -111,6 +111,8 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout:
 
 
 def register(subparsers) -> None:
+    from minimind_jax.infer.generate import add_lora_weight_arg
+
     p = subparsers.add_parser(
         "serve", formatter_class=model_args.HelpFormatter,
         help="OpenAI-compatible chat server + web chat page (batched decoding)",
@@ -120,6 +122,7 @@ def register(subparsers) -> None:
     p.add_argument("--ckpt", required=True,
                    help="our run or checkpoint folder, or reference weights (.pth, .safetensors,"
                         " .npz)")
+    add_lora_weight_arg(p)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: one saved beside the checkpoint)")
     p.add_argument("--host", default="127.0.0.1",

@@ -117,6 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     from minimind_jax.data import prepare
+    from minimind_jax.infer import generate
 
     parser = subparsers.add_parser(
         "eval", formatter_class=model_args.HelpFormatter,
@@ -125,6 +126,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ckpt", required=True,
                         help="one of our run or checkpoint folders, or a reference-keyed .pth, "
                              ".safetensors or .npz state dict")
+    generate.add_lora_weight_arg(parser)
     parser.add_argument("--data_path", required=True, help="JSONL file in the --stage format")
     parser.add_argument("--stage", choices=STAGES, required=True,
                         help="pretrain: {\"text\"} samples, every token; sft: conversations, "
