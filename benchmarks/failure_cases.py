@@ -1,9 +1,10 @@
-"""Run every failure case of issue 11 as a real CLI process; print case | exit | message | files.
+"""Run every failure case as a real CLI process; print case | exit | message | files.
 
 Each case starts from a prepared folder; "files" is what the command changed in it (+ added,
 - removed, ~ modified). Needs the test fixtures; the full-disk case needs root (tmpfs mount).
+`--only post` runs the post-training stages' cases (lora, its adapters) alone.
 
-    python benchmarks/failure_cases.py [--work /tmp/failure_cases]
+    python benchmarks/failure_cases.py [--work /tmp/failure_cases] [--only post]
 """
 
 from __future__ import annotations
@@ -74,31 +75,10 @@ def message(output: str) -> str:
     return " / ".join(lines) if lines else output.strip().splitlines()[-1][:200]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--work", default="/tmp/failure_cases")
-    work = pathlib.Path(parser.parse_args().work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    cache = work / "cache"
-    logs = work / "logs"  # each case's whole output
-    logs.mkdir()
-    rows = []
-
-    def case(name, folder, argv, *, python=None, expect=None):
-        folder.mkdir(parents=True, exist_ok=True)
-        before = snapshot(folder)
-        code, out, seconds = cli(argv, python=python)
-        (logs / f"{len(rows):02d}.txt").write_text(f"{argv}\n{out}")
-        rows.append((name, code, message(out), changes(before, snapshot(folder)),
-                     "Traceback" in out, seconds))
-        print(rows[-1], flush=True)
-        return code, out
-
-    base = work / "base"  # a finished 6-step run with checkpoints 2, 4, 6
-    code, out, _ = cli(train_argv("pretrain", base, cache, "--max_steps", "6",
-                                  "--save_interval", "2"))
-    assert code == 0, out
+def core_cases(case, rows: list, work: pathlib.Path, cache: pathlib.Path,
+               base: pathlib.Path) -> None:
+    """The training commands' cases (issue 11): locks, restarts, damaged checkpoints, full
+    disk, non-finite numbers, bad flags and files."""
 
     def copy(name):
         shutil.copytree(base, work / name)
@@ -214,6 +194,70 @@ def main() -> int:
     for name in ("random.pth", "empty.pth", "random.npz"):
         case(f"--init_from {name}", new,
              train_argv("pretrain", new, cache, "--init_from", str(weights / name)))
+
+
+def post_training_cases(case, work: pathlib.Path, cache: pathlib.Path,
+                        base: pathlib.Path) -> None:
+    """The lora stage and its adapters: a missing base, bad flags, files that are no adapter,
+    data of the wrong kind."""
+    post = work / "post"
+    case("lora without a base run (no OUT_DIR/rlhf_64, no --init_from)", post,
+         train_argv("lora", post, cache))
+    run = base / "pretrain_64"
+    case("lora --lora_rank -1", post,
+         train_argv("lora", post, cache, "--init_from", str(run), "--lora_rank", "-1"))
+    base_file = work / "base64.npz"
+    code, out, _ = cli(["convert", str(run), str(base_file)])
+    assert code == 0, out
+    case("lora --lora_init_from base weights (no adapters in it)", post,
+         train_argv("lora", post, cache, "--init_from", str(run), "--lora_init_from",
+                    str(base_file)))
+    case("lora on pretrain JSONL (text records, not conversations)", post,
+         train_argv("lora", post, cache, "--init_from", str(run),
+                    data=ROOT / "tests" / "fixtures" / "pretrain.jsonl"))
+    for what, adapter in (("base weights (no adapters)", base_file), ("a folder", run),
+                          ("a missing file", work / "nope.pth")):
+        case(f"generate --lora_weight {what}", post,
+             ["generate", "--ckpt", str(run), "--lora_weight", str(adapter), "--prompt", "hi",
+              "--max_new_tokens", "2"])
+    case("convert --merge_lora a missing file", post,
+         ["convert", str(run), str(post / "merged.pth"), "--merge_lora",
+          str(work / "nope.pth")])
+    case("lora --resume with nothing to resume", post,
+         train_argv("lora", post, cache, "--init_from", str(run), "--resume"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", default="/tmp/failure_cases")
+    parser.add_argument("--only", choices=("all", "post"), default="all")
+    args = parser.parse_args()
+    work = pathlib.Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cache = work / "cache"
+    logs = work / "logs"  # each case's whole output
+    logs.mkdir()
+    rows = []
+
+    def case(name, folder, argv, *, python=None, expect=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        before = snapshot(folder)
+        code, out, seconds = cli(argv, python=python)
+        (logs / f"{len(rows):02d}.txt").write_text(f"{argv}\n{out}")
+        rows.append((name, code, message(out), changes(before, snapshot(folder)),
+                     "Traceback" in out, seconds))
+        print(rows[-1], flush=True)
+        return code, out
+
+    base = work / "base"  # a finished 6-step run with checkpoints 2, 4, 6
+    code, out, _ = cli(train_argv("pretrain", base, cache, "--max_steps", "6",
+                                  "--save_interval", "2"))
+    assert code == 0, out
+
+    if args.only == "all":
+        core_cases(case, rows, work, cache, base)
+    post_training_cases(case, work, cache, base)
 
     print("\n| case | exit | message | files changed | traceback | s |\n|---|---|---|---|---|---|")
     for name, code, msg, files, traceback, seconds in rows:

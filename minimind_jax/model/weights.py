@@ -238,6 +238,8 @@ def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Read a reference-keyed state dict from .pth (needs torch), .safetensors or .npz."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a weights file (.pth, .safetensors or .npz)")
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
