@@ -67,3 +67,37 @@ def test_moe_batch_aux_loss_is_that_of_the_whole_batch_on_four_devices():
     four, one = np.array(runs["4"]), np.array(runs["1"])
     assert one[0, 1] > 0.1  # the aux matters
     np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["--fsdp"]], ids=["replicated", "fsdp"])
+def test_lora_on_four_devices_matches_one_device(tmp_path, layout):
+    """The lora stage (frozen base, adapters trained) on 4 devices, replicated or FSDP, equals
+    1 device: the same losses, gradient norms and final adapters."""
+    cache = tmp_path / "cache"
+    assert cli.main(argv(tmp_path / "base", cache, ["--batch_size", "8", "--max_steps", "2"])) == 0
+
+    def lora(out):
+        return tiny_run_argv("lora", out, cache, "--init_from",
+                             str(tmp_path / "base" / "pretrain_64"), "--batch_size", "8",
+                             "--accumulation_steps", "2", "--learning_rate", "1e-2",
+                             "--max_steps", "6", "--log_interval", "1")
+
+    assert cli.main(lora(tmp_path / "one")) == 0
+    child = subprocess.run(child_argv("cli_main", *lora(tmp_path / "four"), *layout),
+                           env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "4 device(s)" in child.stdout
+    one, four = (metrics(tmp_path / name / "lora_identity_64") for name in ("one", "four"))
+    assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(6))
+    for a, b in zip(one, four, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=1e-5), a["step"]
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+    params_one, config, _ = load_weights(tmp_path / "one" / "lora_identity_64")
+    params_four, _, _ = load_weights(tmp_path / "four" / "lora_identity_64")
+    assert config.lora_rank == 16
+    worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
+                zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True))
+    assert worst < 5e-5, worst
