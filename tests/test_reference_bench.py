@@ -126,3 +126,44 @@ def test_real_reference_gets_our_weights(checkout, config, use_moe):
 def test_minimind3_checkout_needs_the_minimind3_arch():
     with pytest.raises(UserError, match="needs --arch minimind3"):
         reference_bench.build_reference(MINIMIND3_DIR, TINY, init_params(TINY, 0), "cpu")
+
+
+@pytest.mark.parametrize("checkout, config", [
+    pytest.param(REAL_DIR, TINY, marks=NO_MINIMIND2, id="minimind2"),
+    pytest.param(MINIMIND3_DIR, TINY_MINIMIND3, marks=NO_MINIMIND3, id="minimind3"),
+])
+def test_real_reference_load_lora_reads_our_adapter_file(tmp_path, checkout, config):
+    """The reference's own apply_lora + load_lora on our adapter .pth, over our base weights,
+    gives our adapted model's logits."""
+    import importlib
+    import sys
+
+    import jax
+
+    from minimind_jax.model import lora
+
+    adapted = config.replace(lora_rank=16)
+    base = init_params(config, 0)
+    adapters = jax.tree.map(lambda x: 0.05 * np.asarray(jax.random.normal(
+        jax.random.PRNGKey(1), x.shape)), lora.split(init_params(adapted, 2))[0])
+    params = lora.join(adapters, base)
+    path = tmp_path / "adapter.pth"
+    fp16 = checkout == MINIMIND3_DIR  # minimind-3 saves its adapters in float16
+    lora.save_adapters(params, adapted, path, fp16=fp16)
+    model, _ = reference_bench.build_reference(checkout, config, base, "cpu")
+    sys.path.insert(0, str(checkout.resolve()))
+    try:
+        model_lora = importlib.import_module("model.model_lora")
+    finally:
+        sys.path.remove(str(checkout.resolve()))
+    model_lora.apply_lora(model, rank=16)
+    model_lora.load_lora(model, str(path))
+    ids = np.random.RandomState(0).randint(3, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.float().numpy()
+    if fp16:  # ours from the adapters as the file holds them
+        params = lora.attach_adapter_file(base, config, path)[0]
+    ours = np.asarray(MiniMind(adapted).apply({"params": params}, jnp.asarray(ids))[0])
+    diff = float(np.abs(theirs - ours).max())
+    print(f"{checkout.name}: max |reference load_lora logits - ours| = {diff:.3g}")
+    assert diff < 1e-4, diff
