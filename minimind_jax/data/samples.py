@@ -278,6 +278,8 @@ class Stage:
     sample_ids: Callable  # (tokenizer, records, max_seq_len or None) -> MiniMind2's id lists
     run_prefix: str  # the reference's save name; our run folder is {out_dir}/{run_prefix}_{tag}
     data_path: str  # the reference's default data file
+    # (config, model, tokenizer, init source) -> train.objective.Objective; None: the LM loss
+    objective: Callable | None = None
 
 
 STAGES = {stage.command: stage for stage in (
