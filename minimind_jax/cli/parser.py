@@ -21,6 +21,7 @@ from minimind_jax.runtime import compile_cache, host_memory, xla_flags
 COMMAND_MODULES = (
     "minimind_jax.train.flags",  # pretrain, sft
     "minimind_jax.train.dpo",  # dpo
+    "minimind_jax.train.distill",  # distill
     "minimind_jax.data.prepare",  # prepare
     "minimind_jax.data.tokenizer_cli",  # tokenizer
     "minimind_jax.model.convert",  # convert
