@@ -60,3 +60,18 @@ def test_bad_pairs_name_file_and_line(tmp_path, bad, message):
     source = PairSource(path, load_tokenizer(TOKENIZER_DIR), 32, skip_bad_lines=True,
                         log=lambda _: None)
     assert len(source) == 1
+
+
+def test_post_training_help_explains_their_flags(capsys):
+    from minimind_jax import cli
+
+    for command, flags in (("dpo", ("--beta", "--init_from", "--data_path", "--recipe",
+                                    "--resume", "--batch_size")),
+                           ("distill", ("--teacher", "--alpha", "--temperature",
+                                        "--teacher_n_heads", "--from_teacher_weight",
+                                        "--student_hidden_size", "--init_from"))):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert flag in text, (command, flag)
