@@ -116,7 +116,10 @@ def make_objective(config, model: ModelConfig, tokenizer, source, *, teacher: st
                    teacher_n_heads: int | None = None, alpha: float | None = None,
                    temperature: float | None = None) -> Objective:
     """The distillation objective of a run: SFT rows, the frozen teacher, the arch's formulas."""
+    from minimind_jax.train.dpo import check_start_weights
+
     del tokenizer, source
+    check_start_weights(config, "distill")
     arch = arch_of(model)
     default_alpha, default_t = ALPHA_TEMPERATURE[arch]
     alpha = default_alpha if alpha is None else alpha

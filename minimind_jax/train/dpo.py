@@ -108,6 +108,7 @@ def make_objective(config, model: ModelConfig, tokenizer, source, *,
 
     arch = arch_of(model)
     beta = BETA[arch] if beta is None else beta
+    check_start_weights(config, "dpo")
     if config.data.pack:
         raise UserError("--pack: DPO rows keep one conversation each")
     rows = PairSource(config.data.data_path, tokenizer, model.max_seq_len, rules=arch,
@@ -122,6 +123,15 @@ def make_objective(config, model: ModelConfig, tokenizer, source, *,
                      line=minimind3_line if arch == "minimind3" else None,
                      notes=(f"dpo: {len(rows):,} pairs; reference model (frozen): {origin}; "
                             f"beta {beta}; {how}",))
+
+
+def check_start_weights(config, command: str) -> None:
+    """A post-training run starts from trained weights: --init_from (the commands default it
+    to the SFT weights), or `none` for a random init on purpose."""
+    if config.run.init_from is None:
+        raise UserError(f"{command} starts from trained weights: set init_from (a run folder, "
+                        ".pth, .safetensors or .npz; the command defaults it to "
+                        "OUT_DIR/full_sft_{dim}[_moe]), or `none` for a random init")
 
 
 STAGE = Stage("dpo", pair_record, None, RUN_PREFIX["minimind2"], "./dataset/dpo.jsonl",
