@@ -12,7 +12,11 @@ import pytest
 
 from minimind_jax import cli
 from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
-from tests.test_dpo_golden import assert_final_weights, reference_weights
+from tests.test_dpo_golden import (
+    assert_final_weights,
+    assert_reference_lines,
+    reference_weights,
+)
 
 POST = FIXTURES / "post"
 COMMON = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "float32",
@@ -25,7 +29,7 @@ CASES = {"m2_distill": ["--recipe", "minimind2", "--tokenizer", str(TOKENIZER_DI
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_distill_matches_reference(tmp_path, case):
+def test_distill_matches_reference(tmp_path, capsys, case):
     golden = np.load(POST / f"{case}.npz")
     student, teacher = tmp_path / "student.npz", tmp_path / "teacher.npz"
     reference_weights(str(golden["meta/base_weights_file"][0]), student)
@@ -34,6 +38,7 @@ def test_distill_matches_reference(tmp_path, case):
             str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--init_from",
             str(student), "--teacher", str(teacher), *COMMON, *CASES[case]]
     assert cli.main(argv) == 0
+    assert_reference_lines(capsys.readouterr().out, golden)
     run_dir = tmp_path / "out" / "full_dist_64"
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(20))

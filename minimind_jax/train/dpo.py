@@ -100,6 +100,17 @@ def minimind3_line(epoch, epochs, batch, batches, record, epoch_seconds, batches
             f"learning_rate: {record['lr']:.8f}, epoch_time: {eta_min:.3f}min")
 
 
+def minimind2_line(accumulation_steps: int, epoch, epochs, batch, batches, record,
+                   epoch_seconds, batches_done) -> str:
+    """MiniMind2's train_dpo.py line: its pretrain/SFT line with the loss divided by the
+    accumulation steps (the value it back-propagates)."""
+    from minimind_jax.train import log_lines
+
+    return log_lines.minimind2_line(epoch, epochs, batch, batches,
+                                    record["loss"] / accumulation_steps, record["lr"],
+                                    epoch_seconds, batches_done)
+
+
 def make_objective(config, model: ModelConfig, tokenizer, source, *,
                    beta: float | None = None) -> Objective:
     """The DPO objective of a run: rows from --data_path, the reference model = the initial
@@ -120,7 +131,8 @@ def make_objective(config, model: ModelConfig, tokenizer, source, *,
     return Objective(loss=dpo_loss_fn(model, beta, average=arch == "minimind2",
                                       with_aux=arch == "minimind3"),
                      frozen=reference, rows=rows,
-                     line=minimind3_line if arch == "minimind3" else None,
+                     line=minimind3_line if arch == "minimind3" else functools.partial(
+                         minimind2_line, config.optim.accumulation_steps),
                      notes=(f"dpo: {len(rows):,} pairs; reference model (frozen): {origin}; "
                             f"beta {beta}; {how}",))
 
