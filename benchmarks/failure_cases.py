@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -214,6 +216,26 @@ def main() -> int:
     for name in ("random.pth", "empty.pth", "random.npz"):
         case(f"--init_from {name}", new,
              train_argv("pretrain", new, cache, "--init_from", str(weights / name)))
+
+    # 10. post-training (dpo, distill)
+    post = ROOT / "tests" / "fixtures" / "post"
+    pairs = post / "dpo_pairs.jsonl"
+    case("dpo without SFT weights", new, train_argv("dpo", new, cache, data=pairs))
+    bad_pairs = work / "blank" / "bad_pairs.jsonl"
+    bad_pairs.write_text(pairs.read_text().splitlines()[0] + "\n" + '{"chosen": []}\n')
+    case("dpo, a pair with an empty side", new,
+         train_argv("dpo", new, cache, "--init_from", str(base / "pretrain_64"), data=bad_pairs))
+    case("dpo from a finished run folder (2 steps)", work / "dpo",
+         train_argv("dpo", work / "dpo", cache, "--init_from", str(base / "pretrain_64"),
+                    "--max_steps", "2", data=pairs))
+    case("distill without a teacher", new,
+         train_argv("distill", new, cache, "--init_from", str(base / "pretrain_64")))
+    family = np.load(post / "weights_m3_dense64.npz")
+    np.savez(weights / "m3.npz", **{k: family[k] for k in family.files
+                                     if not k.startswith("meta/")})
+    case("distill, a teacher of the other family", new,
+         train_argv("distill", new, cache, "--init_from", str(base / "pretrain_64"),
+                    "--teacher", str(weights / "m3.npz")))
 
     print("\n| case | exit | message | files changed | traceback | s |\n|---|---|---|---|---|---|")
     for name, code, msg, files, traceback, seconds in rows:
