@@ -2,7 +2,7 @@
 
 Each case starts from a prepared folder; "files" is what the command changed in it (+ added,
 - removed, ~ modified). Needs the test fixtures; the full-disk case needs root (tmpfs mount).
-`--only post` runs the post-training stages' cases (lora, its adapters) alone.
+`--only post` runs the post-training stages' cases (lora, dpo, distill) alone.
 
     python benchmarks/failure_cases.py [--work /tmp/failure_cases] [--only post]
 """
@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -198,8 +200,8 @@ def core_cases(case, rows: list, work: pathlib.Path, cache: pathlib.Path,
 
 def post_training_cases(case, work: pathlib.Path, cache: pathlib.Path,
                         base: pathlib.Path) -> None:
-    """The lora stage and its adapters: a missing base, bad flags, files that are no adapter,
-    data of the wrong kind."""
+    """The post-training stages: lora and its adapters (a missing base, bad flags, files that
+    are no adapter, data of the wrong kind), dpo's pairs and weights, distill's teacher."""
     post = work / "post"
     case("lora without a base run (no OUT_DIR/rlhf_64, no --init_from)", post,
          train_argv("lora", post, cache))
@@ -225,6 +227,28 @@ def post_training_cases(case, work: pathlib.Path, cache: pathlib.Path,
           str(work / "nope.pth")])
     case("lora --resume with nothing to resume", post,
          train_argv("lora", post, cache, "--init_from", str(run), "--resume"))
+    # dpo, distill
+    new = work / "post_new"
+    data = work / "post_data"
+    data.mkdir()
+    fixtures = ROOT / "tests" / "fixtures" / "post"
+    pairs = fixtures / "dpo_pairs.jsonl"
+    case("dpo without SFT weights", new, train_argv("dpo", new, cache, data=pairs))
+    bad_pairs = data / "bad_pairs.jsonl"
+    bad_pairs.write_text(pairs.read_text().splitlines()[0] + "\n" + '{"chosen": []}\n')
+    case("dpo, a pair with an empty side", new,
+         train_argv("dpo", new, cache, "--init_from", str(run), data=bad_pairs))
+    case("dpo from a finished run folder (2 steps)", work / "dpo",
+         train_argv("dpo", work / "dpo", cache, "--init_from", str(run), "--max_steps", "2",
+                    data=pairs))
+    case("distill without a teacher", new,
+         train_argv("distill", new, cache, "--init_from", str(run)))
+    family = np.load(fixtures / "weights_m3_dense64.npz")
+    np.savez(data / "m3.npz", **{k: family[k] for k in family.files
+                                  if not k.startswith("meta/")})
+    case("distill, a teacher of the other family", new,
+         train_argv("distill", new, cache, "--init_from", str(run), "--teacher",
+                    str(data / "m3.npz")))
 
 
 def main() -> int:

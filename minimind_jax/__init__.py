@@ -22,6 +22,10 @@ The training path, flags to checkpoint (`pretrain`/`sft`/`lora`; `train.run` fro
     train.loop.train_loop: metrics --train.run_log.RunLog--> metrics.jsonl, tracker, console
         line (train.log_lines); state --train.loop.save_checkpoint--> checkpoints/<step>/
         (train.checkpoint: orbax)
+    post-training (`dpo`: train.dpo, `distill`: train.distill) is the same path with a
+        Stage.objective (train.objective.Objective): its own loss, a frozen second params
+        tree (DPO's reference model, the teacher) passed to every step, its own rows
+        (data.pairs for DPO) and console line
 
 Importing it changes nothing in the process: the CPU tunings
 (`runtime.xla_flags.apply_cpu_defaults`, `runtime.host_memory.reexec_with_hugepages`) are

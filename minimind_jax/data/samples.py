@@ -279,6 +279,8 @@ class Stage:
     run_prefix: str  # the reference's save name; our run folder is {out_dir}/{run_prefix}_{tag}
     data_path: str  # the reference's default data file
     sample_format: str | None = None  # the stage whose samples it reads; None: `command`
+    # (config, model, tokenizer, init source) -> train.objective.Objective; None: the LM loss
+    objective: Callable | None = None
 
     @property
     def samples(self) -> str:

@@ -365,7 +365,7 @@ def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None 
                    ) -> tuple[dict, ModelConfig, str]:
     """(params, ModelConfig, the checkpoint folder read) from a run folder (its newest intact
     checkpoint, skipping damaged ones with a warning) or a checkpoint folder: the orbax
-    primitive of `model.convert.load_weights`, which callers use.
+    primitive of `model.weights.load_weights`, which callers use.
 
     Params come back whole on this process's first device, whatever layout (replicated or
     FSDP-sharded) they were saved in.

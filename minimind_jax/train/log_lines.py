@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
 REFERENCE_LINE = re.compile(
@@ -77,12 +77,17 @@ class LineStyle:
     batches: int  # per epoch
     interval: int  # --log_interval
     minimind3: bool
+    # a stage's own line (train.objective.Objective.line), else the arch's pretrain/SFT line
+    line_fn: Callable | None = None
 
     def is_logged(self, batch: int) -> bool:
         return is_logged_batch(batch, self.batches, self.interval, self.minimind3)
 
     def line(self, epoch: int, batch: int, record: dict, epoch_seconds: float,
              batches_done: int) -> str:
+        if self.line_fn is not None:
+            return self.line_fn(epoch, self.epochs, batch, self.batches, record, epoch_seconds,
+                                batches_done)
         if self.minimind3:
             return minimind3_line(epoch, self.epochs, batch, self.batches, record["loss"],
                                   record["aux"], record["lr"], epoch_seconds, batches_done)

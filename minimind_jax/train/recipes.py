@@ -58,6 +58,16 @@ _STAGE_DEFAULTS = {
     ("lora", "minimind3"): dict(epochs=10, batch_size=32, learning_rate=1e-4,
                                 accumulation_steps=1, max_seq_len=340,
                                 run_prefix="lora_medical", base="full_sft"),
+    # The post-training scripts (docs/post_training_spec.md sections 2.3 and 3.3); DPO's
+    # batch_size counts pairs.
+    ("dpo", "minimind2"): dict(epochs=2, batch_size=8, learning_rate=1e-8,
+                               accumulation_steps=1, max_seq_len=1024),
+    ("dpo", "minimind3"): dict(epochs=1, batch_size=4, learning_rate=4e-8,
+                               accumulation_steps=1, max_seq_len=1024),
+    ("distill", "minimind2"): dict(epochs=6, batch_size=32, learning_rate=5e-6,
+                                   accumulation_steps=1, max_seq_len=512),
+    ("distill", "minimind3"): dict(epochs=6, batch_size=32, learning_rate=5e-6,
+                                   accumulation_steps=1, max_seq_len=340),
 }
 
 
@@ -73,7 +83,7 @@ def recipe_named(name: str | Recipe | None) -> Recipe:
 
 
 def stage_defaults(command: str, arch: str) -> dict:
-    """The defaults of `command` (pretrain / sft) for a model of `arch`."""
+    """The defaults of `command` (pretrain / sft / dpo / distill) for a model of `arch`."""
     return dict(_STAGE_DEFAULTS[(command, arch)])
 
 

@@ -36,6 +36,7 @@ class RunLog:
                  elapsed_before: float = 0.0):
         self.enabled = enabled
         self.lines = lines
+        self.parts: tuple[str, ...] = ()  # an objective's own metrics (train_step `parts`)
         self.elapsed_before = elapsed_before  # run time of the attempts before a resume
         self.metrics_path = run_dir / "metrics.jsonl"
         self.file = self.tracker = self.bar = None
@@ -75,6 +76,9 @@ class RunLog:
         record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
                   "update": int(metrics["update"]), "loss": float(metrics["loss"]),
                   "aux": float(metrics["aux"]), "lr": lr_at(info["step"])}
+        parts = metrics.get("parts", {})
+        record.update({k: float(v) for k, v in parts.items()})
+        self.parts = tuple(parts)
         if bool(metrics["updated"]):
             record["grad_norm"] = float(metrics["grad_norm"])
         if int(metrics["skipped"]):
@@ -113,8 +117,8 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.tracker.log({f"train/{key}": record[key] for key in
-                          ("loss", "aux", "lr", "grad_norm", "tokens_per_sec") if key in record},
-                         record["step"])
+                          ("loss", "aux", "lr", "grad_norm", "tokens_per_sec", *self.parts)
+                          if key in record}, record["step"])
         if line:
             self.bar.write(line, file=sys.stdout)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",

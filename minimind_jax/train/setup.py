@@ -135,7 +135,9 @@ def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) ->
     if model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab_size {model.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
-    source = None if config.run.resume else init_source(config, stage)
+    # A frozen second model (DPO's reference) starts from the initial weights also on --resume.
+    source = (None if config.run.resume and stage.objective is None
+              else init_source(config, stage))
     run_dir = run_folder.run_dir_for(config.run.out_dir, stage, model)
     stack.enter_context(run_folder.own(run_dir))
     with run_folder.write_failures(run_dir):
@@ -151,7 +153,9 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
 
     previous = run_folder.check_start(config.run, run_dir)
     mesh = train_step.data_mesh()
-    data, loader, evaluator = _open_data(config, stage, tokenizer, model, mesh)
+    objective = (stage.objective(config, model, tokenizer, source)
+                 if stage.objective is not None else None)
+    data, loader, evaluator = _open_data(config, stage, tokenizer, model, mesh, objective)
     batches = loader.batches_per_epoch
     total_steps = _total_steps(config, batches)
     opt = config.optim
@@ -183,11 +187,16 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                                      config.record(), stage.command, run_dir, start_step)
                if distributed.is_main_process() else None)
     lines = LineStyle(opt.epochs, batches, config.run.log_interval,
-                      minimind3=arch_of(model) == "minimind3")
+                      minimind3=arch_of(model) == "minimind3",
+                      line_fn=objective.line if objective is not None else None)
+    for note in objective.notes if objective is not None else ():
+        say(note)
     log = RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
                  lines=lines, elapsed_before=elapsed_before)
     stack.callback(log.close)
-    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings, partition)
+    step_fn = train_step.make_train_step(
+        model, optimizer, schedule, mesh, shardings, partition,
+        **({"objective": objective.loss, "frozen": objective.frozen} if objective else {}))
     flush_fn = None
     if config.recipe.flush_epoch_end \
             and batches % opt.accumulation_steps != 0:
@@ -206,11 +215,21 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                evaluator=evaluator, manager=manager, log=log, finish_fn=finish_fn)
 
 
-def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh):
-    """(training rows, their loader, the evaluator or None)."""
+def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh,
+               objective=None):
+    """(training rows, their loader, the evaluator or None); a stage's `objective` may bring
+    its own rows or name the sample format of its rows."""
     data_config = config.data
-    data = _open_source_once(config, stage, tokenizer, model, data_config.data_path,
-                             data_config.pack)
+    if objective is not None and config.eval.data_path:
+        raise UserError(f"--eval_data: validation measures the LM loss, which {stage.command} "
+                        "does not train; leave it out")
+    if objective is not None and objective.rows is not None:
+        data = objective.rows
+    else:
+        rows_stage = stage if objective is None else dataclasses.replace(
+            stage, command=objective.rows_stage)
+        data = _open_source_once(config, rows_stage, tokenizer, model, data_config.data_path,
+                                 data_config.pack)
     evaluator = None
     if config.eval.data_path:
         eval_source = _open_source_once(config, stage, tokenizer, model, config.eval.data_path,

@@ -22,8 +22,9 @@ from minimind_jax.errors import UserError
 TRACKERS = ("tensorboard", "wandb", "swanlab", "none")
 EXTERNAL = ("wandb", "swanlab")
 STATE_FILE = "tracker.json"
-PROJECTS = {"pretrain": "MiniMind-Pretrain", "sft": "MiniMind-Full-SFT",
-            "lora": "MiniMind-LoRA-SFT"}  # the reference's
+PROJECTS = {"pretrain": "MiniMind-Pretrain", "sft": "MiniMind-Full-SFT",  # the reference's
+            "lora": "MiniMind-LoRA-SFT", "dpo": "MiniMind-Full-DPO",
+            "distill": "MiniMind-Dist-SFT"}
 
 
 def add_tracker_args(parser: argparse.ArgumentParser) -> None:

@@ -181,8 +181,10 @@ def _loss_terms(model: MiniMind, params, batch: dict):
 
 
 def _real_rows(batch: dict) -> jax.Array:
-    """Rows that are not loader padding (padding rows are all zeros)."""
-    return jnp.any(batch["input_ids"] != 0, axis=1).sum()
+    """Rows that are not loader padding (padding rows are all zeros; a row may be [2, T], a
+    DPO pair)."""
+    ids = batch["input_ids"]
+    return jnp.any(ids.reshape(ids.shape[0], -1) != 0, axis=1).sum()
 
 
 # Why a micro-step was skipped (metric "nonfinite"): what first came out non-finite.
@@ -235,10 +237,22 @@ def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule
     return new_state, metrics
 
 
+def lm_objective(config: ModelConfig) -> Callable:
+    """The pretrain/SFT objective: masked mean CE + MoE aux (no frozen params)."""
+    model = MiniMind(config)
+
+    def objective(params, batch: dict, frozen):
+        del frozen
+        ce, aux = _loss_terms(model, params, batch)
+        return ce + aux, {"loss": ce + aux, "aux": aux}
+
+    return objective
+
+
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], mesh: Mesh,
-                    shardings=None, partition=None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    shardings=None, partition=None, *, objective: Callable | None = None,
+                    frozen=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step; the incoming state's buffers are donated.
 
     One micro-batch: loss = masked mean CE + MoE aux; gradients go into the MultiSteps
@@ -247,6 +261,12 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     untouched (the micro-step still counts, so data position and schedule stay aligned) and is
     counted. Metrics: loss, aux, lr, grad_norm (of the latest update), updated, update, skipped,
     consecutive_skips, nonfinite (a NONFINITE_REASONS key, or 0), n_tokens, n_rows.
+
+    Another training objective (DPO, distillation): `objective(params, batch, frozen) ->
+    (value to differentiate, metrics)`, the metrics holding at least `loss` (what the
+    non-finite guard checks and the log shows) and `aux`; its other metrics come back under
+    `parts`. `frozen` is a second params tree the objective reads but never trains (DPO's
+    reference model, distillation's teacher): placed replicated once, passed to every step.
 
     The state is laid out as `shardings` (a TrainState of NamedShardings from
     `state_shardings`, e.g. with `fsdp=True`), replicated on every device without it; the
@@ -257,31 +277,36 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     `partition` (e.g. `model.lora.Partition`): gradients, accumulation, clip and AdamW cover
     only `partition.split(params)[0]`; the rest of the params is frozen.
     """
-    model = MiniMind(config)
+    objective = objective or lm_objective(config)
     whole = replicated(mesh)
 
-    def step(state: TrainState, batch: dict):
-        frozen = None if partition is None else partition.split(state.params)[1]
+    def step(state: TrainState, batch: dict, frozen):
+        base = None if partition is None else partition.split(state.params)[1]
 
-        def objective(params):
-            if partition is not None:
-                params = partition.join(params, frozen)
+        def value(trained):
+            params = trained if partition is None else partition.join(trained, base)
             params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: whole,
                                                                            params))
-            ce, aux = _loss_terms(model, params, batch)
-            return ce + aux, aux
+            return objective(params, batch, frozen)
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+        (_, parts), grads = jax.value_and_grad(value, has_aux=True)(
             _trained(state.params, partition))
-        totals = {"loss": loss, "aux": aux, "n_tokens": batch["loss_mask"].sum(),
-                  "n_rows": _real_rows(batch)}
+        parts = dict(parts)
+        totals = {"loss": parts.pop("loss"), "aux": parts.pop("aux"),
+                  "n_tokens": batch["loss_mask"].sum(), "n_rows": _real_rows(batch)}
+        if parts:
+            totals["parts"] = parts
         return _apply_gradients(state, grads, totals, optimizer, schedule, partition)
 
     # A single sharding stands for every leaf of the state (a pytree prefix).
     state_layout = whole if shardings is None else shardings
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.jit(step, in_shardings=(state_layout, batch_sharding),
-                   out_shardings=(state_layout, whole), donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=(state_layout, batch_sharding, whole),
+                     out_shardings=(state_layout, whole), donate_argnums=0)
+    if frozen is None:
+        return lambda state, batch: jitted(state, batch, None)
+    frozen = put_replicated(frozen, mesh)
+    return lambda state, batch: jitted(state, batch, frozen)
 
 
 def make_flush_step(inner_optimizer, schedule: Callable[[jax.Array], jax.Array],

@@ -1,0 +1,264 @@
+"""White-box distillation (`minimind-jax distill`): the references' train_distillation.py
+(docs/post_training_spec.md section 3).
+
+The student trains on SFT rows against a frozen teacher (any weights `load_weights` reads: a
+run folder, .pth, .safetensors, .npz; its own shape, read from the weights). Both see the same
+rows; the teacher's logits are cut to the student's vocabulary and take no gradient; a MoE
+teacher adds no aux loss. Over the supervised positions (N of them):
+
+    ce      = sum(CE * mask) / sum(mask)  (+ the student's MoE aux)
+    distill = T^2 * sum_positions KL(softmax(teacher / T) || softmax(student / T)) / N
+    loss    = alpha * ce + (1 - alpha) * distill
+
+MiniMind2 (d9453ed) calls it with its function defaults alpha 0, T 1 (pure KL), its CE also
+ignores the pad id 0, and under --recipe minimind2 the loss is not divided by the accumulation
+steps (the gradient of a window is the sum of its micro-batches'). minimind-3: --alpha 0.5
+--temperature 1.5, CE over sum(mask) + 1e-8. Logged per step besides loss and aux: ce (without
+aux) and distill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from minimind_jax.data.samples import Stage, sft_contents
+from minimind_jax.errors import UserError
+from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.train.objective import Objective
+
+ALPHA_TEMPERATURE = {"minimind2": (0.0, 1.0), "minimind3": (0.5, 1.5)}
+TEACHER_DEFAULT = {"minimind2": "full_sft_768", "minimind3": "full_sft_768_moe"}
+
+
+def kl_teacher_student(student_BTV, teacher_BTV, mask_BT, temperature: float):
+    """Forward KL(teacher || student) of the temperature-scaled softmaxes, summed over the
+    vocabulary and averaged over the masked positions (torch's `kl_div(..., 'batchmean')` over
+    the selected rows; no selected row gives NaN, as there)."""
+    log_ps = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / temperature, axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / temperature, axis=-1)
+    p_t = jnp.exp(log_pt)
+    kl_BT = jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0), axis=-1)
+    selected = mask_BT > 0
+    return jnp.sum(jnp.where(selected, kl_BT, 0.0)) / selected.sum()
+
+
+def distill_loss_fn(student: ModelConfig, teacher: ModelConfig, *, alpha: float,
+                    temperature: float, scale: float = 1.0, ce_ignores_pad: bool = False,
+                    ce_eps: float = 0.0):
+    """train_step's objective: (params, batch, teacher params) -> (scale * loss, metrics)."""
+    from minimind_jax.model.transformer import MiniMind
+
+    student_model, teacher_model = MiniMind(student), MiniMind(teacher)
+    vocab = student.vocab_size
+
+    def objective(params, batch: dict, teacher_params):
+        extra = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
+        logits, aux = student_model.apply({"params": params}, batch["input_ids"], **extra)
+        teacher_logits, _ = teacher_model.apply({"params": teacher_params}, batch["input_ids"],
+                                                **extra)
+        teacher_logits = jax.lax.stop_gradient(teacher_logits[..., :vocab])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        logits32 = logits.astype(jnp.float32)
+        target = jnp.take_along_axis(logits32, batch["labels"][..., None].astype(jnp.int32),
+                                     axis=-1)[..., 0]
+        ce_BT = jax.nn.logsumexp(logits32, axis=-1) - target
+        counted = (mask > 0) & (batch["labels"] != 0) if ce_ignores_pad else mask > 0
+        ce = jnp.sum(jnp.where(counted, ce_BT * mask, 0.0)) / (mask.sum() + ce_eps)
+        distill = temperature ** 2 * kl_teacher_student(logits, teacher_logits, mask,
+                                                        temperature)
+        loss = alpha * (ce + aux) + (1 - alpha) * distill
+        return scale * loss, {"loss": loss, "aux": aux, "ce": ce, "distill": distill}
+
+    return objective
+
+
+def load_teacher(path, student: ModelConfig, n_heads: int | None = None):
+    """(teacher params, its config, where from): shapes from the weights (a file's n_heads, which
+    MiniMind2's keys do not give, from `n_heads` or the student's), numerics as the student."""
+    from minimind_jax.model import weights
+
+    base = student.replace(n_heads=n_heads) if n_heads else student
+    params, config, origin = weights.load_weights(path, base)
+    if arch_of(config) != arch_of(student):
+        raise UserError(f"teacher {path} is a {arch_of(config)} model, the student "
+                        f"{arch_of(student)}: both must be of one family")
+    if config.vocab_size < student.vocab_size:
+        raise UserError(f"teacher {path} has a vocabulary of {config.vocab_size}, smaller than "
+                        f"the student's {student.vocab_size}")
+    config = config.replace(dtype=student.dtype, attention_impl=student.attention_impl,
+                            moe_impl=student.moe_impl, max_seq_len=student.max_seq_len)
+    return params, config, origin
+
+
+def minimind2_line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+    """MiniMind2's train_distillation.py line: 0-based epoch over epochs - 1."""
+    minutes_left = epoch_seconds / batches_done * batches // 60 - epoch_seconds // 60
+    return (f"Epoch:[{epoch}/{epochs - 1}]({batch}/{batches}) loss:{record['loss']:.4f} "
+            f"lr:{record['lr']:.12f} epoch_Time:{minutes_left}min:")
+
+
+def minimind3_line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+    """minimind-3's train_distillation.py line (1-based step)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {record['loss']:.4f}, "
+            f"ce: {record['ce']:.4f}, aux_loss: {record['aux']:.4f}, "
+            f"distill: {record['distill']:.4f}, learning_rate: {record['lr']:.8f}, "
+            f"epoch_time: {eta_min:.3f}min")
+
+
+def make_objective(config, model: ModelConfig, tokenizer, source, *, teacher: str,
+                   teacher_n_heads: int | None = None, alpha: float | None = None,
+                   temperature: float | None = None) -> Objective:
+    """The distillation objective of a run: SFT rows, the frozen teacher, the arch's formulas."""
+    from minimind_jax.train.dpo import check_start_weights
+
+    del tokenizer, source
+    check_start_weights(config, "distill")
+    arch = arch_of(model)
+    default_alpha, default_t = ALPHA_TEMPERATURE[arch]
+    alpha = default_alpha if alpha is None else alpha
+    temperature = default_t if temperature is None else temperature
+    if not 0.0 <= alpha <= 1.0 or not temperature > 0:
+        raise UserError(f"--alpha must be in [0, 1] and --temperature > 0, got {alpha}, "
+                        f"{temperature}")
+    params, teacher_config, origin = load_teacher(teacher, model, teacher_n_heads)
+    undivided = config.recipe.name == "minimind2"
+    scale = float(config.optim.accumulation_steps) if undivided else 1.0
+    loss = distill_loss_fn(model, teacher_config, alpha=alpha, temperature=temperature,
+                           scale=scale, ce_ignores_pad=arch == "minimind2",
+                           ce_eps=1e-8 if arch == "minimind3" else 0.0)
+    shape = (f"dim {teacher_config.dim}, {teacher_config.n_layers} layers, "
+             f"{teacher_config.n_heads}/{teacher_config.n_kv_heads} heads"
+             + (", MoE" if teacher_config.use_moe else ""))
+    notes = (f"distill: teacher (frozen) {origin} ({shape}); alpha {alpha}, temperature "
+             f"{temperature}" + ("; loss not divided by --accumulation_steps (MiniMind2)"
+                                 if undivided and scale != 1 else ""),)
+    return Objective(loss=loss, frozen=params, rows_stage="sft",
+                     line=minimind3_line if arch == "minimind3" else minimind2_line,
+                     notes=notes)
+
+
+STAGE = Stage("distill", sft_contents, None, "full_dist", "./dataset/sft_data.jsonl")
+
+
+def stage(teacher: str, **options) -> Stage:
+    """The distillation stage with its teacher (`make_objective`'s options)."""
+    return dataclasses.replace(STAGE, objective=functools.partial(make_objective,
+                                                                  teacher=teacher, **options))
+
+
+# --- the command -------------------------------------------------------------------------------
+
+# minimind-3's student/teacher flags -> ours (the student's are the model flags)
+STUDENT_FLAGS = {"student_hidden_size": "dim", "student_num_layers": "n_layers",
+                 "student_use_moe": "use_moe", "from_student_weight": "from_weight"}
+
+
+def _map_reference_flags(args: argparse.Namespace) -> list[str]:
+    from minimind_jax.cli.compat_flags import _rename
+
+    notes: list[str] = []
+    given = [f"--{f}" for f in (*STUDENT_FLAGS, "teacher_hidden_size", "teacher_num_layers",
+                                "teacher_use_moe", "from_teacher_weight")
+             if getattr(args, f) is not None]
+    if given and args.arch is None and args.preset is None:
+        args.arch = "minimind3"
+        notes.append(f"{' '.join(given)}: minimind-3's script flags, so --arch minimind3")
+    for old, new in STUDENT_FLAGS.items():
+        _rename(args, old, new, notes)
+    return notes
+
+
+def teacher_path(args: argparse.Namespace, out_dir: str, arch: str) -> str:
+    """--teacher; else OUT_DIR/{--from_teacher_weight}_{--teacher_hidden_size}[_moe] (run folder
+    or .pth); else the reference's default teacher (MiniMind2 full_sft_768, minimind-3
+    full_sft_768_moe)."""
+    if args.teacher:
+        if any(getattr(args, f) is not None for f in ("from_teacher_weight",
+                                                       "teacher_hidden_size")):
+            raise UserError("--teacher and --from_teacher_weight/--teacher_hidden_size: give "
+                            "one")
+        return args.teacher
+    name = TEACHER_DEFAULT[arch]
+    if args.from_teacher_weight is not None or args.teacher_hidden_size is not None:
+        use_moe = args.teacher_use_moe if args.teacher_use_moe is not None else (
+            arch == "minimind3")
+        name = (f"{args.from_teacher_weight or 'full_sft'}_{args.teacher_hidden_size or 768}"
+                + ("_moe" if use_moe else ""))
+    base = pathlib.Path(out_dir) / name
+    for candidate in (base, base.with_name(base.name + ".pth")):
+        if candidate.exists():
+            return str(candidate)
+    raise UserError(f"no teacher weights: neither {base} (a run folder) nor {base}.pth exists; "
+                    "pass --teacher (a run folder, .pth, .safetensors or .npz)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from minimind_jax.train.dpo import post_training_config
+    from minimind_jax.train.loop import run
+    from minimind_jax.train.run_log import say
+
+    for note in _map_reference_flags(args):
+        say(note)
+    stage_ = STAGE  # the teacher is known once the flags are resolved
+    config = post_training_config(args, stage_, {"minimind2": "full_dist",
+                                                 "minimind3": "full_dist"})
+    teacher = teacher_path(args, config.run.out_dir, arch_of(config.model))
+    stage_ = stage(teacher, teacher_n_heads=args.teacher_n_heads, alpha=args.alpha,
+                   temperature=args.temperature)
+    return run(config, stage_)
+
+
+def register(subparsers) -> None:
+    from minimind_jax.cli import compat_flags, model_args
+    from minimind_jax.train.dpo import add_post_training_args
+
+    parser = subparsers.add_parser(
+        "distill", formatter_class=model_args.HelpFormatter,
+        help="White-box distillation of a student from a frozen teacher",
+        description="Distillation on SFT data (the references' train_distillation.py): the "
+                    "student starts from the SFT weights (default OUT_DIR/full_sft_{dim}[_moe]) "
+                    "and learns alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) over "
+                    "the supervised tokens from a frozen --teacher of any size. --arch "
+                    "minimind2: alpha 0, T 1 (pure KL; under --recipe minimind2 the loss is "
+                    "not divided by --accumulation_steps, as there); --arch minimind3: alpha "
+                    "0.5, T 1.5. Run folder OUT_DIR/full_dist_{dim}[_moe]; metrics.jsonl logs "
+                    "loss, ce, distill and aux. Exact reference runs: --recipe minimind2, or "
+                    "--arch minimind3 --recipe minimind3.")
+    add_post_training_args(parser, STAGE)
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--teacher", default=None,
+                   help="the teacher's weights: a run folder, .pth, .safetensors or .npz "
+                        "(default: OUT_DIR/full_sft_768, --arch minimind3: "
+                        "OUT_DIR/full_sft_768_moe; folder or .pth)")
+    g.add_argument("--teacher_n_heads", type=int, default=None,
+                   help="the teacher's attention heads where its weights do not say "
+                        "(MiniMind2 .pth/.npz files; default: the student's)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of the CE loss (default 0.0, MiniMind2's; --arch minimind3: "
+                        "0.5)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature of the KL term (default 1.0; --arch minimind3: "
+                        "1.5)")
+    r = parser.add_argument_group(compat_flags.GROUP_TITLE + ": distillation")
+    for flag, ours in STUDENT_FLAGS.items():
+        kind = {"student_use_moe": compat_flags.parse_flag_bool,
+                "from_student_weight": str}.get(flag, int)
+        r.add_argument(f"--{flag}", type=kind, default=None,
+                       help=f"minimind-3's name of --{ours}")
+    r.add_argument("--teacher_hidden_size", type=int, default=None,
+                   help="minimind-3: with --from_teacher_weight, the teacher is "
+                        "OUT_DIR/NAME_{this}[_moe]")
+    r.add_argument("--teacher_num_layers", type=int, default=None,
+                   help="accepted; the teacher's layers are read from its weights")
+    r.add_argument("--teacher_use_moe", type=compat_flags.parse_flag_bool, default=None,
+                   help="minimind-3: whether the teacher file name has _moe")
+    r.add_argument("--from_teacher_weight", default=None, metavar="NAME",
+                   help="minimind-3: the teacher is OUT_DIR/NAME_{teacher_hidden_size}[_moe]")
+    parser.set_defaults(func=run_command)
