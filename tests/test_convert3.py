@@ -21,21 +21,21 @@ def _minimind3_files(tmp_path, minimind3_golden, name):
     golden = golden_state_dict(minimind3_golden, name)
     sd = {k: torch.from_numpy(v).half() for k, v in golden.items()}
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    weights = tmp_path / "pretrain_64.pth"
-    torch.save(sd, weights)
+    weights_file = tmp_path / "pretrain_64.pth"
+    torch.save(sd, weights_file)
     resume = tmp_path / "pretrain_64_resume.pth"
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     torch.save({"model": sd, "optimizer": opt.state_dict(), "epoch": 1, "step": 20,
                 "world_size": 1, "wandb_id": None}, resume)
-    return weights, resume
+    return weights_file, resume
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_minimind3_pth_files_load_with_config_inferred(tmp_path, minimind3_golden, name):
-    weights, resume = _minimind3_files(tmp_path, minimind3_golden, f"{name}/init/")
+    weights_file, resume = _minimind3_files(tmp_path, minimind3_golden, f"{name}/init/")
     expected = {k: v.astype(np.float16).astype(np.float32)
                 for k, v in golden_state_dict(minimind3_golden, f"{name}/init/").items()}
-    for path in (weights, resume):
+    for path in (weights_file, resume):
         params, config, _ = weights.load_weights(path, ModelConfig())  # a MiniMind2 base
         assert config == CONFIGS[name].replace(max_seq_len=512), config
         got = weights.state_dict_from_params(params, config)
@@ -58,8 +58,8 @@ def test_export_to_minimind3_pth_round_trip(tmp_path, minimind3_golden):
 
 
 def test_generate_from_minimind3_pth(tmp_path, minimind3_golden, capsys):
-    weights, _ = _minimind3_files(tmp_path, minimind3_golden, "dense/init/")
-    assert cli.main(["generate", "--ckpt", str(weights), "--tokenizer",
+    weights_file, _ = _minimind3_files(tmp_path, minimind3_golden, "dense/init/")
+    assert cli.main(["generate", "--ckpt", str(weights_file), "--tokenizer",
                      str(MINIMIND3_TOKENIZER_DIR), "--prompt", "你好", "--temperature", "0",
                      "--max_new_tokens", "4"]) == 0
     assert "你好" in capsys.readouterr().out

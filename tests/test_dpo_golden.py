@@ -68,8 +68,8 @@ def assert_final_weights(run_dir, golden, atol: float) -> float:
 
 def reference_weights(name: str, path) -> None:
     """A base-weights file of the goldens as a state dict for --init_from (tied key restored)."""
-    weights = np.load(POST / name)
-    sd = {k: np.asarray(weights[k], np.float32) for k in weights.files
+    base_golden = np.load(POST / name)
+    sd = {k: np.asarray(base_golden[k], np.float32) for k in base_golden.files
           if not k.startswith("meta/")}
     for embedding, head in (("tok_embeddings.weight", "output.weight"),
                             ("model.embed_tokens.weight", "lm_head.weight")):

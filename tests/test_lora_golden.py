@@ -44,9 +44,9 @@ def run_lora(tmp_path, case: str, extra=()):
     """Our CLI from the golden's base weights and LoRA init: (run folder, records, golden)."""
     spec = CASES[case]
     golden = np.load(POST / f"{case}.npz")
-    weights = np.load(POST / spec["weights"])
+    base_golden = np.load(POST / spec["weights"])
     base = tmp_path / "base.npz"
-    np.savez(base, **{k: np.asarray(weights[k], np.float32) for k in weights.files
+    np.savez(base, **{k: np.asarray(base_golden[k], np.float32) for k in base_golden.files
                       if not k.startswith("meta/")})
     init = tmp_path / "lora_init.npz"
     np.savez(init, **_prefixed(golden, "lora_init/"))
