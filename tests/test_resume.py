@@ -1,8 +1,9 @@
 """Resume after a real `kill -9`: the resumed run's metrics equal an uninterrupted run's.
 
 The run shuffles, accumulates over 3 micro-steps (so checkpoints fall inside accumulation
-windows) and spans 4 epochs, so params, optimizer state, the MultiSteps accumulator, the data
-position and the schedule must all come back exactly.
+windows) and spans several epochs, so params, optimizer state, the MultiSteps accumulator, the
+data position and the schedule must all come back exactly; for every training stage (pretrain,
+and lora, dpo and distill from a pretrain run's weights).
 """
 
 import contextlib
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from minimind_jax import cli
-from tests.helpers import child_argv, subprocess_env, tiny_run_argv
+from tests.helpers import FIXTURES, child_argv, subprocess_env, tiny_run_argv
 
 STEPS, KILL_AFTER = 40, 20
 COMPARED = ("step", "epoch", "batch", "update", "loss", "aux", "lr", "grad_norm", "skipped")
@@ -25,11 +26,17 @@ COMPARED = ("step", "epoch", "batch", "update", "loss", "aux", "lr", "grad_norm"
 BATCH_DELAY_S = 0.15
 
 
-def argv(out_dir, cache_dir):
-    return tiny_run_argv("pretrain", out_dir, cache_dir, "--batch_size", "8",
-                         "--accumulation_steps", "3", "--learning_rate", "1e-3", "--epochs", "5",
+# stage -> (its run folder, its data: None for the stage's fixture default)
+STAGE_RUNS = {"pretrain": ("pretrain_64", None), "lora": ("lora_identity_64", None),
+              "dpo": ("rlhf_64", FIXTURES / "post" / "dpo_pairs.jsonl"),
+              "distill": ("full_dist_64", None)}
+
+
+def argv(out_dir, cache_dir, command="pretrain", *extra):
+    return tiny_run_argv(command, out_dir, cache_dir, "--batch_size", "8",
+                         "--accumulation_steps", "3", "--learning_rate", "1e-3", "--epochs", "20",
                          "--max_steps", STEPS, "--save_interval", "7", "--log_interval", "1",
-                         "--seed", "7")
+                         "--seed", "7", *extra, data=STAGE_RUNS[command][1])
 
 
 def read_records(run_dir):
@@ -49,14 +56,23 @@ def complete_checkpoints(run_dir):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys):
+@pytest.mark.parametrize("command", list(STAGE_RUNS))
+def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys, command):
     cache = tmp_path / "cache"
-    assert cli.main(argv(tmp_path / "straight", cache)) == 0
-    straight = read_records(tmp_path / "straight" / "pretrain_64")
+    extra = []
+    if command != "pretrain":  # the post-training stages start from a pretrain run's weights
+        assert cli.main(tiny_run_argv("pretrain", tmp_path / "base", cache, "--max_steps",
+                                      "2")) == 0
+        extra = ["--init_from", str(tmp_path / "base" / "pretrain_64")]
+        if command == "distill":
+            extra += ["--teacher", str(tmp_path / "base" / "pretrain_64")]
+    assert cli.main(argv(tmp_path / "straight", cache, command, *extra)) == 0
+    run_name = STAGE_RUNS[command][0]
+    straight = read_records(tmp_path / "straight" / run_name)
     assert [r["step"] for r in straight] == list(range(STEPS))
 
-    run_dir = tmp_path / "killed" / "pretrain_64"
-    killed = argv(tmp_path / "killed", cache)
+    run_dir = tmp_path / "killed" / run_name
+    killed = argv(tmp_path / "killed", cache, command, *extra)
     child = subprocess.Popen(child_argv("slow_cli", BATCH_DELAY_S, *killed),
                              env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
@@ -76,7 +92,7 @@ def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys):
     assert KILL_AFTER <= killed_at < STEPS - 1
 
     capsys.readouterr()
-    assert cli.main([*argv(tmp_path / "killed", cache), "--resume"]) == 0
+    assert cli.main([*killed, "--resume"]) == 0
     resumed_from = int(capsys.readouterr().out.split("at step ")[1].split()[0])
     assert KILL_AFTER - 6 <= resumed_from <= killed_at + 1
     print(f"killed after step {killed_at}, resumed from checkpoint {resumed_from}")
