@@ -121,3 +121,14 @@ def test_cli_prints_table_and_writes_png(tmp_path, capsys):
 
     height, width = matplotlib.image.imread(png).shape[:2]
     assert height > 100 and width > 100
+
+
+def test_a_zero_based_epoch_log_is_read_as_such():
+    """MiniMind2's train_distillation.py prints `Epoch:[e/E-1]` with e from 0."""
+    from minimind_jax.train.log_lines import parse_reference_log
+
+    lines = ["Epoch:[0/1](0/3) loss:2.0000 lr:0.1 epoch_Time:0min:",
+             "Epoch:[0/1](2/3) loss:1.5000 lr:0.1 epoch_Time:0min:",
+             "Epoch:[1/1](1/3) loss:1.0000 lr:0.1 epoch_Time:0min:"]
+    assert parse_reference_log(lines) == [(0, 2.0), (2, 1.5), (4, 1.0)]
+    assert parse_reference_log(lines[2:]) == [(1, 1.0)]  # no epoch 0 seen: 1-based

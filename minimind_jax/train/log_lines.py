@@ -58,15 +58,13 @@ def logged_steps(interval: int, iters: int) -> Iterator[int]:
 
 def parse_reference_log(lines: Iterable[str]) -> list[tuple[int, float]]:
     """(global micro-step, loss) of each reference line in `lines`; other lines are ignored.
-    minimind-3's lines (a comma before `loss:`) count steps from 1, MiniMind2's from 0."""
-    pairs = []
-    for line in lines:
-        match = REFERENCE_LINE.search(line)
-        if match:
-            epoch, iters = int(match["epoch"]), int(match["iters"])
-            step = int(match["step"]) - (1 if match["minimind3"] else 0)
-            pairs.append(((epoch - 1) * iters + step, float(match["loss"])))
-    return pairs
+    minimind-3's lines (a comma before `loss:`) count steps from 1, MiniMind2's from 0. Epochs
+    count from 1, except in a log with an epoch 0 (MiniMind2's train_distillation.py prints
+    `Epoch:[e/E-1]` with e from 0)."""
+    matches = [m for m in map(REFERENCE_LINE.search, lines) if m]
+    first_epoch = 0 if any(int(m["epoch"]) == 0 for m in matches) else 1
+    return [((int(m["epoch"]) - first_epoch) * int(m["iters"]) + int(m["step"])
+             - (1 if m["minimind3"] else 0), float(m["loss"])) for m in matches]
 
 
 @dataclasses.dataclass(frozen=True)
