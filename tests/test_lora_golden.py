@@ -11,6 +11,7 @@ epoch's partial window (3, 6, 9, 10, 13, 16, 19, 20). fp32 on CPU, matmul precis
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,6 +30,11 @@ CASES = {
                     flags=["--arch", "minimind3", "--recipe", "minimind3"],
                     config=arch_defaults("minimind3").replace(dim=64, n_layers=2,
                                                               max_seq_len=64)),
+    # minimind-3's MoE model: the router and experts frozen too, the aux loss in the loss
+    "m3_lora_moe": dict(weights="weights_m3_moe64.npz", tokenizer=MINIMIND3_TOKENIZER_DIR,
+                        flags=["--arch", "minimind3", "--recipe", "minimind3", "--use_moe"],
+                        config=arch_defaults("minimind3").replace(dim=64, n_layers=2,
+                                                                  max_seq_len=64, use_moe=True)),
 }
 FLAGS = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "float32",
          "--batch_size", "4", "--accumulation_steps", "3", "--learning_rate", "5e-3",
@@ -55,7 +61,7 @@ def run_lora(tmp_path, case: str, extra=()):
             str(spec["tokenizer"]), "--init_from", str(base), "--lora_init_from", str(init),
             *spec["flags"], *FLAGS, *extra]
     assert cli.main(argv) == 0
-    run_dir = tmp_path / "out" / "lora_golden_64"
+    run_dir = tmp_path / "out" / ("lora_golden_" + spec["config"].replace(lora_rank=16).tag)
     return run_dir, metrics(run_dir), golden
 
 
@@ -104,11 +110,11 @@ def test_lora_matches_reference(tmp_path, case):
         v = base_sd[k]
         np.testing.assert_array_equal(v, np.asarray(base_golden[k], np.float32), err_msg=k)
 
-    files = sorted(run_dir.glob("lora_golden_64.*"))
+    files = sorted(run_dir.glob(f"lora_golden_{config.tag}.*"))
     assert len(files) == 1, files
     back = lora.load_adapters(files[0], config)
     again = lora.adapter_state_dict(back, config)
-    fp16 = case == "m3_lora"
+    fp16 = case.startswith("m3_")
     for k in final:
         want = ours[k].astype(np.float16).astype(np.float32) if fp16 else ours[k]
         np.testing.assert_array_equal(again[k], want, err_msg=k)
@@ -196,7 +202,7 @@ def test_merge_for_export(tmp_path, capsys, case):
     base_params = lora.split(params)[1]
     base = weights.state_dict_from_params(base_params, config.replace(lora_rank=0))
     merged_run, c1 = lora.merge_for_export(params, saved)
-    adapter = next(run_dir.glob("lora_golden_64.*"))
+    adapter = next(run_dir.glob(f"lora_golden_{config.tag}.*"))
     merged_file, c2 = lora.merge_for_export(base_params, config.replace(lora_rank=0), adapter)
     assert c1.lora_rank == c2.lora_rank == 0
     got_run = weights.state_dict_from_params(merged_run, c1)
@@ -212,7 +218,10 @@ def test_merge_for_export(tmp_path, capsys, case):
     attached, attached_config = lora.attach_adapter_file(base_params, c2, adapter)
     ids = np.asarray(np.load(POST / f"{case}.npz")[
         "batch_X" if case == "m2_lora" else "batch_input_ids"][0])
-    run = lambda cfg, p: np.asarray(MiniMind(cfg).apply({"params": p}, ids)[0])  # noqa: E731
+    def run(cfg, p):
+        p = jax.tree.map(jnp.asarray, p)  # the MoE experts' scan indexes device arrays
+        return np.asarray(MiniMind(cfg).apply({"params": p}, ids)[0])
+
     plain = loaded_config.replace(lora_rank=0)
     for cfg, p in ((loaded_config, loaded), (attached_config, attached)):
         np.testing.assert_allclose(run(cfg, p), run(plain, lora.merged(p, cfg)), atol=2e-5)
@@ -223,7 +232,7 @@ def test_merge_for_export(tmp_path, capsys, case):
     # the command: base weights + adapter file, and the LoRA run folder itself
     base_file, from_file, from_run = (tmp_path / n for n in ("base.npz", "file.npz", "run.npz"))
     weights.save_state_dict(base, base_file)
-    arch = ["--arch", "minimind3"] if case == "m3_lora" else ["--n_heads", "8"]
+    arch = ["--arch", "minimind3"] if case.startswith("m3_") else ["--n_heads", "8"]
     assert cli.main(["convert", str(base_file), str(from_file), "--merge_lora", str(adapter),
                      *arch]) == 0
     assert cli.main(["convert", str(run_dir), str(from_run), *arch]) == 0
@@ -249,7 +258,7 @@ def test_merge_for_export(tmp_path, capsys, case):
         linear = k.removesuffix(".lora.A.weight")
         a, b = adapters[k], adapters[f"{linear}.lora.B.weight"]
         w = base[f"{linear}.weight"]
-        if case == "m3_lora":
+        if case.startswith("m3_"):
             a16, b16 = (np.asarray(x, np.float16).astype(np.float32) for x in (a, b))
             want_file = (w.astype(np.float16) + (b16 @ a16).astype(np.float16)).astype(
                 np.float32)

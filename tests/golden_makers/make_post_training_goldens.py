@@ -113,6 +113,16 @@ CASES = {
         base="m3_dense64",
         kind="lora",
     ),
+    "m3_lora_moe": _case(
+        3,
+        "trainer/train_lora.py",
+        "--save_dir ../out --lora_name lora_golden --learning_rate 5e-3 "
+        "--accumulation_steps 3 --save_interval 1000 --hidden_size 64 "
+        "--num_hidden_layers 2 --max_seq_len 64 --use_moe 1 --data_path "
+        "../dataset/lora_sft.jsonl --from_weight full_sft",
+        base="m3_moe64",
+        kind="lora",
+    ),
     "m2_dpo": _case(
         2,
         "train_dpo.py",
@@ -578,8 +588,9 @@ def child_run_case(args):
         # the reference's own saved adapter file
         if gen == 2:
             saved = os.path.join(root, "out", "lora", "lora_golden_64.pth")
-        else:
-            saved = os.path.join(root, "out", "lora_golden_64.pth")
+        else:  # minimind-3 names MoE files with a _moe suffix
+            moe = "_moe" if "--use_moe 1" in " ".join(cfg["argv"]) else ""
+            saved = os.path.join(root, "out", f"lora_golden_64{moe}.pth")
         sd = torch.load(saved, map_location="cpu")
         for k, v in sd.items():
             out[f"lora_saved/{k}"] = v.numpy().copy()
