@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
+from minimind_jax.model import weights
 from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
 
 POST = FIXTURES / "post"
@@ -27,8 +28,8 @@ def _layout(root, golden, minimind3: bool):
     for key, target in (("meta/base_weights_file", "full_sft_64"),
                         ("meta/teacher_weights_file", "full_sft_64_moe")):
         if key in golden.files:
-            weights = np.load(POST / str(golden[key][0]))
-            sd = {k: weights[k] for k in weights.files if not k.startswith("meta/")}
+            base_golden = np.load(POST / str(golden[key][0]))
+            sd = {k: base_golden[k] for k in base_golden.files if not k.startswith("meta/")}
             weights.save_state_dict(sd, root / "out" / f"{target}.pth")
     if minimind3:
         (root / "trainer").mkdir()
