@@ -180,19 +180,8 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
         run_folder.write_run_files(run_dir, model, config, tokenizer_dir)
     _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps)
 
-    tracker = (tracking.open_tracker(config.run.tracker, config.run.tracker_project,
-                                     tracking.run_name(stage.command, opt.epochs,
-                                                       config.data.batch_size,
-                                                       opt.learning_rate),
-                                     config.record(), stage.command, run_dir, start_step)
-               if distributed.is_main_process() else None)
-    lines = LineStyle(opt.epochs, batches, config.run.log_interval,
-                      minimind3=arch_of(model) == "minimind3",
-                      line_fn=objective.line if objective is not None else None)
-    for note in objective.notes if objective is not None else ():
-        say(note)
-    log = RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
-                 lines=lines, elapsed_before=elapsed_before)
+    log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
+                    elapsed_before)
     stack.callback(log.close)
     step_fn = train_step.make_train_step(
         model, optimizer, schedule, mesh, shardings, partition,
@@ -213,6 +202,27 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
                mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
                evaluator=evaluator, manager=manager, log=log, finish_fn=finish_fn)
+
+
+def _open_log(config: TrainConfig, stage: Stage, model: ModelConfig, objective,
+              run_dir: pathlib.Path, batches: int, start_step: int, total_steps: int,
+              elapsed_before: float) -> RunLog:
+    """The run's log: the tracker (process 0) and the reference's console line (the stage
+    objective's own, if it has one), after the objective's notes."""
+    opt = config.optim
+    tracker = (tracking.open_tracker(config.run.tracker, config.run.tracker_project,
+                                     tracking.run_name(stage.command, opt.epochs,
+                                                       config.data.batch_size,
+                                                       opt.learning_rate),
+                                     config.record(), stage.command, run_dir, start_step)
+               if distributed.is_main_process() else None)
+    lines = LineStyle(opt.epochs, batches, config.run.log_interval,
+                      minimind3=arch_of(model) == "minimind3",
+                      line_fn=objective.line if objective is not None else None)
+    for note in objective.notes if objective is not None else ():
+        say(note)
+    return RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
+                  lines=lines, elapsed_before=elapsed_before)
 
 
 def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh,
