@@ -1,6 +1,7 @@
 """dpo and distill on 2 host CPU devices train like on 1: a batch of 3 pairs / rows is padded
 to 4 on 2 devices (a zero pair / row without targets), and the losses are those of the real
-pairs / supervised tokens of the whole batch."""
+pairs / supervised tokens of the whole batch; with the trained params sharded (--fsdp) too
+(the frozen reference model / teacher stays replicated)."""
 
 import subprocess
 
@@ -25,8 +26,9 @@ TINY = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "flo
         "--max_steps", "5"]
 
 
+@pytest.mark.parametrize("layout", [[], ["--fsdp"]], ids=["replicated", "fsdp"])
 @pytest.mark.parametrize("command", ["dpo", "distill"])
-def test_two_devices_match_one_device(tmp_path, command):
+def test_two_devices_match_one_device(tmp_path, command, layout):
     init = tmp_path / "init.npz"
     if command == "dpo":
         reference_weights("weights_m2_dense64.npz", init)
@@ -47,7 +49,7 @@ def test_two_devices_match_one_device(tmp_path, command):
                 str(tmp_path / "cache"), "--init_from", str(init), *TINY, *extra]
 
     assert cli.main(argv("one")) == 0
-    child = subprocess.run(child_argv("cli_main", *argv("two")), env=subprocess_env(2),
+    child = subprocess.run(child_argv("cli_main", *argv("two"), *layout), env=subprocess_env(2),
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "2 device(s)" in child.stdout
