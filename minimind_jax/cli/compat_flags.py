@@ -97,6 +97,8 @@ def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
     folder of that name (or such a .pth file) becomes --init_from."""
     import pathlib
 
+    from minimind_jax.train.run_folder import saved_weights
+
     name = args.from_weight
     if name is None:
         return
@@ -106,12 +108,11 @@ def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
         args.init_from = "none"
         notes.append("--from_weight none: random initial weights")
         return
-    base = pathlib.Path(args.out_dir) / f"{name}_{_tag(args)}"
-    candidates = [base, base.with_name(base.name + ".pth")]
-    found = next((c for c in candidates if c.exists()), None)
+    found = saved_weights(args.out_dir, f"{name}_{_tag(args)}")
     if found is None:
-        raise UserError(f"--from_weight {name}: neither {candidates[0]} (a run folder) nor "
-                        f"{candidates[1]} exists")
+        base = pathlib.Path(args.out_dir) / f"{name}_{_tag(args)}"
+        raise UserError(f"--from_weight {name}: neither {base} (a run folder) nor {base}.pth "
+                        "exists")
     args.init_from = str(found)
     notes.append(f"--from_weight {name}: used as --init_from {found}")
 

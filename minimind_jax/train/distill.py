@@ -31,6 +31,7 @@ from minimind_jax.data.samples import Stage, sft_contents
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_of
 from minimind_jax.train.objective import Objective
+from minimind_jax.train.run_folder import saved_weights
 
 ALPHA_TEMPERATURE = {"minimind2": (0.0, 1.0), "minimind3": (0.5, 1.5)}
 TEACHER_DEFAULT = {"minimind2": "full_sft_768", "minimind3": "full_sft_768_moe"}
@@ -191,10 +192,10 @@ def teacher_path(args: argparse.Namespace, out_dir: str, arch: str) -> str:
             arch == "minimind3")
         name = (f"{args.from_teacher_weight or 'full_sft'}_{args.teacher_hidden_size or 768}"
                 + ("_moe" if use_moe else ""))
+    found = saved_weights(out_dir, name)
+    if found is not None:
+        return str(found)
     base = pathlib.Path(out_dir) / name
-    for candidate in (base, base.with_name(base.name + ".pth")):
-        if candidate.exists():
-            return str(candidate)
     raise UserError(f"no teacher weights: neither {base} (a run folder) nor {base}.pth exists; "
                     "pass --teacher (a run folder, .pth, .safetensors or .npz)")
 

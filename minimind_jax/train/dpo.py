@@ -30,6 +30,7 @@ from minimind_jax.data.samples import Stage
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_of
 from minimind_jax.train.objective import Objective
+from minimind_jax.train.run_folder import saved_weights
 
 BETA = {"minimind2": 0.1, "minimind3": 0.15}
 RUN_PREFIX = {"minimind2": "rlhf", "minimind3": "dpo"}  # the references' output names
@@ -159,10 +160,10 @@ def stage(beta: float | None = None) -> Stage:
 
 def default_start(out_dir: str, model: ModelConfig, name: str = "full_sft") -> pathlib.Path:
     """OUT_DIR/{name}_{dim}[_moe]: our run folder, else the reference's .pth of that name."""
+    found = saved_weights(out_dir, f"{name}_{model.tag}")
+    if found is not None:
+        return found
     base = pathlib.Path(out_dir) / f"{name}_{model.tag}"
-    for candidate in (base, base.with_name(base.name + ".pth")):
-        if candidate.exists():
-            return candidate
     raise UserError(f"no {name} weights: neither {base} (a run folder) nor {base}.pth exists; "
                     f"train `{'sft' if name == 'full_sft' else name}` first with the same "
                     "--out_dir and model flags, or pass --init_from")

@@ -21,6 +21,14 @@ def run_dir_for(out_dir: str, stage: Stage, config: ModelConfig) -> pathlib.Path
     return pathlib.Path(out_dir) / f"{stage.run_prefix}_{config.tag}"
 
 
+def saved_weights(out_dir: str, name: str) -> pathlib.Path | None:
+    """The weights a run saved under `name` (e.g. `full_sft_512`): our run folder
+    OUT_DIR/NAME, else the reference's OUT_DIR/NAME.pth; None if neither exists."""
+    folder = pathlib.Path(out_dir) / name
+    return next((path for path in (folder, folder.with_name(name + ".pth")) if path.exists()),
+                None)
+
+
 def write_run_files(run_dir: pathlib.Path, model: ModelConfig, config: TrainConfig,
                      tokenizer_dir: pathlib.Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
