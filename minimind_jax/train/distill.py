@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from minimind_jax.data.samples import Stage, sft_contents
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train.objective import Objective
 from minimind_jax.train.run_folder import saved_weights
 
@@ -65,10 +66,7 @@ def distill_loss_fn(student: ModelConfig, teacher: ModelConfig, *, alpha: float,
                                                 **extra)
         teacher_logits = jax.lax.stop_gradient(teacher_logits[..., :vocab])
         mask = batch["loss_mask"].astype(jnp.float32)
-        logits32 = logits.astype(jnp.float32)
-        target = jnp.take_along_axis(logits32, batch["labels"][..., None].astype(jnp.int32),
-                                     axis=-1)[..., 0]
-        ce_BT = jax.nn.logsumexp(logits32, axis=-1) - target
+        ce_BT = token_cross_entropy(logits, batch["labels"])
         counted = (mask > 0) & (batch["labels"] != 0) if ce_ignores_pad else mask > 0
         ce = jnp.sum(jnp.where(counted, ce_BT * mask, 0.0)) / (mask.sum() + ce_eps)
         distill = temperature ** 2 * kl_teacher_student(logits, teacher_logits, mask,

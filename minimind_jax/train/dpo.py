@@ -29,6 +29,7 @@ from minimind_jax.data.pairs import PairSource, pair_record
 from minimind_jax.data.samples import Stage
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train.objective import Objective
 from minimind_jax.train.run_folder import saved_weights
 
@@ -40,10 +41,7 @@ def sequence_logps(logits_BTV, labels_BT, mask_BT, real_B, average: bool):
     """Per row: sum over the mask of log softmax(logits)[label] in float32, divided by the
     mask's size with `average` (a real row with an empty mask gives NaN, as the reference; a
     padding row, not `real_B`, gives 0)."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    target_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None].astype(jnp.int32),
-                                    axis=-1)[..., 0]
-    logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+    logp_BT = -token_cross_entropy(logits_BTV, labels_BT)
     mask_BT = mask_BT.astype(jnp.float32)
     total_B = jnp.sum(jnp.where(mask_BT > 0, logp_BT * mask_BT, 0.0), axis=-1)
     if average:
