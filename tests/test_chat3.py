@@ -154,8 +154,6 @@ def test_reply_builder_returns_openai_tool_calls(minimind3_tok, formats):
 
 
 class _FinishedCompletion:
-    generated = 0
-
     def cancel(self):
         pass
 
@@ -165,16 +163,16 @@ def _stream(tokenizer, chat_format, text: str, thinking: bool = False) -> list[d
     pytest.importorskip("fastapi")
     from minimind_jax.serve.app import _sse
     from minimind_jax.serve.chat_format import ReplyStream
+    from minimind_jax.serve.choices import Choice
 
     async def run():
         events = asyncio.Queue()
         for token in tokenizer.encode(text):  # the engine sends no EOS token
-            events.put_nowait(("token", token))
-        events.put_nowait(("end", "stop"))
+            events.put_nowait((0, ("token", token)))
+        events.put_nowait((0, ("end", "stop")))
         meta = {"id": "chatcmpl-x", "created": 0, "model": "tiny"}
-        stream = ReplyStream(chat_format, thinking)
-        return [piece async for piece in _sse(meta, _FinishedCompletion(), events,
-                                              tokenizer, stream, 5, False)]
+        choice = Choice(0, _FinishedCompletion(), tokenizer, ReplyStream(chat_format, thinking))
+        return [piece async for piece in _sse(meta, [choice], events, 5, False)]
 
     pieces = asyncio.run(run())
     assert pieces[-1] == "data: [DONE]\n\n"

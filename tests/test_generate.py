@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minimind_jax.infer import generate as gen
+from minimind_jax.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_params
 from tests.helpers import TINY_CONFIG, TOKENIZER_DIR, golden_state_dict
@@ -102,7 +103,7 @@ def test_filters_match_hugging_face_warpers():
     np.put_along_axis(seen, ids, True, axis=1)
     hf = logits_process.RepetitionPenaltyLogitsProcessor(1.3)(
         torch.tensor(ids), torch.tensor(logits)).numpy()
-    ours = np.asarray(gen.apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3))
+    ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3))
     np.testing.assert_allclose(ours, hf, rtol=1e-6)
     for top_k, top_p in [(0, 0.6), (5, 1.0), (8, 0.3), (0, 1.0)]:
         expected = torch.tensor(logits)
@@ -110,16 +111,16 @@ def test_filters_match_hugging_face_warpers():
             expected = logits_process.TopKLogitsWarper(top_k)(None, expected)
         if top_p < 1:
             expected = logits_process.TopPLogitsWarper(top_p)(None, expected)
-        got = np.asarray(gen.filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
+        got = np.asarray(filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
         np.testing.assert_array_equal(np.isinf(got), np.isinf(expected.numpy()))
         np.testing.assert_array_equal(got[~np.isinf(got)], logits[~np.isinf(got)])
 
 
 def test_top_p_known_numbers():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
-    kept = ~np.isinf(np.asarray(gen.filter_top_k_top_p(logits, 0, 0.7)))
+    kept = ~np.isinf(np.asarray(filter_top_k_top_p(logits, 0, 0.7)))
     assert kept.tolist() == [[False, True, False, True]]  # 0.5 + 0.3 reaches 0.7
-    kept = ~np.isinf(np.asarray(gen.filter_top_k_top_p(logits, 0, 0.01)))
+    kept = ~np.isinf(np.asarray(filter_top_k_top_p(logits, 0, 0.01)))
     assert kept.tolist() == [[False, True, False, False]]  # the top token always stays
 
 
@@ -215,7 +216,7 @@ def test_reply_text_leaves_special_tokens_out_as_the_references_decode_it():
     import io
 
     from minimind_jax.data.tokenizer import load_tokenizer
-    from minimind_jax.serve.app import IncrementalDecoder
+    from minimind_jax.serve.choices import IncrementalDecoder
 
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     words = tokenizer.encode("你好")

@@ -184,6 +184,33 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(config):
     assert int(cache["index"]) == 12
 
 
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE.replace(scan_layers=True)])
+def test_rows_of_a_per_row_cache_decode_at_their_own_positions(config):
+    """Continuous batching: row 0 holds a 9-token prompt, row 1 a 5-token one (right-padded in
+    one prefill); each then decodes from its own slot, and both match their full forward."""
+    from minimind_jax.model.transformer import init_cache
+
+    params = init_params(config, 0)
+    ids = np.random.default_rng(4).integers(3, 6400, (2, 12))
+    lengths = np.array([9, 5])
+    valid = np.arange(9)[None, :] < lengths[:, None]
+    cache = init_cache(config, 2, 16, per_row_index=True)
+    prefill, _, cache = _logits(config, params, np.where(valid, ids[:, :9], 0), cache=cache,
+                                segment_ids=jnp.asarray(valid, jnp.int32))
+    cache = {**cache, "index": jnp.asarray(lengths, jnp.int32)}  # padding slots get overwritten
+    steps = [[prefill[0, 8]], [prefill[1, 4]]]
+    for t in range(3):
+        tokens = ids[np.arange(2), lengths + t][:, None]
+        step, _, cache = _logits(config, params, tokens, cache=cache,
+                                 positions=jnp.asarray(lengths + t)[:, None])
+        steps[0].append(step[0, 0])
+        steps[1].append(step[1, 0])
+    for row in range(2):
+        full, _ = _logits(config, params, ids[row:row + 1, :lengths[row] + 3])
+        np.testing.assert_allclose(np.stack(steps[row]), full[0, lengths[row] - 1:], atol=1e-5)
+    assert np.asarray(cache["index"]).tolist() == (lengths + 3).tolist()
+
+
 def test_active_params_leave_out_the_unused_routed_experts():
     dense = TINY_CONFIG
     moe = dense.replace(use_moe=True)  # 4 routed experts, top-2, 1 shared

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from minimind_jax.data.tokenizer import load_tokenizer
-from minimind_jax.infer.generate import SamplingConfig
+from minimind_jax.infer.sampling import SamplingConfig
 from minimind_jax.serve.engine import BatchEngine, Completion, EngineConfig
 from tests.helpers import TINY_SHAPE_FLAGS, TOKENIZER_DIR, subprocess_env
 from tests.serve_fixtures import API_KEY, TINY, expected_answer, live_server, tiny_model
@@ -123,7 +123,10 @@ BAD_REQUESTS = [  # (name, body, headers, status)
     ("prompt + max_tokens over the context",
      {**GOOD, "max_tokens": 48, "messages": [{"role": "user", "content": "你好" * 120}]}, None,
      400),
-    ("n=2", {**GOOD, "n": 2}, None, 400),
+    ("n above the cap", {**GOOD, "n": 9}, None, 400),
+    ("n zero", {**GOOD, "n": 0}, None, 422),
+    ("five stop sequences", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, None, 400),
+    ("an empty stop sequence", {**GOOD, "stop": [""]}, None, 400),
     ("tools with a template without tools", {**GOOD, "tools": [{"type": "function"}]}, None,
      400),
     ("a tool message with a template without tools",

@@ -2,16 +2,14 @@
 
 One jit-compiled function per (batch, prompt bucket, max_new_tokens, sampling mode): a prefill
 over the left-padded prompts fills the KV cache, then a `lax.while_loop` decodes one token per
-iteration until every row has produced EOS or `max_new_tokens` are out. Sampling follows
-Hugging Face's order: repetition penalty, temperature, top-k, top-p, then a categorical draw
-(or argmax when temperature is 0). Streaming prints from inside the loop via `io_callback`, so
+iteration until every row has produced EOS or `max_new_tokens` are out (sampling:
+infer/sampling.py). Streaming prints from inside the loop via `io_callback`, so
 a chat turn is the same compiled program as a batch call.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import pathlib
@@ -27,76 +25,12 @@ from jax.experimental import io_callback
 from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
 from minimind_jax.infer.reply_text import split_opened_thinking, split_thinking
+from minimind_jax.infer.sampling import SamplingConfig, next_token
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct compilations
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is picked. temperature 0 = greedy; top_k 0 and top_p 1 disable them."""
-
-    temperature: float = 0.85
-    top_p: float = 0.85
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 256
-
-    def __post_init__(self):
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if problems:
-            raise UserError("; ".join(problems))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array,
-                             penalty: jax.Array | float) -> jax.Array:
-    """Hugging Face's rule for tokens already present: positive logits / penalty, negative ones
-    * penalty (so the token always becomes less likely)."""
-    penalised = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
-    return jnp.where(seen_BV, penalised, logits_BV)
-
-
-def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
-                       top_p: jax.Array | float) -> jax.Array:
-    """Set to -inf every logit outside the top-k (k 0 = all) and outside the smallest set whose
-    probability reaches top_p (the most likely token is always kept). k and p may be traced."""
-    V = logits_BV.shape[-1]
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    ranks_V = jnp.arange(V)
-    sorted_BV = jnp.where(ranks_V < k, sorted_BV, -jnp.inf)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = (mass_before_BV < top_p) & (ranks_V < k)[None, :]
-    n_keep_B = jnp.maximum(keep_BV.sum(axis=-1), 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
-    return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
-
-
-def next_token(logits_BV, seen_BV, rng, params: dict, greedy: bool) -> jax.Array:
-    """Pick one token per row from float32 logits; `params` holds traced sampling scalars."""
-    logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params["repetition_penalty"])
-    if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / params["temperature"]
-    logits_BV = filter_top_k_top_p(logits_BV, params["top_k"], params["top_p"])
-    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
 def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET,

@@ -212,6 +212,15 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=No
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def write_at(cache, new, index):
+    """Write `new` [B, T, ...] into the slots index..index+T-1 of `cache` [B, S, ...]: one index
+    for every row (a scalar), or one per row ([B]: rows decoding at different positions)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda row, new_row, i: jax.lax.dynamic_update_slice_in_dim(
+        row, new_row, i, axis=0))(cache, new, index)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -232,10 +241,8 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             index = layer_cache["index"]
-            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), index, axis=1)
-            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), index, axis=1)
+            k_BSKH = write_at(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), index)
+            v_BSKH = write_at(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), index)
             new_cache = {"k": k_BSKH, "v": v_BSKH}
             k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
 
@@ -421,19 +428,20 @@ def _segment_mask(segment_ids_BT):
 
 
 def _cache_mask(segment_ids_BT, cache):
-    """([B, 1, T, S] mask over the cache slots, the cache's segment ids with the new T written)."""
+    """([B, 1, T, S] mask over the cache slots, the cache's segment ids with the new T written).
+    The cache's index is one for all rows (a scalar) or one per row ([B])."""
     T = segment_ids_BT.shape[1]
     S = cache["segment_ids"].shape[1]
-    q_slot_T = cache["index"] + jnp.arange(T)
+    index_B1 = jnp.reshape(cache["index"], (-1, 1))
+    q_slot_BT = index_B1 + jnp.arange(T)[None, :]
     k_slot_S = jnp.arange(S)
-    seg_k_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BT,
-                                                   cache["index"], axis=1)
-    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+    seg_k_BS = write_at(cache["segment_ids"], segment_ids_BT, cache["index"])
+    causal_BTS = k_slot_S[None, None, :] <= q_slot_BT[:, :, None]
     same_BTS = ((segment_ids_BT[:, :, None] == seg_k_BS[:, None, :])
                 & (seg_k_BS[:, None, :] != 0))
     # Every query may see itself, so padded queries never get an all-masked (NaN) row.
-    self_TS = k_slot_S[None, :] == q_slot_T[:, None]
-    return ((same_BTS & causal_TS[None]) | self_TS[None])[:, None], seg_k_BS
+    self_BTS = k_slot_S[None, None, :] == q_slot_BT[:, :, None]
+    return ((same_BTS & causal_BTS) | self_BTS)[:, None], seg_k_BS
 
 
 class MiniMind(nn.Module):
@@ -442,7 +450,8 @@ class MiniMind(nn.Module):
 
     Optional `positions` [B, T] (default 0..T-1, or continuing from the cache) and
     `segment_ids` [B, T] (attention stays within equal ids; 0 marks padding). With `cache`
-    (from `init_cache`) the call returns `(logits, aux_loss, new_cache)`.
+    (from `init_cache`) the call returns `(logits, aux_loss, new_cache)`; the cache's `index`
+    (the first free slot) is a scalar, or [B] when rows sit at different positions.
     """
 
     config: ModelConfig
@@ -456,8 +465,8 @@ class MiniMind(nn.Module):
         x_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.dtype)
 
         if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+            start = 0 if cache is None else jnp.reshape(cache["index"], (-1, 1))
+            positions = jnp.broadcast_to(start + jnp.arange(T)[None, :], (B, T))
         cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         new_segment_ids = None
@@ -465,8 +474,9 @@ class MiniMind(nn.Module):
             if segment_ids is None:
                 segment_ids = jnp.ones((B, T), jnp.int32)
             mask_B1TS, new_segment_ids = _cache_mask(segment_ids, cache)
+            index = cache["index"]
             layer_caches = {"k": cache["k"], "v": cache["v"],
-                            "index": jnp.broadcast_to(cache["index"], (cfg.n_layers,))}
+                            "index": jnp.broadcast_to(index, (cfg.n_layers, *jnp.shape(index)))}
         else:
             mask_B1TS = _segment_mask(segment_ids)
             layer_caches = None
@@ -504,13 +514,15 @@ class MiniMind(nn.Module):
         return logits_BTV, aux, new_cache
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-    """An empty KV cache for `max_len` slots (keys/values in the compute dtype by default)."""
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None,
+               per_row_index: bool = False) -> Cache:
+    """An empty KV cache for `max_len` slots (keys/values in the compute dtype by default); with
+    `per_row_index` each row keeps its own next slot."""
     dtype = dtype or config.dtype
     shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
-            "index": jnp.zeros((), jnp.int32)}
+            "index": jnp.zeros((batch_size,) if per_row_index else (), jnp.int32)}
 
 
 def init_params(config: ModelConfig, rng: jax.Array | int = 1337) -> dict:

@@ -24,8 +24,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind_jax.infer.generate import SamplingConfig
+from minimind_jax.infer.sampling import SamplingConfig
 from minimind_jax.serve.chat_format import ChatFormat, ReplyStream, chat_format_for
+from minimind_jax.serve.choices import Choice
 from minimind_jax.serve.engine import BatchEngine, Completion, EngineStopped, QueueFull
 from minimind_jax.serve.schema import (
     MAX_BODY_BYTES,
@@ -48,22 +49,7 @@ class ServeSettings:
     top_p: float = 0.85
     top_k: int = 0
     system: str | None = None  # used when the messages carry no system message
-
-
-class IncrementalDecoder:
-    """Text of a growing token list (special tokens left out, as the references' servers
-    stream it); None while it ends in an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens = tokenizer, []
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-
-    def push(self, token: int) -> str | None:
-        self.tokens.append(token)
-        text = self.text()
-        return None if text.endswith("\ufffd") else text
+    max_n: int = 8  # choices per request
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -131,8 +117,9 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
     @app.get("/health")
     def health() -> JSONResponse:
         body = {"status": "ok" if engine.alive else "stopped", "model": settings.model_name,
-                "queued": engine.queued, "max_batch": engine.config.max_batch,
-                "batches_run": engine.batches_run, "largest_batch": engine.largest_batch,
+                "queued": engine.queued, "decoding": engine.active,
+                "max_batch": engine.config.max_batch, "steps_run": engine.steps_run,
+                "prefills_run": engine.prefills_run, "largest_batch": engine.largest_batch,
                 "tokens_generated": engine.tokens_generated}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
@@ -145,24 +132,24 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
     async def chat_completions(request: Request):
         chat = parse_request(await _read_body(request))
         prompt_ids = chat_format.prompt_ids(chat)
-        completion, events = _submit(engine, chat, prompt_ids, settings)
+        completions, events = _submit(engine, chat, prompt_ids, settings)
+        stops = tuple([chat.stop] if isinstance(chat.stop, str) else chat.stop or [])
+        choices = [Choice(i, completion, tokenizer, ReplyStream(chat_format, chat.thinking),
+                          stops) for i, completion in enumerate(completions)]
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": settings.model_name}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse(meta, completion, events, tokenizer,
-                     ReplyStream(chat_format, chat.thinking), len(prompt_ids), include_usage),
+                _sse(meta, choices, events, len(prompt_ids), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        decoder, finish = await _collect(request, completion, events, tokenizer)
-        if finish == "cancelled":
+        if not await _collect(request, choices, events):
             return JSONResponse({}, status_code=499)  # nobody is listening
-        message, reason = chat_format.reply(decoder.text(), chat.thinking)
         return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": reason or finish}],
-                "usage": _usage(len(prompt_ids), completion.generated)}
+                "choices": [{"index": c.index, "message": c.message, "logprobs": None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": _usage(len(prompt_ids), choices)}
 
     return app
 
@@ -187,30 +174,29 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-async def _collect(request: Request, completion: Completion, events: asyncio.Queue,
-                   tokenizer) -> tuple[IncrementalDecoder, str]:
-    """A whole (non-streamed) reply: its tokens and why it finished ("cancelled" when the
-    client went away); the completion is cancelled on every way out."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, completion, events))
+async def _collect(request: Request, choices: list[Choice], events: asyncio.Queue) -> bool:
+    """Run every choice to its end; False when the client went away first. The completions
+    are cancelled on every way out."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, choices, events))
     try:
-        decoder, finish = IncrementalDecoder(tokenizer), None
-        while finish is None:
-            kind, value = await events.get()
-            if kind == "token":
-                decoder.tokens.append(value)
-            elif kind == "error":
+        while not all(c.done for c in choices):
+            index, (kind, value) = await events.get()
+            if index is None:
+                return False
+            if kind == "error":
                 raise ApiError(503, value)
-            else:
-                finish = value
+            choices[index].take((kind, value))
     finally:
         watcher.cancel()
-        completion.cancel()
-    return decoder, finish
+        for choice in choices:
+            choice.completion.cancel()
+    return True
 
 
 def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
-            settings: ServeSettings) -> tuple[Completion, asyncio.Queue]:
-    """Check the bounds, queue the completion; its events arrive on the returned queue."""
+            settings: ServeSettings) -> tuple[list[Completion], asyncio.Queue]:
+    """Check the bounds, queue the request's `n` completions; their events arrive on the
+    returned queue as (choice index, event)."""
     if len(prompt_ids) >= settings.max_context:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is "
                             f"{settings.max_context}", param="messages",
@@ -219,6 +205,9 @@ def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
     if limit is not None and limit > settings.max_tokens_cap:
         raise ApiError(400, f"max_tokens={limit} is above this server's cap of "
                             f"{settings.max_tokens_cap}", param="max_tokens")
+    if chat.n > settings.max_n:
+        raise ApiError(400, f"n={chat.n} is above this server's cap of {settings.max_n}",
+                       param="n")
     room = settings.max_context - len(prompt_ids)
     if limit is not None and limit > room:
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens={limit} "
@@ -231,70 +220,74 @@ def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
         max_new_tokens=limit)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-    def on_event(event: tuple) -> None:
-        # RuntimeError: the event loop has closed (shutdown), nobody is left to tell
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(events.put_nowait, event)
+    def sink(index: int):
+        def on_event(event: tuple) -> None:
+            # RuntimeError: the event loop has closed (shutdown), nobody is left to tell
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+        return on_event
 
-    completion = Completion(prompt_ids, sampling, on_event)
+    completions = [Completion(prompt_ids, sampling, sink(i),
+                              seed=None if chat.seed is None else (chat.seed + i) % 2**32)
+                   for i in range(chat.n)]
     try:
-        engine.submit(completion)
+        engine.submit_all(completions)
     except QueueFull as err:
         raise ApiError(429, f"the server is busy ({err}); retry later",
                        code="queue_full") from None
     except EngineStopped as err:
         raise ApiError(503, str(err), code="engine_stopped") from None
-    return completion, events
+    return completions, events
 
 
-async def _cancel_on_disconnect(request: Request, completion: Completion,
+async def _cancel_on_disconnect(request: Request, choices: list[Choice],
                                 events: asyncio.Queue) -> None:
     """Wait for the client to hang up (the body is read already), then stop its work."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    completion.cancel()
-    events.put_nowait(("end", "cancelled"))
+    for choice in choices:
+        choice.completion.cancel()
+    events.put_nowait((None, ("end", "cancelled")))
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    """OpenAI's usage: the prompt once, the tokens every choice generated."""
+    completion_tokens = sum(c.tokens_used for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _sse(meta: dict, completion: Completion, events: asyncio.Queue, tokenizer,
-               stream: ReplyStream, prompt_tokens: int, include_usage: bool):
-    """The completion as OpenAI `chat.completion.chunk` events, then `data: [DONE]`. Starlette
-    cancels this generator when the client hangs up; `finally` then stops the row."""
+async def _sse(meta: dict, choices: list[Choice], events: asyncio.Queue, prompt_tokens: int,
+               include_usage: bool):
+    """The choices as OpenAI `chat.completion.chunk` events (each with its choice's index),
+    then `data: [DONE]`. Starlette cancels this generator when the client hangs up; `finally`
+    then frees their slots."""
 
-    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                              "finish_reason": finish}]
-        body = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
+    def chunk(index: int | None, delta: dict | None, finish: str | None = None,
+              **extra) -> str:
+        parts = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None,
+                                           "finish_reason": finish}]
+        body = {**meta, "object": "chat.completion.chunk", "choices": parts, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    decoder = IncrementalDecoder(tokenizer)
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await events.get()
-            if kind == "token":
-                text = decoder.push(value)
-                for delta in stream.deltas(text) if text is not None else ():
-                    yield chunk(delta)
-                continue
+        for choice in choices:
+            yield chunk(choice.index, {"role": "assistant", "content": ""})
+        while not all(c.done for c in choices):
+            index, (kind, value) = await events.get()
             if kind == "error":
                 yield f"data: {json.dumps(ApiError(503, value).body())}\n\n"
                 break
-            text = decoder.text()
-            for delta in stream.finish(text):
-                yield chunk(delta)
-            message, reason = stream.chat_format.reply(text, stream.thinking)
-            for index, call in enumerate(message.get("tool_calls") or []):
-                yield chunk({"tool_calls": [{"index": index, **call}]})
-            yield chunk({}, reason or value)
+            choice = choices[index]
+            was_done = choice.done
+            for delta in choice.take((kind, value)):
+                yield chunk(index, delta)
+            if choice.done and not was_done:
+                yield chunk(index, {}, choice.finish_reason)
+        else:
             if include_usage:
-                yield chunk(None, usage=_usage(prompt_tokens, completion.generated))
-            break
+                yield chunk(None, None, usage=_usage(prompt_tokens, choices))
         yield "data: [DONE]\n\n"
     finally:
-        completion.cancel()
+        for choice in choices:
+            choice.completion.cancel()

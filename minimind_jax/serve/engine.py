@@ -1,33 +1,47 @@
-"""Batched decoding for the server: a bounded queue of completions, one worker thread.
+"""Continuous batching for the server: requests join and leave the running decode batch at
+token granularity.
 
-The worker takes the oldest waiting completion plus every other waiting one that samples the
-same way (greedy, or the same temperature and top-p), up to `max_batch`, and runs them together
-through `generate_tokens` — the same prefill + `while_loop` program as `generate`. Shapes come
-from fixed buckets (batch sizes, prompt lengths, new-token counts are powers of two), so a new
-request never compiles anything once its bucket has been seen; unused batch rows are stopped
-after their first token. Tokens reach each completion's `on_event` as they are decoded (from
-the loop's host callback); the same callback stops rows whose completion was cancelled or
-reached its own `max_tokens`, and the loop ends when no row is left.
+The engine owns `max_batch` slots, each a row of one KV cache of `max_context` positions (the
+cache keeps a next position per row). Its worker thread loops:
+
+1. admit: waiting completions take the free slots, lowest first; their prompts are prefilled
+   together (one call, right-padded) straight into their slots, and each gets its first token;
+2. step: one decode step for every occupied slot: a request that arrived a moment ago decodes
+   in the same step as one that is hundreds of tokens in;
+3. hand the tokens out; a completion that ends (EOS, its own max_tokens, cancelled) frees its
+   slot at once, for the next waiting one.
+
+So a request waits for at most one decode step plus its prefill, never for the rest of a batch.
+Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (a power of two
+covering every occupied one) over the first `kv_len` cache positions (a power of two covering
+the longest); a prefill runs a power-of-two count of newcomers over a power-of-two prompt
+length. Each bucket compiles once. Every row samples with its own settings and its own random
+stream (seed, token count), so what a request draws does not depend on its batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
-`("token", id)`, then `("end", "stop" | "length")` or `("error", message)`.
+`("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from minimind_jax.infer.generate import SamplingConfig, generate_tokens
+from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.transformer import MiniMind, init_cache
 
 MIN_PROMPT_BUCKET = 32
-MIN_NEW_TOKEN_BUCKET = 16
+MIN_KV_BUCKET = 64
 
 
 class QueueFull(Exception):
@@ -42,11 +56,11 @@ class EngineStopped(Exception):
 class EngineConfig:
     """Bounds of the batched decoder."""
 
-    max_batch: int = 8  # completions decoded together
-    max_queue: int = 64  # completions waiting for a batch; more are refused
+    max_batch: int = 8  # slots: completions decoding at once
+    max_queue: int = 64  # completions waiting for a slot; more are refused
     max_context: int = 1024  # prompt + new tokens of one completion
-    batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to batch
-    seed: int = 0  # first sampling seed (one per batch, counting up)
+    batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to prefill
+    seed: int = 0  # sampling seed of the first completion that brings none (then counting up)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2:
@@ -63,23 +77,20 @@ def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
 
 @dataclasses.dataclass(eq=False)
 class Completion:
-    """One chat completion: prompt ids, sampling (its max_new_tokens is the limit), sink."""
+    """One completion: prompt ids, sampling (its max_new_tokens is the limit), seed (None: the
+    engine's next), and the sink of its events."""
 
     prompt_ids: list[int]
     sampling: SamplingConfig
     on_event: Callable[[tuple], None]
+    seed: int | None = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    generated: int = 0
+    generated: int = 0  # tokens made, EOS included
     finished: bool = False
 
     def cancel(self) -> None:
-        """The reader went away: drop it from the queue or stop its row."""
+        """The reader went away: drop it from the queue or free its slot."""
         self.cancelled.set()
-
-    @property
-    def batch_key(self) -> tuple:
-        s = self.sampling
-        return ("greedy",) if s.greedy else ("sample", s.temperature, s.top_p, s.top_k)
 
     def finish(self, event: tuple) -> None:
         if not self.finished:
@@ -87,20 +98,116 @@ class Completion:
             self.on_event(event)
 
 
-class BatchEngine:
-    """Owns the params and the worker thread; `submit` is thread-safe."""
+# ---------------------------------------------------------------- the compiled programs
+# Slots: B = max_batch rows of the engine's cache; R = the rows a decode step runs; A = the
+# newcomers of one prefill, P their padded prompt length. `rows` holds the per-row sampling
+# settings ([B] arrays).
 
-    def __init__(self, params, model_config, eos_id: int, pad_id: int,
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "seen_BV"))
+def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A, *,
+             config: ModelConfig):
+    """Prefill the newcomers' prompts into their slots (a slot >= B: a padding row, dropped);
+    returns (cache, seen_BV, first token of each)."""
+    A, P = ids_AP.shape
+    valid_AP = jnp.arange(P)[None, :] < lengths_A[:, None]
+    fresh = init_cache(config, A, P, dtype=cache["k"].dtype)
+    logits_APV, _, fresh = MiniMind(config).apply(
+        {"params": params}, ids_AP, segment_ids=valid_AP.astype(jnp.int32), cache=fresh)
+    last_AV = logits_APV[jnp.arange(A), lengths_A - 1]
+    seen_AV = jnp.zeros((A, config.vocab_size), jnp.int32).at[
+        jnp.arange(A)[:, None], ids_AP].add(valid_AP.astype(jnp.int32)) > 0
+    first_A = next_token_per_row(last_AV, seen_AV, seeds_A, jnp.zeros_like(seeds_A), rows_A)
+    # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
+    # until this row's own decode steps overwrite them
+    cache = {"k": cache["k"].at[:, slots_A, :P].set(fresh["k"], mode="drop"),
+             "v": cache["v"].at[:, slots_A, :P].set(fresh["v"], mode="drop"),
+             "segment_ids": cache["segment_ids"].at[slots_A, :P].set(fresh["segment_ids"],
+                                                                    mode="drop"),
+             "index": cache["index"].at[slots_A].set(lengths_A, mode="drop")}
+    return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), first_A
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "kv_len"),
+                   donate_argnames=("cache", "seen_BV"))
+def _decode_step(params, cache, seen_BV, tokens_R, active_R, seeds_R, counts_R, rows_R, *,
+                 config: ModelConfig, rows: int, kv_len: int):
+    """Feed each of the first `rows` slots its last token; returns (cache, seen_BV, next token
+    of each). Only the first `kv_len` positions are read: every occupied row's fit."""
+    view = {"k": cache["k"][:, :rows, :kv_len], "v": cache["v"][:, :rows, :kv_len],
+            "segment_ids": cache["segment_ids"][:rows, :kv_len],
+            "index": cache["index"][:rows]}
+    seen_RV = seen_BV[:rows].at[jnp.arange(rows), tokens_R].set(True)
+    logits_R1V, _, view = MiniMind(config).apply(
+        {"params": params}, tokens_R[:, None], positions=cache["index"][:rows, None],
+        segment_ids=jnp.ones((rows, 1), jnp.int32), cache=view)
+    next_R = next_token_per_row(logits_R1V[:, 0], seen_RV, seeds_R, counts_R, rows_R)
+    index_R = jnp.where(active_R, view["index"], cache["index"][:rows])
+    cache = {"k": cache["k"].at[:, :rows, :kv_len].set(view["k"]),
+             "v": cache["v"].at[:, :rows, :kv_len].set(view["v"]),
+             "segment_ids": cache["segment_ids"].at[:rows, :kv_len].set(view["segment_ids"]),
+             "index": cache["index"].at[:rows].set(index_R)}
+    return cache, seen_BV.at[:rows].set(seen_RV), next_R
+
+
+def compilations() -> int:
+    """Programs the engines of this process have compiled so far."""
+    return _prefill._cache_size() + _decode_step._cache_size()
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class SlotTable:
+    """Host side of the slots: who occupies each, its next position and sampling settings."""
+
+    def __init__(self, size: int):
+        self.owner: list[Completion | None] = [None] * size
+        self.last_token = np.zeros(size, np.int32)
+        self.position = np.zeros(size, np.int32)  # the slot its next token is written to
+        self.seed = np.zeros(size, np.uint32)
+        self.settings = {"temperature": np.zeros(size, np.float32),
+                         "top_p": np.ones(size, np.float32),
+                         "top_k": np.zeros(size, np.int32),
+                         "repetition_penalty": np.ones(size, np.float32)}
+
+    def free(self) -> list[int]:
+        return [slot for slot, owner in enumerate(self.owner) if owner is None]
+
+    def occupied(self) -> list[int]:
+        return [slot for slot, owner in enumerate(self.owner) if owner is not None]
+
+    def seat(self, slot: int, completion: Completion, seed: int,
+             repetition_penalty: float) -> None:
+        s = completion.sampling
+        self.owner[slot] = completion
+        self.position[slot] = len(completion.prompt_ids)
+        self.seed[slot] = seed
+        for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
+                            ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
+            self.settings[name][slot] = value
+
+    def rows(self, slots) -> dict:
+        return {name: values[slots] for name, values in self.settings.items()}
+
+
+class BatchEngine:
+    """Owns the params, the KV cache of the slots and the worker thread; `submit` is
+    thread-safe."""
+
+    def __init__(self, params, model_config: ModelConfig, eos_id: int, pad_id: int,
                  config: EngineConfig = EngineConfig(), repetition_penalty: float = 1.0):
         self.params, self.model_config, self.config = params, model_config, config
         self.eos_id, self.pad_id, self.repetition_penalty = eos_id, pad_id, repetition_penalty
         self._waiting: deque[Completion] = deque()
         self._lock = threading.Condition()
         self._stopping = False
-        self._batch: list[Completion] = []
+        self._slots = SlotTable(config.max_batch)
         self._seeds = itertools.count(config.seed)
-        self.batches_run = 0
-        self.largest_batch = 0
+        self._cache = self._seen = None
+        self._reset_device_state()
+        self.steps_run = self.prefills_run = 0
+        self.largest_batch = 0  # most completions decoded in one step
         self.tokens_generated = 0  # over all completions, EOS included
         self._worker = threading.Thread(target=self._work, name="minimind-decode", daemon=True)
         self._worker.start()
@@ -108,12 +215,16 @@ class BatchEngine:
     # ------------------------------------------------------------ public
     def submit(self, completion: Completion) -> None:
         """Queue a completion; raises QueueFull or EngineStopped instead of waiting."""
+        self.submit_all([completion])
+
+    def submit_all(self, completions: list[Completion]) -> None:
+        """Queue completions together (all or none, e.g. the `n` choices of one request)."""
         with self._lock:
             if self._stopping or not self._worker.is_alive():
                 raise EngineStopped("the decoder is not running")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(completions) > self.config.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
-            self._waiting.append(completion)
+            self._waiting.extend(completions)
             self._lock.notify()
 
     @property
@@ -121,95 +232,136 @@ class BatchEngine:
         return len(self._waiting)
 
     @property
+    def active(self) -> int:
+        return len(self._slots.occupied())
+
+    @property
     def alive(self) -> bool:
         return self._worker.is_alive() and not self._stopping
 
+    @property
+    def compilations(self) -> int:
+        return compilations()
+
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Refuse new work, fail what waits, let the running batch finish."""
+        """Refuse new work and fail what waits or decodes (the worker stops after its step)."""
         with self._lock:
             self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
             self._lock.notify_all()
         for completion in waiting:
             completion.finish(("error", "the server is shutting down"))
-        for completion in self._batch:
-            completion.cancel()
         self._worker.join(timeout)
 
     # ------------------------------------------------------------ worker
+    def _reset_device_state(self) -> None:
+        cfg = self.config
+        self._cache = init_cache(self.model_config, cfg.max_batch, cfg.max_context,
+                                 per_row_index=True)
+        self._seen = jnp.zeros((cfg.max_batch, self.model_config.vocab_size), bool)
+
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                self._decode(batch)
+            newcomers = self._admit()
+            if newcomers is None:
+                break
+            try:
+                if newcomers:
+                    self._prefill(newcomers)
+                if self._slots.occupied():
+                    self._step()
+            except Exception as err:  # a failed program fails its requests, not the server
+                self._fail_all(f"decoding failed: {type(err).__name__}: {err}")
+                self._reset_device_state()  # its buffers may have been donated
+        self._fail_all("the server is shutting down")
 
-    def _next_batch(self) -> list[Completion] | None:
+    def _admit(self) -> list[tuple[int, Completion]] | None:
+        """Seat waiting completions in free slots (waiting for one when idle); None: stop."""
         with self._lock:
-            while not self._waiting and not self._stopping:
+            idle = not self._slots.occupied()
+            while idle and not self._waiting and not self._stopping:
                 self._lock.wait()
             if self._stopping:
                 return None
-        time.sleep(self.config.batch_wait_s)  # let requests sent together arrive together
+        if idle:
+            time.sleep(self.config.batch_wait_s)  # let requests sent together start together
         with self._lock:
-            live = [c for c in self._waiting if not c.cancelled.is_set()]
-            if not live:
-                self._waiting.clear()
-                return []
-            key = live[0].batch_key
-            batch = [c for c in live if c.batch_key == key][:self.config.max_batch]
-            chosen = set(map(id, batch))
-            self._waiting = deque(c for c in live if id(c) not in chosen)
-        return batch
+            seated = []
+            for slot in self._slots.free():
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft().finish(("end", "cancelled"))
+                if not self._waiting:
+                    break
+                completion = self._waiting.popleft()
+                seed = completion.seed if completion.seed is not None else next(self._seeds)
+                self._slots.seat(slot, completion, seed, self.repetition_penalty)
+                seated.append((slot, completion))
+        return seated
 
-    def _decode(self, batch: list[Completion]) -> None:
+    def _prefill(self, newcomers: list[tuple[int, Completion]]) -> None:
         cfg = self.config
-        rows = power_of_two_at_least(len(batch), 1, cfg.max_batch)
-        longest = max(len(c.prompt_ids) for c in batch)
-        prompt_len = power_of_two_at_least(longest, MIN_PROMPT_BUCKET, cfg.max_context)
-        new_tokens = power_of_two_at_least(max(c.sampling.max_new_tokens for c in batch),
-                                           MIN_NEW_TOKEN_BUCKET, cfg.max_context)
-        prompts = [c.prompt_ids for c in batch] + [[self.pad_id]] * (rows - len(batch))
-        sampling = dataclasses.replace(batch[0].sampling, max_new_tokens=new_tokens,
-                                       repetition_penalty=self.repetition_penalty)
-        self._batch = batch
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            generate_tokens(self.params, self.model_config, prompts, sampling, self.eos_id,
-                            next(self._seeds), on_tokens=self._on_tokens,
-                            prompt_bucket=prompt_len)
-        except Exception as err:  # a failed batch fails its requests, not the server
-            for completion in batch:
-                completion.finish(("error", f"decoding failed: {type(err).__name__}: {err}"))
-        finally:
-            self._batch = []
-        for completion in batch:  # e.g. the loop's own new-token bound (not reached normally)
-            completion.finish(("end", "length"))
+        n = power_of_two_at_least(len(newcomers), 1, cfg.max_batch)
+        longest = max(len(c.prompt_ids) for _, c in newcomers)
+        P = power_of_two_at_least(longest, MIN_PROMPT_BUCKET, cfg.max_context)
+        ids_AP = np.full((n, P), self.pad_id, np.int32)
+        lengths_A = np.ones(n, np.int32)
+        slots_A = np.full(n, cfg.max_batch, np.int32)  # padding rows: out of range, dropped
+        for row, (slot, completion) in enumerate(newcomers):
+            ids_AP[row, :len(completion.prompt_ids)] = completion.prompt_ids
+            lengths_A[row], slots_A[row] = len(completion.prompt_ids), slot
+        padded_slots = np.minimum(slots_A, cfg.max_batch - 1)
+        rows_A = self._slots.rows(padded_slots)
+        self._cache, self._seen, first_A = _prefill(
+            self.params, self._cache, self._seen, ids_AP, lengths_A, slots_A,
+            self._slots.seed[padded_slots], rows_A, config=self.model_config)
+        self.prefills_run += 1
+        first_A = np.asarray(first_A)
+        for row, (slot, _) in enumerate(newcomers):
+            self._hand_out(slot, int(first_A[row]))
 
-    def _on_tokens(self, tokens_B: np.ndarray, done_B: np.ndarray) -> np.ndarray:
-        """Host side of one decode step: hand out tokens, say which rows stop now.
-        One bound method for every batch, so the compiled program is reused."""
-        stop_B = np.zeros(len(tokens_B), bool)
-        for row, (token, done) in enumerate(zip(tokens_B.tolist(), done_B.tolist(),
-                                                strict=True)):
-            if done:
-                continue
-            if row >= len(self._batch):
-                stop_B[row] = True  # a padding row
-                continue
-            completion = self._batch[row]
-            if completion.cancelled.is_set() or completion.finished:
-                stop_B[row] = True
-                continue
-            completion.generated += 1
-            self.tokens_generated += 1
-            if token == self.eos_id:
-                completion.finish(("end", "stop"))
-                continue
-            completion.on_event(("token", token))
-            if completion.generated >= completion.sampling.max_new_tokens:
-                completion.finish(("end", "length"))
-                stop_B[row] = True
-        return stop_B
+    def _step(self) -> None:
+        slots = self._slots
+        occupied = slots.occupied()
+        rows = power_of_two_at_least(occupied[-1] + 1, 1, self.config.max_batch)
+        kv_len = power_of_two_at_least(int(slots.position[occupied].max()) + 1, MIN_KV_BUCKET,
+                                       self.config.max_context)
+        active_R = np.array([owner is not None for owner in slots.owner[:rows]])
+        counts_R = np.array([owner.generated if owner else 0 for owner in slots.owner[:rows]],
+                            np.int32)
+        self._cache, self._seen, next_R = _decode_step(
+            self.params, self._cache, self._seen, slots.last_token[:rows], active_R,
+            slots.seed[:rows], counts_R, slots.rows(slice(0, rows)), config=self.model_config,
+            rows=rows, kv_len=kv_len)
+        self.steps_run += 1
+        self.largest_batch = max(self.largest_batch, len(occupied))
+        next_R = np.asarray(next_R)
+        for slot in occupied:
+            slots.position[slot] += 1
+            self._hand_out(slot, int(next_R[slot]))
+
+    def _hand_out(self, slot: int, token: int) -> None:
+        """Give a slot's new token to its completion; free the slot when that one is done."""
+        slots = self._slots
+        completion = slots.owner[slot]
+        if completion.cancelled.is_set():
+            self._release(slot, ("end", "cancelled"))
+            return
+        completion.generated += 1
+        self.tokens_generated += 1
+        if token == self.eos_id:
+            self._release(slot, ("end", "stop"))
+            return
+        completion.on_event(("token", token))
+        slots.last_token[slot] = token
+        if completion.generated >= completion.sampling.max_new_tokens:
+            self._release(slot, ("end", "length"))
+        elif slots.position[slot] >= self.config.max_context:
+            self._release(slot, ("end", "length"))  # no room for its next token
+
+    def _release(self, slot: int, event: tuple) -> None:
+        completion, self._slots.owner[slot] = self._slots.owner[slot], None
+        completion.finish(event)
+
+    def _fail_all(self, message: str) -> None:
+        for slot in self._slots.occupied():
+            self._release(slot, ("error", message))

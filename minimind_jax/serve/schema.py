@@ -62,7 +62,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -96,10 +96,9 @@ def parse_request(body: bytes) -> ChatRequest:
         raise ApiError(422, f"{where}: {first['msg']}{more}", param=where or None,
                        code="invalid_type" if "type" in first["type"] else first["type"]
                        ) from None
-    if request.n != 1:
-        raise ApiError(400, f"n={request.n} is not supported; only n=1", param="n")
-    if request.stop:
-        raise ApiError(400, "stop sequences are not supported", param="stop")
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > 4 or any(not stop for stop in stops):
+        raise ApiError(400, "stop: up to 4 stop sequences, none of them empty", param="stop")
     return request
 
 

@@ -1,0 +1,106 @@
+"""Picking the next token: Hugging Face's order of repetition penalty, temperature, top-k,
+top-p, then a categorical draw (or argmax when temperature is 0).
+
+`next_token` samples a whole batch one way (the settings of one `generate` call);
+`next_token_per_row` lets every row sample its own way with its own random stream, as the
+server's rows, which belong to different requests, do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from minimind_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked. temperature 0 = greedy; top_k 0 and top_p 1 disable them."""
+
+    temperature: float = 0.85
+    top_p: float = 0.85
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self):
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array,
+                             penalty: jax.Array | float) -> jax.Array:
+    """Hugging Face's rule for tokens already present: positive logits / penalty, negative ones
+    * penalty (so the token always becomes less likely). One penalty, or one per row ([B])."""
+    penalty = jnp.reshape(penalty, (-1, 1))
+    penalised = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalised, logits_BV)
+
+
+def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
+                       top_p: jax.Array | float) -> jax.Array:
+    """Set to -inf every logit outside the top-k (k 0 = all) and outside the smallest set whose
+    probability reaches top_p (the most likely token is always kept). k and p may be traced,
+    scalars or one per row ([B])."""
+    V = logits_BV.shape[-1]
+    top_k_B1, top_p_B1 = jnp.reshape(top_k, (-1, 1)), jnp.reshape(top_p, (-1, 1))
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    k_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(top_k_B1, V), V)
+    in_top_k_BV = jnp.arange(V)[None, :] < k_B1
+    sorted_BV = jnp.where(in_top_k_BV, sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = (mass_before_BV < top_p_B1) & in_top_k_BV
+    n_keep_B = jnp.maximum(keep_BV.sum(axis=-1), 1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+
+
+def next_token(logits_BV, seen_BV, rng, params: dict, greedy: bool) -> jax.Array:
+    """Pick one token per row from float32 logits; `params` holds traced sampling scalars."""
+    logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params["repetition_penalty"])
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / params["temperature"]
+    logits_BV = filter_top_k_top_p(logits_BV, params["top_k"], params["top_p"])
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def next_token_per_row(logits_BV, seen_BV, seeds_B, counts_B, rows: dict) -> jax.Array:
+    """One token per row, each row with its own settings: `rows` holds [B] arrays temperature
+    (0 = greedy), top_p, top_k and repetition_penalty. Row b draws with the key
+    fold_in(PRNGKey(seeds_B[b]), counts_B[b]), so what a request samples depends on its seed and
+    how many tokens it has made, not on which other requests share the batch."""
+    logits_BV = apply_repetition_penalty(logits_BV, seen_BV, rows["repetition_penalty"])
+    greedy_B = rows["temperature"] == 0
+    argmax_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        temperature_B1 = jnp.maximum(rows["temperature"], 1e-6)[:, None]
+        filtered_BV = filter_top_k_top_p(logits_BV / temperature_B1, rows["top_k"],
+                                         rows["top_p"])
+        keys_B = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.PRNGKey(seed),
+                                                                  count))(seeds_B, counts_B)
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+        return jnp.where(greedy_B, argmax_B, drawn_B)
+
+    # an all-greedy batch skips the vocabulary sort of top-p
+    return jax.lax.cond(jnp.all(greedy_B), lambda _: argmax_B, draw, None)
