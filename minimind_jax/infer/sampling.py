@@ -9,6 +9,7 @@ server's rows, which belong to different requests, do.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,23 +56,47 @@ def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array,
     return jnp.where(seen_BV, penalised, logits_BV)
 
 
+def _order_key(x_BV: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (negative floats' bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(x_BV.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _least_key_where(count_above: Callable, limit_B1: jax.Array, batch: int) -> jax.Array:
+    """[B, 1] the smallest uint32 x with count_above(x) < limit, by bisection (32 halvings:
+    exact); count_above([B, 1] keys) -> [B, 1] must not grow with x."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below = count_above(mid) < limit_B1
+        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+    start = (jnp.zeros((batch, 1), jnp.uint32), jnp.full((batch, 1), 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, halve, start)[0]
+
+
 def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
                        top_p: jax.Array | float) -> jax.Array:
     """Set to -inf every logit outside the top-k (k 0 = all) and outside the smallest set whose
     probability reaches top_p (the most likely token is always kept). k and p may be traced,
-    scalars or one per row ([B])."""
-    V = logits_BV.shape[-1]
-    top_k_B1, top_p_B1 = jnp.reshape(top_k, (-1, 1)), jnp.reshape(top_p, (-1, 1))
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    scalars or one per row ([B]).
+
+    A token stays when fewer than k tokens are likelier, and when the likelier ones (after
+    top-k) hold less than top_p of the mass: Hugging Face's sorted rule, found without a sort
+    (a sort of the vocabulary costs more than the decode step of a small model on a CPU) by
+    bisecting for the least logit kept, in an order-preserving integer view of the floats."""
+    B, V = logits_BV.shape
+    top_k_B1 = jnp.broadcast_to(jnp.reshape(top_k, (-1, 1)), (B, 1))
+    top_p_B1 = jnp.broadcast_to(jnp.reshape(top_p, (-1, 1)), (B, 1))
+    key_BV = _order_key(logits_BV)
     k_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(top_k_B1, V), V)
-    in_top_k_BV = jnp.arange(V)[None, :] < k_B1
-    sorted_BV = jnp.where(in_top_k_BV, sorted_BV, -jnp.inf)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = (mass_before_BV < top_p_B1) & in_top_k_BV
-    n_keep_B = jnp.maximum(keep_BV.sum(axis=-1), 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
-    return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    least_k_B1 = _least_key_where(lambda x_B1: (key_BV > x_B1).sum(-1, keepdims=True), k_B1, B)
+    logits_BV = jnp.where(key_BV >= least_k_B1, logits_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    least_p_B1 = _least_key_where(
+        lambda x_B1: jnp.where(key_BV > x_B1, probs_BV, 0.0).sum(-1, keepdims=True), top_p_B1, B)
+    return jnp.where(key_BV >= least_p_B1, logits_BV, -jnp.inf)
 
 
 def next_token(logits_BV, seen_BV, rng, params: dict, greedy: bool) -> jax.Array:

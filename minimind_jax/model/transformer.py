@@ -212,13 +212,45 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=No
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def write_at(cache, new, index):
-    """Write `new` [B, T, ...] into the slots index..index+T-1 of `cache` [B, S, ...]: one index
-    for every row (a scalar), or one per row ([B]: rows decoding at different positions)."""
+def cached_attention(q_BTNH, k_BTKH, v_BTKH, cache_k_BKSH, cache_v_BKSH, masks):
+    """Attention of T new queries over the cache's written slots and the T new keys.
+    `masks` = ([B, 1, T, S] cached slots each query sees, [B, 1, T, T] new keys it sees).
+
+    The cache is kept [B, K, S, H], so both matmuls batch over (B, K) with the G query heads of
+    a KV head as rows, and nothing of the cache is transposed, repeated or copied per step; the
+    new keys are written by the caller afterwards, once for all layers."""
+    B, T, N, H = q_BTNH.shape
+    K, S = cache_k_BKSH.shape[1], cache_k_BKSH.shape[2]
+    G = N // K
+    dtype = q_BTNH.dtype
+    q_BKJH = (q_BTNH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(
+        0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    # the new keys and values as the cache will hold them (its dtype)
+    k_BKTH = k_BTKH.transpose(0, 2, 1, 3).astype(cache_k_BKSH.dtype).astype(dtype)
+    v_BKTH = v_BTKH.transpose(0, 2, 1, 3).astype(cache_v_BKSH.dtype).astype(dtype)
+    scores_BKJS = jnp.concatenate([
+        jnp.einsum("bkjh,bksh->bkjs", q_BKJH, cache_k_BKSH.astype(dtype),
+                   preferred_element_type=jnp.float32),
+        jnp.einsum("bkjh,bkth->bkjt", q_BKJH, k_BKTH, preferred_element_type=jnp.float32)],
+        axis=-1)
+    allowed_B1JS = jnp.repeat(jnp.concatenate(masks, axis=-1), G, axis=2)  # row j = t * G + g
+    scores_BKJS = jnp.where(allowed_B1JS, scores_BKJS, jnp.finfo(jnp.float32).min)
+    probs_BKJS = jax.nn.softmax(scores_BKJS, axis=-1).astype(dtype)
+    out_BKJH = (jnp.einsum("bkjs,bksh->bkjh", probs_BKJS[..., :S], cache_v_BKSH.astype(dtype))
+                + jnp.einsum("bkjt,bkth->bkjh", probs_BKJS[..., S:], v_BKTH))
+    return out_BKJH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+
+
+def write_at(cache, new, index, axis: int, batch_axis: int = 0):
+    """Write `new` into the slots index..index+T-1 along `axis` of `cache` (shapes alike but
+    for that axis): one index for every row (a scalar), or one per row ([B] along
+    `batch_axis`: rows decoding at different positions)."""
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=axis)
+    row_axis = axis - 1 if axis > batch_axis else axis
     return jax.vmap(lambda row, new_row, i: jax.lax.dynamic_update_slice_in_dim(
-        row, new_row, i, axis=0))(cache, new, index)
+        row, new_row, i, axis=row_axis), in_axes=(batch_axis, batch_axis, 0),
+        out_axes=batch_axis)(cache, new, index)
 
 
 class Attention(nn.Module):
@@ -238,15 +270,15 @@ class Attention(nn.Module):
         q_BTNH = apply_rope(q_BTNH, cos_BTR, sin_BTR, cfg.rope_layout)
         k_BTKH = apply_rope(k_BTKH, cos_BTR, sin_BTR, cfg.rope_layout)
 
-        new_cache = None
         if layer_cache is not None:
-            index = layer_cache["index"]
-            k_BSKH = write_at(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), index)
-            v_BSKH = write_at(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), index)
-            new_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BTKH, v_BTKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+            out_BTNH = cached_attention(q_BTNH, k_BTKH, v_BTKH, layer_cache["k"],
+                                        layer_cache["v"], mask_B1TS)
+            out_BTD = _dense(cfg, cfg.dim, "wo")(out_BTNH.reshape(B, T, cfg.n_heads * hd))
+            dtype = layer_cache["k"].dtype
+            return out_BTD, {"k": k_BTKH.transpose(0, 2, 1, 3).astype(dtype),
+                             "v": v_BTKH.transpose(0, 2, 1, 3).astype(dtype)}
 
-        impl = _attention_impl(cfg, layer_cache is not None)
+        impl = _attention_impl(cfg, False)
         if impl == "chunked":
             # Four query blocks: 62.5% of the score matrix, still few enough ops to fuse well.
             n_chunks = max(1, min(4, T // 64))
@@ -259,7 +291,7 @@ class Attention(nn.Module):
                 q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=mask_B1TS is None,
                 scale=1.0 / math.sqrt(hd), implementation=impl)
         out_BTD = _dense(cfg, cfg.dim, "wo")(out_BTNH.reshape(B, T, cfg.n_heads * hd))
-        return out_BTD, new_cache
+        return out_BTD, None
 
 
 class FeedForward(nn.Module):
@@ -427,21 +459,20 @@ def _segment_mask(segment_ids_BT):
     return (same_BTT & causal_TT[None])[:, None]
 
 
-def _cache_mask(segment_ids_BT, cache):
-    """([B, 1, T, S] mask over the cache slots, the cache's segment ids with the new T written).
-    The cache's index is one for all rows (a scalar) or one per row ([B])."""
+def _cache_masks(segment_ids_BT, cache):
+    """([B, 1, T, S] the cached slots each new query sees: written ones (below the index) of
+    its segment; [B, 1, T, T] the new keys it sees: causal, its segment). Segment 0 is
+    padding, seen by no other query; every query sees itself, so none has an all-masked
+    (NaN) row. The cache's index is one for all rows (a scalar) or one per row ([B])."""
     T = segment_ids_BT.shape[1]
-    S = cache["segment_ids"].shape[1]
-    index_B1 = jnp.reshape(cache["index"], (-1, 1))
-    q_slot_BT = index_B1 + jnp.arange(T)[None, :]
-    k_slot_S = jnp.arange(S)
-    seg_k_BS = write_at(cache["segment_ids"], segment_ids_BT, cache["index"])
-    causal_BTS = k_slot_S[None, None, :] <= q_slot_BT[:, :, None]
-    same_BTS = ((segment_ids_BT[:, :, None] == seg_k_BS[:, None, :])
-                & (seg_k_BS[:, None, :] != 0))
-    # Every query may see itself, so padded queries never get an all-masked (NaN) row.
-    self_BTS = k_slot_S[None, None, :] == q_slot_BT[:, :, None]
-    return ((same_BTS & causal_BTS) | self_BTS)[:, None], seg_k_BS
+    seg_k_BS = cache["segment_ids"]
+    written_BS = jnp.arange(seg_k_BS.shape[1])[None, :] < jnp.reshape(cache["index"], (-1, 1))
+    old_BTS = (written_BS[:, None, :] & (seg_k_BS[:, None, :] != 0)
+               & (segment_ids_BT[:, :, None] == seg_k_BS[:, None, :]))
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    new_BTT = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+               & (segment_ids_BT[:, None, :] != 0) & causal_TT[None]) | jnp.eye(T, dtype=bool)[None]
+    return old_BTS[:, None], new_BTT[:, None]
 
 
 class MiniMind(nn.Module):
@@ -469,14 +500,11 @@ class MiniMind(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(T)[None, :], (B, T))
         cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        new_segment_ids = None
         if cache is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((B, T), jnp.int32)
-            mask_B1TS, new_segment_ids = _cache_mask(segment_ids, cache)
-            index = cache["index"]
-            layer_caches = {"k": cache["k"], "v": cache["v"],
-                            "index": jnp.broadcast_to(index, (cfg.n_layers, *jnp.shape(index)))}
+            mask_B1TS = _cache_masks(segment_ids, cache)  # a pair: cached slots, new keys
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
         else:
             mask_B1TS = _segment_mask(segment_ids)
             layer_caches = None
@@ -509,17 +537,23 @@ class MiniMind(nn.Module):
                              preferred_element_type=jnp.float32)
         if cache is None:
             return logits_BTV, aux
-        new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"],
-                     "segment_ids": new_segment_ids, "index": cache["index"] + T}
+        index = cache["index"]  # one write of every layer's new keys and values
+        new_cache = {"k": write_at(cache["k"], new_layer_caches["k"], index, axis=3,
+                                   batch_axis=1),
+                     "v": write_at(cache["v"], new_layer_caches["v"], index, axis=3,
+                                   batch_axis=1),
+                     "segment_ids": write_at(cache["segment_ids"], segment_ids, index, axis=1),
+                     "index": index + T}
         return logits_BTV, aux, new_cache
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None,
                per_row_index: bool = False) -> Cache:
-    """An empty KV cache for `max_len` slots (keys/values in the compute dtype by default); with
-    `per_row_index` each row keeps its own next slot."""
+    """An empty KV cache for `max_len` slots: keys and values [L, B, K, S, H] in the compute
+    dtype by default, segment ids [B, S]; with `per_row_index` each row keeps its own next
+    slot."""
     dtype = dtype or config.dtype
-    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
             "index": jnp.zeros((batch_size,) if per_row_index else (), jnp.int32)}

@@ -120,39 +120,53 @@ def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A
     first_A = next_token_per_row(last_AV, seen_AV, seeds_A, jnp.zeros_like(seeds_A), rows_A)
     # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
     # until this row's own decode steps overwrite them
-    cache = {"k": cache["k"].at[:, slots_A, :P].set(fresh["k"], mode="drop"),
-             "v": cache["v"].at[:, slots_A, :P].set(fresh["v"], mode="drop"),
+    cache = {"k": cache["k"].at[:, slots_A, :, :P].set(fresh["k"], mode="drop"),
+             "v": cache["v"].at[:, slots_A, :, :P].set(fresh["v"], mode="drop"),
              "segment_ids": cache["segment_ids"].at[slots_A, :P].set(fresh["segment_ids"],
                                                                     mode="drop"),
              "index": cache["index"].at[slots_A].set(lengths_A, mode="drop")}
     return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), first_A
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rows", "kv_len"),
-                   donate_argnames=("cache", "seen_BV"))
-def _decode_step(params, cache, seen_BV, tokens_R, active_R, seeds_R, counts_R, rows_R, *,
+@functools.partial(jax.jit, static_argnames=("config", "rows", "kv_len"))
+def _decode_step(params, cache, seen_BV, tokens_R, seeds_R, counts_R, rows_R, *,
                  config: ModelConfig, rows: int, kv_len: int):
-    """Feed each of the first `rows` slots its last token; returns (cache, seen_BV, next token
-    of each). Only the first `kv_len` positions are read: every occupied row's fit."""
-    view = {"k": cache["k"][:, :rows, :kv_len], "v": cache["v"][:, :rows, :kv_len],
-            "segment_ids": cache["segment_ids"][:rows, :kv_len],
-            "index": cache["index"][:rows]}
+    """Feed each of the first `rows` slots its last token, reading only the first `kv_len`
+    positions (every occupied row's fit). Returns (next token of each, what `_store_step`
+    writes back: the keys and values [L, R, K, H] each row wrote, its seen-token row).
+    Only reading the cache here, and writing it in a program of its own, keeps XLA from
+    copying the whole cache around the in-place update (that copy was 100 ms a step)."""
+    index_R = cache["index"][:rows]
+    view = {"k": cache["k"][:, :rows, :, :kv_len], "v": cache["v"][:, :rows, :, :kv_len],
+            "segment_ids": cache["segment_ids"][:rows, :kv_len], "index": index_R}
     seen_RV = seen_BV[:rows].at[jnp.arange(rows), tokens_R].set(True)
     logits_R1V, _, view = MiniMind(config).apply(
-        {"params": params}, tokens_R[:, None], positions=cache["index"][:rows, None],
+        {"params": params}, tokens_R[:, None], positions=index_R[:, None],
         segment_ids=jnp.ones((rows, 1), jnp.int32), cache=view)
     next_R = next_token_per_row(logits_R1V[:, 0], seen_RV, seeds_R, counts_R, rows_R)
-    index_R = jnp.where(active_R, view["index"], cache["index"][:rows])
-    cache = {"k": cache["k"].at[:, :rows, :kv_len].set(view["k"]),
-             "v": cache["v"].at[:, :rows, :kv_len].set(view["v"]),
-             "segment_ids": cache["segment_ids"].at[:rows, :kv_len].set(view["segment_ids"]),
-             "index": cache["index"].at[:rows].set(index_R)}
-    return cache, seen_BV.at[:rows].set(seen_RV), next_R
+    row_R = jnp.arange(rows)
+    written = {name: view[name][:, row_R, :, index_R] for name in ("k", "v")}  # [R, L, K, H]
+    return next_R, written, seen_RV
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "seen_BV"))
+def _store_step(cache, seen_BV, written, seen_RV, active_R):
+    """Write a decode step's keys and values into the occupied rows' next slots (in place)."""
+    rows = active_R.shape[0]
+    row_R = jnp.arange(rows)
+    index_R = cache["index"][:rows]
+    at_R = jnp.where(active_R, index_R, cache["segment_ids"].shape[1])  # free rows: dropped
+    cache = {**{name: cache[name].at[:, row_R, :, at_R].set(written[name], mode="drop")
+                for name in ("k", "v")},
+             "segment_ids": cache["segment_ids"].at[row_R, at_R].set(1, mode="drop"),
+             "index": cache["index"].at[:rows].add(active_R.astype(jnp.int32))}
+    return cache, seen_BV.at[:rows].set(seen_RV)
 
 
 def compilations() -> int:
     """Programs the engines of this process have compiled so far."""
-    return _prefill._cache_size() + _decode_step._cache_size()
+    return (_prefill._cache_size() + _decode_step._cache_size()
+            + _store_step._cache_size())
 
 
 # ---------------------------------------------------------------- the engine
@@ -328,10 +342,12 @@ class BatchEngine:
         active_R = np.array([owner is not None for owner in slots.owner[:rows]])
         counts_R = np.array([owner.generated if owner else 0 for owner in slots.owner[:rows]],
                             np.int32)
-        self._cache, self._seen, next_R = _decode_step(
-            self.params, self._cache, self._seen, slots.last_token[:rows], active_R,
-            slots.seed[:rows], counts_R, slots.rows(slice(0, rows)), config=self.model_config,
-            rows=rows, kv_len=kv_len)
+        next_R, written, seen_RV = _decode_step(
+            self.params, self._cache, self._seen, slots.last_token[:rows], slots.seed[:rows],
+            counts_R, slots.rows(slice(0, rows)), config=self.model_config, rows=rows,
+            kv_len=kv_len)
+        self._cache, self._seen = _store_step(self._cache, self._seen, written, seen_RV,
+                                              active_R)
         self.steps_run += 1
         self.largest_batch = max(self.largest_batch, len(occupied))
         next_R = np.asarray(next_R)
