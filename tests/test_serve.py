@@ -50,10 +50,10 @@ def client(url: str):
     return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def ask(url: str, question: str, stream: bool) -> tuple[str, str, int]:
+def ask(url: str, question: str, stream: bool, **extra) -> tuple[str, str, int]:
     """(answer, finish_reason, completion_tokens) from the openai client."""
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": question}],
-                  temperature=0, max_tokens=MAX_TOKENS)
+                  temperature=0, max_tokens=MAX_TOKENS, **extra)
     if not stream:
         reply = client(url).chat.completions.create(**kwargs)
         return (reply.choices[0].message.content, reply.choices[0].finish_reason,
@@ -94,6 +94,56 @@ def test_eight_concurrent_clients_are_batched_and_get_their_own_answers(server, 
     for question, (answer, finish, _) in zip(QUESTIONS, answers, strict=True):
         assert (answer, finish) == expected[question], question
     assert engine.largest_batch > 1 or largest_before > 1  # decoded together, not one by one
+
+
+def greedy_tokens(params, tokenizer, question: str) -> list[int]:
+    """`generate`'s greedy new tokens for one user message, EOS included."""
+    from minimind_jax.infer import generate as gen
+
+    ids = gen.encode_prompt(tokenizer, question, template=True)
+    return gen.generate_tokens(params, TINY, [ids], SamplingConfig(0.0, max_new_tokens=MAX_TOKENS),
+                               tokenizer.eos_id)[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_stop_sequence_cuts_the_answer_where_it_begins(server, params, tokenizer, stream):
+    url, _ = server
+    new = greedy_tokens(params, tokenizer, QUESTIONS[4])
+    words = [t for t in new if t != tokenizer.eos_id]
+    full = tokenizer.decode(words)
+    stop = full[12:15]
+    # the tokens generated until the text (at a whole character) first held the stop sequence
+    texts = [tokenizer.decode(words[:k]) for k in range(len(words) + 1)]
+    used = next(k for k, text in enumerate(texts) if stop in text and text[-1] != "\ufffd")
+    got = ask(url, QUESTIONS[4], stream, stop=[stop, "never in the answer"])
+    assert got == (full[:full.index(stop)], "stop", used)
+    assert ask(url, QUESTIONS[4], stream, stop="never in the answer")[1] == \
+        ("stop" if new[-1] == tokenizer.eos_id else "length")
+
+
+def test_n_choices_each_decode_and_count(server, params, tokenizer, expected):
+    url, _ = server
+    question = QUESTIONS[5]
+    reply = client(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": question}], temperature=0,
+        max_tokens=MAX_TOKENS, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all((c.message.content, c.finish_reason) == expected[question]
+               for c in reply.choices)
+    n_tokens = len(greedy_tokens(params, tokenizer, question))
+    assert (reply.usage.completion_tokens, reply.usage.prompt_tokens) == (
+        3 * n_tokens, len(tokenizer.encode(tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True))))
+
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": question}],
+                  temperature=1.0, max_tokens=MAX_TOKENS, n=2, seed=11)
+    first = [c.message.content for c in client(url).chat.completions.create(**kwargs).choices]
+    again = [c.message.content for c in client(url).chat.completions.create(**kwargs).choices]
+    streamed = ["", ""]
+    for chunk in client(url).chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert first == again == streamed and first[0] != first[1]
 
 
 def _post(url: str, body, headers: dict | None = None) -> httpx.Response:

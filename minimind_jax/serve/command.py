@@ -1,7 +1,7 @@
 """`minimind-jax serve`: an OpenAI-compatible chat server and a web chat page for a model.
 
-Concurrent requests are decoded together in batches of the jit-compiled generation program
-(serve/engine.py); the HTTP side is FastAPI + uvicorn (serve/app.py), installed with
+Requests join and leave the running decode batch at every token (continuous batching,
+serve/engine.py); the HTTP side is FastAPI + uvicorn (serve/app.py), installed with
 `pip install -e '.[serve]'`.
 """
 
@@ -115,7 +115,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "serve", formatter_class=model_args.HelpFormatter,
-        help="OpenAI-compatible chat server + web chat page (batched decoding)",
+        help="OpenAI-compatible chat server + web chat page (continuous batching)",
         description=__doc__ + "\nexample:\n  minimind-jax serve --ckpt out/full_sft_512\n"
                               "  then open http://127.0.0.1:8998/ or point an OpenAI client at "
                               "http://127.0.0.1:8998/v1")
@@ -132,11 +132,12 @@ def register(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on every route")
     p.add_argument("--model_name", default=None,
                    help="the model id /v1/models reports (default: the checkpoint's name)")
-    p.add_argument("--max_batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max_batch", type=int, default=8,
+                   help="slots: choices decoded at once (a request's n choices take n)")
     p.add_argument("--max_queue", type=int, default=64,
-                   help="requests waiting for a batch; more are answered 429")
+                   help="requests waiting for a free slot; more are answered 429")
     p.add_argument("--batch_wait_ms", type=float, default=10.0,
-                   help="how long an idle decoder waits for more requests to batch")
+                   help="how long an idle decoder waits for more requests to prefill together")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="cap on a request's max_tokens (more is answered 400)")
     p.add_argument("--default_max_tokens", type=int, default=256,

@@ -369,10 +369,10 @@ class BatchEngine:
             return
         completion.on_event(("token", token))
         slots.last_token[slot] = token
-        if completion.generated >= completion.sampling.max_new_tokens:
+        context = len(completion.prompt_ids) + completion.generated
+        if (completion.generated >= completion.sampling.max_new_tokens
+                or context >= self.config.max_context):
             self._release(slot, ("end", "length"))
-        elif slots.position[slot] >= self.config.max_context:
-            self._release(slot, ("end", "length"))  # no room for its next token
 
     def _release(self, slot: int, event: tuple) -> None:
         completion, self._slots.owner[slot] = self._slots.owner[slot], None
