@@ -30,6 +30,13 @@ until the first chunk with non-empty content) and per-request latency (until the
 closes), and the 1-minute load average before/after the timed round, since a shared machine
 moves the figures. Then ours / the reference's tokens/s per level.
 
+Then the probes (`--probe_lengths`): does a newcomer's time to first token grow with the length
+of what is already running? For each L, `--probe_background` clients keep the server busy with
+requests of L generated tokens (each client sends its next as soon as its last ends) while
+`--probes` short requests (PROBE_TOKENS tokens) are sent one after another and timed. A server
+that batches statically makes a probe wait for the running batch to finish (TTFT grows with L);
+one that batches continuously prefills it between two decode steps.
+
 Exact token counts on both sides: the reference streams no `usage`, and its chunks are not one
 per token (it skips decodes that are empty or end in an incomplete UTF-8 character). So the
 weights (random, `init_params(config, --seed)`) have one edit, stated here because the
@@ -86,6 +93,7 @@ TOKENIZER_DIR = REPO / "tests" / "fixtures" / "minimind_tokenizer"
 REFERENCE_PORT = 8998  # fixed by the reference's script
 REFERENCE_URL = f"http://127.0.0.1:{REFERENCE_PORT}"
 DEFAULT_MIRROR = "/work/.mirror/jingyaogong+minimind/repo"
+PROBE_TOKENS = 8  # tokens a probe request asks for
 TOPICS = ["春天", "大海", "月亮", "朋友", "学习", "音乐", "城市", "秋天", "时间", "家乡", "书籍",
           "科学", "旅行", "雨天", "星空", "勇气"]
 
@@ -391,6 +399,48 @@ def warm_ours(url: str, engine, bodies: list[dict], concurrency: int, rounds: in
     return rounds
 
 
+def probe_ttft(url: str, background: dict, probe: dict, n_background: int,
+               n_probes: int) -> list[float]:
+    """Time to first token of `n_probes` short requests sent one after another while
+    `n_background` clients keep the server busy with `background` requests (each client sends
+    a new one as soon as its last ends, so the running batch always holds requests of that
+    length)."""
+    import httpx
+
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def keep_busy() -> None:
+        with httpx.Client(timeout=httpx.Timeout(900.0)) as client:
+            while not stop.is_set():
+                reply = stream_one(client, url, background)
+                if reply.error:
+                    errors.append(reply.error)
+                    return
+
+    threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(n_background)]
+    for thread in threads:
+        thread.start()
+    ttfts = []
+    try:
+        time.sleep(0.5)  # the background requests are decoding
+        with httpx.Client(timeout=httpx.Timeout(900.0)) as client:
+            for _ in range(n_probes):
+                reply = stream_one(client, url, probe)
+                if reply.error:
+                    raise BenchError(f"a probe request to {url} failed: {reply.error}")
+                ttfts.append(reply.ttft)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    if errors:
+        raise BenchError(f"a background request to {url} failed: {errors[0]}")
+    return ttfts
+
+
 # ------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -416,6 +466,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32",
                         help="ours: compute dtype (default %(default)s; the reference runs "
                              "float32)")
+    parser.add_argument("--probe_lengths", type=int, nargs="*", default=[64, 256],
+                        help="TTFT against the running batch's length: for each L, probe "
+                             "requests are timed while --probe_background clients keep "
+                             "requests of L tokens decoding (default %(default)s; none: skip)")
+    parser.add_argument("--probe_background", type=int, default=7,
+                        help="clients keeping the batch busy while probing (default "
+                             "%(default)s)")
+    parser.add_argument("--probes", type=int, default=8,
+                        help="probe requests per length, one after another (default "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="init seed of the random weights")
     parser.add_argument("--logit_offset", type=float, default=32.0,
                         help="K of the EOS trick (see above; default %(default)s)")
@@ -537,6 +597,8 @@ def run(args) -> None:
             report(rows[-1], f", {warm} warm-up round(s) of the level, "
                              f"{rows[-1]['compiled']} compilations while timed")
 
+        probes = run_probes(args, tokenizer, texts, questions, ref_url, our_url, engine)
+
     print(f"\nEOS unreachable: verified on ours ({ours_ok}/{ours_ok} replies ran to max_tokens "
           f"with finish_reason 'length')" + (
               f" and on the reference ({ref_ok}/{ref_ok} streams had exactly {n} non-empty "
@@ -549,6 +611,38 @@ def run(args) -> None:
         for c in args.concurrency:
             ours, ref = by["ours", c]["tokens_s"], by["reference", c]["tokens_s"]
             print(f"| {c} | {ours:.1f} | {ref:.1f} | {ours / ref:.2f}x |")
+    if probes:
+        print(f"\nTime to first token of {args.probes} probe requests ({PROBE_TOKENS} tokens each)"
+              f" sent one after another while {args.probe_background} clients keep requests of "
+              "L tokens decoding:\n\n| server | L | probe TTFT p50 | probe TTFT p95 | max |\n"
+              "|---|---|---|---|---|")
+        for server, length, ttfts in probes:
+            print(f"| {server} | {length} | {np.percentile(ttfts, 50):.3f} s | "
+                  f"{np.percentile(ttfts, 95):.3f} s | {max(ttfts):.3f} s |")
+
+
+
+def run_probes(args, tokenizer, texts, questions, ref_url, our_url, engine) -> list[tuple]:
+    """[(server, L, probe TTFTs)] for each --probe_lengths L (ours after one untimed pass)."""
+    out = []
+    for length in args.probe_lengths:
+        for server, url in (("reference", ref_url), ("ours", our_url)):
+            if url is None:
+                continue
+            if server == "reference":
+                asks = [reference_max_tokens(tokenizer, texts[i], m)[0]
+                        for i, m in ((0, length), (1, PROBE_TOKENS))]
+            else:
+                asks = [length, PROBE_TOKENS]
+            background, probe = bodies_for(questions[:2], asks, args)
+            if server == "ours":  # compile the buckets these shapes need
+                probe_ttft(url, background, probe, args.probe_background, 2)
+            ttfts = probe_ttft(url, background, probe, args.probe_background, args.probes)
+            out.append((server, length, ttfts))
+            print(f"  {server:>9} probes with L={length}: TTFT p50/p95 "
+                  f"{np.percentile(ttfts, 50):.3f}/{np.percentile(ttfts, 95):.3f} s",
+                  flush=True)
+    return out
 
 
 def report(row: dict, extra: str = "") -> None:
