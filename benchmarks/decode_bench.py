@@ -27,6 +27,7 @@ import numpy as np
 from minimind_jax.infer.generate import SamplingConfig, generate_tokens
 from minimind_jax.model.config import ModelConfig, preset
 from minimind_jax.model.transformer import count_params, init_params
+from minimind_jax.runtime.xla_flags import apply_cpu_defaults
 
 
 def best_time(fn, repeats: int) -> float:
@@ -98,6 +99,7 @@ def transformers_runner(params, config: ModelConfig, prompts: list[list[int]],
 
 
 def main() -> None:
+    apply_cpu_defaults()  # as the CLI entry point does (before JAX's backend exists)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="minimind2-small", help="model preset")

@@ -93,7 +93,7 @@ TOKENIZER_DIR = REPO / "tests" / "fixtures" / "minimind_tokenizer"
 REFERENCE_PORT = 8998  # fixed by the reference's script
 REFERENCE_URL = f"http://127.0.0.1:{REFERENCE_PORT}"
 DEFAULT_MIRROR = "/work/.mirror/jingyaogong+minimind/repo"
-PROBE_TOKENS = 8  # tokens a probe request asks for
+PROBE_TOKENS = 40  # fewer, and the reference would cut the prompt to fit its max_tokens
 TOPICS = ["春天", "大海", "月亮", "朋友", "学习", "音乐", "城市", "秋天", "时间", "家乡", "书籍",
           "科学", "旅行", "雨天", "星空", "勇气"]
 
@@ -701,6 +701,9 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     from minimind_jax.errors import UserError
+    from minimind_jax.runtime.xla_flags import apply_cpu_defaults
+
+    apply_cpu_defaults()  # ours runs in this process, with the flags `minimind-jax serve` gets
 
     try:
         run(args)

@@ -211,6 +211,28 @@ def test_rows_of_a_per_row_cache_decode_at_their_own_positions(config):
     assert np.asarray(cache["index"]).tolist() == (lengths + 3).tolist()
 
 
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE.replace(scan_layers=True)])
+def test_write_cache_false_returns_what_the_written_cache_holds(config):
+    """The server's decode step stores the new keys and values itself (write_cache=False):
+    same logits, and the entries [L, B, K, T, H] are the written cache's new slots."""
+    from minimind_jax.model.transformer import init_cache
+
+    params = init_params(config, 0)
+    ids = np.random.default_rng(5).integers(3, 6400, (2, 8))
+    cache = init_cache(config, 2, 16, per_row_index=True)
+    _, _, cache = _logits(config, params, ids[:, :6], cache=cache)
+    cache = {**cache, "index": jnp.asarray([6, 4], jnp.int32)}  # rows at their own positions
+    written_logits, _, written = _logits(config, params, ids[:, 6:8], cache=cache)
+    logits, _, entries = _logits(config, params, ids[:, 6:8], cache=cache, write_cache=False)
+    np.testing.assert_array_equal(logits, written_logits)
+    for name in ("k", "v"):
+        assert entries[name].shape == (config.n_layers, 2, config.n_kv_heads, 2,
+                                       config.head_dim)
+        for row, start in enumerate([6, 4]):
+            np.testing.assert_array_equal(entries[name][:, row],
+                                          written[name][:, row, :, start:start + 2])
+
+
 def test_active_params_leave_out_the_unused_routed_experts():
     dense = TINY_CONFIG
     moe = dense.replace(use_moe=True)  # 4 routed experts, top-2, 1 shared

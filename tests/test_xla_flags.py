@@ -15,7 +15,10 @@ def test_defaults_added_for_measured_jaxlib():
 
 def test_user_flag_wins_and_other_flags_kept():
     user = "--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type=dot"
-    assert with_cpu_defaults(user, "0.10.2") == user
+    flags = with_cpu_defaults(user, "0.10.2").split()
+    assert flags[:2] == user.split()  # the user's own value of a default's flag stays
+    assert [f for f in flags if f.startswith("--xla_cpu_experimental_ynn")] == user.split()[1:]
+    assert flags[2:] == [f for f in CPU_FLAGS if not f.startswith("--xla_cpu_experimental_ynn")]
 
 
 def test_nothing_added_for_other_jaxlib_versions():

@@ -482,13 +482,17 @@ class MiniMind(nn.Module):
     Optional `positions` [B, T] (default 0..T-1, or continuing from the cache) and
     `segment_ids` [B, T] (attention stays within equal ids; 0 marks padding). With `cache`
     (from `init_cache`) the call returns `(logits, aux_loss, new_cache)`; the cache's `index`
-    (the first free slot) is a scalar, or [B] when rows sit at different positions.
+    (the first free slot) is a scalar, or [B] when rows sit at different positions. With
+    `write_cache=False` the third value is instead what would have been written: the new keys
+    and values `{"k", "v"}` [L, B, K, T, H] (for a caller that stores them itself: XLA cannot
+    see that reading them back from the written cache needs no copy of it).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None):
+    def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None,
+                 write_cache: bool = True):
         cfg = self.config
         B, T = input_ids_BT.shape
         embedding_VD = self.param("tok_embeddings", embedding_init(cfg),
@@ -537,6 +541,8 @@ class MiniMind(nn.Module):
                              preferred_element_type=jnp.float32)
         if cache is None:
             return logits_BTV, aux
+        if not write_cache:
+            return logits_BTV, aux, new_layer_caches
         index = cache["index"]  # one write of every layer's new keys and values
         new_cache = {"k": write_at(cache["k"], new_layer_caches["k"], index, axis=3,
                                    batch_axis=1),

@@ -135,7 +135,8 @@ def register(subparsers) -> None:
     p.add_argument("--max_batch", type=int, default=8,
                    help="slots: choices decoded at once (a request's n choices take n)")
     p.add_argument("--max_queue", type=int, default=64,
-                   help="requests waiting for a free slot; more are answered 429")
+                   help="choices waiting for a slot (a request's n choices count n); more "
+                        "are answered 429")
     p.add_argument("--batch_wait_ms", type=float, default=10.0,
                    help="how long an idle decoder waits for more requests to prefill together")
     p.add_argument("--max_tokens", type=int, default=512,

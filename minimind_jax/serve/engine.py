@@ -140,12 +140,12 @@ def _decode_step(params, cache, seen_BV, tokens_R, seeds_R, counts_R, rows_R, *,
     view = {"k": cache["k"][:, :rows, :, :kv_len], "v": cache["v"][:, :rows, :, :kv_len],
             "segment_ids": cache["segment_ids"][:rows, :kv_len], "index": index_R}
     seen_RV = seen_BV[:rows].at[jnp.arange(rows), tokens_R].set(True)
-    logits_R1V, _, view = MiniMind(config).apply(
+    logits_R1V, _, new_LRK1H = MiniMind(config).apply(
         {"params": params}, tokens_R[:, None], positions=index_R[:, None],
-        segment_ids=jnp.ones((rows, 1), jnp.int32), cache=view)
+        segment_ids=jnp.ones((rows, 1), jnp.int32), cache=view, write_cache=False)
     next_R = next_token_per_row(logits_R1V[:, 0], seen_RV, seeds_R, counts_R, rows_R)
-    row_R = jnp.arange(rows)
-    written = {name: view[name][:, row_R, :, index_R] for name in ("k", "v")}  # [R, L, K, H]
+    written = {name: new_LRK1H[name][:, :, :, 0].transpose(1, 0, 2, 3)  # [R, L, K, H]
+               for name in ("k", "v")}
     return next_R, written, seen_RV
 
 
@@ -237,7 +237,7 @@ class BatchEngine:
             if self._stopping or not self._worker.is_alive():
                 raise EngineStopped("the decoder is not running")
             if len(self._waiting) + len(completions) > self.config.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+                raise QueueFull(f"{len(self._waiting)} choices are waiting already")
             self._waiting.extend(completions)
             self._lock.notify()
 
