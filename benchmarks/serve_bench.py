@@ -16,9 +16,11 @@ Two OpenAI-style servers of the same weights, driven in turn by the same client 
   its output goes to a log file whose path is printed;
 * ours: `minimind_jax.serve` (BatchEngine + build_app) in this process, uvicorn in a thread.
 
-Clients are plain threads streaming with httpx (`stream: true` on both: the reference's
-non-stream route runs generate inside its async handler and so serves one request at a time;
-its stream route runs a sync generator in Starlette's threadpool). Each level of
+Clients are plain threads streaming with httpx, in a child process of their own (ours runs in
+the bench's process, where their Python work would contend with it for the interpreter lock),
+with `stream: true` on both (the reference's non-stream route runs generate inside its async
+handler and so serves one request at a time; its stream route runs a sync generator in
+Starlette's threadpool). Each level of
 `--concurrency` sends the same prompts (`--requests`, or `--reference_requests` to the
 reference), first the reference, then ours, never both at once (the loads would share the
 cores); each after an untimed warm-up (the reference: one request per client; ours: 1, 2, 4,
@@ -345,6 +347,32 @@ def run_round(url: str, bodies: list[dict], concurrency: int) -> tuple[list[Repl
     return replies, wall
 
 
+class ClientProcess:
+    """Runs `run_round` and `probe_ttft` in a child process: our server runs in this one, and
+    clients in its threads would contend with it for the interpreter lock (the reference's
+    server has a process of its own)."""
+
+    def __init__(self):
+        import concurrent.futures
+        import multiprocessing
+
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def __call__(self, fn, *args):
+        import concurrent.futures
+
+        future = self._pool.submit(fn, *args)
+        while True:  # polled, so that Ctrl-C reaches the main thread
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def summarize(replies: list[Reply], wall: float, tokens: int, load: tuple) -> dict:
     ttft = np.array([r.ttft for r in replies])
     latency = np.array([r.latency for r in replies])
@@ -384,16 +412,17 @@ def compilations(engine) -> int | None:
     return cached() if cached else None
 
 
-def warm_ours(url: str, engine, bodies: list[dict], concurrency: int, rounds: int = 5) -> int:
+def warm_ours(clients: ClientProcess, url: str, engine, bodies: list[dict], concurrency: int,
+              rounds: int = 5) -> int:
     """Untimed: 1, 2, 4, ... requests sent together (up to `concurrency`: the batch sizes a
     level can form), then rounds of the level until one compiles nothing new; the rounds run."""
     size = 1
     while size < concurrency:
-        run_round(url, bodies[:size], size)
+        clients(run_round, url, bodies[:size], size)
         size *= 2
     for done in range(1, rounds + 1):
         before = compilations(engine)
-        run_round(url, bodies, concurrency)
+        clients(run_round, url, bodies, concurrency)
         if before is None or compilations(engine) == before:
             return done
     return rounds
@@ -561,6 +590,8 @@ def run(args) -> None:
     our_bodies = bodies_for(questions, [n] * len(questions), args)
 
     with contextlib.ExitStack() as stack:
+        clients = ClientProcess()
+        stack.callback(clients.close)
         ref_url = None
         if with_reference:
             ref_url = start_reference(args, config, params, ref_argv, stack)
@@ -568,20 +599,20 @@ def run(args) -> None:
         rows, ours_ok, ref_ok = [], 0, 0
         for concurrency in args.concurrency:
             if ref_url:
-                run_round(ref_url, ref_bodies[:concurrency], concurrency)  # warm-up
+                clients(run_round, ref_url, ref_bodies[:concurrency], concurrency)  # warm-up
                 load = os.getloadavg()[0]
-                replies, wall = run_round(ref_url, ref_bodies, concurrency)
+                replies, wall = clients(run_round, ref_url, ref_bodies, concurrency)
                 check_reference(replies, [n] * len(replies))
                 ref_ok += len(replies)
                 rows.append({"server": "reference", "concurrency": concurrency,
                              **summarize(replies, wall, sum(r.chunks for r in replies),
                                          (load, os.getloadavg()[0]))})
                 report(rows[-1])
-            warm = warm_ours(our_url, engine, our_bodies, concurrency)
+            warm = warm_ours(clients, our_url, engine, our_bodies, concurrency)
             for attempt in range(1, 4):  # a timed round that compiled is run again
                 before = compilations(engine)
                 load = os.getloadavg()[0]
-                replies, wall = run_round(our_url, our_bodies, concurrency)
+                replies, wall = clients(run_round, our_url, our_bodies, concurrency)
                 check_ours(replies, n)
                 after = compilations(engine)
                 if before is None or after == before:
@@ -597,7 +628,7 @@ def run(args) -> None:
             report(rows[-1], f", {warm} warm-up round(s) of the level, "
                              f"{rows[-1]['compiled']} compilations while timed")
 
-        probes = run_probes(args, tokenizer, texts, questions, ref_url, our_url, engine)
+        probes = run_probes(clients, args, tokenizer, texts, questions, ref_url, our_url)
 
     print(f"\nEOS unreachable: verified on ours ({ours_ok}/{ours_ok} replies ran to max_tokens "
           f"with finish_reason 'length')" + (
@@ -622,7 +653,8 @@ def run(args) -> None:
 
 
 
-def run_probes(args, tokenizer, texts, questions, ref_url, our_url, engine) -> list[tuple]:
+def run_probes(clients: ClientProcess, args, tokenizer, texts, questions, ref_url,
+               our_url) -> list[tuple]:
     """[(server, L, probe TTFTs)] for each --probe_lengths L (ours after one untimed pass)."""
     out = []
     for length in args.probe_lengths:
@@ -636,8 +668,9 @@ def run_probes(args, tokenizer, texts, questions, ref_url, our_url, engine) -> l
                 asks = [length, PROBE_TOKENS]
             background, probe = bodies_for(questions[:2], asks, args)
             if server == "ours":  # compile the buckets these shapes need
-                probe_ttft(url, background, probe, args.probe_background, 2)
-            ttfts = probe_ttft(url, background, probe, args.probe_background, args.probes)
+                clients(probe_ttft, url, background, probe, args.probe_background, 2)
+            ttfts = clients(probe_ttft, url, background, probe, args.probe_background,
+                            args.probes)
             out.append((server, length, ttfts))
             print(f"  {server:>9} probes with L={length}: TTFT p50/p95 "
                   f"{np.percentile(ttfts, 50):.3f}/{np.percentile(ttfts, 95):.3f} s",
