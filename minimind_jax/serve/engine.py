@@ -111,7 +111,7 @@ def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A
     returns (cache, seen_BV, first token of each)."""
     A, P = ids_AP.shape
     valid_AP = jnp.arange(P)[None, :] < lengths_A[:, None]
-    fresh = init_cache(config, A, P, dtype=cache["k"].dtype)
+    fresh = init_cache(config, A, P, dtype=cache["k"][0].dtype)
     logits_APV, _, fresh = MiniMind(config).apply(
         {"params": params}, ids_AP, segment_ids=valid_AP.astype(jnp.int32), cache=fresh)
     last_AV = logits_APV[jnp.arange(A), lengths_A - 1]
@@ -120,8 +120,10 @@ def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A
     first_A = next_token_per_row(last_AV, seen_AV, seeds_A, jnp.zeros_like(seeds_A), rows_A)
     # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
     # until this row's own decode steps overwrite them
-    cache = {"k": cache["k"].at[:, slots_A, :, :P].set(fresh["k"], mode="drop"),
-             "v": cache["v"].at[:, slots_A, :, :P].set(fresh["v"], mode="drop"),
+    cache = {"k": tuple(layer.at[slots_A, :, :, :P].set(new, mode="drop")  # [B, K, H, S]
+                        for layer, new in zip(cache["k"], fresh["k"], strict=True)),
+             "v": tuple(layer.at[slots_A, :, :P].set(new, mode="drop")
+                        for layer, new in zip(cache["v"], fresh["v"], strict=True)),
              "segment_ids": cache["segment_ids"].at[slots_A, :P].set(fresh["segment_ids"],
                                                                     mode="drop"),
              "index": cache["index"].at[slots_A].set(lengths_A, mode="drop")}
@@ -137,15 +139,15 @@ def _decode_step(params, cache, seen_BV, tokens_R, seeds_R, counts_R, rows_R, *,
     Only reading the cache here, and writing it in a program of its own, keeps XLA from
     copying the whole cache around the in-place update (that copy was 100 ms a step)."""
     index_R = cache["index"][:rows]
-    view = {"k": cache["k"][:, :rows, :, :kv_len], "v": cache["v"][:, :rows, :, :kv_len],
+    view = {"k": tuple(layer[:rows, :, :, :kv_len] for layer in cache["k"]),
+            "v": tuple(layer[:rows, :, :kv_len] for layer in cache["v"]),
             "segment_ids": cache["segment_ids"][:rows, :kv_len], "index": index_R}
     seen_RV = seen_BV[:rows].at[jnp.arange(rows), tokens_R].set(True)
     logits_R1V, _, new_LRK1H = MiniMind(config).apply(
         {"params": params}, tokens_R[:, None], positions=index_R[:, None],
         segment_ids=jnp.ones((rows, 1), jnp.int32), cache=view, write_cache=False)
     next_R = next_token_per_row(logits_R1V[:, 0], seen_RV, seeds_R, counts_R, rows_R)
-    written = {name: new_LRK1H[name][:, :, :, 0].transpose(1, 0, 2, 3)  # [R, L, K, H]
-               for name in ("k", "v")}
+    written = {name: new_LRK1H[name][:, :, :, 0] for name in ("k", "v")}  # [L, R, K, H]
     return next_R, written, seen_RV
 
 
@@ -156,8 +158,10 @@ def _store_step(cache, seen_BV, written, seen_RV, active_R):
     row_R = jnp.arange(rows)
     index_R = cache["index"][:rows]
     at_R = jnp.where(active_R, index_R, cache["segment_ids"].shape[1])  # free rows: dropped
-    cache = {**{name: cache[name].at[:, row_R, :, at_R].set(written[name], mode="drop")
-                for name in ("k", "v")},
+    cache = {"k": tuple(layer.at[row_R, :, :, at_R].set(written["k"][i], mode="drop")
+                        for i, layer in enumerate(cache["k"])),
+             "v": tuple(layer.at[row_R, :, at_R].set(written["v"][i], mode="drop")
+                        for i, layer in enumerate(cache["v"])),
              "segment_ids": cache["segment_ids"].at[row_R, at_R].set(1, mode="drop"),
              "index": cache["index"].at[:rows].add(active_R.astype(jnp.int32))}
     return cache, seen_BV.at[:rows].set(seen_RV)
