@@ -150,3 +150,27 @@ def test_training_tokenizer_candidates(tmp_path):
                                          start_dir=tmp_path / "b") == [
         tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer", Path("model"),
         Path("../model")]
+
+
+@pytest.mark.parametrize("backend", ["hf", "sentencepiece", "minimind3"])
+def test_incremental_decoder_releases_what_a_whole_decode_gives(backend, hf, sp_dir):
+    """The server's streaming decoder decodes a short window per token; at every token it
+    gives the whole list's text, or None exactly when that text ends in an incomplete
+    character. Round-trip texts and random ids (multi-byte characters split across tokens,
+    stray specials) with each backend."""
+    import numpy as np
+
+    from minimind_jax.serve.choices import IncrementalDecoder
+    from tests.helpers import MINIMIND3_TOKENIZER_DIR
+
+    tokenizer = {"hf": lambda: hf, "sentencepiece": lambda: load_tokenizer(sp_dir),
+                 "minimind3": lambda: load_tokenizer(MINIMIND3_TOKENIZER_DIR)}[backend]()
+    rng = np.random.default_rng(0)
+    lists = [tokenizer.encode(text) for text in ROUND_TRIP]
+    lists += [rng.integers(0, tokenizer.vocab_size, 40).tolist() for _ in range(20)]
+    for tokens in lists:
+        decoder = IncrementalDecoder(tokenizer)
+        for token in tokens:
+            released = decoder.push(int(token))
+            whole = decoder.text()
+            assert released == (None if whole.endswith("\ufffd") else whole)

@@ -17,18 +17,32 @@ from minimind_jax.serve.engine import Completion
 
 class IncrementalDecoder:
     """Text of a growing token list (special tokens left out, as the references' servers
-    stream it); None while it ends in an incomplete UTF-8 character."""
+    stream it); None while it ends in an incomplete UTF-8 character.
+
+    Each token costs a decode of a short window, not of the whole list: the window starts one
+    released piece back, so whatever a tokenizer does at the start of a decode (SentencePiece
+    drops a leading space) happens to both the window and the piece subtracted from it."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens = tokenizer, []
+        self._released = ""  # text of tokens[:read_at]
+        self._window_at = self._read_at = 0
+
+    def _decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self._decode(self.tokens)
 
     def push(self, token: int) -> str | None:
         self.tokens.append(token)
-        text = self.text()
-        return None if text.endswith("\ufffd") else text
+        before = self._decode(self.tokens[self._window_at:self._read_at])
+        window = self._decode(self.tokens[self._window_at:])
+        if window.endswith("\ufffd") or not window.startswith(before):
+            return None
+        self._released += window[len(before):]
+        self._window_at, self._read_at = self._read_at, len(self.tokens)
+        return self._released
 
 
 def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
