@@ -228,9 +228,9 @@ def test_write_cache_false_returns_what_the_written_cache_holds(config):
     for name in ("k", "v"):
         assert entries[name].shape == (config.n_layers, 2, config.n_kv_heads, 2,
                                        config.head_dim)
+        layers = np.stack(written[name])  # keys are kept [B, K, H, S]
+        layers = layers.swapaxes(-1, -2) if name == "k" else layers
         for row, start in enumerate([6, 4]):
-            layers = np.stack(written[name])  # keys are kept [B, K, H, S]
-            layers = layers.swapaxes(-1, -2) if name == "k" else layers
             np.testing.assert_array_equal(entries[name][:, row],
                                           layers[:, row, :, start:start + 2])
 

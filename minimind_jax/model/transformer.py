@@ -35,6 +35,18 @@ from minimind_jax.model.config import ModelConfig
 # keys / values: tuples of L arrays [B, K, H, S] / [B, K, S, H]; segment_ids [B, S];
 # index [] or [B]
 Cache = dict[str, jax.Array | tuple[jax.Array, ...]]
+# the slot axis S of a layer's cached keys and values (see `cached_attention` for why they differ)
+CACHE_SLOT_AXIS = {"k": 3, "v": 2}
+
+
+def cache_slots(name: str, rows, slots) -> tuple:
+    """Index of `rows` x `slots` in one layer's cached "k" or "v" (the axes between whole)."""
+    return (rows,) + (slice(None),) * (CACHE_SLOT_AXIS[name] - 1) + (slots,)
+
+
+def to_cache_layout(name: str, x_BKTH):
+    """New keys or values [B, K, T, H] in the layout the cache keeps them."""
+    return x_BKTH.swapaxes(-1, -2) if name == "k" else x_BKTH
 
 
 def uniform_fan_in_init(key, shape, dtype=jnp.float32):
@@ -551,11 +563,10 @@ class MiniMind(nn.Module):
         if not write_cache:
             return logits_BTV, aux, new_layer_caches
         index = cache["index"]  # one write of every layer's new keys and values
-        new_cache = {  # keys [B, K, H, S], values [B, K, S, H]
-            "k": tuple(write_at(layer, new_layer_caches["k"][i].swapaxes(-1, -2), index, axis=3)
-                       for i, layer in enumerate(cache["k"])),
-            "v": tuple(write_at(layer, new_layer_caches["v"][i], index, axis=2)
-                       for i, layer in enumerate(cache["v"]))}
+        new_cache = {name: tuple(
+            write_at(layer, to_cache_layout(name, new_layer_caches[name][i]), index,
+                     axis=CACHE_SLOT_AXIS[name])
+            for i, layer in enumerate(cache[name])) for name in CACHE_SLOT_AXIS}
         new_cache |= {"segment_ids": write_at(cache["segment_ids"], segment_ids, index, axis=1),
                       "index": index + T}
         return logits_BTV, aux, new_cache

@@ -38,7 +38,7 @@ import numpy as np
 
 from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.transformer import MiniMind, init_cache
+from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
 
 MIN_PROMPT_BUCKET = 32
 MIN_KV_BUCKET = 64
@@ -120,10 +120,10 @@ def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A
     first_A = next_token_per_row(last_AV, seen_AV, seeds_A, jnp.zeros_like(seeds_A), rows_A)
     # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
     # until this row's own decode steps overwrite them
-    cache = {"k": tuple(layer.at[slots_A, :, :, :P].set(new, mode="drop")  # [B, K, H, S]
-                        for layer, new in zip(cache["k"], fresh["k"], strict=True)),
-             "v": tuple(layer.at[slots_A, :, :P].set(new, mode="drop")
-                        for layer, new in zip(cache["v"], fresh["v"], strict=True)),
+    cache = {**{name: tuple(layer.at[cache_slots(name, slots_A, slice(None, P))].set(
+                                new, mode="drop")
+                            for layer, new in zip(cache[name], fresh[name], strict=True))
+                for name in CACHE_SLOT_AXIS},
              "segment_ids": cache["segment_ids"].at[slots_A, :P].set(fresh["segment_ids"],
                                                                     mode="drop"),
              "index": cache["index"].at[slots_A].set(lengths_A, mode="drop")}
@@ -139,8 +139,8 @@ def _decode_step(params, cache, seen_BV, tokens_R, seeds_R, counts_R, rows_R, *,
     Only reading the cache here, and writing it in a program of its own, keeps XLA from
     copying the whole cache around the in-place update (that copy was 100 ms a step)."""
     index_R = cache["index"][:rows]
-    view = {"k": tuple(layer[:rows, :, :, :kv_len] for layer in cache["k"]),
-            "v": tuple(layer[:rows, :, :kv_len] for layer in cache["v"]),
+    view = {**{name: tuple(layer[cache_slots(name, slice(None, rows), slice(None, kv_len))]
+                           for layer in cache[name]) for name in CACHE_SLOT_AXIS},
             "segment_ids": cache["segment_ids"][:rows, :kv_len], "index": index_R}
     seen_RV = seen_BV[:rows].at[jnp.arange(rows), tokens_R].set(True)
     logits_R1V, _, new_LRK1H = MiniMind(config).apply(
@@ -158,10 +158,10 @@ def _store_step(cache, seen_BV, written, seen_RV, active_R):
     row_R = jnp.arange(rows)
     index_R = cache["index"][:rows]
     at_R = jnp.where(active_R, index_R, cache["segment_ids"].shape[1])  # free rows: dropped
-    cache = {"k": tuple(layer.at[row_R, :, :, at_R].set(written["k"][i], mode="drop")
-                        for i, layer in enumerate(cache["k"])),
-             "v": tuple(layer.at[row_R, :, at_R].set(written["v"][i], mode="drop")
-                        for i, layer in enumerate(cache["v"])),
+    cache = {**{name: tuple(layer.at[cache_slots(name, row_R, at_R)].set(written[name][i],
+                                                                        mode="drop")
+                            for i, layer in enumerate(cache[name]))
+                for name in CACHE_SLOT_AXIS},
              "segment_ids": cache["segment_ids"].at[row_R, at_R].set(1, mode="drop"),
              "index": cache["index"].at[:rows].add(active_R.astype(jnp.int32))}
     return cache, seen_BV.at[:rows].set(seen_RV)
