@@ -3,6 +3,7 @@ at token granularity, each gets what `generate` gives it, and sampling is per re
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -176,3 +177,86 @@ def test_per_row_sampling_settings_are_each_rows_own():
     # greedy rows and top-k 1 always pick the argmax; the free row does not
     assert (draws[:, [0, 1, 3]] == argmax[[0, 1, 3]]).all()
     assert len(set(draws[:, 2].tolist())) > 5
+
+
+def test_newcomers_sharing_a_prompt_prefill_it_once(params):
+    """The `n` choices of a request (and any newcomers with the same prompt) share one prefill
+    row: two distinct prompts among five newcomers are prefilled once each, and every
+    newcomer still gets what `generate` gives its prompt alone."""
+    shared, other = [5, 6, 7, 8, 9], [11, 12]
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=8, max_context=128, batch_wait_s=0))
+    recorder = Recorder()
+    try:
+        engine.submit_all([Completion(shared if i != 2 else other, greedy(6 + i),
+                                      recorder.sink(str(i))) for i in range(5)])
+        recorder.wait()
+    finally:
+        engine.stop()
+    assert (engine.prefills_run, engine.prompts_prefilled) == (1, 2)
+    for i in range(5):
+        prompt = shared if i != 2 else other
+        assert recorder.tokens(str(i)) == generate_tokens(params, TINY, [prompt],
+                                                          greedy(6 + i), eos_id=-1)[0], i
+
+
+def test_long_prompts_prefilled_in_chunks_get_what_generate_gives(params):
+    """Prompts longer than prefill_chunk (8 here) are fed 8 tokens per loop, from their cached
+    part on, while other rows decode: every answer is still `generate`'s, also with a
+    repetition penalty (whose seen-token rows the chunks build and the decode steps of other
+    rows must leave alone), and sampling with a seed draws what an unchunked engine draws."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 6000, n).tolist() for n in (5, 37, 8, 9, 64, 23)]
+    limits = [30, 12, 25, 9, 7, 15]
+    penalty = SamplingConfig(temperature=0.0, repetition_penalty=1.3, max_new_tokens=1)
+
+    def answers(engine_config, sampling_of, repetition_penalty=1.0):
+        engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0, config=engine_config,
+                             repetition_penalty=repetition_penalty)
+        recorder = Recorder()
+        try:
+            for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+                engine.submit(Completion(prompt, sampling_of(limit), recorder.sink(str(i)),
+                                         seed=i))
+                time.sleep(0.02)
+            recorder.wait()
+        finally:
+            engine.stop()
+        return [recorder.tokens(str(i)) for i in range(len(prompts))], engine
+
+    chunked = EngineConfig(max_batch=4, max_context=128, batch_wait_s=0, prefill_chunk=8)
+    got, engine = answers(chunked, greedy)
+    assert engine.prompts_prefilled == len(prompts)
+    assert engine.prefills_run >= 64 // 8  # the longest alone took 8 calls
+    for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+        assert got[i] == generate_tokens(params, TINY, [prompt], greedy(limit), eos_id=-1)[0], i
+    got, _ = answers(chunked, lambda n: dataclasses.replace(penalty, max_new_tokens=n), 1.3)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+        alone = generate_tokens(params, TINY, [prompt],
+                                dataclasses.replace(penalty, max_new_tokens=limit), eos_id=-1)
+        assert got[i] == alone[0], i
+    sampled = lambda n: SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=n)
+    whole = dataclasses.replace(chunked, prefill_chunk=128)
+    assert answers(chunked, sampled)[0] == answers(whole, sampled)[0]
+
+
+def test_rows_decoding_keep_going_while_a_long_prompt_prefills(params):
+    """A 96-token prompt in chunks of 8 takes 12 loops to prefill; the row already decoding
+    gets a token in each of them instead of waiting for one prefill of the whole prompt."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=2, max_context=128, batch_wait_s=0,
+                                             prefill_chunk=8))
+    recorder = Recorder()
+    try:
+        engine.submit(Completion([5, 6, 7], greedy(100), recorder.sink("running")))
+        while len(recorder.tokens("running")) < 3:
+            time.sleep(0.005)
+        engine.submit(Completion(list(range(3, 99)), greedy(4), recorder.sink("long")))
+        recorder.wait()
+    finally:
+        engine.stop()
+    order = [name for name, kind, *_ in recorder.log if kind == "token"]
+    first_long = order.index("long")
+    assert first_long - 3 >= 11, order[:first_long + 1]  # tokens of "running" meanwhile
+    assert recorder.tokens("long") == generate_tokens(params, TINY, [list(range(3, 99))],
+                                                      greedy(4), eos_id=-1)[0]

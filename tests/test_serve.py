@@ -300,3 +300,6 @@ def test_bad_serve_flags_are_one_error_line(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --max_tokens must be >= 1, got 0; --default_max_tokens must be in "
         "[1, --max_tokens], got 256")
+    code = cli.main(["serve", "--ckpt", str(TOKENIZER_DIR), "--prefill_chunk", "0"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --prefill_chunk must be >= 1, got 0"

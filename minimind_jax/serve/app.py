@@ -119,7 +119,9 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
         body = {"status": "ok" if engine.alive else "stopped", "model": settings.model_name,
                 "queued": engine.queued, "decoding": engine.active,
                 "max_batch": engine.config.max_batch, "steps_run": engine.steps_run,
-                "prefills_run": engine.prefills_run, "largest_batch": engine.largest_batch,
+                "prefills_run": engine.prefills_run,
+                "prompts_prefilled": engine.prompts_prefilled,
+                "largest_batch": engine.largest_batch,
                 "tokens_generated": engine.tokens_generated}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 

@@ -43,6 +43,8 @@ def settings_from_args(args: argparse.Namespace, model_name: str):
         problems.append(f"--max_context must be >= 2, got {args.max_context}")
     if args.max_batch < 1 or args.max_queue < 1:
         problems.append("--max_batch and --max_queue must be >= 1")
+    if args.prefill_chunk < 1:
+        problems.append(f"--prefill_chunk must be >= 1, got {args.prefill_chunk}")
     if problems:
         raise UserError("; ".join(problems))
     return ServeSettings(model_name=model_name, api_key=args.api_key,
@@ -67,7 +69,8 @@ def build_server_app(args: argparse.Namespace):
     engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,
                                       max_context=args.max_context,
-                                      batch_wait_s=args.batch_wait_ms / 1000, seed=args.seed),
+                                      batch_wait_s=args.batch_wait_ms / 1000, seed=args.seed,
+                                      prefill_chunk=args.prefill_chunk),
                          repetition_penalty=args.repetition_penalty)
     return build_app(engine, tokenizer, settings), settings
 
@@ -139,6 +142,9 @@ def register(subparsers) -> None:
                         "are answered 429")
     p.add_argument("--batch_wait_ms", type=float, default=10.0,
                    help="how long an idle decoder waits for more requests to prefill together")
+    p.add_argument("--prefill_chunk", type=int, default=256,
+                   help="a longer prompt is prefilled this many tokens per decode step, so the "
+                        "requests decoding meanwhile pause for a chunk, not the whole prompt")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="cap on a request's max_tokens (more is answered 400)")
     p.add_argument("--default_max_tokens", type=int, default=256,

@@ -5,18 +5,25 @@ The engine owns `max_batch` slots, each a row of one KV cache of `max_context` p
 cache keeps a next position per row). Its worker thread loops:
 
 1. admit: waiting completions take the free slots, lowest first; their prompts are prefilled
-   together (one call, right-padded) straight into their slots, and each gets its first token;
-2. step: one decode step for every occupied slot: a request that arrived a moment ago decodes
-   in the same step as one that is hundreds of tokens in;
+   together (one call, right-padded; newcomers with the same prompt, such as the `n` choices
+   of one request, share one row of it) straight into their slots, and each gets its first
+   token, sampled with its own seed. A prompt longer than `prefill_chunk` is fed one chunk per
+   loop instead (after the cached part of its prompt), so the rows already decoding wait for
+   a chunk between two of their tokens, never for a whole long prompt;
+2. step: one decode step for every slot whose prompt is in: a request that arrived a moment
+   ago decodes in the same step as one that is hundreds of tokens in;
 3. hand the tokens out; a completion that ends (EOS, its own max_tokens, cancelled) frees its
    slot at once, for the next waiting one.
 
-So a request waits for at most one decode step plus its prefill, never for the rest of a batch.
-Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (a power of two
+So a request waits for at most one decode step plus its prefill, never for the rest of a
+batch. Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (a power of two
 covering every occupied one) over the first `kv_len` cache positions (a power of two covering
-the longest); a prefill runs a power-of-two count of newcomers over a power-of-two prompt
-length. Each bucket compiles once. Every row samples with its own settings and its own random
-stream (seed, token count), so what a request draws does not depend on its batch-mates.
+the longest); a prefill runs a power-of-two count of distinct prompts, copied into a
+power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
+power-of-two count of long prompts over `prefill_chunk` tokens and a power-of-two count of
+cached positions. Each bucket compiles once. Every row samples with its own settings and its
+own random stream (seed, token count), so what a request draws does not depend on its
+batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
 `("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
@@ -61,9 +68,11 @@ class EngineConfig:
     max_context: int = 1024  # prompt + new tokens of one completion
     batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to prefill
     seed: int = 0  # sampling seed of the first completion that brings none (then counting up)
+    prefill_chunk: int = 256  # longer prompts: this many tokens per decode step, not at once
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2:
+        if (self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2
+                or self.prefill_chunk < 1):
             raise ValueError(f"bad engine bounds: {self}")
 
 
@@ -100,34 +109,72 @@ class Completion:
 
 # ---------------------------------------------------------------- the compiled programs
 # Slots: B = max_batch rows of the engine's cache; R = the rows a decode step runs; A = the
-# newcomers of one prefill, P their padded prompt length. `rows` holds the per-row sampling
-# settings ([B] arrays).
+# newcomers of one prefill, U their distinct prompts, P the padded prompt length. `rows`
+# holds the per-row sampling settings ([B] arrays).
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "seen_BV"))
-def _prefill(params, cache, seen_BV, ids_AP, lengths_A, slots_A, seeds_A, rows_A, *,
+def _prefill(params, cache, seen_BV, ids_UP, lengths_U, source_A, slots_A, seeds_A, rows_A, *,
              config: ModelConfig):
-    """Prefill the newcomers' prompts into their slots (a slot >= B: a padding row, dropped);
-    returns (cache, seen_BV, first token of each)."""
-    A, P = ids_AP.shape
-    valid_AP = jnp.arange(P)[None, :] < lengths_A[:, None]
-    fresh = init_cache(config, A, P, dtype=cache["k"][0].dtype)
-    logits_APV, _, fresh = MiniMind(config).apply(
-        {"params": params}, ids_AP, segment_ids=valid_AP.astype(jnp.int32), cache=fresh)
-    last_AV = logits_APV[jnp.arange(A), lengths_A - 1]
-    seen_AV = jnp.zeros((A, config.vocab_size), jnp.int32).at[
-        jnp.arange(A)[:, None], ids_AP].add(valid_AP.astype(jnp.int32)) > 0
-    first_A = next_token_per_row(last_AV, seen_AV, seeds_A, jnp.zeros_like(seeds_A), rows_A)
+    """Prefill the U distinct prompts once and copy each into the slots of the newcomers that
+    share it (newcomer a reads prompt source_A[a]; a slot >= B: a padding row, dropped);
+    returns (cache, seen_BV, first token of each newcomer, sampled with its own seed)."""
+    U, P = ids_UP.shape
+    valid_UP = jnp.arange(P)[None, :] < lengths_U[:, None]
+    fresh = init_cache(config, U, P, dtype=cache["k"][0].dtype)
+    logits_UPV, _, fresh = MiniMind(config).apply(
+        {"params": params}, ids_UP, segment_ids=valid_UP.astype(jnp.int32), cache=fresh)
+    last_UV = logits_UPV[jnp.arange(U), lengths_U - 1]
+    seen_UV = jnp.zeros((U, config.vocab_size), jnp.int32).at[
+        jnp.arange(U)[:, None], ids_UP].add(valid_UP.astype(jnp.int32)) > 0
+    seen_AV = seen_UV[source_A]
+    first_A = next_token_per_row(last_UV[source_A], seen_AV, seeds_A, jnp.zeros_like(seeds_A),
+                                 rows_A)
     # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
     # until this row's own decode steps overwrite them
     cache = {**{name: tuple(layer.at[cache_slots(name, slots_A, slice(None, P))].set(
-                                new, mode="drop")
+                                new[source_A], mode="drop")
                             for layer, new in zip(cache[name], fresh[name], strict=True))
                 for name in CACHE_SLOT_AXIS},
-             "segment_ids": cache["segment_ids"].at[slots_A, :P].set(fresh["segment_ids"],
-                                                                    mode="drop"),
-             "index": cache["index"].at[slots_A].set(lengths_A, mode="drop")}
+             "segment_ids": cache["segment_ids"].at[slots_A, :P].set(
+                 fresh["segment_ids"][source_A], mode="drop"),
+             "index": cache["index"].at[slots_A].set(lengths_U[source_A], mode="drop")}
     return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), first_A
+
+
+@functools.partial(jax.jit, static_argnames=("config", "kv_len"),
+                   donate_argnames=("cache", "seen_BV"))
+def _extend(params, cache, seen_BV, ids_AC, lengths_A, offset_A, slots_A, seeds_A, rows_A, *,
+            config: ModelConfig, kv_len: int):
+    """One chunk of long prompts: feed each slot in slots_A (>= B: a padding row, dropped) its
+    next lengths_A tokens of ids_AC after the offset_A prompt tokens its cache holds (within
+    the first `kv_len` slots; a slot's index may still be an earlier occupant's when offset is
+    0), and store their keys and values. Returns (cache, seen_BV, the token each row samples
+    after its chunk: its first token when the chunk ends its prompt)."""
+    A, C = ids_AC.shape
+    B = seen_BV.shape[0]
+    read_A = jnp.minimum(slots_A, B - 1)
+    view = {**{name: tuple(layer[cache_slots(name, read_A, slice(None, kv_len))]
+                           for layer in cache[name]) for name in CACHE_SLOT_AXIS},
+            "segment_ids": cache["segment_ids"][read_A, :kv_len], "index": offset_A}
+    valid_AC = jnp.arange(C)[None, :] < lengths_A[:, None]
+    position_AC = offset_A[:, None] + jnp.arange(C)[None, :]
+    logits_ACV, _, new_LAKCH = MiniMind(config).apply(
+        {"params": params}, ids_AC, positions=position_AC,
+        segment_ids=valid_AC.astype(jnp.int32), cache=view, write_cache=False)
+    chunk_AV = jnp.zeros((A, config.vocab_size), jnp.int32).at[
+        jnp.arange(A)[:, None], ids_AC].add(valid_AC.astype(jnp.int32)) > 0
+    seen_AV = jnp.where(offset_A[:, None] == 0, False, seen_BV[read_A]) | chunk_AV
+    next_A = next_token_per_row(logits_ACV[jnp.arange(A), lengths_A - 1], seen_AV, seeds_A,
+                                jnp.zeros_like(seeds_A), rows_A)
+    at_AC = jnp.where(valid_AC, position_AC, cache["segment_ids"].shape[1])  # past: dropped
+    cache = {**{name: tuple(layer.at[cache_slots(name, slots_A[:, None], at_AC)].set(
+                                new.transpose(0, 2, 1, 3), mode="drop")  # [A, C, K, H]
+                            for layer, new in zip(cache[name], new_LAKCH[name], strict=True))
+                for name in CACHE_SLOT_AXIS},
+             "segment_ids": cache["segment_ids"].at[slots_A[:, None], at_AC].set(1, mode="drop"),
+             "index": cache["index"].at[slots_A].set(offset_A + lengths_A, mode="drop")}
+    return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), next_A
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rows", "kv_len"))
@@ -164,12 +211,13 @@ def _store_step(cache, seen_BV, written, seen_RV, active_R):
                 for name in CACHE_SLOT_AXIS},
              "segment_ids": cache["segment_ids"].at[row_R, at_R].set(1, mode="drop"),
              "index": cache["index"].at[:rows].add(active_R.astype(jnp.int32))}
-    return cache, seen_BV.at[:rows].set(seen_RV)
+    # a row still prefilling keeps its own seen tokens (its last token is an earlier occupant's)
+    return cache, seen_BV.at[:rows].set(jnp.where(active_R[:, None], seen_RV, seen_BV[:rows]))
 
 
 def compilations() -> int:
     """Programs the engines of this process have compiled so far."""
-    return (_prefill._cache_size() + _decode_step._cache_size()
+    return (_prefill._cache_size() + _extend._cache_size() + _decode_step._cache_size()
             + _store_step._cache_size())
 
 
@@ -183,6 +231,7 @@ class SlotTable:
         self.owner: list[Completion | None] = [None] * size
         self.last_token = np.zeros(size, np.int32)
         self.position = np.zeros(size, np.int32)  # the slot its next token is written to
+        self.prefilled = np.zeros(size, np.int32)  # prompt tokens its cache holds so far
         self.seed = np.zeros(size, np.uint32)
         self.settings = {"temperature": np.zeros(size, np.float32),
                          "top_p": np.ones(size, np.float32),
@@ -195,11 +244,21 @@ class SlotTable:
     def occupied(self) -> list[int]:
         return [slot for slot, owner in enumerate(self.owner) if owner is not None]
 
+    def prefilling(self) -> list[int]:
+        """Occupied slots whose prompt is not all in the cache yet."""
+        return [slot for slot in self.occupied()
+                if self.prefilled[slot] < len(self.owner[slot].prompt_ids)]
+
+    def decoding(self) -> list[int]:
+        return [slot for slot in self.occupied()
+                if self.prefilled[slot] == len(self.owner[slot].prompt_ids)]
+
     def seat(self, slot: int, completion: Completion, seed: int,
              repetition_penalty: float) -> None:
         s = completion.sampling
         self.owner[slot] = completion
         self.position[slot] = len(completion.prompt_ids)
+        self.prefilled[slot] = 0
         self.seed[slot] = seed
         for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
                             ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
@@ -225,6 +284,7 @@ class BatchEngine:
         self._cache = self._seen = None
         self._reset_device_state()
         self.steps_run = self.prefills_run = 0
+        self.prompts_prefilled = 0  # distinct prompts over all prefills
         self.largest_batch = 0  # most completions decoded in one step
         self.tokens_generated = 0  # over all completions, EOS included
         self._worker = threading.Thread(target=self._work, name="minimind-decode", daemon=True)
@@ -284,9 +344,13 @@ class BatchEngine:
             if newcomers is None:
                 break
             try:
-                if newcomers:
-                    self._prefill(newcomers)
-                if self._slots.occupied():
+                whole = [(slot, c) for slot, c in newcomers
+                         if len(c.prompt_ids) <= self.config.prefill_chunk]
+                if whole:
+                    self._prefill(whole)
+                if self._slots.prefilling():
+                    self._extend()
+                if self._slots.decoding():
                     self._step()
             except Exception as err:  # a failed program fails its requests, not the server
                 self._fail_all(f"decoding failed: {type(err).__name__}: {err}")
@@ -317,33 +381,74 @@ class BatchEngine:
         return seated
 
     def _prefill(self, newcomers: list[tuple[int, Completion]]) -> None:
+        """Prefill the newcomers' prompts, each distinct prompt once (the `n` choices of a
+        request share theirs), and hand out their first tokens."""
         cfg = self.config
+        prompts: dict[tuple[int, ...], int] = {}  # distinct prompt -> its row
+        source = [prompts.setdefault(tuple(c.prompt_ids), len(prompts)) for _, c in newcomers]
+        u = power_of_two_at_least(len(prompts), 1, cfg.max_batch)
         n = power_of_two_at_least(len(newcomers), 1, cfg.max_batch)
-        longest = max(len(c.prompt_ids) for _, c in newcomers)
-        P = power_of_two_at_least(longest, MIN_PROMPT_BUCKET, cfg.max_context)
-        ids_AP = np.full((n, P), self.pad_id, np.int32)
-        lengths_A = np.ones(n, np.int32)
+        P = power_of_two_at_least(max(map(len, prompts)), MIN_PROMPT_BUCKET, cfg.max_context)
+        ids_UP = np.full((u, P), self.pad_id, np.int32)
+        lengths_U = np.ones(u, np.int32)
+        for prompt, row in prompts.items():
+            ids_UP[row, :len(prompt)], lengths_U[row] = prompt, len(prompt)
+        source_A = np.zeros(n, np.int32)
+        source_A[:len(source)] = source
         slots_A = np.full(n, cfg.max_batch, np.int32)  # padding rows: out of range, dropped
-        for row, (slot, completion) in enumerate(newcomers):
-            ids_AP[row, :len(completion.prompt_ids)] = completion.prompt_ids
-            lengths_A[row], slots_A[row] = len(completion.prompt_ids), slot
+        slots_A[:len(newcomers)] = [slot for slot, _ in newcomers]
         padded_slots = np.minimum(slots_A, cfg.max_batch - 1)
-        rows_A = self._slots.rows(padded_slots)
         self._cache, self._seen, first_A = _prefill(
-            self.params, self._cache, self._seen, ids_AP, lengths_A, slots_A,
-            self._slots.seed[padded_slots], rows_A, config=self.model_config)
+            self.params, self._cache, self._seen, ids_UP, lengths_U, source_A, slots_A,
+            self._slots.seed[padded_slots], self._slots.rows(padded_slots),
+            config=self.model_config)
         self.prefills_run += 1
+        self.prompts_prefilled += len(prompts)
         first_A = np.asarray(first_A)
-        for row, (slot, _) in enumerate(newcomers):
+        for row, (slot, completion) in enumerate(newcomers):
+            self._slots.prefilled[slot] = len(completion.prompt_ids)
             self._hand_out(slot, int(first_A[row]))
+
+    def _extend(self) -> None:
+        """Feed every long prompt still prefilling its next chunk; hand out the first token of
+        those it completes. Rows decoding meanwhile wait for one chunk, not a whole prompt."""
+        slots, C = self._slots, self.config.prefill_chunk
+        for slot in slots.prefilling():
+            if slots.owner[slot].cancelled.is_set():
+                self._release(slot, ("end", "cancelled"))
+        prefilling = slots.prefilling()
+        if not prefilling:
+            return
+        n = power_of_two_at_least(len(prefilling), 1, self.config.max_batch)
+        ids_AC = np.full((n, C), self.pad_id, np.int32)
+        lengths_A, offset_A = np.ones(n, np.int32), np.zeros(n, np.int32)
+        slots_A = np.full(n, self.config.max_batch, np.int32)  # padding rows: dropped
+        for row, slot in enumerate(prefilling):
+            offset_A[row] = slots.prefilled[slot]
+            chunk = slots.owner[slot].prompt_ids[offset_A[row]:][:C]
+            ids_AC[row, :len(chunk)], lengths_A[row], slots_A[row] = chunk, len(chunk), slot
+        kv_len = power_of_two_at_least(int(offset_A.max()), MIN_KV_BUCKET,
+                                       self.config.max_context)
+        padded_slots = np.minimum(slots_A, self.config.max_batch - 1)
+        self._cache, self._seen, next_A = _extend(
+            self.params, self._cache, self._seen, ids_AC, lengths_A, offset_A, slots_A,
+            slots.seed[padded_slots], slots.rows(padded_slots), config=self.model_config,
+            kv_len=kv_len)
+        self.prefills_run += 1
+        next_A = np.asarray(next_A)
+        for row, slot in enumerate(prefilling):
+            slots.prefilled[slot] += lengths_A[row]
+            if slots.prefilled[slot] == len(slots.owner[slot].prompt_ids):
+                self.prompts_prefilled += 1
+                self._hand_out(slot, int(next_A[row]))
 
     def _step(self) -> None:
         slots = self._slots
-        occupied = slots.occupied()
+        occupied = slots.decoding()  # rows still prefilling sit this step out
         rows = power_of_two_at_least(occupied[-1] + 1, 1, self.config.max_batch)
         kv_len = power_of_two_at_least(int(slots.position[occupied].max()) + 1, MIN_KV_BUCKET,
                                        self.config.max_context)
-        active_R = np.array([owner is not None for owner in slots.owner[:rows]])
+        active_R = np.isin(np.arange(rows), occupied)
         counts_R = np.array([owner.generated if owner else 0 for owner in slots.owner[:rows]],
                             np.int32)
         next_R, written, seen_RV = _decode_step(
