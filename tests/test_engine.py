@@ -260,3 +260,26 @@ def test_rows_decoding_keep_going_while_a_long_prompt_prefills(params):
     assert first_long - 3 >= 11, order[:first_long + 1]  # tokens of "running" meanwhile
     assert recorder.tokens("long") == generate_tokens(params, TINY, [list(range(3, 99))],
                                                       greedy(4), eos_id=-1)[0]
+
+
+def test_a_decode_step_leaves_the_seen_tokens_of_a_prefilling_row_alone(params):
+    """Repetition penalty state: a slot that sits decode steps out while its long prompt
+    prefills (slot 0 here, below the running row in slot 1) keeps exactly its prompt's tokens
+    as seen, not the stale last token of the slot's earlier occupant."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=2, max_context=128, batch_wait_s=0.05,
+                                             prefill_chunk=8), repetition_penalty=1.3)
+    recorder = Recorder()
+    try:
+        engine.submit_all([Completion([5, 6, 7], greedy(2), recorder.sink("earlier")),
+                           Completion([9, 10, 11], greedy(60), recorder.sink("running"))])
+        recorder.ended["earlier"].wait(60)
+        stale = recorder.tokens("earlier")[-1]
+        prompt = [t for t in range(3, 110) if t != stale][:96]
+        engine.submit(Completion(prompt, greedy(1), recorder.sink("long")))
+        recorder.wait()
+    finally:
+        engine.stop()
+    assert len(recorder.tokens("running")) == 60  # it decoded all along
+    seen = set(np.flatnonzero(np.asarray(engine._seen[0])).tolist())
+    assert seen == set(prompt), sorted(seen ^ set(prompt))
