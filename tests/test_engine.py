@@ -283,3 +283,30 @@ def test_a_decode_step_leaves_the_seen_tokens_of_a_prefilling_row_alone(params):
     assert len(recorder.tokens("running")) == 60  # it decoded all along
     seen = set(np.flatnonzero(np.asarray(engine._seen[0])).tolist())
     assert seen == set(prompt), sorted(seen ^ set(prompt))
+
+
+def test_long_prompts_arriving_together_take_turns_while_rows_decode(params):
+    """Two 48-token prompts in chunks of 8 arrive together while a row decodes: one chunk per
+    loop, the earlier seated prompt first, so the running row waits for one chunk at a time
+    (a token between every two chunks) and the first prompt answers 6 loops before the other."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=4, max_context=128, batch_wait_s=0,
+                                             prefill_chunk=8))
+    recorder = Recorder()
+    prompts = {"a": list(range(3, 51)), "b": list(range(60, 108))}
+    try:
+        engine.submit(Completion([5, 6, 7], greedy(100), recorder.sink("running")))
+        while len(recorder.tokens("running")) < 3:
+            time.sleep(0.005)
+        engine.submit_all([Completion(prompts[name], greedy(2), recorder.sink(name))
+                           for name in prompts])
+        recorder.wait()
+    finally:
+        engine.stop()
+    order = [name for name, kind, *_ in recorder.log if kind == "token"]
+    first_a, first_b = order.index("a"), order.index("b")
+    assert order[first_a:first_b].count("running") >= 5, order
+    assert order[:first_b].count("running") - 3 >= 11, order
+    for name, prompt in prompts.items():
+        assert recorder.tokens(name) == generate_tokens(params, TINY, [prompt], greedy(2),
+                                                        eos_id=-1)[0]

@@ -232,6 +232,8 @@ class SlotTable:
         self.last_token = np.zeros(size, np.int32)
         self.position = np.zeros(size, np.int32)  # the slot its next token is written to
         self.prefilled = np.zeros(size, np.int32)  # prompt tokens its cache holds so far
+        self.seated_at = np.zeros(size, np.int64)  # order of arrival in the slots
+        self._seatings = itertools.count()
         self.seed = np.zeros(size, np.uint32)
         self.settings = {"temperature": np.zeros(size, np.float32),
                          "top_p": np.ones(size, np.float32),
@@ -245,9 +247,10 @@ class SlotTable:
         return [slot for slot, owner in enumerate(self.owner) if owner is not None]
 
     def prefilling(self) -> list[int]:
-        """Occupied slots whose prompt is not all in the cache yet."""
-        return [slot for slot in self.occupied()
-                if self.prefilled[slot] < len(self.owner[slot].prompt_ids)]
+        """Occupied slots whose prompt is not all in the cache yet, earliest seated first."""
+        return sorted((slot for slot in self.occupied()
+                       if self.prefilled[slot] < len(self.owner[slot].prompt_ids)),
+                      key=lambda slot: self.seated_at[slot])
 
     def decoding(self) -> list[int]:
         return [slot for slot in self.occupied()
@@ -259,6 +262,7 @@ class SlotTable:
         self.owner[slot] = completion
         self.position[slot] = len(completion.prompt_ids)
         self.prefilled[slot] = 0
+        self.seated_at[slot] = next(self._seatings)
         self.seed[slot] = seed
         for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
                             ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
@@ -410,8 +414,10 @@ class BatchEngine:
             self._hand_out(slot, int(first_A[row]))
 
     def _extend(self) -> None:
-        """Feed every long prompt still prefilling its next chunk; hand out the first token of
-        those it completes. Rows decoding meanwhile wait for one chunk, not a whole prompt."""
+        """Feed long prompts still prefilling their next chunk: all of them when no row is
+        decoding, else only the earliest seated one's, so rows decoding wait for one chunk
+        between two of their tokens however many long prompts arrive. Hand out the first token
+        of those a chunk completes."""
         slots, C = self._slots, self.config.prefill_chunk
         for slot in slots.prefilling():
             if slots.owner[slot].cancelled.is_set():
@@ -419,6 +425,8 @@ class BatchEngine:
         prefilling = slots.prefilling()
         if not prefilling:
             return
+        if slots.decoding():
+            prefilling = prefilling[:1]
         n = power_of_two_at_least(len(prefilling), 1, self.config.max_batch)
         ids_AC = np.full((n, C), self.pad_id, np.int32)
         lengths_A, offset_A = np.ones(n, np.int32), np.zeros(n, np.int32)
