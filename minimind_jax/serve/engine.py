@@ -113,6 +113,13 @@ class Completion:
 # holds the per-row sampling settings ([B] arrays).
 
 
+def _tokens_seen(ids_XT, valid_XT, vocab_size: int):
+    """[X, V] bool: which tokens each row's valid ids hold (the repetition penalty's set)."""
+    X = ids_XT.shape[0]
+    return jnp.zeros((X, vocab_size), jnp.int32).at[jnp.arange(X)[:, None], ids_XT].add(
+        valid_XT.astype(jnp.int32)) > 0
+
+
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "seen_BV"))
 def _prefill(params, cache, seen_BV, ids_UP, lengths_U, source_A, slots_A, seeds_A, rows_A, *,
              config: ModelConfig):
@@ -125,9 +132,7 @@ def _prefill(params, cache, seen_BV, ids_UP, lengths_U, source_A, slots_A, seeds
     logits_UPV, _, fresh = MiniMind(config).apply(
         {"params": params}, ids_UP, segment_ids=valid_UP.astype(jnp.int32), cache=fresh)
     last_UV = logits_UPV[jnp.arange(U), lengths_U - 1]
-    seen_UV = jnp.zeros((U, config.vocab_size), jnp.int32).at[
-        jnp.arange(U)[:, None], ids_UP].add(valid_UP.astype(jnp.int32)) > 0
-    seen_AV = seen_UV[source_A]
+    seen_AV = _tokens_seen(ids_UP, valid_UP, config.vocab_size)[source_A]
     first_A = next_token_per_row(last_UV[source_A], seen_AV, seeds_A, jnp.zeros_like(seeds_A),
                                  rows_A)
     # slots past the prompt keep an earlier occupant's entries: the causal mask hides them
@@ -162,9 +167,8 @@ def _extend(params, cache, seen_BV, ids_AC, lengths_A, offset_A, slots_A, seeds_
     logits_ACV, _, new_LAKCH = MiniMind(config).apply(
         {"params": params}, ids_AC, positions=position_AC,
         segment_ids=valid_AC.astype(jnp.int32), cache=view, write_cache=False)
-    chunk_AV = jnp.zeros((A, config.vocab_size), jnp.int32).at[
-        jnp.arange(A)[:, None], ids_AC].add(valid_AC.astype(jnp.int32)) > 0
-    seen_AV = jnp.where(offset_A[:, None] == 0, False, seen_BV[read_A]) | chunk_AV
+    seen_AV = (jnp.where(offset_A[:, None] == 0, False, seen_BV[read_A])
+               | _tokens_seen(ids_AC, valid_AC, config.vocab_size))
     next_A = next_token_per_row(logits_ACV[jnp.arange(A), lengths_A - 1], seen_AV, seeds_A,
                                 jnp.zeros_like(seeds_A), rows_A)
     at_AC = jnp.where(valid_AC, position_AC, cache["segment_ids"].shape[1])  # past: dropped
@@ -270,6 +274,14 @@ class SlotTable:
 
     def rows(self, slots) -> dict:
         return {name: values[slots] for name, values in self.settings.items()}
+
+    def padded(self, slots: list[int], n: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(slots_A, seeds_A, rows_A) of `slots` padded to n rows: a padding row's slot is out
+        of range (the programs drop its writes) and it reads the last slot's settings."""
+        slots_A = np.full(n, len(self.owner), np.int32)
+        slots_A[:len(slots)] = slots
+        read = np.minimum(slots_A, len(self.owner) - 1)
+        return slots_A, self.seed[read], self.rows(read)
 
 
 class BatchEngine:
@@ -399,13 +411,9 @@ class BatchEngine:
             ids_UP[row, :len(prompt)], lengths_U[row] = prompt, len(prompt)
         source_A = np.zeros(n, np.int32)
         source_A[:len(source)] = source
-        slots_A = np.full(n, cfg.max_batch, np.int32)  # padding rows: out of range, dropped
-        slots_A[:len(newcomers)] = [slot for slot, _ in newcomers]
-        padded_slots = np.minimum(slots_A, cfg.max_batch - 1)
         self._cache, self._seen, first_A = _prefill(
-            self.params, self._cache, self._seen, ids_UP, lengths_U, source_A, slots_A,
-            self._slots.seed[padded_slots], self._slots.rows(padded_slots),
-            config=self.model_config)
+            self.params, self._cache, self._seen, ids_UP, lengths_U, source_A,
+            *self._slots.padded([slot for slot, _ in newcomers], n), config=self.model_config)
         self.prefills_run += 1
         self.prompts_prefilled += len(prompts)
         first_A = np.asarray(first_A)
@@ -430,18 +438,15 @@ class BatchEngine:
         n = power_of_two_at_least(len(prefilling), 1, self.config.max_batch)
         ids_AC = np.full((n, C), self.pad_id, np.int32)
         lengths_A, offset_A = np.ones(n, np.int32), np.zeros(n, np.int32)
-        slots_A = np.full(n, self.config.max_batch, np.int32)  # padding rows: dropped
         for row, slot in enumerate(prefilling):
             offset_A[row] = slots.prefilled[slot]
             chunk = slots.owner[slot].prompt_ids[offset_A[row]:][:C]
-            ids_AC[row, :len(chunk)], lengths_A[row], slots_A[row] = chunk, len(chunk), slot
+            ids_AC[row, :len(chunk)], lengths_A[row] = chunk, len(chunk)
         kv_len = power_of_two_at_least(int(offset_A.max()), MIN_KV_BUCKET,
                                        self.config.max_context)
-        padded_slots = np.minimum(slots_A, self.config.max_batch - 1)
         self._cache, self._seen, next_A = _extend(
-            self.params, self._cache, self._seen, ids_AC, lengths_A, offset_A, slots_A,
-            slots.seed[padded_slots], slots.rows(padded_slots), config=self.model_config,
-            kv_len=kv_len)
+            self.params, self._cache, self._seen, ids_AC, lengths_A, offset_A,
+            *slots.padded(prefilling, n), config=self.model_config, kv_len=kv_len)
         self.prefills_run += 1
         next_A = np.asarray(next_A)
         for row, slot in enumerate(prefilling):
