@@ -412,6 +412,21 @@ def compilations(engine) -> int | None:
     return cached() if cached else None
 
 
+def without_compiling(engine, what: str, measure, *args):
+    """(measure(*args), programs `engine` compiled while it ran): run again, up to 3 times in
+    all, while it compiled. engine None (the reference), or one that cannot count: run once,
+    None."""
+    for attempt in range(1, 4):
+        before = None if engine is None else compilations(engine)
+        result = measure(*args)
+        compiled = None if before is None else compilations(engine) - before
+        if not compiled:
+            break
+        print(f"       {what}: timed pass {attempt} compiled {compiled} program(s); running "
+              "it again", flush=True)
+    return result, compiled
+
+
 def warm_ours(clients: ClientProcess, url: str, engine, bodies: list[dict], concurrency: int,
               rounds: int = 5) -> int:
     """Untimed: 1, 2, 4, ... requests sent together (up to `concurrency`: the batch sizes a
@@ -609,22 +624,20 @@ def run(args) -> None:
                                          (load, os.getloadavg()[0]))})
                 report(rows[-1])
             warm = warm_ours(clients, our_url, engine, our_bodies, concurrency)
-            for attempt in range(1, 4):  # a timed round that compiled is run again
-                before = compilations(engine)
+            def timed_round(concurrency):
                 load = os.getloadavg()[0]
                 replies, wall = clients(run_round, our_url, our_bodies, concurrency)
                 check_ours(replies, n)
-                after = compilations(engine)
-                if before is None or after == before:
-                    break
-                print(f"       ours @ {concurrency:>2} clients: timed round {attempt} compiled "
-                      f"{after - before} program(s); running it again", flush=True)
+                return load, replies, wall
+
+            (load, replies, wall), compiled = without_compiling(
+                engine, f"ours @ {concurrency:>2} clients", timed_round, concurrency)
             ours_ok += len(replies)
             rows.append({"server": "ours", "concurrency": concurrency,
                          **summarize(replies, wall,
                                      sum(r.usage["completion_tokens"] for r in replies),
                                      (load, os.getloadavg()[0]))})
-            rows[-1]["compiled"] = "?" if before is None else after - before
+            rows[-1]["compiled"] = "?" if compiled is None else compiled
             report(rows[-1], f", {warm} warm-up round(s) of the level, "
                              f"{rows[-1]['compiled']} compilations while timed")
 
@@ -672,15 +685,10 @@ def run_probes(clients: ClientProcess, args, tokenizer, texts, questions, ref_ur
             background, probe = bodies_for(questions[:2], asks, args)
             if server == "ours":  # compile the buckets these shapes need
                 clients(probe_ttft, url, background, probe, args.probe_background, 2)
-            for attempt in range(1, 4):
-                before = compilations(engine) if server == "ours" else None
-                ttfts = clients(probe_ttft, url, background, probe, args.probe_background,
-                                args.probes)
-                compiled = None if before is None else compilations(engine) - before
-                if not compiled:
-                    break
-                print(f"       ours probes with L={length}: timed pass {attempt} compiled "
-                      f"{compiled} program(s); running it again", flush=True)
+            ttfts, compiled = without_compiling(
+                engine if server == "ours" else None, f"ours probes with L={length}",
+                clients, probe_ttft, url, background, probe, args.probe_background,
+                args.probes)
             out.append((server, length, ttfts, compiled))
             print(f"  {server:>9} probes with L={length}: TTFT p50/p95 "
                   f"{np.percentile(ttfts, 50):.3f}/{np.percentile(ttfts, 95):.3f} s"
