@@ -27,6 +27,18 @@ SFT_JSONL = FIXTURES / "sft.jsonl"
 # matmuls on CPU; implicit rank promotion hides shape bugs (as nanodo), so every broadcast in the
 # package is explicit. jax reads each option from the environment variable of its upper-case name.
 JAX_OPTIONS = {"jax_default_matmul_precision": "highest", "jax_numpy_rank_promotion": "raise"}
+# The test run's persistent compilation cache (a temporary folder made by conftest), shared by
+# the pytest processes and their children; every program is kept, however quick to compile.
+TEST_COMPILE_CACHE = "MINIMIND_JAX_TEST_COMPILE_CACHE"
+
+
+def compile_cache_options() -> dict:
+    """jax options that point a process at the test run's compilation cache (none outside a
+    test run)."""
+    folder = os.environ.get(TEST_COMPILE_CACHE)
+    if not folder:
+        return {}
+    return {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0}
 
 # The tiny model of the tests: 2 layers of width 64, 4 query and 2 KV heads, 64-token context.
 TINY_SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
@@ -80,12 +92,13 @@ def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[st
 
 def subprocess_env(n_devices: int | None = None) -> dict:
     """Environment for a child process: this checkout first on PYTHONPATH, the tests' jax
-    options (JAX_OPTIONS), no persistent compilation cache (children neither share compiled
-    programs nor write to the user's cache; test_compile_cache turns it on in a temp folder),
-    and optionally N host CPU devices."""
+    options (JAX_OPTIONS), the test run's compilation cache, never the user's (the CLI's own
+    default folder is off; test_compile_cache tests it in a temp folder), and optionally N host
+    CPU devices."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({name.upper(): value for name, value in JAX_OPTIONS.items()})
+    options = JAX_OPTIONS | compile_cache_options()
+    env.update({name.upper(): str(value) for name, value in options.items()})
     env[compile_cache.ENV_SWITCH] = "0"
     if n_devices:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

@@ -4,6 +4,7 @@ instead of compiling it; the user's own folder and the off switch are respected.
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from minimind_jax.runtime import compile_cache
@@ -16,7 +17,16 @@ def test_default_folder_and_off_switch(tmp_path):
     assert compile_cache.enable_default({compile_cache.ENV_SWITCH: "0"}) is None
 
 
-def test_a_folder_it_cannot_write_is_one_warning_and_no_cache(capsys):
+@pytest.fixture
+def no_folder_chosen():
+    """jax as in a user's process that chose no cache folder (the tests run with their own)."""
+    kept = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", kept)
+
+
+def test_a_folder_it_cannot_write_is_one_warning_and_no_cache(capsys, no_folder_chosen):
     assert compile_cache.enable_default({"XDG_CACHE_HOME": "/proc/no_such_cache"}) is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(
