@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -310,3 +311,45 @@ def test_long_prompts_arriving_together_take_turns_while_rows_decode(params):
     for name, prompt in prompts.items():
         assert recorder.tokens(name) == generate_tokens(params, TINY, [prompt], greedy(2),
                                                         eos_id=-1)[0]
+
+
+def test_warm_up_compiles_what_requests_then_use_and_changes_nothing(params):
+    """warm_up runs every common bucket's programs once on no slot: the engine's state is as it
+    was, and requests of those buckets (one prompt, three arriving together, a long prompt in
+    chunks beside decoding rows, up to 4 rows and the whole context) compile nothing more and
+    get what `generate` gives. The engine's shapes (4 slots of 96 positions) are this test's
+    own, so no other test compiled its programs first."""
+    config = EngineConfig(max_batch=4, max_context=96, batch_wait_s=0, prefill_chunk=16)
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0, config=config)
+    try:
+        state = [np.asarray(x) for x in jax.tree.leaves((engine._cache, engine._seen))]
+        before, reported = engine.compilations, []
+        count = engine.warm_up(lambda done, total: reported.append((done, total)))
+        # decode steps: rows 1, 2, 4 x cache lengths 64, 96; prefills: 1, 2, 4 prompts of 32;
+        # chunks: cached lengths 64 (offsets 0-48) and 96 (64, 80)
+        assert count == 6 + 3 + 2 and reported == [(i, count) for i in range(1, count + 1)]
+        assert engine.compilations - before == 6 + 3 + 3 + 2  # + the store step of each rows
+        for was, now in zip(state, jax.tree.leaves((engine._cache, engine._seen)), strict=True):
+            np.testing.assert_array_equal(was, np.asarray(now))
+        warm = engine.compilations
+
+        rng = np.random.default_rng(7)
+        prompts = [rng.integers(3, 6000, n).tolist() for n in (5, 9, 3, 12, 40)]
+        limits = [60, 20, 30, 25, 50]
+        recorder = Recorder()
+        engine.submit(Completion(prompts[0], greedy(limits[0]), recorder.sink("0")))
+        time.sleep(0.3)
+        engine.submit_all([Completion(prompts[i], greedy(limits[i]), recorder.sink(str(i)))
+                           for i in (1, 2, 3)])
+        time.sleep(0.3)
+        engine.submit(Completion(prompts[4], greedy(limits[4]), recorder.sink("4")))
+        recorder.wait()
+        assert engine.compilations == warm
+        assert engine.largest_batch >= 3
+        for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+            assert recorder.tokens(str(i)) == generate_tokens(params, TINY, [prompt],
+                                                              greedy(limit), eos_id=-1)[0], i
+        with pytest.raises(RuntimeError, match="before the first submit"):
+            engine.warm_up()
+    finally:
+        engine.stop()

@@ -72,7 +72,25 @@ def build_server_app(args: argparse.Namespace):
                                       batch_wait_s=args.batch_wait_ms / 1000, seed=args.seed,
                                       prefill_chunk=args.prefill_chunk),
                          repetition_penalty=args.repetition_penalty)
+    if getattr(args, "warm_up", True):
+        warm_up(engine)
     return build_app(engine, tokenizer, settings), settings
+
+
+def warm_up(engine) -> None:
+    """The engine's warm-up, with a progress bar on a terminal and a summary line."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    with tqdm(desc="warm-up", unit="program", disable=not sys.stderr.isatty(),
+              leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        count = engine.warm_up(progress)
+    print(f"warm-up: {count} programs compiled or loaded in {time.monotonic() - started:.1f} s"
+          " (every decode step, prefill and chunk shape of the common buckets)", file=sys.stderr)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -145,6 +163,13 @@ def register(subparsers) -> None:
     p.add_argument("--prefill_chunk", type=int, default=256,
                    help="a longer prompt is prefilled this many tokens per decode step, so the "
                         "requests decoding meanwhile pause for a chunk, not the whole prompt")
+    p.add_argument("--no_warm_up", dest="warm_up", action="store_false",
+                   default=argparse.SUPPRESS,  # absent: warm up (no "default: True" in --help)
+                   help="serve at once, compiling each batch shape when a request first needs "
+                        "it (the running requests wait for that); by default the programs of "
+                        "every common shape (decode steps, prefills, prompt chunks) are "
+                        "compiled before serving, later starts loading most of them from the "
+                        "compilation cache")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="cap on a request's max_tokens (more is answered 400)")
     p.add_argument("--default_max_tokens", type=int, default=256,

@@ -84,6 +84,12 @@ def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
     return max(min(bucket, cap), n)
 
 
+def buckets(floor: int, cap: int, sizes=None) -> list[int]:
+    """The distinct `power_of_two_at_least(n, floor, cap)` of the sizes n (default 1..cap)."""
+    sizes = range(1, cap + 1) if sizes is None else sizes
+    return sorted({power_of_two_at_least(n, floor, cap) for n in sizes})
+
+
 @dataclasses.dataclass(eq=False)
 class Completion:
     """One completion: prompt ids, sampling (its max_new_tokens is the limit), seed (None: the
@@ -336,6 +342,62 @@ class BatchEngine:
     @property
     def compilations(self) -> int:
         return compilations()
+
+    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile the programs of the common buckets before serving, so no request waits for
+        a compilation in them (nor do the rows decoding beside it): the decode step of every
+        row count and cache length, the prefill of 1 .. max_batch distinct prompts (one per
+        newcomer) of every length up to `prefill_chunk`, and one long prompt's chunk at every
+        cached length. Each runs once on no slot, leaving the engine's state as it was.
+        Call before the first submit (submits wait meanwhile); `progress(done, total)` after
+        each program. Returns how many programs it ran."""
+        cfg, slots = self.config, self._slots
+        rows, longest = buckets(1, cfg.max_batch), cfg.max_context - 1  # prompt + 1 token
+        programs = [functools.partial(self._warm_step, r, kv)
+                    for r in rows for kv in buckets(MIN_KV_BUCKET, cfg.max_context)]
+        programs += [functools.partial(self._warm_prefill, n, P) for n in rows
+                     for P in buckets(MIN_PROMPT_BUCKET, cfg.max_context,
+                                      range(1, min(cfg.prefill_chunk, longest) + 1))]
+        if longest > cfg.prefill_chunk:  # chunks start at multiples of prefill_chunk
+            offsets = {power_of_two_at_least(offset, MIN_KV_BUCKET, cfg.max_context): offset
+                       for offset in range(0, longest, cfg.prefill_chunk)}  # one per bucket
+            programs += [functools.partial(self._warm_extend, offset)
+                         for offset in offsets.values()]
+        with self._lock:
+            if self.steps_run or self.prefills_run or self._waiting or slots.occupied():
+                raise RuntimeError("warm_up() must run before the first submit")
+            for done, program in enumerate(programs, 1):
+                program()
+                if progress is not None:
+                    progress(done, len(programs))
+        return len(programs)
+
+    def _warm_step(self, rows: int, kv_len: int) -> None:
+        slots = self._slots
+        next_R, written, seen_RV = _decode_step(
+            self.params, self._cache, self._seen, slots.last_token[:rows], slots.seed[:rows],
+            np.zeros(rows, np.int32), slots.rows(slice(0, rows)), config=self.model_config,
+            rows=rows, kv_len=kv_len)
+        self._cache, self._seen = _store_step(self._cache, self._seen, written, seen_RV,
+                                              np.zeros(rows, bool))  # no row: nothing written
+        np.asarray(next_R)
+
+    def _warm_prefill(self, n: int, P: int) -> None:
+        ids_UP = np.full((n, P), self.pad_id, np.int32)
+        self._cache, self._seen, first_A = _prefill(
+            self.params, self._cache, self._seen, ids_UP, np.ones(n, np.int32),
+            np.arange(n, dtype=np.int32), *self._slots.padded([], n),  # padding rows only
+            config=self.model_config)
+        np.asarray(first_A)
+
+    def _warm_extend(self, offset: int) -> None:
+        C = self.config.prefill_chunk
+        kv_len = power_of_two_at_least(offset, MIN_KV_BUCKET, self.config.max_context)
+        self._cache, self._seen, next_A = _extend(
+            self.params, self._cache, self._seen, np.full((1, C), self.pad_id, np.int32),
+            np.ones(1, np.int32), np.full(1, offset, np.int32), *self._slots.padded([], 1),
+            config=self.model_config, kv_len=kv_len)
+        np.asarray(next_A)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Refuse new work and fail what waits or decodes (the worker stops after its step)."""
