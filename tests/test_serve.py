@@ -271,10 +271,11 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "minimind_jax.cli", "serve", "--ckpt", str(weights_file),
             "--tokenizer", str(TOKENIZER_DIR), *TINY_SHAPE_FLAGS, "--port", str(port),
-            "--api_key", API_KEY, "--log_level", "warning"]
+            "--api_key", API_KEY, "--log_level", "warning", "--max_batch", "2",
+            "--max_context", "192"]  # a small warm-up: 2 x 3 decode steps, 2 x 4 prefills
     server = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
         while True:
             assert server.poll() is None, server.stderr.read()
             try:
@@ -290,6 +291,7 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+    assert "warm-up: 14 programs compiled or loaded in" in server.stderr.read()
 
 
 def test_bad_serve_flags_are_one_error_line(capsys):
