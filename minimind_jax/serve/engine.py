@@ -373,14 +373,7 @@ class BatchEngine:
         return len(programs)
 
     def _warm_step(self, rows: int, kv_len: int) -> None:
-        slots = self._slots
-        next_R, written, seen_RV = _decode_step(
-            self.params, self._cache, self._seen, slots.last_token[:rows], slots.seed[:rows],
-            np.zeros(rows, np.int32), slots.rows(slice(0, rows)), config=self.model_config,
-            rows=rows, kv_len=kv_len)
-        self._cache, self._seen = _store_step(self._cache, self._seen, written, seen_RV,
-                                              np.zeros(rows, bool))  # no row: nothing written
-        np.asarray(next_R)
+        self._decode(rows, kv_len, np.zeros(rows, bool), np.zeros(rows, np.int32))  # no row
 
     def _warm_prefill(self, n: int, P: int) -> None:
         ids_UP = np.full((n, P), self.pad_id, np.int32)
@@ -523,21 +516,27 @@ class BatchEngine:
         rows = power_of_two_at_least(occupied[-1] + 1, 1, self.config.max_batch)
         kv_len = power_of_two_at_least(int(slots.position[occupied].max()) + 1, MIN_KV_BUCKET,
                                        self.config.max_context)
-        active_R = np.isin(np.arange(rows), occupied)
         counts_R = np.array([owner.generated if owner else 0 for owner in slots.owner[:rows]],
                             np.int32)
+        next_R = self._decode(rows, kv_len, np.isin(np.arange(rows), occupied), counts_R)
+        self.steps_run += 1
+        self.largest_batch = max(self.largest_batch, len(occupied))
+        for slot in occupied:
+            slots.position[slot] += 1
+            self._hand_out(slot, int(next_R[slot]))
+
+    def _decode(self, rows: int, kv_len: int, active_R: np.ndarray,
+                counts_R: np.ndarray) -> np.ndarray:
+        """One decode step of the first `rows` slots over `kv_len` cache positions, stored for
+        the `active_R` rows only; the next token of each row."""
+        slots = self._slots
         next_R, written, seen_RV = _decode_step(
             self.params, self._cache, self._seen, slots.last_token[:rows], slots.seed[:rows],
             counts_R, slots.rows(slice(0, rows)), config=self.model_config, rows=rows,
             kv_len=kv_len)
         self._cache, self._seen = _store_step(self._cache, self._seen, written, seen_RV,
                                               active_R)
-        self.steps_run += 1
-        self.largest_batch = max(self.largest_batch, len(occupied))
-        next_R = np.asarray(next_R)
-        for slot in occupied:
-            slots.position[slot] += 1
-            self._hand_out(slot, int(next_R[slot]))
+        return np.asarray(next_R)
 
     def _hand_out(self, slot: int, token: int) -> None:
         """Give a slot's new token to its completion; free the slot when that one is done."""
