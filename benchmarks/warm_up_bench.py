@@ -67,8 +67,9 @@ def one_mode(args) -> dict:
         sent[wave] = time.perf_counter()
         engine.submit_all([
             Completion(rng.integers(3, 6000, int(rng.integers(8, 40))).tolist(),
-                       SamplingConfig(temperature=0.0, max_new_tokens=limit if wave == 0
-                                      else limit - wave * args.every), sink(f"w{wave}_{i}"))
+                       SamplingConfig(temperature=0.0,  # all end with the first request
+                                      max_new_tokens=limit - wave * args.every),
+                       sink(f"w{wave}_{i}"))
             for i in range(size)])
     done.wait(600)
     engine.stop()
