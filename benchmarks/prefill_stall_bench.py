@@ -6,10 +6,11 @@ chunked prefill (random weights; timing does not depend on them).
 For each `--chunks` value C (the engine's prefill_chunk; one at least as long as the prompt
 prefills it in one call, as the engine did before chunking), a fresh BatchEngine: `--running`
 completions decode (short prompts, a limit they do not reach), then `--long_prompts` prompts of
-`--prompt_len` tokens arrive together. Every token's arrival time is recorded; the figures are
-the running rows' longest gap between two tokens from the arrival until the last long prompt's
-first token (what a streaming client sees as a freeze), their median gap before the arrival,
-and the long prompts' times to first token (the first's and the last's). A warm-up round per C
+`--prompt_len` tokens arrive together (each as `--choices` completions of it: a request's `n`).
+Every token's arrival time is recorded; the figures are the running rows' longest gap between
+two tokens from the arrival until the last long prompt's first token (what a streaming client
+sees as a freeze), their median gap before the arrival, and the long prompts' times to first
+token (the first's and the last's). A warm-up round per C
 compiles every program first.
 """
 
@@ -51,7 +52,8 @@ class Clock:
 
 
 def one_round(engine: BatchEngine, args, rng) -> dict:
-    clock = Clock(args.long_prompts)
+    n_long = args.long_prompts * args.choices
+    clock = Clock(n_long)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=args.max_context - 32)
     running = [Completion(rng.integers(3, 6000, 16).tolist(), sampling, clock.sink(f"r{i}"))
                for i in range(args.running)]
@@ -59,11 +61,12 @@ def one_round(engine: BatchEngine, args, rng) -> dict:
     while min(len(clock.times[f"r{i}"]) for i in range(args.running)) < 20:
         time.sleep(0.005)
     arrival = time.perf_counter()
-    engine.submit_all([Completion(rng.integers(3, 6000, args.prompt_len).tolist(),
+    prompts = [rng.integers(3, 6000, args.prompt_len).tolist() for _ in range(args.long_prompts)]
+    engine.submit_all([Completion(prompts[i // args.choices],
                                   SamplingConfig(temperature=0.0, max_new_tokens=2),
-                                  clock.sink(f"long{i}")) for i in range(args.long_prompts)])
+                                  clock.sink(f"long{i}"), seed=i) for i in range(n_long)])
     clock.all_long.wait(600)
-    firsts = sorted(clock.times[f"long{i}"][0] for i in range(args.long_prompts))
+    firsts = sorted(clock.times[f"long{i}"][0] for i in range(n_long))
     first = firsts[-1]
     time.sleep(0.2)  # a few more steps after it
     for completion in running:
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--running", type=int, default=7, help="completions decoding already")
     parser.add_argument("--long_prompts", type=int, default=1,
                         help="long prompts arriving together")
+    parser.add_argument("--choices", type=int, default=1,
+                        help="completions of each long prompt (a request's n)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 256, 128])
     parser.add_argument("--max_context", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per chunk size")
@@ -97,13 +102,14 @@ def main() -> None:
     config = preset(args.preset)
     params = init_params(config, 0)
     print(f"{args.preset}, {args.running} rows decoding, then {args.long_prompts} prompt(s) of "
-          f"{args.prompt_len} tokens; medians of {args.rounds} rounds")
+          f"{args.prompt_len} tokens x {args.choices} choice(s); medians of {args.rounds} rounds")
     print("| prefill_chunk | long prompts' TTFT, first / last | running rows' longest gap "
           "| their usual gap | their tokens meanwhile |")
     print("|---|---|---|---|---|")
     for chunk in args.chunks:
         engine = BatchEngine(params, config, eos_id=-1, pad_id=0,
-                             config=EngineConfig(max_batch=args.running + args.long_prompts,
+                             config=EngineConfig(max_batch=args.running
+                                                 + args.long_prompts * args.choices,
                                                  batch_wait_s=0,
                                                  max_context=args.max_context,
                                                  prefill_chunk=chunk))

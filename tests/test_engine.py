@@ -313,6 +313,39 @@ def test_long_prompts_arriving_together_take_turns_while_rows_decode(params):
                                                         eos_id=-1)[0]
 
 
+def test_the_choices_of_a_long_prompt_share_its_chunks(params):
+    """Three choices of one 48-token prompt (chunks of 8) arrive while a row decodes: each
+    chunk is computed once for all three (6 loops, not 18: the running row waits 6 chunks for
+    them), and each choice draws with its own seed what it draws from a whole-prompt prefill."""
+    prompt = list(range(3, 51))
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12)
+
+    def answers(prefill_chunk):
+        engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                             config=EngineConfig(max_batch=4, max_context=128, batch_wait_s=0,
+                                                 prefill_chunk=prefill_chunk))
+        recorder = Recorder()
+        try:
+            engine.submit(Completion([5, 6, 7], greedy(60), recorder.sink("running")))
+            while len(recorder.tokens("running")) < 3:
+                time.sleep(0.005)
+            submitted = len(recorder.log)
+            engine.submit_all([Completion(prompt, sampled, recorder.sink(str(i)), seed=i)
+                               for i in range(3)])
+            recorder.wait()
+        finally:
+            engine.stop()
+        return [recorder.tokens(str(i)) for i in range(3)], engine, recorder.log[submitted:]
+
+    chunked, engine, log = answers(8)
+    assert (engine.prefills_run, engine.prompts_prefilled) == (1 + 48 // 8, 2)
+    order = [name for name, kind, *_ in log if kind == "token"]
+    # one step may be in flight at the submit; 3 x 6 chunks would give the running row 18
+    assert order[:order.index("0")].count("running") <= 48 // 8 + 1, order
+    assert len({tuple(tokens) for tokens in chunked}) == 3  # three seeds, three draws
+    assert chunked == answers(128)[0]
+
+
 def test_warm_up_compiles_what_requests_then_use_and_changes_nothing(params):
     """warm_up runs every common bucket's programs once on no slot: the engine's state is as it
     was, and requests of those buckets (one prompt, three arriving together, a long prompt in

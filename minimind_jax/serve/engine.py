@@ -8,8 +8,9 @@ cache keeps a next position per row). Its worker thread loops:
    together (one call, right-padded; newcomers with the same prompt, such as the `n` choices
    of one request, share one row of it) straight into their slots, and each gets its first
    token, sampled with its own seed. A prompt longer than `prefill_chunk` is fed one chunk per
-   loop instead (after the cached part of its prompt), so the rows already decoding wait for
-   a chunk between two of their tokens, never for a whole long prompt;
+   loop instead (after the cached part of its prompt; choices sharing the prompt share each
+   chunk too), so the rows already decoding wait for a chunk between two of their tokens,
+   never for a whole long prompt;
 2. step: one decode step for every slot whose prompt is in: a request that arrived a moment
    ago decodes in the same step as one that is hundreds of tokens in;
 3. hand the tokens out; a completion that ends (EOS, its own max_tokens, cancelled) frees its
@@ -20,10 +21,10 @@ batch. Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots 
 covering every occupied one) over the first `kv_len` cache positions (a power of two covering
 the longest); a prefill runs a power-of-two count of distinct prompts, copied into a
 power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
-power-of-two count of long prompts over `prefill_chunk` tokens and a power-of-two count of
-cached positions. Each bucket compiles once. Every row samples with its own settings and its
-own random stream (seed, token count), so what a request draws does not depend on its
-batch-mates.
+power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
+over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
+once. Every row samples with its own settings and its own random stream (seed, token count),
+so what a request draws does not depend on its batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
 `("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
@@ -155,35 +156,41 @@ def _prefill(params, cache, seen_BV, ids_UP, lengths_U, source_A, slots_A, seeds
 
 @functools.partial(jax.jit, static_argnames=("config", "kv_len"),
                    donate_argnames=("cache", "seen_BV"))
-def _extend(params, cache, seen_BV, ids_AC, lengths_A, offset_A, slots_A, seeds_A, rows_A, *,
-            config: ModelConfig, kv_len: int):
-    """One chunk of long prompts: feed each slot in slots_A (>= B: a padding row, dropped) its
-    next lengths_A tokens of ids_AC after the offset_A prompt tokens its cache holds (within
-    the first `kv_len` slots; a slot's index may still be an earlier occupant's when offset is
-    0), and store their keys and values. Returns (cache, seen_BV, the token each row samples
-    after its chunk: its first token when the chunk ends its prompt)."""
-    A, C = ids_AC.shape
+def _extend(params, cache, seen_BV, ids_UC, lengths_U, offset_U, reader_U, source_A, slots_A,
+            seeds_A, rows_A, *, config: ModelConfig, kv_len: int):
+    """One chunk of long prompts: feed each of the U distinct chunks its lengths_U tokens of
+    ids_UC after the offset_U prompt tokens that slot reader_U's cache holds (within the first
+    `kv_len` slots; a slot's index may still be an earlier occupant's when offset is 0), and
+    store their keys and values in the slots that share it (slot slots_A[a] takes chunk
+    source_A[a]; a slot >= B: a padding row, dropped). Returns (cache, seen_BV, the token each
+    slot samples after its chunk with its own seed: its first token when the chunk ends its
+    prompt)."""
+    U, C = ids_UC.shape
     B = seen_BV.shape[0]
-    read_A = jnp.minimum(slots_A, B - 1)
-    view = {**{name: tuple(layer[cache_slots(name, read_A, slice(None, kv_len))]
+    read_U = jnp.minimum(reader_U, B - 1)
+    view = {**{name: tuple(layer[cache_slots(name, read_U, slice(None, kv_len))]
                            for layer in cache[name]) for name in CACHE_SLOT_AXIS},
-            "segment_ids": cache["segment_ids"][read_A, :kv_len], "index": offset_A}
-    valid_AC = jnp.arange(C)[None, :] < lengths_A[:, None]
-    position_AC = offset_A[:, None] + jnp.arange(C)[None, :]
-    logits_ACV, _, new_LAKCH = MiniMind(config).apply(
-        {"params": params}, ids_AC, positions=position_AC,
-        segment_ids=valid_AC.astype(jnp.int32), cache=view, write_cache=False)
-    seen_AV = (jnp.where(offset_A[:, None] == 0, False, seen_BV[read_A])
-               | _tokens_seen(ids_AC, valid_AC, config.vocab_size))
-    next_A = next_token_per_row(logits_ACV[jnp.arange(A), lengths_A - 1], seen_AV, seeds_A,
-                                jnp.zeros_like(seeds_A), rows_A)
-    at_AC = jnp.where(valid_AC, position_AC, cache["segment_ids"].shape[1])  # past: dropped
+            "segment_ids": cache["segment_ids"][read_U, :kv_len], "index": offset_U}
+    valid_UC = jnp.arange(C)[None, :] < lengths_U[:, None]
+    position_UC = offset_U[:, None] + jnp.arange(C)[None, :]
+    logits_UCV, _, new_LUKCH = MiniMind(config).apply(
+        {"params": params}, ids_UC, positions=position_UC,
+        segment_ids=valid_UC.astype(jnp.int32), cache=view, write_cache=False)
+    seen_UV = (jnp.where(offset_U[:, None] == 0, False, seen_BV[read_U])
+               | _tokens_seen(ids_UC, valid_UC, config.vocab_size))
+    seen_AV = seen_UV[source_A]
+    last_UV = logits_UCV[jnp.arange(U), lengths_U - 1]
+    next_A = next_token_per_row(last_UV[source_A], seen_AV, seeds_A, jnp.zeros_like(seeds_A),
+                                rows_A)
+    # a chunk's padding goes past the cache's end: dropped
+    at_AC = jnp.where(valid_UC, position_UC, cache["segment_ids"].shape[1])[source_A]
     cache = {**{name: tuple(layer.at[cache_slots(name, slots_A[:, None], at_AC)].set(
-                                new.transpose(0, 2, 1, 3), mode="drop")  # [A, C, K, H]
-                            for layer, new in zip(cache[name], new_LAKCH[name], strict=True))
+                                new.transpose(0, 2, 1, 3)[source_A], mode="drop")  # [A, C, K, H]
+                            for layer, new in zip(cache[name], new_LUKCH[name], strict=True))
                 for name in CACHE_SLOT_AXIS},
              "segment_ids": cache["segment_ids"].at[slots_A[:, None], at_AC].set(1, mode="drop"),
-             "index": cache["index"].at[slots_A].set(offset_A + lengths_A, mode="drop")}
+             "index": cache["index"].at[slots_A].set((offset_U + lengths_U)[source_A],
+                                                     mode="drop")}
     return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), next_A
 
 
@@ -347,10 +354,10 @@ class BatchEngine:
         """Compile the programs of the common buckets before serving, so no request waits for
         a compilation in them (nor do the rows decoding beside it): the decode step of every
         row count and cache length, the prefill of 1 .. max_batch distinct prompts (one per
-        newcomer) of every length up to `prefill_chunk`, and one long prompt's chunk at every
-        cached length. Each runs once on no slot, leaving the engine's state as it was.
-        Call before the first submit (submits wait meanwhile); `progress(done, total)` after
-        each program. Returns how many programs it ran."""
+        newcomer) of every length up to `prefill_chunk`, and one long prompt's chunk for one
+        slot at every cached length. Each runs once on no slot, leaving the engine's state as
+        it was. Call before the first submit (submits wait meanwhile); `progress(done, total)`
+        after each program. Returns how many programs it ran."""
         cfg, slots = self.config, self._slots
         rows, longest = buckets(1, cfg.max_batch), cfg.max_context - 1  # prompt + 1 token
         programs = [functools.partial(self._warm_step, r, kv)
@@ -388,8 +395,9 @@ class BatchEngine:
         kv_len = power_of_two_at_least(offset, MIN_KV_BUCKET, self.config.max_context)
         self._cache, self._seen, next_A = _extend(
             self.params, self._cache, self._seen, np.full((1, C), self.pad_id, np.int32),
-            np.ones(1, np.int32), np.full(1, offset, np.int32), *self._slots.padded([], 1),
-            config=self.model_config, kv_len=kv_len)
+            np.ones(1, np.int32), np.full(1, offset, np.int32),
+            np.full(1, self.config.max_batch, np.int32), np.zeros(1, np.int32),
+            *self._slots.padded([], 1), config=self.model_config, kv_len=kv_len)
         np.asarray(next_A)
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -477,38 +485,49 @@ class BatchEngine:
             self._hand_out(slot, int(first_A[row]))
 
     def _extend(self) -> None:
-        """Feed long prompts still prefilling their next chunk: all of them when no row is
-        decoding, else only the earliest seated one's, so rows decoding wait for one chunk
-        between two of their tokens however many long prompts arrive. Hand out the first token
-        of those a chunk completes."""
-        slots, C = self._slots, self.config.prefill_chunk
+        """Feed long prompts still prefilling their next chunk, each distinct chunk once (the
+        `n` choices of a request share theirs): all of them when no row is decoding, else only
+        the earliest seated prompt's, so rows decoding wait for one chunk between two of their
+        tokens however many long prompts arrive. Hand out the first token of those a chunk
+        completes."""
+        slots, C, B = self._slots, self.config.prefill_chunk, self.config.max_batch
         for slot in slots.prefilling():
             if slots.owner[slot].cancelled.is_set():
                 self._release(slot, ("end", "cancelled"))
-        prefilling = slots.prefilling()
-        if not prefilling:
+        sharing: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (prompt, cached) -> slots
+        for slot in slots.prefilling():  # earliest seated first
+            key = (tuple(slots.owner[slot].prompt_ids), int(slots.prefilled[slot]))
+            sharing.setdefault(key, []).append(slot)
+        chunks = list(sharing.items())[:1 if slots.decoding() else None]
+        if not chunks:
             return
-        if slots.decoding():
-            prefilling = prefilling[:1]
-        n = power_of_two_at_least(len(prefilling), 1, self.config.max_batch)
-        ids_AC = np.full((n, C), self.pad_id, np.int32)
-        lengths_A, offset_A = np.ones(n, np.int32), np.zeros(n, np.int32)
-        for row, slot in enumerate(prefilling):
-            offset_A[row] = slots.prefilled[slot]
-            chunk = slots.owner[slot].prompt_ids[offset_A[row]:][:C]
-            ids_AC[row, :len(chunk)], lengths_A[row] = chunk, len(chunk)
-        kv_len = power_of_two_at_least(int(offset_A.max()), MIN_KV_BUCKET,
+        fed = [(row, slot) for row, (_, members) in enumerate(chunks) for slot in members]
+        u = power_of_two_at_least(len(chunks), 1, B)
+        n = power_of_two_at_least(len(fed), 1, B)
+        ids_UC = np.full((u, C), self.pad_id, np.int32)
+        lengths_U, offset_U = np.ones(u, np.int32), np.zeros(u, np.int32)
+        reader_U = np.full(u, B, np.int32)  # padding rows read the last slot
+        for row, ((prompt, offset), members) in enumerate(chunks):
+            chunk = prompt[offset:offset + C]
+            ids_UC[row, :len(chunk)], lengths_U[row] = chunk, len(chunk)
+            offset_U[row], reader_U[row] = offset, members[0]
+        source_A = np.zeros(n, np.int32)
+        source_A[:len(fed)] = [row for row, _ in fed]
+        kv_len = power_of_two_at_least(int(offset_U.max()), MIN_KV_BUCKET,
                                        self.config.max_context)
         self._cache, self._seen, next_A = _extend(
-            self.params, self._cache, self._seen, ids_AC, lengths_A, offset_A,
-            *slots.padded(prefilling, n), config=self.model_config, kv_len=kv_len)
+            self.params, self._cache, self._seen, ids_UC, lengths_U, offset_U, reader_U,
+            source_A, *slots.padded([slot for _, slot in fed], n), config=self.model_config,
+            kv_len=kv_len)
         self.prefills_run += 1
         next_A = np.asarray(next_A)
-        for row, slot in enumerate(prefilling):
-            slots.prefilled[slot] += lengths_A[row]
-            if slots.prefilled[slot] == len(slots.owner[slot].prompt_ids):
+        for row, (prompt, offset) in enumerate(key for key, _ in chunks):
+            if offset + lengths_U[row] == len(prompt):
                 self.prompts_prefilled += 1
-                self._hand_out(slot, int(next_A[row]))
+        for a, (row, slot) in enumerate(fed):
+            slots.prefilled[slot] += lengths_U[row]
+            if slots.prefilled[slot] == len(slots.owner[slot].prompt_ids):
+                self._hand_out(slot, int(next_A[a]))
 
     def _step(self) -> None:
         slots = self._slots
