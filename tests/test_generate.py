@@ -75,11 +75,11 @@ def test_no_recompilation_across_prompts_and_sampling_settings():
     params = init_params(TINY, 1)
     sampling = gen.SamplingConfig(temperature=0.7, top_p=0.9, top_k=10, max_new_tokens=8)
     gen.generate_tokens(params, TINY, [[1, 2, 3], [4, 5]], sampling, seed=0)
-    before = gen._generate_padded._cache_size()
+    before = gen._generate_padded.jitted._cache_size()
     other = gen.SamplingConfig(temperature=1.3, top_p=0.5, top_k=3, repetition_penalty=1.2,
                                max_new_tokens=8)
     out = gen.generate_tokens(params, TINY, [[9, 8, 7, 6, 5], [4]], other, seed=1)
-    assert gen._generate_padded._cache_size() == before
+    assert gen._generate_padded.jitted._cache_size() == before
     assert [len(o) for o in out] == [8, 8]
 
 

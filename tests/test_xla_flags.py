@@ -4,9 +4,26 @@ and importing the package changes no environment variable."""
 import os
 import subprocess
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimind_jax.infer import generate
+from minimind_jax.model.transformer import init_cache
 from minimind_jax.runtime import xla_flags
-from minimind_jax.runtime.xla_flags import CPU_FLAGS, cpu_backend_expected, with_cpu_defaults
+from minimind_jax.runtime.xla_flags import (
+    CPU_FLAGS,
+    DECODE_OPTIONS,
+    DecodingJit,
+    cpu_backend_expected,
+    decode_compiler_options,
+    jit_for_decoding,
+    with_cpu_defaults,
+)
+from minimind_jax.serve import engine
 from tests.helpers import child_argv, subprocess_env
+from tests.serve_fixtures import TINY, tiny_model
 
 
 def test_defaults_added_for_measured_jaxlib():
@@ -37,10 +54,10 @@ def test_cpu_expected_from_jax_platforms_or_missing_plugins():
 
 def test_apply_cpu_defaults_only_for_the_cpu(monkeypatch):
     monkeypatch.setattr(xla_flags.metadata, "version", lambda _: "0.10.2")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")  # (delenv of an unset name would not undo our set)
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     xla_flags.apply_cpu_defaults()
-    assert "XLA_FLAGS" not in os.environ
+    assert os.environ["XLA_FLAGS"] == ""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     xla_flags.apply_cpu_defaults()
     assert os.environ["XLA_FLAGS"].split() == list(CPU_FLAGS)
@@ -50,3 +67,36 @@ def test_importing_every_module_leaves_the_environment_alone():
     result = subprocess.run(child_argv("import_every_module"), env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_decode_options_only_on_the_cpu_with_a_measured_jaxlib_unless_the_user_chose():
+    assert decode_compiler_options({}, "0.10.2", "cpu") == DECODE_OPTIONS
+    assert decode_compiler_options({}, "0.10.2", "gpu") == {}
+    assert decode_compiler_options({}, "0.11.0", "cpu") == {}
+    assert decode_compiler_options({}, None, "cpu") == {}
+    assert decode_compiler_options({"MINIMIND_JAX_XLA_DEFAULTS": "0"}, "0.10.2", "cpu") == {}
+    user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+    assert decode_compiler_options(user, "0.10.2", "cpu") == {}
+
+
+def test_a_decode_program_compiles_its_dots_without_ynnpack_and_others_keep_it():
+    """What the option changes: this jaxlib's default puts a dot in a YNNPACK fusion; a decode
+    program's dot is XLA's own (the server's decode step and `generate` are such programs)."""
+    if not decode_compiler_options({}, jax.lib.__version__, jax.default_backend()):
+        pytest.skip("decode options apply to the CPU with a measured jaxlib")
+
+    def matmul(a, b):
+        return a @ b
+
+    x_BD, w_DD = jnp.ones((8, 64)), jnp.ones((64, 64))
+    default = jax.jit(matmul).lower(x_BD, w_DD).compile().as_text()
+    decoding = jit_for_decoding()(matmul).jitted.lower(x_BD, w_DD).compile().as_text()
+    assert "__ynn_fusion" in default and "__ynn_fusion" not in decoding
+    assert isinstance(generate._generate_padded, DecodingJit)
+    params, B = tiny_model(), 2
+    slots = engine.SlotTable(B)
+    step = engine._decode_step.jitted.lower(
+        params, init_cache(TINY, B, 64, per_row_index=True), jnp.zeros((B, TINY.vocab_size), bool),
+        slots.last_token, slots.seed, np.zeros(B, np.int32), slots.rows(slice(0, B)),
+        config=TINY, rows=B, kv_len=64).compile().as_text()
+    assert "__ynn_fusion" not in step and " dot(" in step

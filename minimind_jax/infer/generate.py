@@ -10,7 +10,6 @@ a chat turn is the same compiled program as a batch call.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -29,6 +28,7 @@ from minimind_jax.infer.sampling import SamplingConfig, next_token
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
+from minimind_jax.runtime.xla_flags import jit_for_decoding
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct compilations
 
@@ -47,7 +47,7 @@ def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET,
     return ids, valid
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "on_tokens"))
+@jit_for_decoding(static_argnames=("config", "max_new_tokens", "greedy", "on_tokens"))
 def _generate_padded(params, ids_BP, valid_BP, rng, sampling: dict, eos_id, *,
                      config: ModelConfig, max_new_tokens: int, greedy: bool,
                      on_tokens: Callable | None):

@@ -10,6 +10,7 @@ MINIMIND_JAX_XLA_DEFAULTS=0 to add none.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pkgutil
@@ -27,6 +28,13 @@ CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise",
              "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 MEASURED_JAXLIB = ("0.10.",)
 ENV_SWITCH = "MINIMIND_JAX_XLA_DEFAULTS"
+# Programs that decode a few rows per step (the server's decode step, `generate`) compile
+# without YNNPACK fusions, which this jaxlib puts every dot in by default: its dots of a few
+# rows are slower than XLA's own. minimind2-small's server decode step of 8 rows over 128 cache
+# slots: 24.3-25.6 ms with them, 18.2-19.7 ms without; 32 rows over 1,024: 109.7 / 92.1 ms;
+# one row: the same. Prefills of several rows keep them (4 x 64 tokens: 232 ms with, 258
+# without; 2-core AVX2 VM). Per program, so one process gets both.
+DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def with_cpu_defaults(xla_flags: str, jaxlib_version: str | None) -> str:
@@ -71,3 +79,43 @@ def apply_cpu_defaults() -> None:
     except metadata.PackageNotFoundError:
         version = None
     os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""), version)
+
+
+def decode_compiler_options(environ: Mapping[str, str], jaxlib_version: str | None,
+                            backend: str) -> dict[str, str]:
+    """The XLA options of a program that decodes a few rows per step: DECODE_OPTIONS on the
+    CPU with a measured jaxlib, unless the defaults are off or XLA_FLAGS sets the option."""
+    if environ.get(ENV_SWITCH, "1") == "0" or backend != "cpu":
+        return {}
+    if jaxlib_version is None or not jaxlib_version.startswith(MEASURED_JAXLIB):
+        return {}
+    user = {f.split("=", 1)[0].lstrip("-") for f in environ.get("XLA_FLAGS", "").split()}
+    return {name: value for name, value in DECODE_OPTIONS.items() if name not in user}
+
+
+class DecodingJit:
+    """`jax.jit(fun, **jit_kwargs)` whose programs compile with `decode_compiler_options`,
+    decided at the first call (when JAX's backend is known), not at import."""
+
+    def __init__(self, fun, **jit_kwargs):
+        self.fun, self.jit_kwargs = fun, jit_kwargs
+        functools.update_wrapper(self, fun)
+
+    @functools.cached_property
+    def jitted(self):
+        import jax
+
+        try:
+            version = metadata.version("jaxlib")
+        except metadata.PackageNotFoundError:
+            version = None
+        options = decode_compiler_options(os.environ, version, jax.default_backend())
+        return jax.jit(self.fun, compiler_options=options or None, **self.jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*args, **kwargs)
+
+
+def jit_for_decoding(**jit_kwargs):
+    """Decorator: `functools.partial(jax.jit, **jit_kwargs)` for a decode program."""
+    return lambda fun: DecodingJit(fun, **jit_kwargs)

@@ -47,6 +47,7 @@ import numpy as np
 from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
+from minimind_jax.runtime.xla_flags import jit_for_decoding
 
 MIN_PROMPT_BUCKET = 32
 MIN_KV_BUCKET = 64
@@ -194,7 +195,7 @@ def _extend(params, cache, seen_BV, ids_UC, lengths_U, offset_U, reader_U, sourc
     return cache, seen_BV.at[slots_A].set(seen_AV, mode="drop"), next_A
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rows", "kv_len"))
+@jit_for_decoding(static_argnames=("config", "rows", "kv_len"))
 def _decode_step(params, cache, seen_BV, tokens_R, seeds_R, counts_R, rows_R, *,
                  config: ModelConfig, rows: int, kv_len: int):
     """Feed each of the first `rows` slots its last token, reading only the first `kv_len`
@@ -234,7 +235,7 @@ def _store_step(cache, seen_BV, written, seen_RV, active_R):
 
 def compilations() -> int:
     """Programs the engines of this process have compiled so far."""
-    return (_prefill._cache_size() + _extend._cache_size() + _decode_step._cache_size()
+    return (_prefill._cache_size() + _extend._cache_size() + _decode_step.jitted._cache_size()
             + _store_step._cache_size())
 
 
