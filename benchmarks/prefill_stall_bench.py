@@ -10,8 +10,7 @@ completions decode (short prompts, a limit they do not reach), then `--long_prom
 Every token's arrival time is recorded; the figures are the running rows' longest gap between
 two tokens from the arrival until the last long prompt's first token (what a streaming client
 sees as a freeze), their median gap before the arrival, and the long prompts' times to first
-token (the first's and the last's). A warm-up round per C
-compiles every program first.
+token (the first's and the last's). A warm-up round per C compiles every program first.
 """
 
 from __future__ import annotations

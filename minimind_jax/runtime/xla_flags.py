@@ -37,13 +37,29 @@ ENV_SWITCH = "MINIMIND_JAX_XLA_DEFAULTS"
 DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def _measured(jaxlib_version: str | None) -> bool:
+    return jaxlib_version is not None and jaxlib_version.startswith(MEASURED_JAXLIB)
+
+
+def _flag_name(flag: str) -> str:
+    """The name of a "--name=value" flag, without its dashes."""
+    return flag.split("=", 1)[0].lstrip("-")
+
+
+def installed_jaxlib_version() -> str | None:
+    try:
+        return metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def with_cpu_defaults(xla_flags: str, jaxlib_version: str | None) -> str:
     """`xla_flags` plus our CPU defaults whose names it does not already set."""
-    if jaxlib_version is None or not jaxlib_version.startswith(MEASURED_JAXLIB):
+    if not _measured(jaxlib_version):
         return xla_flags
     flags = xla_flags.split()
-    names = {f.split("=", 1)[0] for f in flags}
-    flags += [f for f in CPU_FLAGS if f.split("=", 1)[0] not in names]
+    names = {_flag_name(f) for f in flags}
+    flags += [f for f in CPU_FLAGS if _flag_name(f) not in names]
     return " ".join(flags)
 
 
@@ -74,22 +90,17 @@ def apply_cpu_defaults() -> None:
         return
     if not cpu_backend_expected(os.environ, installed_accelerator_plugins()):
         return
-    try:
-        version = metadata.version("jaxlib")
-    except metadata.PackageNotFoundError:
-        version = None
-    os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""), version)
+    os.environ["XLA_FLAGS"] = with_cpu_defaults(os.environ.get("XLA_FLAGS", ""),
+                                                installed_jaxlib_version())
 
 
 def decode_compiler_options(environ: Mapping[str, str], jaxlib_version: str | None,
                             backend: str) -> dict[str, str]:
     """The XLA options of a program that decodes a few rows per step: DECODE_OPTIONS on the
     CPU with a measured jaxlib, unless the defaults are off or XLA_FLAGS sets the option."""
-    if environ.get(ENV_SWITCH, "1") == "0" or backend != "cpu":
+    if environ.get(ENV_SWITCH, "1") == "0" or backend != "cpu" or not _measured(jaxlib_version):
         return {}
-    if jaxlib_version is None or not jaxlib_version.startswith(MEASURED_JAXLIB):
-        return {}
-    user = {f.split("=", 1)[0].lstrip("-") for f in environ.get("XLA_FLAGS", "").split()}
+    user = {_flag_name(f) for f in environ.get("XLA_FLAGS", "").split()}
     return {name: value for name, value in DECODE_OPTIONS.items() if name not in user}
 
 
@@ -105,11 +116,8 @@ class DecodingJit:
     def jitted(self):
         import jax
 
-        try:
-            version = metadata.version("jaxlib")
-        except metadata.PackageNotFoundError:
-            version = None
-        options = decode_compiler_options(os.environ, version, jax.default_backend())
+        options = decode_compiler_options(os.environ, installed_jaxlib_version(),
+                                          jax.default_backend())
         return jax.jit(self.fun, compiler_options=options or None, **self.jit_kwargs)
 
     def __call__(self, *args, **kwargs):
