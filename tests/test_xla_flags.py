@@ -1,6 +1,7 @@
 """The XLA:CPU defaults respect the user's flags, unmeasured jaxlib versions and accelerators,
 and importing the package changes no environment variable."""
 
+import json
 import os
 import subprocess
 
@@ -77,6 +78,9 @@ def test_decode_options_only_on_the_cpu_with_a_measured_jaxlib_unless_the_user_c
     assert decode_compiler_options({"MINIMIND_JAX_XLA_DEFAULTS": "0"}, "0.10.2", "cpu") == {}
     user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
     assert decode_compiler_options(user, "0.10.2", "cpu") == {}
+    # what apply_cpu_defaults wrote is ours, not the user's (before, it turned the options off)
+    ours = {"XLA_FLAGS": with_cpu_defaults("--xla_force_host_platform_device_count=2", "0.10.2")}
+    assert decode_compiler_options(ours, "0.10.2", "cpu") == DECODE_OPTIONS
 
 
 def test_a_decode_program_compiles_its_dots_without_ynnpack_and_others_keep_it():
@@ -100,3 +104,17 @@ def test_a_decode_program_compiles_its_dots_without_ynnpack_and_others_keep_it()
         slots.last_token, slots.seed, np.zeros(B, np.int32), slots.rows(slice(0, B)),
         config=TINY, rows=B, kv_len=64).compile().as_text()
     assert "__ynn_fusion" not in step and " dot(" in step
+
+
+def test_decode_programs_lose_ynnpack_in_a_process_that_applied_the_defaults():
+    """The CLI applies the defaults before anything else; their YNNPACK flag in XLA_FLAGS must
+    not count as the user's choice (it did: decode programs kept the fusions in every command
+    until this test)."""
+    if not decode_compiler_options({}, jax.lib.__version__, jax.default_backend()):
+        pytest.skip("decode options apply to the CPU with a measured jaxlib")
+    env = subprocess_env()
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(child_argv("decode_fusions"), env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"default": True, "decoding": False}

@@ -97,10 +97,13 @@ def apply_cpu_defaults() -> None:
 def decode_compiler_options(environ: Mapping[str, str], jaxlib_version: str | None,
                             backend: str) -> dict[str, str]:
     """The XLA options of a program that decodes a few rows per step: DECODE_OPTIONS on the
-    CPU with a measured jaxlib, unless the defaults are off or XLA_FLAGS sets the option."""
+    CPU with a measured jaxlib, unless the defaults are off or the user's XLA_FLAGS set the
+    option. A flag that is exactly one of CPU_FLAGS counts as ours, not the user's:
+    `apply_cpu_defaults` put it there (so a user who wants YNNPACK fusions in decode programs
+    too sets them with another value, or turns the defaults off)."""
     if environ.get(ENV_SWITCH, "1") == "0" or backend != "cpu" or not _measured(jaxlib_version):
         return {}
-    user = {_flag_name(f) for f in environ.get("XLA_FLAGS", "").split()}
+    user = {_flag_name(f) for f in environ.get("XLA_FLAGS", "").split() if f not in CPU_FLAGS}
     return {name: value for name, value in DECODE_OPTIONS.items() if name not in user}
 
 
