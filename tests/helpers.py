@@ -2,9 +2,12 @@
 model (as a ModelConfig and as CLI flags), the argv of a tiny training run, and child processes
 (the scripts in tests/children and the environment they run in)."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -75,14 +78,44 @@ def golden_state_dict(golden: dict, prefix: str) -> dict:
     return sd
 
 
-def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[str]):
-    """Run `command` through the CLI from the weights `init_sd` (saved as .npz for --init_from);
-    (run folder, metrics.jsonl records), the records checked to be one per micro-step."""
+def user_env() -> dict:
+    """A child's environment as a user's shell gives it: none of the tests' jax options (the
+    package must be exact without them) and no XLA_FLAGS; the test run's compilation cache."""
+    env = subprocess_env()
+    for name in (*JAX_OPTIONS, "xla_flags"):
+        env.pop(name.upper(), None)
+    return env
+
+
+def run_command(argv: list, entry_point: bool = False) -> str:
+    """Run a CLI command to exit status 0 and return its standard output: in this process
+    (`cli.main(argv)`, which leaves the process's XLA flags alone), or, with `entry_point`, as a
+    user runs it, `python -m minimind_jax.cli ...` in a child with user_env(), where the entry
+    point applies its XLA:CPU flags, huge pages and decode options first."""
+    argv = list(map(str, argv))
+    if entry_point:
+        proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", *argv], env=user_env(),
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    sys.stdout.write(out.getvalue())
+    assert code == 0
+    return out.getvalue()
+
+
+def run_cli_from_init(tmp_path, command: str, data, init_sd: dict, args: list[str],
+                      entry_point: bool = False):
+    """Run `command` through the CLI (see run_command) from the weights `init_sd` (saved as .npz
+    for --init_from); (run folder, metrics.jsonl records), the records checked to be one per
+    micro-step."""
     init = tmp_path / "init.npz"
     np.savez(init, **init_sd)
     argv = [command, "--data_path", str(data), "--out_dir", str(tmp_path / "out"),
             "--cache_dir", str(tmp_path / "cache"), "--init_from", str(init), *args]
-    assert cli.main(argv) == 0
+    run_command(argv, entry_point)
     run_dir = tmp_path / "out" / (("pretrain" if command == "pretrain" else "full_sft")
                                   + ("_64_moe" if "--use_moe" in args else "_64"))
     records = metrics(run_dir)
@@ -109,3 +142,54 @@ def subprocess_env(n_devices: int | None = None) -> dict:
 def child_argv(script: str, *args) -> list[str]:
     """Command line running tests/children/`script`.py with `args` in this Python."""
     return [sys.executable, str(CHILDREN / f"{script}.py"), *map(str, args)]
+
+
+# Where assert_within also appends each figure it checks, as a JSON line (unset: nowhere); the
+# table of measured figures and bounds is made from it (tests/golden_makers/README.md).
+FIGURES_LOG = "MINIMIND_JAX_TEST_FIGURES"
+
+
+def max_abs_diff(got, expected) -> float:
+    """The largest |got - expected| over two arrays (or sequences) of the same shape."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    return float(np.abs(got - expected).max()) if got.size else 0.0
+
+
+def assert_within(what: str, measured: float, bound: float) -> float:
+    """Assert `measured` (a max |ours - reference|) <= `bound`, with both in the message (and in
+    the FIGURES_LOG file when set). Bounds sit at about 3x the figure measured on the CPU in
+    float32, so a behaviour that moves a golden by a few times its noise fails."""
+    measured = float(measured)
+    line = f"{what}: measured {measured:.3g}, bound {bound:.3g}"
+    print(line)
+    if log := os.environ.get(FIGURES_LOG):
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "measured": measured,
+                                "bound": bound}) + "\n")
+    assert measured <= bound, line
+    return measured
+
+
+def max_tree_diff(a, b) -> float:
+    """The largest |a - b| over two pytrees of arrays of the same structure."""
+    import jax
+
+    return max(max_abs_diff(x, y) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_same_run(what: str, expected: list[dict], actual: list[dict], loss_bound: float,
+                    norm_bound: float) -> float:
+    """Two runs' metrics.jsonl records: the same steps and updates, losses within `loss_bound`
+    and pre-clip grad norms within `norm_bound` (relative). Returns the max loss diff."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    assert [r["update"] for r in actual] == [r["update"] for r in expected]
+    assert [("grad_norm" in r) for r in actual] == [("grad_norm" in r) for r in expected]
+    norms = [(a["grad_norm"], b["grad_norm"]) for a, b in zip(expected, actual, strict=True)
+             if "grad_norm" in a]
+    assert_within(f"{what}: grad norm (relative)",
+                  max((abs(b - a) / a for a, b in norms), default=0.0), norm_bound)
+    return assert_within(f"{what}: loss", max_abs_diff([r["loss"] for r in actual],
+                                                       [r["loss"] for r in expected]), loss_bound)

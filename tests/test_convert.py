@@ -16,7 +16,7 @@ from minimind_jax.model.weights import (
     save_state_dict,
     state_dict_from_params,
 )
-from tests.helpers import TINY_CONFIG, golden_state_dict
+from tests.helpers import TINY_CONFIG, assert_within, golden_state_dict, max_abs_diff
 
 
 @pytest.mark.parametrize("name,config", [("dense", TINY_CONFIG),
@@ -112,7 +112,8 @@ def test_hf_llama_export_matches_transformers(tmp_path):
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).logits.numpy()
     ours, _ = MiniMind(TINY_CONFIG).apply({"params": params}, ids)
-    assert np.abs(theirs - np.asarray(ours)).max() < 1e-4
+    assert_within("Llama export: transformers vs ours", max_abs_diff(theirs, ours),
+                  3.9e-6)  # about 3x the 1.3e-6 measured
 
 
 def test_convert_cli(tmp_path, golden, capsys):

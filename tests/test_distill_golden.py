@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
+from tests.helpers import (
+    FIXTURES,
+    MINIMIND3_TOKENIZER_DIR,
+    TOKENIZER_DIR,
+    assert_within,
+    max_abs_diff,
+    metrics,
+)
 from tests.test_dpo_golden import (
     assert_final_weights,
+    assert_grad_norms,
     assert_reference_lines,
     reference_weights,
 )
@@ -24,6 +32,14 @@ COMMON = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "f
           "--accumulation_steps", "1", "--log_interval", "1", "--save_interval", "1000"]
 MINIMIND3 = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
              str(MINIMIND3_TOKENIZER_DIR), "--alpha", "0.5", "--temperature", "1.5"]
+# About 3x the differences measured on the CPU (float32): per-step loss, ce, distill, the pre-clip
+# grad norm (relative; minimind-3's: see test_dpo_golden.BOUNDS), final weights.
+BOUNDS = {
+    "m2_distill": dict(loss=8.1e-7, ce=1.2e-5, distill=8.1e-7, grad_norm=1.9e-5, weights=3.3e-6),
+    "m3_distill": dict(loss=4.3e-6, ce=8.6e-6, distill=9.3e-7, grad_norm=4.2e-4, weights=1e-4),
+    "m3_distill_moe_teacher": dict(loss=2.9e-6, ce=5.8e-6, distill=9.0e-7, grad_norm=4.3e-4,
+                                   weights=1e-4),
+}
 CASES = {"m2_distill": ["--recipe", "minimind2", "--tokenizer", str(TOKENIZER_DIR)],
          "m3_distill": MINIMIND3, "m3_distill_moe_teacher": MINIMIND3}
 
@@ -42,14 +58,14 @@ def test_distill_matches_reference(tmp_path, capsys, case):
     run_dir = tmp_path / "out" / "full_dist_64"
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(20))
-    losses = np.array([r["loss"] for r in records])
-    diff = np.abs(losses - golden["loss_backward"]).max()  # accumulation 1
-    print(f"{case}: max |loss - reference| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    bound = BOUNDS[case]
+    assert_within(f"{case} loss", max_abs_diff([r["loss"] for r in records],
+                                               golden["loss_backward"]),  # accumulation 1
+                  bound["loss"])
     np.testing.assert_array_equal([r["lr"] for r in records], golden["lr"])
     ce = golden["ce_loss_raw"] if case.startswith("m3") else golden["ce_loss"]
-    np.testing.assert_allclose([r["ce"] for r in records], ce, rtol=0, atol=1e-4)
-    np.testing.assert_allclose([r["distill"] for r in records], golden["distill_loss"],
-                               rtol=0, atol=1e-5)
-    print(f"{case}: max |final weights - reference| = "
-          f"{assert_final_weights(run_dir, golden, 1e-4):.3g}")
+    assert_within(f"{case} ce", max_abs_diff([r["ce"] for r in records], ce), bound["ce"])
+    assert_within(f"{case} distill", max_abs_diff([r["distill"] for r in records],
+                                                  golden["distill_loss"]), bound["distill"])
+    assert_grad_norms(case, records, golden, bound["grad_norm"])
+    assert_final_weights(case, run_dir, golden, bound["weights"])

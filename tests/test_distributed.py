@@ -21,7 +21,16 @@ from minimind_jax.model.weights import load_weights
 from minimind_jax.runtime import distributed
 from minimind_jax.runtime.distributed import DistributedConfig
 from minimind_jax.train import train_step
-from tests.helpers import REPO_ROOT, child_argv, metrics, subprocess_env, tiny_run_argv
+from tests.helpers import (
+    REPO_ROOT,
+    assert_same_run,
+    assert_within,
+    child_argv,
+    max_tree_diff,
+    metrics,
+    subprocess_env,
+    tiny_run_argv,
+)
 
 STEPS = 10
 
@@ -33,21 +42,6 @@ def argv(out_dir, cache_dir, *extra):
                          "--save_interval", "3", *extra)
 
 
-def max_param_diff(a, b):
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def assert_same_run(expected, actual, atol):
-    """Same steps and updates; losses and grad norms within atol. Returns the max loss diff."""
-    assert [r["step"] for r in actual] == [r["step"] for r in expected]
-    for a, b in zip(expected, actual, strict=True):
-        assert b["update"] == a["update"], a["step"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=atol), a["step"]
-        assert ("grad_norm" in b) == ("grad_norm" in a)
-        if "grad_norm" in a:
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=atol), a["step"]
-    return max(abs(a["loss"] - b["loss"]) for a, b in zip(expected, actual, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +113,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
     # Only process 0 speaks and writes metrics (once per step; process 1 would duplicate).
     assert "Epoch:" not in out1 and "model parameters" not in out1 and "prepared" not in err1
     straight = metrics(run_dir)
-    loss_diff = assert_same_run(expected, straight, 1e-5)
+    loss_diff = assert_same_run("2 processes vs 1", expected, straight, 1e-5, 1e-5)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [6, 9, 10]
 
     for step in (9, 10):  # resume from step 6, written by the pair
@@ -127,10 +121,11 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
     (out0, _), (out1, _) = run_pair([*args, "--resume"])
     assert "resuming" in out0 and "at step 6 (epoch 1, batch 6)" in out0
     resumed = metrics(run_dir)
-    resume_diff = assert_same_run(straight, resumed, 1e-6)
+    resume_diff = assert_same_run("2 processes resumed vs straight", straight, resumed, 1e-6,
+                                  1e-6)
     params = load_weights(run_dir)[0]
-    param_diff = max_param_diff(expected_params, params)
-    assert param_diff < 1e-5, param_diff
+    param_diff = assert_within("2 processes vs 1: final weights",
+                               max_tree_diff(expected_params, params), 1e-5)
 
     # load_weights in each process of the pair equals it in this one.
     sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
@@ -153,10 +148,11 @@ def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, r
     assert "(25.0%)" in child.stdout
 
     straight = metrics(out / "straight")
-    loss_diff = assert_same_run(expected, straight, 1e-5)
-    resume_diff = assert_same_run(straight, metrics(out / "pretrain_64"), 1e-6)
-    param_diff = max_param_diff(expected_params, load_weights(out / "pretrain_64")[0])
-    assert param_diff < 1e-5, param_diff
+    loss_diff = assert_same_run("fsdp vs 1 device", expected, straight, 1e-5, 1e-5)
+    resume_diff = assert_same_run("fsdp resumed vs straight", straight,
+                                  metrics(out / "pretrain_64"), 1e-6, 1e-6)
+    param_diff = assert_within("fsdp vs 1 device: final weights", max_tree_diff(
+        expected_params, load_weights(out / "pretrain_64")[0]), 1e-5)
 
     layout = json.loads(child.stdout.split("LAYOUT ", 1)[1].splitlines()[0])
     total = sum(4 * np.prod(shape) for shape in layout["shapes"])  # float32

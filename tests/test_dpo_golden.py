@@ -1,9 +1,12 @@
 """DPO golden parity through the CLI: `minimind-jax dpo` reproduces the references' own
 train_dpo.py runs (tests/fixtures/post/m2_dpo, m3_dpo, m3_dpo_moe; commands in their
 meta/command) from the same base weights: per-step loss (the reference's loss_backward x
-accumulation) within 1e-4, the LR exactly, and the DPO terms the script computed.
+accumulation), the LR exactly, the DPO terms the script computed, the pre-clip gradient norms
+and the final weights, each within about 3x the difference measured (tests/helpers.assert_within).
 
-fp32 on CPU, matmul precision "highest" (conftest).
+fp32 on CPU. The dense cases go through the real entry point (`python -m minimind_jax.cli` in a
+child, the CLI's XLA:CPU defaults applied); the MoE case in this process (matmul precision
+"highest", conftest).
 """
 
 import re
@@ -11,9 +14,16 @@ import re
 import numpy as np
 import pytest
 
-from minimind_jax import cli
 from minimind_jax.model import weights
-from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
+from tests.helpers import (
+    FIXTURES,
+    MINIMIND3_TOKENIZER_DIR,
+    TOKENIZER_DIR,
+    assert_within,
+    max_abs_diff,
+    metrics,
+    run_command,
+)
 
 POST = FIXTURES / "post"
 COMMON = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "float32",
@@ -50,20 +60,30 @@ def assert_reference_lines(stdout: str, golden) -> None:
             assert abs(float(x) - float(y)) <= unit * 1.01, (a, b)
 
 
-def assert_final_weights(run_dir, golden, atol: float) -> float:
+def assert_final_weights(case: str, run_dir, golden, bound: float) -> float:
     """The run's final weights against the reference's (`final/*`, and the embedding rows in
-    `final_rows/*`); returns the largest difference."""
+    `final_rows/*`) within `bound`; returns the largest difference."""
     params, config, _ = weights.load_weights(run_dir)
     got = weights.state_dict_from_params(params, config)
     worst = 0.0
     for key in golden.files:
         if key.startswith("final/"):
-            worst = max(worst, float(np.abs(got[key[6:]] - golden[key]).max()))
+            worst = max(worst, max_abs_diff(got[key[6:]], golden[key]))
         elif key.startswith("final_rows/"):
-            rows = got[key[11:]][golden["final_rows_index"]]
-            worst = max(worst, float(np.abs(rows - golden[key]).max()))
-    assert worst <= atol, worst
-    return worst
+            worst = max(worst, max_abs_diff(got[key[11:]][golden["final_rows_index"]],
+                                            golden[key]))
+    return assert_within(f"{case} final weights", worst, bound)
+
+
+def assert_grad_norms(case: str, records, golden, bound: float) -> float:
+    """The pre-clip gradient norm of every update (clip_grad_norm_'s return in the reference)
+    within `bound`, relative to the norm; the updates fall after the same micro-steps."""
+    updates = [r["step"] + 1 for r in records if "grad_norm" in r]
+    assert updates == golden["clip_after_micro"].tolist(), updates
+    ours = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
+    theirs = golden["clip_total_norm"]
+    return assert_within(f"{case} pre-clip grad norm (relative)",
+                         float(np.max(np.abs(ours - theirs) / theirs)), bound)
 
 
 def reference_weights(name: str, path) -> None:
@@ -78,8 +98,21 @@ def reference_weights(name: str, path) -> None:
     np.savez(path, **sd)
 
 
+# About 3x the differences measured on the CPU (float32): per-step loss, dpo_loss, MoE aux, the
+# mean chosen / rejected rewards and margin, the pre-clip grad norm (relative), final weights.
+# minimind-3's grad norms differ most: at step 0, from the same weights and batch, torch 2.13
+# recomputing the script's loss gives our norm within 4e-8; the script's recorded one is 1e-4 off.
+BOUNDS = {
+    "m2_dpo": dict(loss=3.6e-7, aux=0.0, rewards=5.7e-7, grad_norm=2.0e-5, weights=1.9e-6),
+    "m3_dpo": dict(loss=8.4e-6, aux=0.0, rewards=2.1e-5, grad_norm=3.0e-4, weights=2.9e-6),
+    "m3_dpo_moe": dict(loss=4.3e-6, aux=1.1e-9, rewards=1.1e-5, grad_norm=2.1e-4, weights=7.3e-6),
+}
+# the two dense cases through the real entry point (a child with the CLI's defaults applied)
+THROUGH_ENTRY_POINT = {"m2_dpo", "m3_dpo"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_dpo_matches_reference(tmp_path, capsys, case):
+def test_dpo_matches_reference(tmp_path, case):
     golden = np.load(POST / f"{case}.npz")
     extra, run_name = CASES[case]
     init = tmp_path / "init.npz"
@@ -87,29 +120,28 @@ def test_dpo_matches_reference(tmp_path, capsys, case):
     argv = ["dpo", "--data_path", str(POST / "dpo_pairs.jsonl"), "--out_dir",
             str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--init_from",
             str(init), *COMMON, *extra]
-    assert cli.main(argv) == 0
-    assert_reference_lines(capsys.readouterr().out, golden)
+    assert_reference_lines(run_command(argv, case in THROUGH_ENTRY_POINT), golden)
     run_dir = tmp_path / "out" / run_name
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(12))
     acc = int(extra[extra.index("--accumulation_steps") + 1])
     expected = golden["loss_backward"] * acc
-    losses = np.array([r["loss"] for r in records])
-    diff = np.abs(losses - expected).max()
-    print(f"{case}: max |loss - reference| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    bound = BOUNDS[case]
+    assert_within(f"{case} loss", max_abs_diff([r["loss"] for r in records], expected),
+                  bound["loss"])
     np.testing.assert_array_equal([r["lr"] for r in records], golden["lr"])
-    np.testing.assert_allclose([r["dpo_loss"] for r in records], golden["lossfn/return"],
-                               rtol=0, atol=1e-4)
+    assert_within(f"{case} dpo_loss", max_abs_diff([r["dpo_loss"] for r in records],
+                                                   golden["lossfn/return"]), bound["loss"])
     if case.startswith("m3"):
-        np.testing.assert_allclose([r["aux"] for r in records], golden["aux_loss"],
-                                   rtol=0, atol=1e-6)
-    for ours, theirs in (("chosen_reward", "chosen_rewards"),
-                         ("rejected_reward", "rejected_rewards"),
-                         ("reward_margin", "reward_margin")):
-        np.testing.assert_allclose([r[ours] for r in records],
-                                   golden[f"derived/{theirs}"].mean(axis=1), rtol=0, atol=1e-5)
-    np.testing.assert_allclose([r["reward_accuracy"] for r in records],
-                               golden["derived/reward_accuracy"], rtol=0, atol=1e-6)
-    print(f"{case}: max |final weights - reference| = "
-          f"{assert_final_weights(run_dir, golden, 1e-4):.3g}")
+        assert_within(f"{case} aux", max_abs_diff([r["aux"] for r in records],
+                                                  golden["aux_loss"]), bound["aux"])
+    rewards = max(max_abs_diff([r[ours] for r in records],
+                               golden[f"derived/{theirs}"].mean(axis=1))
+                  for ours, theirs in (("chosen_reward", "chosen_rewards"),
+                                       ("rejected_reward", "rejected_rewards"),
+                                       ("reward_margin", "reward_margin")))
+    assert_within(f"{case} rewards and margin", rewards, bound["rewards"])
+    assert_within(f"{case} reward accuracy", max_abs_diff(
+        [r["reward_accuracy"] for r in records], golden["derived/reward_accuracy"]), 0.0)
+    assert_grad_norms(case, records, golden, bound["grad_norm"])
+    assert_final_weights(case, run_dir, golden, bound["weights"])

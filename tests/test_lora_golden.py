@@ -19,7 +19,14 @@ from minimind_jax import cli
 from minimind_jax.model import lora
 from minimind_jax.model.config import ModelConfig, arch_defaults
 from minimind_jax.train import checkpoint
-from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
+from tests.helpers import (
+    FIXTURES,
+    MINIMIND3_TOKENIZER_DIR,
+    TOKENIZER_DIR,
+    assert_within,
+    max_abs_diff,
+    metrics,
+)
 
 POST = FIXTURES / "post"
 CASES = {
@@ -36,6 +43,11 @@ CASES = {
                         config=arch_defaults("minimind3").replace(dim=64, n_layers=2,
                                                                   max_seq_len=64, use_moe=True)),
 }
+# About 3x the differences measured on the CPU (float32): per-step loss, pre-clip grad norm
+# (relative), final adapters.
+BOUNDS = {"m2_lora": dict(loss=1.4e-5, grad_norm=2.5e-5, adapters=1.1e-6),
+          "m3_lora": dict(loss=5.8e-6, grad_norm=1.4e-5, adapters=5.4e-6),
+          "m3_lora_moe": dict(loss=9.3e-6, grad_norm=1.6e-5, adapters=1.2e-6)}
 FLAGS = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "float32",
          "--batch_size", "4", "--accumulation_steps", "3", "--learning_rate", "5e-3",
          "--epochs", "2", "--grad_clip", "1.0", "--log_interval", "1", "--lora_name",
@@ -71,11 +83,10 @@ def test_lora_matches_reference(tmp_path, case):
     run_dir, records, golden = run_lora(tmp_path, case)
     config = CASES[case]["config"].replace(lora_rank=16)
     assert [r["step"] for r in records] == list(range(20))
-    losses = np.array([r["loss"] for r in records])
     expected = golden["loss_backward"] * 3  # the script back-propagates loss / accumulation
-    diff = np.abs(losses - expected).max()
-    print(f"{case}: max |loss - reference| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    bound = BOUNDS[case]
+    assert_within(f"{case} loss", max_abs_diff([r["loss"] for r in records], expected),
+                  bound["loss"])
     np.testing.assert_allclose([r["lr"] for r in records], golden["lr"], rtol=1e-6, atol=0)
     # updates made by a step (minimind-3's end-of-epoch flushes, after micro-steps 10 and 20,
     # are not a step's and have no record)
@@ -84,9 +95,9 @@ def test_lora_matches_reference(tmp_path, case):
     updates = [r["step"] + 1 for r in records if "grad_norm" in r]
     assert updates == [u for u, _ in in_step], updates
     norms = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
-    norm_diff = np.abs(norms - np.array([n for _, n in in_step])).max()
-    print(f"{case}: max |pre-clip norm - reference| = {norm_diff:.3g}")
-    assert norm_diff <= 1e-4 * golden["clip_total_norm"].max() + 1e-6, norm_diff
+    theirs = np.array([n for _, n in in_step])
+    assert_within(f"{case} pre-clip grad norm (relative)",
+                  float(np.max(np.abs(norms - theirs) / theirs)), bound["grad_norm"])
 
     # the final adapters, from the checkpoint and from the adapter file written at the end
     params, saved_config, _ = checkpoint.restore_params(run_dir)
@@ -94,9 +105,8 @@ def test_lora_matches_reference(tmp_path, case):
     ours = lora.adapter_state_dict(params, config)
     final = _prefixed(golden, "lora_final/")
     assert set(ours) == set(final)
-    worst = max(float(np.abs(ours[k] - final[k]).max()) for k in final)
-    print(f"{case}: max |adapter - reference final| = {worst:.3g}")
-    assert worst <= 2e-5, worst
+    assert_within(f"{case} final adapters",
+                  max(max_abs_diff(ours[k], final[k]) for k in final), bound["adapters"])
     # the frozen base is unchanged
     from minimind_jax.model import weights
 

@@ -14,7 +14,7 @@ from minimind_jax.model.transformer import (
     moe_aux_loss,
 )
 from minimind_jax.model.weights import params_from_state_dict
-from tests.helpers import TINY_CONFIG, golden_state_dict
+from tests.helpers import TINY_CONFIG, assert_within, golden_state_dict, max_abs_diff
 
 TINY_MOE = TINY_CONFIG.replace(use_moe=True)
 
@@ -31,9 +31,8 @@ def _logits(config, params, ids, **kw):
 def test_golden_logits(golden, name, config):
     params = params_from_state_dict(golden_state_dict(golden, f"{name}/init/"), config)
     logits, _ = _logits(config, params, golden["pre_X"][:2])
-    expected = golden[f"{name}/logits"]
-    diff = np.abs(np.asarray(logits[:, :16]) - expected).max()
-    assert diff < 1e-4, diff
+    assert_within(f"{name} logits", max_abs_diff(logits[:, :16], golden[f"{name}/logits"]),
+                  5.0e-6)  # about 3x the 1.5e-6 / 1.7e-6 (MoE) measured
 
 
 def test_moe_aux_loss_matches_spec_formula(golden):
@@ -60,7 +59,7 @@ def test_moe_aux_loss_matches_spec_formula(golden):
             np.add.at(f[b], top[b].reshape(-1), 1.0)
         f /= T * 2 / E
         expected += 0.1 * np.mean(np.sum(f * scores.mean(axis=1), axis=1))
-    assert abs(float(aux) - expected) < 1e-6, (float(aux), expected)
+    assert_within("moe aux vs the formula", abs(float(aux) - expected), 1.3e-7)
     assert float(aux) > 0
 
 

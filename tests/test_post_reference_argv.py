@@ -11,7 +11,14 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.model import weights
-from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR, metrics
+from tests.helpers import (
+    FIXTURES,
+    MINIMIND3_TOKENIZER_DIR,
+    TOKENIZER_DIR,
+    assert_within,
+    max_abs_diff,
+    metrics,
+)
 
 POST = FIXTURES / "post"
 pytest.importorskip("torch")  # the references' layout holds .pth weights
@@ -38,9 +45,11 @@ def _layout(root, golden, minimind3: bool):
     return root
 
 
-@pytest.mark.parametrize("case, run_name", [("m2_dpo", "rlhf_64"), ("m3_dpo", "dpo_64"),
-                                            ("m3_distill_moe_teacher", "full_dist_64")])
-def test_reference_command_line(tmp_path, monkeypatch, case, run_name):
+# about 3x the per-step loss differences measured on the CPU (float32)
+@pytest.mark.parametrize("case, run_name, bound", [
+    ("m2_dpo", "rlhf_64", 5.4e-7), ("m3_dpo", "dpo_64", 7.4e-6),
+    ("m3_distill_moe_teacher", "full_dist_64", 2.9e-6)])
+def test_reference_command_line(tmp_path, monkeypatch, case, run_name, bound):
     golden = np.load(POST / f"{case}.npz")
     minimind3 = case.startswith("m3")
     monkeypatch.chdir(_layout(tmp_path, golden, minimind3))
@@ -49,7 +58,7 @@ def test_reference_command_line(tmp_path, monkeypatch, case, run_name):
             "--recipe", "minimind3" if minimind3 else "minimind2"]
     assert cli.main(argv) == 0
     records = metrics(tmp_path / "out" / run_name)
-    losses = np.array([r["loss"] for r in records])
-    diff = np.abs(losses - golden["loss_backward"]).max()  # accumulation 1 in these cases
-    print(f"{case}: {' '.join(argv)}\n  max |loss - reference| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    print(" ".join(argv))
+    assert_within(f"{case} loss", max_abs_diff([r["loss"] for r in records],
+                                               golden["loss_backward"]),  # accumulation 1
+                  bound)

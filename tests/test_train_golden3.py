@@ -1,8 +1,10 @@
 """minimind-3 golden parity through the CLI: `pretrain`/`sft --arch minimind3 --recipe
 minimind3` reproduce minimind-3's trainer (SPEC3 section 5) from the golden initial weights.
 
-fp32 on CPU, matmul precision "highest" (conftest); the order, LRs, samples and draws are
-minimind-3's (seed 42 + epoch), read back from metrics.jsonl and the checkpoint.
+fp32 on CPU; the order, LRs, samples and draws are minimind-3's (seed 42 + epoch), read back
+from metrics.jsonl and the checkpoint. The dense pretrain and SFT runs go through the real entry
+point (`python -m minimind_jax.cli` in a child, the CLI's XLA:CPU defaults applied, none of the
+tests' jax options); the others in this process (matmul precision "highest", conftest).
 """
 
 import json
@@ -19,7 +21,9 @@ from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,
     SFT_JSONL,
+    assert_within,
     golden_state_dict,
+    max_abs_diff,
     run_cli_from_init,
 )
 
@@ -28,9 +32,10 @@ TINY_MINIMIND3 = ["--arch", "minimind3", "--recipe", "minimind3", "--dim", "64",
                   "--log_interval", "1"]
 
 
-def run_cli(tmp_path, command, data, init_sd, extra):
+def run_cli(tmp_path, command, data, init_sd, extra, entry_point=False):
     return run_cli_from_init(tmp_path, command, data, init_sd,
-                             ["--tokenizer", str(MINIMIND3_TOKENIZER_DIR), *TINY_MINIMIND3, *extra])
+                             ["--tokenizer", str(MINIMIND3_TOKENIZER_DIR), *TINY_MINIMIND3, *extra],
+                             entry_point)
 
 
 PRETRAIN = ["--accumulation_steps", "2", "--learning_rate", "5e-4", "--epochs", "2"]
@@ -39,21 +44,20 @@ PRETRAIN = ["--accumulation_steps", "2", "--learning_rate", "5e-4", "--epochs", 
 @pytest.mark.slow
 def test_dense_pretrain_matches_minimind3(tmp_path, minimind3_golden):
     run_dir, records = run_cli(tmp_path, "pretrain", PRETRAIN_JSONL,
-                               golden_state_dict(minimind3_golden, "dense/init/"), PRETRAIN)
+                               golden_state_dict(minimind3_golden, "dense/init/"), PRETRAIN,
+                               entry_point=True)
     losses = np.array([r["loss"] for r in records])
     assert losses.shape == (40,)
-    diff = np.abs(losses - minimind3_golden["dense/pretrain_loss"]).max()
-    print(f"dense pretrain: max |loss - golden| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    assert_within("dense pretrain loss",
+                  max_abs_diff(losses, minimind3_golden["dense/pretrain_loss"]), 1.4e-5)
     np.testing.assert_array_equal([r["lr"] for r in records], minimind3_golden["dense/pretrain_lr"])
 
     params, config, _ = load_weights(run_dir)
     got = weights.state_dict_from_params(params, config)
     expected = golden_state_dict(minimind3_golden, "dense/after_pretrain/")
     assert set(got) == set(expected)
-    worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
-    print(f"dense after pretrain: max |w - golden| = {worst:.3g}")
-    assert worst <= 1e-4, worst
+    assert_within("dense weights after pretrain",
+                  max(max_abs_diff(got[k], expected[k]) for k in expected), 2.0e-5)
 
 
 @pytest.mark.slow
@@ -62,11 +66,10 @@ def test_moe_pretrain_matches_minimind3(tmp_path, minimind3_golden):
                          golden_state_dict(minimind3_golden, "moe/init/"), [*PRETRAIN, "--use_moe"])
     losses = np.array([r["loss"] for r in records])
     assert losses.shape == (40,)
-    diff = np.abs(losses - minimind3_golden["moe/pretrain_loss"]).max()
-    aux = np.array([r["aux"] for r in records])
-    aux_diff = np.abs(aux - minimind3_golden["moe/pretrain_aux"]).max()
-    print(f"moe pretrain: max |loss - golden| = {diff:.3g}, max |aux - golden| = {aux_diff:.3g}")
-    assert diff <= 1e-4 and aux_diff <= 1e-6, (diff, aux_diff)
+    assert_within("moe pretrain loss",
+                  max_abs_diff(losses, minimind3_golden["moe/pretrain_loss"]), 1.7e-5)
+    assert_within("moe pretrain aux", max_abs_diff([r["aux"] for r in records],
+                                                   minimind3_golden["moe/pretrain_aux"]), 1.1e-9)
     np.testing.assert_array_equal([r["lr"] for r in records], minimind3_golden["moe/pretrain_lr"])
 
 
@@ -77,12 +80,11 @@ def test_dense_sft_matches_minimind3(tmp_path, minimind3_golden):
     _, records = run_cli(tmp_path, "sft", SFT_JSONL,
                          golden_state_dict(minimind3_golden, "dense/after_pretrain/"),
                          ["--accumulation_steps", "1", "--learning_rate", "5e-5",
-                          "--epochs", "1"])
+                          "--epochs", "1"], entry_point=True)
     losses = np.array([r["loss"] for r in records])
     assert losses.shape == (10,)
-    diff = np.abs(losses - minimind3_golden["dense/sft_loss"]).max()
-    print(f"dense sft: max |loss - golden| = {diff:.3g}")
-    assert diff <= 1e-4, diff
+    assert_within("dense sft loss", max_abs_diff(losses, minimind3_golden["dense/sft_loss"]),
+                  5.7e-6)
     np.testing.assert_array_equal([r["lr"] for r in records], minimind3_golden["dense/sft_lr"])
 
 
