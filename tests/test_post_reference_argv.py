@@ -48,7 +48,8 @@ def _layout(root, golden, minimind3: bool):
 # about 3x the per-step loss differences measured on the CPU (float32)
 @pytest.mark.parametrize("case, run_name, bound", [
     ("m2_dpo", "rlhf_64", 5.4e-7), ("m3_dpo", "dpo_64", 7.4e-6),
-    ("m3_distill_moe_teacher", "full_dist_64", 2.9e-6)])
+    ("m3_distill_moe_teacher", "full_dist_64", 2.9e-6)],
+    ids=["m2_dpo", "m3_dpo", "m3_distill_moe_teacher"])
 def test_reference_command_line(tmp_path, monkeypatch, case, run_name, bound):
     golden = np.load(POST / f"{case}.npz")
     minimind3 = case.startswith("m3")
