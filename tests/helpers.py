@@ -109,3 +109,17 @@ def subprocess_env(n_devices: int | None = None) -> dict:
 def child_argv(script: str, *args) -> list[str]:
     """Command line running tests/children/`script`.py with `args` in this Python."""
     return [sys.executable, str(CHILDREN / f"{script}.py"), *map(str, args)]
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.005):
+    """Poll `predicate` every `poll_s` seconds until it returns something true (returned);
+    after `timeout_s` seconds raise AssertionError naming `what` the test waited for, so a
+    wait that never ends fails in its own test instead of hanging the run."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(poll_s)
+    return result

@@ -69,7 +69,7 @@ def test_generate_from_minimind3_pth(tmp_path, minimind3_golden, capsys):
 def test_hf_qwen3_export_matches_transformers(tmp_path, minimind3_golden, name):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "Qwen3MoeForCausalLM"):
-        pytest.skip("transformers without Qwen3 (needs >= 4.51)")
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3 (needs >= 4.51)")
     config = CONFIGS[name]
     params = weights.params_from_state_dict(
         golden_state_dict(minimind3_golden, f"{name}/init/"), config)
