@@ -123,3 +123,36 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.005):
             raise AssertionError(f"waited {timeout_s:g} s for {what}")
         time.sleep(poll_s)
     return result
+
+
+def greedy_by_recomputation(params, config, prompt, n_new, eos_id=None, width=None):
+    """Greedy decoding written apart from the package's decoder (no KV cache, no left padding,
+    no sampling code): for every new token the whole sequence, right-padded to `width`
+    (default: prompt + n_new, one compilation), goes through the model's apply and the last
+    real position's argmax is taken; stops after `eos_id`. Right padding cannot change a
+    causal model's logits at the real positions."""
+    import jax
+    import jax.numpy as jnp
+
+    from minimind_jax.model.transformer import MiniMind
+
+    forward = jax.jit(lambda p, ids: MiniMind(config).apply({"params": p}, ids)[0])
+    width = width or len(prompt) + n_new
+    ids, new = list(prompt), []
+    for _ in range(n_new):
+        padded = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
+        token = int(jnp.argmax(forward(params, padded)[0, len(ids) - 1]))
+        new.append(token)
+        ids.append(token)
+        if token == eos_id:
+            break
+    return new
+
+
+def answer_by_hf_tokenizers(tokenizer_dir, new: list[int], eos_id: int) -> str:
+    """The text of generated tokens as the references decode a reply (EOS left out,
+    skip_special_tokens=True), by the `tokenizers` library straight from tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(pathlib.Path(tokenizer_dir) / "tokenizer.json"))
+    return tokenizer.decode([t for t in new if t != eos_id], skip_special_tokens=True)

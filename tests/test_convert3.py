@@ -9,7 +9,12 @@ from minimind_jax import cli
 from minimind_jax.model import convert, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
-from tests.helpers import MINIMIND3_TOKENIZER_DIR, golden_state_dict
+from tests.helpers import (
+    MINIMIND3_TOKENIZER_DIR,
+    answer_by_hf_tokenizers,
+    golden_state_dict,
+    greedy_by_recomputation,
+)
 from tests.test_model3 import CONFIGS
 
 torch = pytest.importorskip("torch")
@@ -58,11 +63,24 @@ def test_export_to_minimind3_pth_round_trip(tmp_path, minimind3_golden):
 
 
 def test_generate_from_minimind3_pth(tmp_path, minimind3_golden, capsys):
+    """`generate` on minimind-3's float16 .pth prints the text of the greedy tokens that a full
+    recomputation per token (no cache) of the same float16-rounded weights gives."""
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.infer.generate import encode_prompt
+
     weights_file, _ = _minimind3_files(tmp_path, minimind3_golden, "dense/init/")
     assert cli.main(["generate", "--ckpt", str(weights_file), "--tokenizer",
                      str(MINIMIND3_TOKENIZER_DIR), "--prompt", "你好", "--temperature", "0",
-                     "--max_new_tokens", "4"]) == 0
-    assert "你好" in capsys.readouterr().out
+                     "--max_new_tokens", "4", "--dtype", "float32"]) == 0
+    tokenizer = load_tokenizer(MINIMIND3_TOKENIZER_DIR)
+    sd = {k: v.astype(np.float16).astype(np.float32)
+          for k, v in golden_state_dict(minimind3_golden, "dense/init/").items()}
+    new = greedy_by_recomputation(weights.params_from_state_dict(sd, CONFIGS["dense"]),
+                                  CONFIGS["dense"], encode_prompt(tokenizer, "你好", True), 4,
+                                  eos_id=tokenizer.eos_id)
+    answer = answer_by_hf_tokenizers(MINIMIND3_TOKENIZER_DIR, new, tokenizer.eos_id)
+    assert "</think>" not in answer  # else the command prints the part after it as the answer
+    assert capsys.readouterr().out == f"prompt: 你好\nanswer: {answer}\n\n"
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
