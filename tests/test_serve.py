@@ -83,7 +83,7 @@ def test_openai_client_answer_equals_generate(server, expected, stream):
 def test_eight_concurrent_clients_are_batched_and_get_their_own_answers(server, expected):
     url, engine = server
     steps_before, tokens_before = engine.steps_run, engine.tokens_generated
-    barrier = threading.Barrier(len(QUESTIONS))
+    barrier = threading.Barrier(len(QUESTIONS), timeout=60)
 
     def one(i):
         barrier.wait()
