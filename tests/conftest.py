@@ -3,6 +3,7 @@ cache and the golden fixtures. Everything else the tests share is in tests/helpe
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 import jax
@@ -13,6 +14,7 @@ from tests.helpers import (
     GOLDEN_PATH,
     JAX_OPTIONS,
     MINIMIND3_GOLDEN_PATH,
+    REPO_ROOT,
     TEST_COMPILE_CACHE,
     compile_cache_options,
 )
@@ -21,6 +23,8 @@ for _name, _value in JAX_OPTIONS.items():
     jax.config.update(_name, _value)
 
 _OWNED_CACHE = pytest.StashKey[str]()
+_REPO_BEFORE = pytest.StashKey[set]()
+_REPO_WRITES = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
@@ -34,6 +38,51 @@ def pytest_configure(config):
         config.stash[_OWNED_CACHE] = os.environ[TEST_COMPILE_CACHE]
     for name, value in compile_cache_options().items():
         jax.config.update(name, value)
+    if "PYTEST_XDIST_WORKER" not in os.environ and (before := repo_paths()) is not None:
+        config.stash[_REPO_BEFORE] = before
+
+
+# Tests write only into temporary folders: the repository's untracked and ignored paths (caches
+# of bytecode, pytest and ruff aside) and its fixtures are the same after the run as before.
+_NOT_WRITES = ("__pycache__/", ".pytest_cache/", ".ruff_cache/")
+
+
+def repo_paths() -> set[str] | None:
+    """The repository's untracked and ignored paths, one per file, and the tracked files under
+    tests/fixtures that differ from the index, as "XY path" lines of `git status`; None
+    without git or outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "-z", "--ignored",
+             "--untracked-files=all"], cwd=REPO_ROOT, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    entries = [e for e in out.stdout.decode(errors="replace").split("\0") if e]
+    return {e for e in entries
+            if len(e) > 3 and not any(part in e for part in _NOT_WRITES)
+            and (e[:2] in ("??", "!!") or e[3:].startswith("tests/fixtures/"))}
+
+
+def pytest_sessionfinish(session):
+    """The controller (not a pytest-xdist worker) compares the repository with its state at
+    the start: a path that a test wrote outside its temporary folders fails the run."""
+    before = session.config.stash.get(_REPO_BEFORE, None)
+    if before is None or (after := repo_paths()) is None:
+        return
+    if new := sorted(after - before):
+        session.config.stash[_REPO_WRITES] = new
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if new := config.stash.get(_REPO_WRITES, None):
+        terminalreporter.section("writes outside temporary folders", red=True, bold=True)
+        terminalreporter.line("the run left these in the repository (git status; tests must "
+                              "write only under tmp_path):")
+        for entry in new:
+            terminalreporter.line(f"  {entry}")
 
 
 def pytest_unconfigure(config):

@@ -193,3 +193,50 @@ def assert_same_run(what: str, expected: list[dict], actual: list[dict], loss_bo
                   max((abs(b - a) / a for a, b in norms), default=0.0), norm_bound)
     return assert_within(f"{what}: loss", max_abs_diff([r["loss"] for r in actual],
                                                        [r["loss"] for r in expected]), loss_bound)
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.005):
+    """Poll `predicate` every `poll_s` seconds until it returns something true (returned);
+    after `timeout_s` seconds raise AssertionError naming `what` the test waited for, so a
+    wait that never ends fails in its own test instead of hanging the run."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(poll_s)
+    return result
+
+
+def greedy_by_recomputation(params, config, prompt, n_new, eos_id=None, width=None):
+    """Greedy decoding written apart from the package's decoder (no KV cache, no left padding,
+    no sampling code): for every new token the whole sequence, right-padded to `width`
+    (default: prompt + n_new, one compilation), goes through the model's apply and the last
+    real position's argmax is taken; stops after `eos_id`. Right padding cannot change a
+    causal model's logits at the real positions."""
+    import jax
+    import jax.numpy as jnp
+
+    from minimind_jax.model.transformer import MiniMind
+
+    forward = jax.jit(lambda p, ids: MiniMind(config).apply({"params": p}, ids)[0])
+    width = width or len(prompt) + n_new
+    ids, new = list(prompt), []
+    for _ in range(n_new):
+        padded = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
+        token = int(jnp.argmax(forward(params, padded)[0, len(ids) - 1]))
+        new.append(token)
+        ids.append(token)
+        if token == eos_id:
+            break
+    return new
+
+
+def answer_by_hf_tokenizers(tokenizer_dir, new: list[int], eos_id: int) -> str:
+    """The text of generated tokens as the references decode a reply (EOS left out,
+    skip_special_tokens=True), by the `tokenizers` library straight from tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(pathlib.Path(tokenizer_dir) / "tokenizer.json"))
+    return tokenizer.decode([t for t in new if t != eos_id], skip_special_tokens=True)

@@ -18,7 +18,12 @@ from minimind_jax.infer.reply_text import (
     split_thinking,
 )
 from minimind_jax.model.config import arch_defaults
-from tests.helpers import MINIMIND3_TOKENIZER_DIR, TOKENIZER_DIR
+from tests.helpers import (
+    MINIMIND3_TOKENIZER_DIR,
+    TOKENIZER_DIR,
+    answer_by_hf_tokenizers,
+    greedy_by_recomputation,
+)
 
 TINY_MINIMIND3 = arch_defaults("minimind3").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                            max_seq_len=512)
@@ -283,19 +288,29 @@ def test_live_server_takes_tools_with_the_minimind3_template(minimind3_params):
                                                       message.content]
 
 
-def test_generate_command_with_a_minimind3_model(minimind3_params, tmp_path, capsys):
-    """`generate` on a minimind-3 weights file with its tokenizer, with and without
-    --think; --think on MiniMind2's template is a user error."""
+def test_generate_command_with_a_minimind3_model(minimind3_params, minimind3_tok, tmp_path,
+                                                capsys):
+    """`generate` on a minimind-3 weights file with its tokenizer prints the text of the greedy
+    tokens of a full recomputation per token (no cache): without --think as the answer, with
+    --think (the prompt opened the block, and no </think> came) as the thinking; --think on
+    MiniMind2's template is a user error."""
     from minimind_jax import cli
     from minimind_jax.model import weights
 
     path = tmp_path / "full_sft_64.npz"
     np.savez(path, **weights.state_dict_from_params(minimind3_params, TINY_MINIMIND3))
     base = ["generate", "--ckpt", str(path), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),
-            "--n_heads", "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好"]
-    for extra in ([], ["--think", "--system", "简短回答"]):
+            "--n_heads", "4", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "你好",
+            "--dtype", "float32"]
+    for extra, think in (([], False), (["--think", "--system", "简短回答"], True)):
         assert cli.main(base + extra) == 0
-        out = capsys.readouterr().out
-        assert out.startswith("prompt: 你好\n") and "answer: " in out
+        prompt = gen.encode_prompt(minimind3_tok, "你好", True, "简短回答" if think else None,
+                                   think=think)
+        new = greedy_by_recomputation(minimind3_params, TINY_MINIMIND3, prompt, 4,
+                                      eos_id=minimind3_tok.eos_id)
+        text = answer_by_hf_tokenizers(MINIMIND3_TOKENIZER_DIR, new, minimind3_tok.eos_id)
+        assert text.strip() and "</think>" not in text  # else the answer/thinking split differs
+        shown = f"thinking: {text}\nanswer: \n" if think else f"answer: {text}\n"
+        assert capsys.readouterr().out == f"prompt: 你好\n{shown}\n"
     assert cli.main(base[:4] + [str(TOKENIZER_DIR)] + base[5:] + ["--think"]) == 2
     assert "--think needs" in capsys.readouterr().err

@@ -9,7 +9,14 @@ from minimind_jax import cli
 from minimind_jax.model import convert, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind
-from tests.helpers import MINIMIND3_TOKENIZER_DIR, assert_within, golden_state_dict, max_abs_diff
+from tests.helpers import (
+    MINIMIND3_TOKENIZER_DIR,
+    answer_by_hf_tokenizers,
+    assert_within,
+    golden_state_dict,
+    greedy_by_recomputation,
+    max_abs_diff,
+)
 from tests.test_model3 import CONFIGS
 
 torch = pytest.importorskip("torch")
@@ -58,18 +65,37 @@ def test_export_to_minimind3_pth_round_trip(tmp_path, minimind3_golden):
 
 
 def test_generate_from_minimind3_pth(tmp_path, minimind3_golden, capsys):
-    weights_file, _ = _minimind3_files(tmp_path, minimind3_golden, "dense/init/")
+    """`generate` on a minimind-3 float16 .pth prints the text of the greedy tokens that a full
+    recomputation per token (no cache) of the same float16-rounded weights gives. The weights
+    are the reference's init with the linear layers scaled 8x: as they are, the model says
+    "\\n" over and over, which a decoder that got positions wrong says too."""
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.infer.generate import encode_prompt
+
+    sharp = {f"sharp/{k}": v * 8 if k.endswith("proj.weight") else v
+             for k, v in golden_state_dict(minimind3_golden, "dense/init/").items()
+             if k != "lm_head.weight"}
+    weights_file, _ = _minimind3_files(tmp_path, sharp, "sharp/")
     assert cli.main(["generate", "--ckpt", str(weights_file), "--tokenizer",
                      str(MINIMIND3_TOKENIZER_DIR), "--prompt", "你好", "--temperature", "0",
-                     "--max_new_tokens", "4"]) == 0
-    assert "你好" in capsys.readouterr().out
+                     "--max_new_tokens", "8", "--dtype", "float32"]) == 0
+    tokenizer = load_tokenizer(MINIMIND3_TOKENIZER_DIR)
+    sd = {k: v.astype(np.float16).astype(np.float32)
+          for k, v in golden_state_dict(sharp, "sharp/").items()}
+    new = greedy_by_recomputation(weights.params_from_state_dict(sd, CONFIGS["dense"]),
+                                  CONFIGS["dense"], encode_prompt(tokenizer, "你好", True), 8,
+                                  eos_id=tokenizer.eos_id)
+    assert len(set(new)) > 3  # not a repeat
+    answer = answer_by_hf_tokenizers(MINIMIND3_TOKENIZER_DIR, new, tokenizer.eos_id)
+    assert "</think>" not in answer  # else the command prints the part after it as the answer
+    assert capsys.readouterr().out == f"prompt: 你好\nanswer: {answer}\n\n"
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_hf_qwen3_export_matches_transformers(tmp_path, minimind3_golden, name):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "Qwen3MoeForCausalLM"):
-        pytest.skip("transformers without Qwen3 (needs >= 4.51)")
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3 (needs >= 4.51)")
     config = CONFIGS[name]
     params = weights.params_from_state_dict(
         golden_state_dict(minimind3_golden, f"{name}/init/"), config)

@@ -5,16 +5,22 @@ import json
 import numpy as np
 import pytest
 
+from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import SkipReport, iter_jsonl_chunks, sft_loss_mask
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
-from tests.reference_samples import minimind2_pretrain_sample, minimind2_sft_sample
+from tests.spec_samples import SpecTokenizer, minimind2_pretrain_sample, minimind2_sft_sample
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def spec_tok():
+    return SpecTokenizer(TOKENIZER_DIR)
 
 
 def _lines(path):
@@ -25,11 +31,14 @@ def _lines(path):
     (PRETRAIN_JSONL, minimind2_pretrain_sample, "text", "pre", 80),
     (SFT_JSONL, minimind2_sft_sample, "conversations", "sft", 40),
 ], ids=["pretrain", "sft"])
-def test_samples_equal_golden(tok, golden, path, make_sample, field, prefix, count):
+def test_spec_samples_equal_golden(spec_tok, golden, path, make_sample, field, prefix, count):
+    """tests/spec_samples' MiniMind2 rules (what the package is checked against where no
+    golden holds the sample) give the reference's samples; test_prepare checks the package's
+    own against these goldens."""
     records = _lines(path)
     assert len(records) == len(golden[f"{prefix}_X"]) == count
     for i, record in enumerate(records):
-        x, y, mask = make_sample(tok, record[field], 64)
+        x, y, mask = make_sample(spec_tok, record[field], 64)
         np.testing.assert_array_equal(x, golden[f"{prefix}_X"][i])
         np.testing.assert_array_equal(y, golden[f"{prefix}_Y"][i])
         np.testing.assert_array_equal(mask, golden[f"{prefix}_mask"][i])
@@ -52,15 +61,25 @@ def test_sft_loss_mask_rule(ids, expected):
     np.testing.assert_array_equal(sft_loss_mask(np.array(ids), [1, 9], [2]), expected)
 
 
-def test_sft_roles_by_position_and_truncated_reply(tok):
-    # The role field is ignored (reference behaviour): the odd turn is supervised regardless.
+def test_sft_roles_by_position_and_truncated_reply(tok, spec_tok, tmp_path):
+    """The package's SFT rows (through its data path) of two odd conversations are the spec's
+    samples: the role field is ignored (reference behaviour: the odd turn is supervised
+    regardless), and a reply truncated away leaves no supervised token (the loss must handle
+    it)."""
     turns = [{"role": "assistant", "content": "q"}, {"role": "user", "content": "answer"}]
-    x, y, mask = minimind2_sft_sample(tok, turns, 64)
-    supervised = tok.decode(y[mask == 1])
-    assert supervised == "answer</s>\n"
-    # A reply truncated away leaves no supervised token (the loss must handle it).
     long_user = [{"role": "user", "content": "很" * 200}, {"role": "assistant", "content": "a"}]
-    assert minimind2_sft_sample(tok, long_user, 64)[2].sum() == 0
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n"
+                            for c in (turns, long_user)), encoding="utf-8")
+    source = open_source(path, tok, "sft", 64, cache_dir=tmp_path / "cache", log=lambda m: None)
+    batch = source.get_batch(np.arange(2))
+    assert tok.decode(batch["labels"][0][batch["loss_mask"][0] == 1]) == "answer</s>\n"
+    assert batch["loss_mask"][1].sum() == 0
+    for i, conversation in enumerate((turns, long_user)):
+        x, y, mask = minimind2_sft_sample(spec_tok, conversation, 64)
+        np.testing.assert_array_equal(batch["input_ids"][i], x)
+        np.testing.assert_array_equal(batch["labels"][i], y)
+        np.testing.assert_array_equal(batch["loss_mask"][i], mask)
 
 
 def _read_all(tmp_path, content: bytes, stage="pretrain", **kwargs):

@@ -10,12 +10,17 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import load_tokenizer
 from tests.helpers import MINIMIND3_TOKENIZER_DIR, PRETRAIN_JSONL, SFT_JSONL
-from tests.reference_samples import minimind3_pretrain_sample, minimind3_sft_sample
+from tests.spec_samples import SpecTokenizer, minimind3_pretrain_sample, minimind3_sft_sample
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(MINIMIND3_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def spec_tok():
+    return SpecTokenizer(MINIMIND3_TOKENIZER_DIR)
 
 
 def _records(path):
@@ -28,15 +33,18 @@ def test_system_prompts_and_markers(minimind3_golden, tok):
     assert minimind3.sft_markers(tok) == ([1, 1388, 570, 811, 234], [2, 234])  # SPEC3 sec. 3
 
 
-def test_pretrain_samples(minimind3_golden, tok):
+def test_spec_pretrain_samples_equal_golden(minimind3_golden, spec_tok):
+    """tests/spec_samples' minimind-3 pretrain rule (what the package is checked against
+    elsewhere) gives the reference's samples."""
     for i, record in enumerate(_records(PRETRAIN_JSONL)):
-        ids, labels = minimind3_pretrain_sample(tok, record["text"], 64)
+        ids, labels = minimind3_pretrain_sample(spec_tok, record["text"], 64)
         np.testing.assert_array_equal(ids, minimind3_golden["pre_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, minimind3_golden["pre_labels"][i], err_msg=str(i))
 
 
-def test_sft_draws_and_samples_in_index_order(minimind3_golden, tok):
-    """`random.seed(42)`, items 0..39: draws, ids and labels equal minimind-3's SFTDataset."""
+def test_sft_draws_and_samples_in_index_order(minimind3_golden, tok, spec_tok):
+    """`random.seed(42)`, items 0..39: the package's draws equal minimind-3's SFTDataset's, and
+    tests/spec_samples' SFT rule with those draws gives its ids and labels."""
     records = _records(SFT_JSONL)
     slots = minimind3.sft_ids_batch(tok, [minimind3.sft_messages(r) for r in records], None)
     draws_system = np.array([len(slots[3 * i + 2]) > 0 for i in range(len(records))])
@@ -46,8 +54,11 @@ def test_sft_draws_and_samples_in_index_order(minimind3_golden, tok):
     np.testing.assert_array_equal(system_idx, minimind3_golden["sft_system_idx"])
     np.testing.assert_array_equal(stripped, minimind3_golden["sft_think_stripped"])
     assert (system_idx >= 0).any() and (stripped == 0).any() and (stripped == 1).any()
+    prompts = json.loads(str(minimind3_golden["sft_system_prompts_json"]))
     for i, record in enumerate(records):
-        ids, labels = minimind3_sft_sample(tok, record, 64, system_idx[i], stripped[i])
+        ids, labels = minimind3_sft_sample(spec_tok, record, 64,
+                                           prompts[system_idx[i]] if system_idx[i] >= 0
+                                           else None, bool(stripped[i]))
         np.testing.assert_array_equal(ids, minimind3_golden["sft_input_ids"][i], err_msg=str(i))
         np.testing.assert_array_equal(labels, minimind3_golden["sft_labels"][i], err_msg=str(i))
 
@@ -76,7 +87,7 @@ def _batch_to_minimind3(batch):
     return ids, labels
 
 
-def test_sft_training_order_through_the_cache(minimind3_golden, tok, tmp_path):
+def test_sft_training_order_through_the_cache(minimind3_golden, tok, spec_tok, tmp_path):
     """The loader (token cache, torch order, per-epoch draws) gives the SFT samples minimind-3's
     trainer consumed, in its order; without randomness, the plain renders."""
     source = open_source(SFT_JSONL, tok, "sft", 64, cache_dir=tmp_path, rules="minimind3",
@@ -98,7 +109,7 @@ def test_sft_training_order_through_the_cache(minimind3_golden, tok, tmp_path):
                         sft_random=False)
     first, _ = _batch_to_minimind3(plain.for_epoch(0, order).get_batch(np.arange(40)))
     for i, record in enumerate(_records(SFT_JSONL)):
-        np.testing.assert_array_equal(first[i], minimind3_sft_sample(tok, record, 64)[0])
+        np.testing.assert_array_equal(first[i], minimind3_sft_sample(spec_tok, record, 64)[0])
 
 
 def test_pretrain_through_the_cache(minimind3_golden, tok, tmp_path):

@@ -53,6 +53,7 @@ def test_idiom_fields_are_cleaned():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_tiny_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", "demo", "--tiny",

@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils timeout")
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_dry_run_runs_every_step_and_writes_the_table(tmp_path):
     env = subprocess_env() | {"OUT": str(tmp_path)}
     env.pop("REFERENCE_DIR", None)

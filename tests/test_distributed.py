@@ -1,7 +1,7 @@
 """Multi-process data parallel (jax.distributed over gloo) and --fsdp, against one device.
 
 Every run trains the same tiny model for 10 micro-steps of global batch 8 through the CLI; the
-reference is one process on one device with replicated params. Children are spawned (device
+baseline is one process on one device with replicated params. Children are spawned (device
 counts and the distributed runtime are per process); the pair talks through a coordinator on
 127.0.0.1 and gloo CPU collectives. The children are tests/children/distributed_run.py (a CLI run
 and its multi-process restore) and fsdp_run.py (the --fsdp run, its resume and its layout).
@@ -45,7 +45,7 @@ def argv(out_dir, cache_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def one_device(tmp_path_factory):
     """One process, one device, replicated: metrics and final params."""
     out = tmp_path_factory.mktemp("one")
     assert cli.main(argv(out, out / "cache")) == 0
@@ -102,8 +102,8 @@ def test_a_run_folder_in_use_stops_both_processes_with_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, reference):
-    expected, expected_params = reference
+def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, one_device):
+    expected, expected_params = one_device
     run_dir = tmp_path / "pair" / "pretrain_64"
     args = argv(tmp_path / "pair", tmp_path / "cache")  # own cache: process 0 builds it
     (out0, _), (out1, err1) = run_pair(args)
@@ -137,8 +137,9 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path, refe
 
 
 @pytest.mark.slow
-def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, reference):
-    expected, expected_params = reference
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
+def test_fsdp_on_four_devices_matches_replicated_and_holds_a_quarter(tmp_path, one_device):
+    expected, expected_params = one_device
     out = tmp_path / "fsdp"
     child = subprocess.run(child_argv("fsdp_run", *argv(out, tmp_path / "cache", "--fsdp")),
                            env=subprocess_env(4), cwd=REPO_ROOT, capture_output=True, text=True,

@@ -19,6 +19,7 @@ from minimind_jax.infer.sampling import (
     next_token_per_row,
 )
 from minimind_jax.serve.engine import BatchEngine, Completion, EngineConfig
+from tests.helpers import wait_until
 from tests.serve_fixtures import TINY, tiny_model
 
 
@@ -94,8 +95,7 @@ def test_a_request_does_not_wait_for_the_running_batch_to_finish(params):
     try:
         long_sink = recorder.sink("long")
         engine.submit(Completion([5, 6, 7, 8], greedy(100), long_sink))
-        while len(recorder.tokens("long")) < 10:
-            time.sleep(0.005)
+        wait_until(lambda: len(recorder.tokens("long")) >= 10, 120, "10 tokens of the long row")
         engine.submit(Completion([9, 10, 11], greedy(5), recorder.sink("short")))
         recorder.wait()
     finally:
@@ -250,8 +250,8 @@ def test_rows_decoding_keep_going_while_a_long_prompt_prefills(params):
     recorder = Recorder()
     try:
         engine.submit(Completion([5, 6, 7], greedy(100), recorder.sink("running")))
-        while len(recorder.tokens("running")) < 3:
-            time.sleep(0.005)
+        wait_until(lambda: len(recorder.tokens("running")) >= 3, 120,
+                   "3 tokens of the running row")
         engine.submit(Completion(list(range(3, 99)), greedy(4), recorder.sink("long")))
         recorder.wait()
     finally:
@@ -274,7 +274,7 @@ def test_a_decode_step_leaves_the_seen_tokens_of_a_prefilling_row_alone(params):
     try:
         engine.submit_all([Completion([5, 6, 7], greedy(2), recorder.sink("earlier")),
                            Completion([9, 10, 11], greedy(60), recorder.sink("running"))])
-        recorder.ended["earlier"].wait(60)
+        assert recorder.ended["earlier"].wait(60), "the earlier row did not end"
         stale = recorder.tokens("earlier")[-1]
         prompt = [t for t in range(3, 110) if t != stale][:96]
         engine.submit(Completion(prompt, greedy(1), recorder.sink("long")))
@@ -297,8 +297,8 @@ def test_long_prompts_arriving_together_take_turns_while_rows_decode(params):
     prompts = {"a": list(range(3, 51)), "b": list(range(60, 108))}
     try:
         engine.submit(Completion([5, 6, 7], greedy(100), recorder.sink("running")))
-        while len(recorder.tokens("running")) < 3:
-            time.sleep(0.005)
+        wait_until(lambda: len(recorder.tokens("running")) >= 3, 120,
+                   "3 tokens of the running row")
         engine.submit_all([Completion(prompts[name], greedy(2), recorder.sink(name))
                            for name in prompts])
         recorder.wait()
@@ -327,8 +327,8 @@ def test_the_choices_of_a_long_prompt_share_its_chunks(params):
         recorder = Recorder()
         try:
             engine.submit(Completion([5, 6, 7], greedy(60), recorder.sink("running")))
-            while len(recorder.tokens("running")) < 3:
-                time.sleep(0.005)
+            wait_until(lambda: len(recorder.tokens("running")) >= 3, 120,
+                       "3 tokens of the running row")
             submitted = len(recorder.log)
             engine.submit_all([Completion(prompt, sampled, recorder.sink(str(i)), seed=i)
                                for i in range(3)])

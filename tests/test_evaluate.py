@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.model.transformer import MiniMind
 from minimind_jax.model.weights import load_weights
 from tests.helpers import (
@@ -21,7 +20,8 @@ from tests.helpers import (
     TOKENIZER_DIR,
     subprocess_env,
 )
-from tests.reference_samples import (
+from tests.spec_samples import (
+    SpecTokenizer,
     minimind2_pretrain_sample,
     minimind2_sft_sample,
     minimind3_pretrain_sample,
@@ -68,7 +68,7 @@ def test_eval_loss_matches_a_per_sample_computation(tmp_path, capsys):
     assert evals[1]["eval_ppl"] == pytest.approx(np.exp(evals[1]["eval_loss"]))
 
     params, config, _ = load_weights(run_dir)
-    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    tokenizer = SpecTokenizer(TOKENIZER_DIR)  # the samples as the specs build them
     texts = [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()]
     samples = [minimind2_pretrain_sample(tokenizer, t, 64) for t in texts]
     expected = per_sample_masked_mean(params, config, samples)
@@ -109,7 +109,7 @@ def test_eval_of_a_minimind3_model_uses_heads_sample_rules(tmp_path, capsys):
                      *TINY_MINIMIND3_FLAGS, "--batch_size", "8", "--max_steps", "2"]) == 0
     run_dir = out / "pretrain_64"
     params, config, _ = load_weights(run_dir)
-    tokenizer = load_tokenizer(MINIMIND3_TOKENIZER_DIR)
+    tokenizer = SpecTokenizer(MINIMIND3_TOKENIZER_DIR)
 
     def minimind3_rows(rows):  # minimind-3's (input_ids, labels) -> next-token triplets
         return [(ids[:-1], ids[1:], (labels[1:] != -100).astype(np.int64))

@@ -9,7 +9,13 @@ from minimind_jax.infer import generate as gen
 from minimind_jax.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_params
-from tests.helpers import TINY_CONFIG, TOKENIZER_DIR, golden_state_dict
+from tests.helpers import (
+    TINY_CONFIG,
+    TOKENIZER_DIR,
+    answer_by_hf_tokenizers,
+    golden_state_dict,
+    greedy_by_recomputation,
+)
 
 TINY = TINY_CONFIG.replace(vocab_size=256)
 
@@ -20,20 +26,6 @@ def sharpened_params(config, seed=0, scale=4.0):
     params = init_params(config, seed)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * scale if "embeddings" not in jax.tree_util.keystr(path) else x, params)
-
-
-def greedy_by_recomputation(params, config, prompt, n_new, width=64):
-    """Reference decoder: run the whole sequence through the model (no cache, no left padding)
-    for every new token. Right padding to a fixed width cannot change a causal model's logits
-    at the last real position, and keeps this to one compilation."""
-    forward = jax.jit(lambda p, ids: MiniMind(config).apply({"params": p}, ids)[0])
-    ids, new = list(prompt), []
-    for _ in range(n_new):
-        padded = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
-        token = int(jnp.argmax(forward(params, padded)[0, len(ids) - 1]))
-        new.append(token)
-        ids.append(token)
-    return new
 
 
 @pytest.mark.parametrize("config", [
@@ -48,7 +40,7 @@ def test_cached_greedy_batch_equals_full_recomputation(config):
     sampling = gen.SamplingConfig(temperature=0.0, max_new_tokens=n_new)
     got = gen.generate_tokens(params, config, prompts, sampling, eos_id=None)
     for prompt, tokens in zip(prompts, got, strict=True):
-        expected = greedy_by_recomputation(params, config, prompt, n_new)
+        expected = greedy_by_recomputation(params, config, prompt, n_new, width=64)
         assert tokens == expected
     assert len({t for tokens in got for t in tokens}) > 20  # not a degenerate repeat
 
@@ -141,15 +133,30 @@ def reference_npz(tmp_path_factory, golden):
     return path
 
 
-def test_generate_command_on_reference_weights(reference_npz, capsys):
+def test_generate_command_on_reference_weights(reference_npz, golden, capsys):
+    """`generate --raw` of two prompts in one batch on the reference's pretrained weights
+    prints, for each, the text of the greedy tokens that a full recomputation per token (no
+    cache, no padding of the shorter prompt) gives, decoded by the `tokenizers` library."""
     from minimind_jax import cli
+    from minimind_jax.data.tokenizer import load_tokenizer
+    from minimind_jax.model import weights
 
+    prompts = ["床前明月光", "白日依山尽，黄河入海流"]
     code = cli.main(["generate", "--ckpt", str(reference_npz), "--tokenizer", str(TOKENIZER_DIR),
                      "--n_heads", "4", "--raw", "--temperature", "0", "--max_new_tokens", "6",
-                     "--prompt", "床前明月光", "--prompt", "白日依山尽，黄河入海流"])
+                     "--dtype", "float32", *(f for p in prompts for f in ("--prompt", p))])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert captured.out.count("prompt: ") == 2 and captured.out.count("answer: ") == 2
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    params = weights.params_from_state_dict(
+        golden_state_dict(golden, "dense/after_pretrain/"), TINY_CONFIG)
+    expected = ""
+    for prompt in prompts:
+        new = greedy_by_recomputation(params, TINY_CONFIG, gen.encode_prompt(
+            tokenizer, prompt, template=False), 6, eos_id=tokenizer.eos_id)
+        answer = answer_by_hf_tokenizers(TOKENIZER_DIR, new, tokenizer.eos_id)
+        expected += f"prompt: {prompt}\nanswer: {answer}\n\n"
+    assert captured.out == expected
     assert "2 prompts" in captured.err
 
 

@@ -55,8 +55,10 @@ def _bench(tmp_path, **env):
 
 
 def test_training_commands_run_with_hugepages(tmp_path):
-    if hugepage_environ({}, host_memory.glibc_version(), host_memory.thp_mode()) is None:
-        pytest.skip("this machine has no glibc 2.35+ with THP in madvise mode")
+    glibc, thp = host_memory.glibc_version(), host_memory.thp_mode()
+    if hugepage_environ({}, glibc, thp) is None:
+        libc = "glibc " + ".".join(map(str, glibc)) if glibc else "no glibc"
+        pytest.skip(f"needs glibc 2.35+ with THP in madvise mode (here: {libc}, THP {thp})")
     assert _bench(tmp_path)["host_hugepages"] is True
     assert _bench(tmp_path, **{ENV_SWITCH: "0"})["host_hugepages"] is False
 

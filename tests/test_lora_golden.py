@@ -258,7 +258,8 @@ def test_merge_for_export(tmp_path, capsys, case):
                  ["--ckpt", str(run_dir)]):
         assert cli.main(["eval", *ckpt, "--data_path", data, "--stage", "sft",
                          "--tokenizer", str(spec["tokenizer"]), "--max_seq_len", "64",
-                         "--dtype", "float32", *arch]) == 0
+                         "--dtype", "float32", "--cache_dir", str(tmp_path / "cache"),
+                         *arch]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]
         lines.append(float(line.split("eval_loss:")[1].split()[0]))
     assert abs(lines[0] - lines[1]) <= 1e-5, lines  # minimind-3's adapter file is float16

@@ -35,6 +35,7 @@ def argv(out_dir, cache_dir, extra):
 @pytest.mark.parametrize("extra", [["--batch_size", "6", "--epochs", "1"],
                                    ["--batch_size", "5", "--pack", "--max_steps", "6"]],
                          ids=["batch6", "packed-batch5"])
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_four_devices_match_one_device(tmp_path, extra):
     cache = tmp_path / "cache"
     assert cli.main(argv(tmp_path / "one", cache, extra)) == 0
@@ -60,6 +61,7 @@ def test_four_devices_match_one_device(tmp_path, extra):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_moe_batch_aux_loss_is_that_of_the_whole_batch_on_four_devices():
     # minimind-3's aux is not a mean over rows: a per-device aux averaged over 4 devices would
     # be 0.2038 instead of 0.2003 at step 0 here (as the shard_map step of a120bfa computed).
@@ -74,6 +76,7 @@ def test_moe_batch_aux_loss_is_that_of_the_whole_batch_on_four_devices():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [[], ["--fsdp"]], ids=["replicated", "fsdp"])
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_lora_on_four_devices_matches_one_device(tmp_path, layout):
     """The lora stage (frozen base, adapters trained) on 4 devices, replicated or FSDP, equals
     1 device: the same losses, gradient norms and final adapters."""

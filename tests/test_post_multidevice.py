@@ -28,6 +28,7 @@ TINY = ["--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--dtype", "flo
 
 @pytest.mark.parametrize("layout", [[], ["--fsdp"]], ids=["replicated", "fsdp"])
 @pytest.mark.parametrize("command", ["dpo", "distill"])
+@pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_two_devices_match_one_device(tmp_path, command, layout):
     init = tmp_path / "init.npz"
     if command == "dpo":

@@ -14,7 +14,7 @@ from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.data.tokenizer_cli import train_sentencepiece
 from minimind_jax.errors import UserError
 from tests.helpers import PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
-from tests.reference_samples import minimind2_sft_sample
+from tests.spec_samples import SpecTokenizer, minimind2_sft_sample
 
 
 @pytest.fixture
@@ -115,14 +115,15 @@ def test_crash_leaves_no_cache(data, tok):
 
 
 def test_sentencepiece_cache_matches_samples(data, tmp_path):
-    sp = load_tokenizer(train_sentencepiece(
+    folder = train_sentencepiece(
         [json.loads(line)["text"] for line in PRETRAIN_JSONL.read_text().splitlines()],
-        tmp_path / "sp", vocab_size=2200, character_coverage=0.98))
+        tmp_path / "sp", vocab_size=2200, character_coverage=0.98)
+    sp, spec_sp = load_tokenizer(folder), SpecTokenizer(folder)  # the package's; the spec's
     # Longer rows: this small vocabulary spends many tokens on the system prompt.
     source = open_source(data / "sft.jsonl", sp, "sft", 256, log=lambda m: None)
     batch = source.get_batch(np.arange(len(source)))
     for i, line in enumerate(SFT_JSONL.read_text().splitlines()):
-        x, y, mask = minimind2_sft_sample(sp, json.loads(line)["conversations"], 256)
+        x, y, mask = minimind2_sft_sample(spec_sp, json.loads(line)["conversations"], 256)
         np.testing.assert_array_equal(batch["input_ids"][i], x)
         np.testing.assert_array_equal(batch["loss_mask"][i], mask)
     assert batch["loss_mask"].sum() > 0

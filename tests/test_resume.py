@@ -11,12 +11,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from minimind_jax import cli
-from tests.helpers import FIXTURES, child_argv, subprocess_env, tiny_run_argv
+from tests.helpers import FIXTURES, child_argv, subprocess_env, tiny_run_argv, wait_until
 
 STEPS, KILL_AFTER = 40, 20
 COMPARED = ("step", "epoch", "batch", "update", "loss", "aux", "lr", "grad_norm", "skipped")
@@ -76,13 +75,15 @@ def test_kill_9_then_resume_gives_identical_metrics(tmp_path, capsys, command):
     child = subprocess.Popen(child_argv("slow_cli", BATCH_DELAY_S, *killed),
                              env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and child.poll() is None:
+
+    def killable():
         records = read_records(run_dir)
-        if records and records[-1]["step"] >= KILL_AFTER and [
-                s for s in complete_checkpoints(run_dir) if s >= KILL_AFTER - 6]:
-            break
-        time.sleep(0.01)
+        return child.poll() is not None or (
+            records and records[-1]["step"] >= KILL_AFTER
+            and [s for s in complete_checkpoints(run_dir) if s >= KILL_AFTER - 6])
+
+    wait_until(killable, 300, f"step {KILL_AFTER} and a checkpoint of the child run",
+               poll_s=0.01)
     assert child.poll() is None, "the child ended before it could be killed: " + (
         child.stderr.read().decode()[-2000:])
     os.kill(child.pid, signal.SIGKILL)

@@ -83,11 +83,24 @@ def test_decode_options_only_on_the_cpu_with_a_measured_jaxlib_unless_the_user_c
     assert decode_compiler_options(ours, "0.10.2", "cpu") == DECODE_OPTIONS
 
 
+def skip_unless_decode_options_apply():
+    """Skip, saying why, where this process compiles no decode options: another backend, or a
+    jaxlib the options were not measured on (then they go untested until MEASURED_JAXLIB
+    names it: the reason carries both versions, for the -ra summary)."""
+    installed, backend = xla_flags.installed_jaxlib_version(), jax.default_backend()
+    if decode_compiler_options({}, installed, backend):
+        return
+    measured = ", ".join(v + "*" for v in xla_flags.MEASURED_JAXLIB)
+    if backend != "cpu":
+        pytest.skip(f"decode options apply to the CPU only (backend: {backend})")
+    pytest.skip(f"jaxlib {installed} is not a measured version (measured: {measured}): "
+                "decode options untested")
+
+
 def test_a_decode_program_compiles_its_dots_without_ynnpack_and_others_keep_it():
     """What the option changes: this jaxlib's default puts a dot in a YNNPACK fusion; a decode
     program's dot is XLA's own (the server's decode step and `generate` are such programs)."""
-    if not decode_compiler_options({}, jax.lib.__version__, jax.default_backend()):
-        pytest.skip("decode options apply to the CPU with a measured jaxlib")
+    skip_unless_decode_options_apply()
 
     def matmul(a, b):
         return a @ b
@@ -110,8 +123,7 @@ def test_decode_programs_lose_ynnpack_in_a_process_that_applied_the_defaults():
     """The CLI applies the defaults before anything else; their YNNPACK flag in XLA_FLAGS must
     not count as the user's choice (it did: decode programs kept the fusions in every command
     until this test)."""
-    if not decode_compiler_options({}, jax.lib.__version__, jax.default_backend()):
-        pytest.skip("decode options apply to the CPU with a measured jaxlib")
+    skip_unless_decode_options_apply()
     env = subprocess_env()
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(child_argv("decode_fusions"), env=env, capture_output=True,
