@@ -75,7 +75,8 @@ def test_mkdocs_build_strict(tmp_path):
 def test_readme_is_short_and_its_links_resolve():
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert readme.count("\n") <= README_MAX_LINES
-    # The two commands, verbatim (.ci/run runs the second).
+    # The two commands, verbatim (.ci/run runs the second), the README's only bash blocks.
+    assert readme.count("```bash\n") == 2
     assert "\npip install -e . && minimind-jax demo\n" in readme
     assert ("\npip install torch==2.13.0 && pip install -e '.[test]' && ruff check . && "
             "python -m pytest -q -n auto --maxprocesses 4\n") in readme
