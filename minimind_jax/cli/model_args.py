@@ -5,14 +5,37 @@ each command imports it at top level (cli/parser.py imports the commands)."""
 from __future__ import annotations
 
 import argparse
+import re
 
 from minimind_jax.cli import compat_flags
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
 
+# A help text that says "default" already states the option's default in words.
+_STATES_DEFAULT = re.compile(r"%\(default\)|\bdefault\b", re.IGNORECASE)
+
+
+def help_states_default(help_text: str | None) -> bool:
+    return bool(help_text) and _STATES_DEFAULT.search(help_text) is not None
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+    """Shows each default once and keeps the description's line breaks.
+
+    argparse's ArgumentDefaultsHelpFormatter appends "(default: X)" to every option, also when
+    X is None (the stage or arch fills it in later, which the help says in words) or when the
+    help already says "(default 1; --arch minimind3: 2)". Here it is appended only when the
+    default is a real value, the help does not mention its default, and the option is not an
+    on/off switch that is off by default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or help_states_default(help_text)
+                or (action.nargs == 0 and default is False)):
+            return help_text
+        return super()._get_help_string(action)
 
 
 def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> None:

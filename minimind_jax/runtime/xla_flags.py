@@ -19,7 +19,7 @@ from importlib import metadata
 
 # Let XNNPACK/YNNPACK take whole dot fusions (dot + elementwise epilogue): the SwiGLU FFN's
 # three matmuls ran at ~70% of a lone matmul's speed without it; +13% train-step tokens/s for
-# minimind2-small at 8 x 511 on 2 cores (benchmarks in the README).
+# minimind2-small at 8 x 511 on 2 cores (benchmarks in docs/performance.md).
 # XLA's concurrency-optimized thunk scheduler runs independent kernels side by side; on a
 # decode step (one small kernel per layer and tensor) they fight over the cores: a
 # minimind2-small server step of 32 rows over 1024 cache slots took 135 ms with it, 62 ms

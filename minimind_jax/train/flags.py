@@ -146,7 +146,8 @@ def _add_optim_flags(g, stage: Stage) -> None:
                    help="clip the global gradient norm to this (<= 0: no clipping)")
     g.add_argument("--weight_decay", type=float,
                    default=_default(OptimConfig, "weight_decay"),
-                   help="AdamW decoupled weight decay, on every parameter (torch default)")
+                   help="AdamW decoupled weight decay, on every parameter (default "
+                        "%(default)s, torch's)")
     g.add_argument("--lr_schedule", choices=optim.SCHEDULES, default=None,
                    help="cosine (default): linear warmup over --warmup_iters updates, then cosine "
                         "to lr/10; minimind2: the reference's lr/10 + lr/2*(1+cos(pi*step/total)) "
