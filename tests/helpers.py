@@ -87,15 +87,15 @@ def user_env() -> dict:
     return env
 
 
-def run_command(argv: list, entry_point: bool = False) -> str:
+def run_command(argv: list, entry_point: bool = False, cwd=None) -> str:
     """Run a CLI command to exit status 0 and return its standard output: in this process
     (`cli.main(argv)`, which leaves the process's XLA flags alone), or, with `entry_point`, as a
-    user runs it, `python -m minimind_jax.cli ...` in a child with user_env(), where the entry
-    point applies its XLA:CPU flags, huge pages and decode options first."""
+    user runs it, `python -m minimind_jax.cli ...` in a child with user_env() (in `cwd`), where
+    the entry point applies its XLA:CPU flags, huge pages and decode options first."""
     argv = list(map(str, argv))
     if entry_point:
         proc = subprocess.run([sys.executable, "-m", "minimind_jax.cli", *argv], env=user_env(),
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+                              cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout
     out = io.StringIO()

@@ -10,7 +10,6 @@ fp32 on CPU, matmul precision "highest" (conftest).
 import numpy as np
 import pytest
 
-from minimind_jax import cli
 from tests.helpers import (
     FIXTURES,
     MINIMIND3_TOKENIZER_DIR,
@@ -18,11 +17,14 @@ from tests.helpers import (
     assert_within,
     max_abs_diff,
     metrics,
+    run_command,
 )
 from tests.test_dpo_golden import (
     assert_final_weights,
     assert_grad_norms,
     assert_reference_lines,
+    reference_argv,
+    reference_layout,
     reference_weights,
 )
 
@@ -45,16 +47,22 @@ CASES = {"m2_distill": ["--recipe", "minimind2", "--tokenizer", str(TOKENIZER_DI
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_distill_matches_reference(tmp_path, capsys, case):
+def test_distill_matches_reference(tmp_path, monkeypatch, case):
+    """m3_distill_moe_teacher runs the reference's own command line (plus `--recipe`) in the
+    layout its script expects, as test_dpo_golden's dense cases; the others --init_from."""
     golden = np.load(POST / f"{case}.npz")
-    student, teacher = tmp_path / "student.npz", tmp_path / "teacher.npz"
-    reference_weights(str(golden["meta/base_weights_file"][0]), student)
-    reference_weights(str(golden["meta/teacher_weights_file"][0]), teacher)
-    argv = ["distill", "--data_path", str(POST / "lora_sft.jsonl"), "--out_dir",
-            str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--init_from",
-            str(student), "--teacher", str(teacher), *COMMON, *CASES[case]]
-    assert cli.main(argv) == 0
-    assert_reference_lines(capsys.readouterr().out, golden)
+    if case == "m3_distill_moe_teacher":
+        monkeypatch.chdir(reference_layout(tmp_path, golden, minimind3=True))
+        stdout = run_command(reference_argv(golden, "distill", minimind3=True))
+    else:
+        student, teacher = tmp_path / "student.npz", tmp_path / "teacher.npz"
+        reference_weights(str(golden["meta/base_weights_file"][0]), student)
+        reference_weights(str(golden["meta/teacher_weights_file"][0]), teacher)
+        stdout = run_command(["distill", "--data_path", POST / "lora_sft.jsonl", "--out_dir",
+                              tmp_path / "out", "--cache_dir", tmp_path / "cache",
+                              "--init_from", student, "--teacher", teacher, *COMMON,
+                              *CASES[case]])
+    assert_reference_lines(stdout, golden)
     run_dir = tmp_path / "out" / "full_dist_64"
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(20))

@@ -4,12 +4,16 @@ meta/command) from the same base weights: per-step loss (the reference's loss_ba
 accumulation), the LR exactly, the DPO terms the script computed, the pre-clip gradient norms
 and the final weights, each within about 3x the difference measured (tests/helpers.assert_within).
 
-fp32 on CPU. The dense cases go through the real entry point (`python -m minimind_jax.cli` in a
-child, the CLI's XLA:CPU defaults applied); the MoE case in this process (matmul precision
-"highest", conftest).
+fp32 on CPU. The dense cases run the reference's own command line (the golden's meta/argv, plus
+only `--recipe`) in the layout its script expects (out/full_sft_*.pth, dataset/, the tokenizer;
+minimind-3 from trainer/): the start weights, run folder, beta and schedule come from the
+reference's flags; they go through the real entry point (`python -m minimind_jax.cli` in a
+child, the CLI's XLA:CPU defaults applied). The MoE case runs from --init_from in this process
+(matmul precision "highest", conftest).
 """
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -98,6 +102,34 @@ def reference_weights(name: str, path) -> None:
     np.savez(path, **sd)
 
 
+def reference_layout(root, golden, minimind3: bool):
+    """The layout the reference's script runs in, under `root`: out/ with the base (and teacher)
+    weights as .pth, dataset/, the tokenizer; -> the script's working directory."""
+    pytest.importorskip("torch")  # the layout holds .pth weights
+    (root / "out").mkdir()
+    (root / "dataset").mkdir()
+    for name in ("dpo_pairs.jsonl", "lora_sft.jsonl"):
+        shutil.copy(POST / name, root / "dataset" / name)
+    shutil.copytree(MINIMIND3_TOKENIZER_DIR if minimind3 else TOKENIZER_DIR,
+                    root / "model" if minimind3 else root / "model" / "minimind_tokenizer")
+    for key, target in (("meta/base_weights_file", "full_sft_64"),
+                        ("meta/teacher_weights_file", "full_sft_64_moe")):
+        if key in golden.files:
+            base_golden = np.load(POST / str(golden[key][0]))
+            sd = {k: base_golden[k] for k in base_golden.files if not k.startswith("meta/")}
+            weights.save_state_dict(sd, root / "out" / f"{target}.pth")
+    if minimind3:
+        (root / "trainer").mkdir()
+        return root / "trainer"
+    return root
+
+
+def reference_argv(golden, command: str, minimind3: bool) -> list[str]:
+    """The reference's own command line (script name dropped) as ours, plus `--recipe`."""
+    return [command, *map(str, golden["meta/argv"][1:]),
+            "--recipe", "minimind3" if minimind3 else "minimind2"]
+
+
 # About 3x the differences measured on the CPU (float32): per-step loss, dpo_loss, MoE aux, the
 # mean chosen / rejected rewards and margin, the pre-clip grad norm (relative), final weights.
 # minimind-3's grad norms differ most: at step 0, from the same weights and batch, torch 2.13
@@ -107,20 +139,25 @@ BOUNDS = {
     "m3_dpo": dict(loss=8.4e-6, aux=0.0, rewards=2.1e-5, grad_norm=3.0e-4, weights=2.9e-6),
     "m3_dpo_moe": dict(loss=4.3e-6, aux=1.1e-9, rewards=1.1e-5, grad_norm=2.1e-4, weights=7.3e-6),
 }
-# the two dense cases through the real entry point (a child with the CLI's defaults applied)
-THROUGH_ENTRY_POINT = {"m2_dpo", "m3_dpo"}
+# the dense cases: the reference's command line, through the real entry point
+WITH_REFERENCE_ARGV = {"m2_dpo", "m3_dpo"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dpo_matches_reference(tmp_path, case):
     golden = np.load(POST / f"{case}.npz")
     extra, run_name = CASES[case]
-    init = tmp_path / "init.npz"
-    reference_weights(str(golden["meta/base_weights_file"][0]), init)
-    argv = ["dpo", "--data_path", str(POST / "dpo_pairs.jsonl"), "--out_dir",
-            str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--init_from",
-            str(init), *COMMON, *extra]
-    assert_reference_lines(run_command(argv, case in THROUGH_ENTRY_POINT), golden)
+    if case in WITH_REFERENCE_ARGV:
+        minimind3 = case.startswith("m3")
+        cwd = reference_layout(tmp_path, golden, minimind3)
+        stdout = run_command(reference_argv(golden, "dpo", minimind3), entry_point=True, cwd=cwd)
+    else:
+        init = tmp_path / "init.npz"
+        reference_weights(str(golden["meta/base_weights_file"][0]), init)
+        stdout = run_command(["dpo", "--data_path", POST / "dpo_pairs.jsonl", "--out_dir",
+                              tmp_path / "out", "--cache_dir", tmp_path / "cache",
+                              "--init_from", init, *COMMON, *extra])
+    assert_reference_lines(stdout, golden)
     run_dir = tmp_path / "out" / run_name
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(12))
