@@ -5,7 +5,6 @@ pairs / supervised tokens of the whole batch; with the trained params sharded (-
 
 import subprocess
 
-import numpy as np
 import pytest
 
 from minimind_jax import cli
@@ -14,7 +13,9 @@ from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
     REPO_ROOT,
     TOKENIZER_DIR,
+    assert_within,
     child_argv,
+    max_abs_diff,
     metrics,
     subprocess_env,
 )
@@ -56,10 +57,9 @@ def test_two_devices_match_one_device(tmp_path, command, layout):
     assert "2 device(s)" in child.stdout
     one, two = (metrics(tmp_path / name / run_name) for name in ("one", "two"))
     assert len(one) == len(two) == 5
-    for a, b in zip(one, two, strict=True):
-        for key in ("loss", "dpo_loss", "reward_margin", "ce", "distill"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=0, abs=1e-5), (a["step"], key)
-    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True))
-    print(f"{command}: max |loss 2 dev - 1 dev| = {diff:.2e}")
-    assert np.isfinite(diff)
+    keys = [k for k in ("loss", "dpo_loss", "reward_margin", "ce", "distill") if k in one[0]]
+    assert all(k in r for r in one + two for k in keys)
+    assert_within(f"{command} {' '.join(layout) or 'replicated'} 2 devices vs 1: "
+                  f"{', '.join(keys)}",
+                  max(max_abs_diff([r[k] for r in two], [r[k] for r in one]) for k in keys),
+                  {"dpo": 2.0e-7, "distill": 2.7e-7}[command])  # ~3x the figures measured
