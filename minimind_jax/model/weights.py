@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from minimind_jax.cli.model_args import resolve_dtype
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_defaults
+from minimind_jax.model.config import ModelConfig, arch_defaults, resolve_dtype
 from minimind_jax.train import checkpoint
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
