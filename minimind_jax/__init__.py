@@ -1,7 +1,18 @@
 """minimind_jax: a pure-functional JAX port of the MiniMind2 and minimind-3 training pipelines.
 
-Layers, one folder each: `cli` (the command line), `model`, `data`, `train`, `infer`, `serve`,
-`runtime` (process and devices), `tools` (compare, demo, benchmarks); `errors` is shared.
+Layers, one folder each, lowest first:
+
+    errors < runtime < model < data < infer < train < serve < tools < cli
+
+A module imports only its own layer and those below, imports inside functions included
+(tests/test_layout.py checks every edge), so loading `model.weights` loads neither training nor
+the command line. `errors` (top level): the error kinds; `runtime`: process and devices;
+`model`: config, transformer, loss, weights in and out, run checkpoints read
+(`model.run_checkpoint`), and the flags every command shares (`model.flags`: the model group,
+the help formatter); `data`: samples to batches, tokenizers; `infer`: generation (`eval` in
+`train` samples with it); `train`: training, its checkpoints written, the reference scripts'
+flags; `serve`; `tools`: compare, demo, benchmarks; `cli`: the parser over every layer's
+commands (each module's `register`).
 
 The training path, flags to checkpoint (`pretrain`/`sft`/`lora`; `train.run` from Python)::
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.cli import compat_flags
+from minimind_jax.train import compat_flags
 from tests.helpers import MINIMIND3_TOKENIZER_DIR, PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",

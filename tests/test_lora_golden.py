@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model import lora
+from minimind_jax.model import lora, run_checkpoint
 from minimind_jax.model.config import ModelConfig, arch_defaults
-from minimind_jax.train import checkpoint
 from tests.helpers import (
     FIXTURES,
     MINIMIND3_TOKENIZER_DIR,
@@ -103,7 +102,7 @@ def test_lora_matches_reference(tmp_path, capsys, case):
                   float(np.max(np.abs(norms - theirs) / theirs)), bound["grad_norm"])
 
     # the final adapters, from the checkpoint and from the adapter file written at the end
-    params, saved_config, _ = checkpoint.restore_params(run_dir)
+    params, saved_config, _ = run_checkpoint.restore_params(run_dir)
     assert saved_config.lora_rank == 16
     ours = lora.adapter_state_dict(params, config)
     final = _prefixed(golden, "lora_final/")
@@ -153,8 +152,8 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     import shutil
 
     run_dir, records, _ = run_lora(tmp_path, case, ["--save_interval", str(save_at)])
-    final, _, _ = checkpoint.restore_params(run_dir)
-    for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
+    final, _, _ = run_checkpoint.restore_params(run_dir)
+    for step_dir in (run_dir / run_checkpoint.CHECKPOINT_DIR).iterdir():
         if step_dir.name != str(save_at):
             shutil.rmtree(step_dir)
     spec = CASES[case]
@@ -166,7 +165,7 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     resumed = metrics(run_dir)
     keys = ("step", "epoch", "batch", "update", "loss", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
-    again, _, _ = checkpoint.restore_params(run_dir)
+    again, _, _ = run_checkpoint.restore_params(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -209,7 +208,7 @@ def check_merge_for_export(tmp_path, capsys, case, run_dir):
 
     spec = CASES[case]
     config = spec["config"].replace(lora_rank=16)
-    params, saved, _ = checkpoint.restore_params(run_dir)
+    params, saved, _ = run_checkpoint.restore_params(run_dir)
     adapters = lora.adapter_state_dict(params, config)
     base_params = lora.split(params)[1]
     base = weights.state_dict_from_params(base_params, config.replace(lora_rank=0))

@@ -13,8 +13,8 @@ import argparse
 import importlib
 import sys
 
-from minimind_jax.cli.model_args import HelpFormatter
 from minimind_jax.errors import error_line_and_code
+from minimind_jax.model.flags import HelpFormatter
 from minimind_jax.runtime import compile_cache, host_memory, xla_flags
 
 # command module -> the commands it registers, in `--help` order.

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
 from minimind_jax.infer.reply_text import split_opened_thinking, split_thinking
 from minimind_jax.infer.sampling import SamplingConfig, next_token
+from minimind_jax.model import flags as model_flags
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
@@ -169,7 +169,7 @@ def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
     """The commands' model: `weights.load_weights` of --ckpt (shapes from the weights, the rest
     from the model flags) with --lora_weight's adapters, computing in --dtype."""
     params, config, _ = weights.load_weights(_checkpoint(args),
-                                             model_args.model_config_from_args(args),
+                                             model_flags.model_config_from_args(args),
                                              dtype=getattr(args, "dtype", "auto"))
     if getattr(args, "lora_weight", None):
         params, config = lora.attach_adapter_file(params, config, args.lora_weight)
@@ -347,12 +347,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="minimind-3: open a <think> block for the model to reason in "
                              "(its open_thinking); by default the template closes an empty "
                              "one")
-    model_args.add_model_args(parser)
+    model_flags.add_model_args(parser)
 
 
 def register(subparsers) -> None:
     gen = subparsers.add_parser(
-        "generate", formatter_class=model_args.HelpFormatter,
+        "generate", formatter_class=model_flags.HelpFormatter,
         help="answer prompts with a trained model (batched, KV-cached)",
         description=__doc__ + "\nexample:\n  minimind-jax generate --ckpt out/sft --prompt "
                               "'你好' --prompt '介绍一下你自己'",
@@ -370,7 +370,7 @@ def register(subparsers) -> None:
     gen.set_defaults(func=run_generate, compile_cache=True)
 
     chat = subparsers.add_parser(
-        "chat", formatter_class=model_args.HelpFormatter,
+        "chat", formatter_class=model_flags.HelpFormatter,
         help="talk to a trained model interactively (streamed)",
         description="Interactive chat: applies the chat template, streams tokens as they come."
                     "\n\nexample:\n  minimind-jax chat --ckpt out/sft",

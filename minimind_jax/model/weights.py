@@ -19,10 +19,9 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from minimind_jax.cli.model_args import resolve_dtype
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_defaults
-from minimind_jax.train import checkpoint
+from minimind_jax.model import run_checkpoint
+from minimind_jax.model.config import ModelConfig, arch_defaults, resolve_dtype
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -386,7 +385,7 @@ def load_weights(path: str | pathlib.Path, config: ModelConfig | None = None, *,
         raise UserError(f"weights not found: {path}")
     config = config or ModelConfig()
     if path.is_dir():
-        params, saved_config, origin = checkpoint.restore_params(path, warn)
+        params, saved_config, origin = run_checkpoint.restore_params(path, warn)
         if exact:
             state_dict = state_dict_from_params(params, saved_config)
         else:

@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 
-from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
+from minimind_jax.model import flags as model_flags
 
 
 def _require_serve_packages() -> None:
@@ -135,7 +135,7 @@ def register(subparsers) -> None:
     from minimind_jax.infer.generate import add_lora_weight_arg
 
     p = subparsers.add_parser(
-        "serve", formatter_class=model_args.HelpFormatter,
+        "serve", formatter_class=model_flags.HelpFormatter,
         help="OpenAI-compatible chat server + web chat page (continuous batching)",
         description=__doc__ + "\nexample:\n  minimind-jax serve --ckpt out/full_sft_512\n"
                               "  then open http://127.0.0.1:8998/ or point an OpenAI client at "
@@ -188,5 +188,5 @@ def register(subparsers) -> None:
     p.add_argument("--log_level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
-    model_args.add_model_args(p)
+    model_flags.add_model_args(p)
     p.set_defaults(func=run_serve, compile_cache=True)

@@ -24,10 +24,10 @@ import pathlib
 import random
 import time
 
-from minimind_jax.cli.model_args import HelpFormatter, resolve_dtype
 from minimind_jax.data import tokenizer_cli
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.config import arch_defaults, resolve_dtype
+from minimind_jax.model.flags import HelpFormatter
 from minimind_jax.train.train_config import (
     DataConfig,
     EvalConfig,

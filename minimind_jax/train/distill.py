@@ -160,7 +160,7 @@ STUDENT_FLAGS = {"student_hidden_size": "dim", "student_num_layers": "n_layers",
 
 
 def _map_reference_flags(args: argparse.Namespace) -> list[str]:
-    from minimind_jax.cli.compat_flags import _rename
+    from minimind_jax.train.compat_flags import _rename
 
     notes: list[str] = []
     given = [f"--{f}" for f in (*STUDENT_FLAGS, "teacher_hidden_size", "teacher_num_layers",
@@ -215,11 +215,12 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import compat_flags, model_args
+    from minimind_jax.model import flags as model_flags
+    from minimind_jax.train import compat_flags
     from minimind_jax.train.dpo import add_post_training_args
 
     parser = subparsers.add_parser(
-        "distill", formatter_class=model_args.HelpFormatter,
+        "distill", formatter_class=model_flags.HelpFormatter,
         help="White-box distillation of a student from a frozen teacher",
         description="Distillation on SFT data (the references' train_distillation.py): the "
                     "student starts from the SFT weights (default OUT_DIR/full_sft_{dim}[_moe]) "
@@ -247,7 +248,7 @@ def register(subparsers) -> None:
                         "1.5)")
     r = parser.add_argument_group(compat_flags.GROUP_TITLE + ": distillation")
     for flag, ours in STUDENT_FLAGS.items():
-        kind = {"student_use_moe": compat_flags.parse_flag_bool,
+        kind = {"student_use_moe": model_flags.parse_flag_bool,
                 "from_student_weight": str}.get(flag, int)
         r.add_argument(f"--{flag}", type=kind, default=None,
                        help=f"minimind-3's name of --{ours}")
@@ -256,7 +257,7 @@ def register(subparsers) -> None:
                         "OUT_DIR/NAME_{this}[_moe]")
     r.add_argument("--teacher_num_layers", type=int, default=None,
                    help="accepted; the teacher's layers are read from its weights")
-    r.add_argument("--teacher_use_moe", type=compat_flags.parse_flag_bool, default=None,
+    r.add_argument("--teacher_use_moe", type=model_flags.parse_flag_bool, default=None,
                    help="minimind-3: whether the teacher file name has _moe")
     r.add_argument("--from_teacher_weight", default=None, metavar="NAME",
                    help="minimind-3: the teacher is OUT_DIR/NAME_{teacher_hidden_size}[_moe]")

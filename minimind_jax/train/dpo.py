@@ -192,12 +192,12 @@ def run_command(args: argparse.Namespace) -> int:
 def add_post_training_args(parser: argparse.ArgumentParser, stage_: Stage) -> None:
     """The pretrain/SFT training flags (train.flags), model flags, multi-process flags,
     tracker and reference flags; no validation (--eval_data)."""
-    from minimind_jax.cli import compat_flags, model_args
+    from minimind_jax.model import flags as model_flags
     from minimind_jax.runtime import distributed
-    from minimind_jax.train import flags, tracking
+    from minimind_jax.train import compat_flags, flags, tracking
 
     flags._add_train_args(parser, stage_)
-    model_args.add_model_args(parser, moe_value=True)
+    model_flags.add_model_args(parser, moe_value=True)
     distributed.add_distributed_args(parser)
     tracking.add_tracker_args(parser)
     compat_flags.add_reference_args(parser)
@@ -206,10 +206,10 @@ def add_post_training_args(parser: argparse.ArgumentParser, stage_: Stage) -> No
 
 
 def register(subparsers) -> None:
-    from minimind_jax.cli import model_args
+    from minimind_jax.model import flags as model_flags
 
     parser = subparsers.add_parser(
-        "dpo", formatter_class=model_args.HelpFormatter,
+        "dpo", formatter_class=model_flags.HelpFormatter,
         help="Direct preference optimisation from the SFT weights",
         description="DPO on {\"chosen\": [messages], \"rejected\": [messages]} JSONL (the "
                     "references' train_dpo.py): the policy starts from the SFT weights "

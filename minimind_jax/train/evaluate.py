@@ -19,11 +19,11 @@ import math
 import jax
 import numpy as np
 
-from minimind_jax.cli import model_args
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import STAGES
 from minimind_jax.errors import UserError
+from minimind_jax.model import flags as model_flags
 from minimind_jax.model.config import ModelConfig, arch_of
 from minimind_jax.train.recipes import recipe_named
 
@@ -120,7 +120,7 @@ def register(subparsers) -> None:
     from minimind_jax.infer import generate
 
     parser = subparsers.add_parser(
-        "eval", formatter_class=model_args.HelpFormatter,
+        "eval", formatter_class=model_flags.HelpFormatter,
         help="validation loss and perplexity of any weights on a JSONL file",
         description=__doc__)
     parser.add_argument("--ckpt", required=True,
@@ -144,7 +144,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no_sft_random", action="store_true",
                         help="minimind-3 SFT data: no variants, each conversation as written")
     prepare.add_cache_args(parser)
-    model_args.add_model_args(parser)
+    model_flags.add_model_args(parser)
     parser.set_defaults(func=run_eval, compile_cache=True)
 
 

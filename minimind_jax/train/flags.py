@@ -4,7 +4,7 @@ Every flag that sets a TrainConfig field defaults to that field's default; a Non
 (epochs, batch size, learning rate, accumulation, seed, schedule, shuffling) is resolved with
 the stage's defaults for the model's arch and the recipe by `TrainConfig.resolved`, for the
 command and for Python callers alike. The reference scripts' own flags are mapped first
-(cli.compat_flags).
+(train.compat_flags).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from minimind_jax.cli import compat_flags, model_args
 from minimind_jax.data import prepare
 from minimind_jax.data.samples import STAGES, Stage
 from minimind_jax.data.tokenizer import REFERENCE_TOKENIZER_DIR
+from minimind_jax.model import flags as model_flags
 from minimind_jax.runtime import distributed
-from minimind_jax.train import evaluate, lora_stage, optim, recipes, tracking
+from minimind_jax.train import compat_flags, evaluate, lora_stage, optim, recipes, tracking
 from minimind_jax.train.run_log import say
 from minimind_jax.train.train_config import (
     DataConfig,
@@ -45,12 +45,12 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     opened; joins the distributed runtime (before the model flags' dtype `auto` asks JAX for
     its backend) and prints the reference flags' notes."""
     notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
-    arch = model_args.arch_from_args(args)
+    arch = model_flags.arch_from_args(args)
     settings = resolve_settings(settings_from_args(args), stage.command, arch)
     check_settings(settings)
     distributed.initialize(settings["distributed"])
     stage_seq_len = recipes.stage_defaults(stage.command, arch).get("max_seq_len")
-    model = model_args.model_config_from_args(
+    model = model_flags.model_config_from_args(
         args, **({"max_seq_len": stage_seq_len} if args.max_seq_len is None and stage_seq_len
                  else {}), **({"lora_rank": args.lora_rank} if stage.command == "lora" else {}))
     for note in notes:
@@ -245,7 +245,7 @@ def register(subparsers) -> None:
     }
     for name, stage in STAGES.items():
         parser = subparsers.add_parser(
-            name, formatter_class=model_args.HelpFormatter,
+            name, formatter_class=model_flags.HelpFormatter,
             help=descriptions[name].split(" (")[0],
             description=descriptions[name] + "\n\nPrints the parameter count and, every "
                         "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
@@ -257,7 +257,7 @@ def register(subparsers) -> None:
         _add_train_args(parser, stage)
         if stage.command == "lora":
             _add_lora_args(parser)
-        model_args.add_model_args(parser, moe_value=True)
+        model_flags.add_model_args(parser, moe_value=True)
         evaluate.add_eval_args(parser)
         distributed.add_distributed_args(parser)
         tracking.add_tracker_args(parser)

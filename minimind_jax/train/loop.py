@@ -8,6 +8,7 @@ import contextlib
 from minimind_jax.data.samples import Stage, stage_named
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.runtime import distributed
 from minimind_jax.train import checkpoint, run_folder
 from minimind_jax.train.run_log import say
@@ -34,7 +35,7 @@ def run(config: TrainConfig, stage: Stage | str) -> int:
                 trainer.finish_fn(state)
             say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
                 f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
-                f"{trainer.run_dir / checkpoint.CHECKPOINT_DIR}")
+                f"{trainer.run_dir / CHECKPOINT_DIR}")
     return 0
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from minimind_jax.errors import UserError
 from minimind_jax.model import lora
 from minimind_jax.model.config import ModelConfig, arch_of
-from minimind_jax.train import checkpoint, recipes
+from minimind_jax.model.run_checkpoint import latest_checkpoint
+from minimind_jax.train import recipes
 
 DEFAULT_RANK = 16  # apply_lora(model, rank=16)
 
@@ -37,7 +38,7 @@ def default_base(out_dir: str, model: ModelConfig) -> pathlib.Path:
     name = recipes.stage_defaults("lora", arch_of(model))["base"]
     tag = model.replace(lora_rank=0).tag
     folder = pathlib.Path(out_dir) / f"{name}_{tag}"
-    if folder.is_dir() and checkpoint.latest_checkpoint(folder) is not None:
+    if folder.is_dir() and latest_checkpoint(folder) is not None:
         return folder
     file = pathlib.Path(out_dir) / f"{name}_{tag}.pth"
     if file.exists():

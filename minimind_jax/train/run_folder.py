@@ -12,6 +12,7 @@ import shutil
 from minimind_jax.data.samples import Stage
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR, step_folders
 from minimind_jax.runtime import distributed
 from minimind_jax.train import checkpoint, run_lock
 from minimind_jax.train.train_config import RunConfig, TrainConfig
@@ -54,7 +55,7 @@ def write_failures(run_dir: pathlib.Path):
         if err.errno not in ENVIRONMENT_ERRNOS:
             raise
         raise RunFailure(f"writing {os_error_line(err)}; "
-                         + checkpoint.intact_note(run_dir / checkpoint.CHECKPOINT_DIR)
+                         + checkpoint.intact_note(run_dir / CHECKPOINT_DIR)
                          ) from None
 
 
@@ -76,7 +77,7 @@ def own(run_dir: pathlib.Path):
 
 def previous_run(run_dir: pathlib.Path) -> str | None:
     """What an earlier run left in `run_dir` that starting afresh would delete, if anything."""
-    steps = checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR)
+    steps = step_folders(run_dir / CHECKPOINT_DIR)
     if steps:
         return f"checkpoints up to step {steps[0]}"
     metrics = run_dir / "metrics.jsonl"
@@ -89,8 +90,8 @@ def check_start(run: RunConfig, run_dir: pathlib.Path) -> str | None:
     """Refuse --resume without a checkpoint, and a fresh start over an earlier run without
     --overwrite; returns what that earlier run left (`previous_run`)."""
     previous = previous_run(run_dir)
-    if run.resume and not checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR):
-        raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
+    if run.resume and not step_folders(run_dir / CHECKPOINT_DIR):
+        raise UserError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
     if not run.resume and previous and not run.overwrite:
         raise UserError(f"{run_dir} already holds a run ({previous}): pass --resume to "
                         "continue it, or --overwrite to delete its checkpoints, metrics and "

@@ -19,6 +19,7 @@ from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_can
 from minimind_jax.errors import UserError
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from minimind_jax.runtime import distributed, host_memory
 from minimind_jax.train import (
     checkpoint,
@@ -73,7 +74,7 @@ def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
     if stage.command != "sft":
         return None
     pretrain_dir = run_folder.run_dir_for(config.run.out_dir, STAGES["pretrain"], config.model)
-    if checkpoint.latest_checkpoint(pretrain_dir) is None:
+    if latest_checkpoint(pretrain_dir) is None:
         raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
                         f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
                         "and model flags, or pass --init_from (checkpoint folder, .pth, "
@@ -291,7 +292,7 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
         say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
         distributed.barrier("train:previous_seen")  # all decided before one deletes
         if distributed.is_main_process():
-            shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         distributed.barrier("train:previous_removed")
     state = train_step.init_train_state(params, optimizer, config.seed, shardings, partition)

@@ -22,20 +22,6 @@ GROUP_TITLE = "reference compatibility (flags of MiniMind2's and minimind-3's tr
 MINIMIND3_ONLY_FLAGS = ("hidden_size", "num_hidden_layers", "save_dir", "save_weight",
                         "from_weight", "from_resume", "use_compile")
 
-FALSE_WORDS = ("0", "false", "no", "off", "")
-TRUE_WORDS = ("1", "true", "yes", "on")
-
-
-def parse_flag_bool(text: str) -> bool:
-    """A 0/1 or true/false value, as minimind-3 gives `--use_moe 0|1` and MiniMind2
-    `--use_moe True`."""
-    word = text.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
-
 
 def add_reference_args(parser: argparse.ArgumentParser) -> None:
     """The reference-only flags of the training scripts, in their own --help group."""
