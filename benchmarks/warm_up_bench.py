@@ -48,9 +48,9 @@ def one_mode(args) -> dict:
         result.update(programs=count, warm_up_s=time.perf_counter() - started)
         warmed.set()
     if args.mode == "background":
-        engine.start_warm_up(then=warm_done)
+        engine.start_warm_up(threads=args.warm_up_threads, then=warm_done)
     elif args.mode != "cold":
-        warm_done(engine.warm_up())
+        warm_done(engine.warm_up(threads=args.warm_up_threads))
     times: dict[str, list[float]] = {}
     done = threading.Event()
 
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--preset", default="minimind2-small")
     parser.add_argument("--max_context", type=int, default=1024)
     parser.add_argument("--every", type=int, default=40, help="tokens between two waves")
+    parser.add_argument("--warm_up_threads", type=int, default=1,
+                        help="threads compiling the warm-up's programs")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # a child's
     args = parser.parse_args()
     if args.mode:

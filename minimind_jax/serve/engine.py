@@ -395,15 +395,17 @@ class BatchEngine:
         return compilations()
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None,
-                threads: int = 2) -> int:
+                threads: int = 1) -> int:
         """Compile the programs of the common buckets, so no request waits for a compilation in
         them (nor do the rows decoding beside it): the decode step of every row count and cache
         length, the prefill of 1 .. max_batch distinct prompts (one per newcomer) of every length
         up to `prefill_chunk`, and one long prompt's chunk for one slot at every cached length.
         The likeliest first (fewest rows, shortest lengths), `threads` at a time, each compiled
         and run once on scratch buffers (a cache's worth each): the engine's state is not
-        touched, so requests may come meanwhile, and a program one needs is compiled by the
-        worker (or waited for, when a warm-up thread compiles it already).
+        touched, so requests may come meanwhile. It uses idle time only: a program starts when
+        no request waits or decodes (a compilation beside them would slow their steps and
+        their own compilations down), and a program a request needs is compiled by the worker
+        (or waited for, when a warm-up thread compiles it already).
         `progress(done, total)` after each program. Returns how many programs it warmed."""
         programs = self._warm_programs()
         self.programs_total, self.programs_warm, self.warming = len(programs), 0, True
@@ -420,7 +422,7 @@ class BatchEngine:
         return len(programs)
 
     def start_warm_up(self, progress: Callable[[int, int], None] | None = None,
-                      threads: int = 2, then: Callable[[int], None] | None = None) -> None:
+                      threads: int = 1, then: Callable[[int], None] | None = None) -> None:
         """`warm_up` in a background thread (serving goes on meanwhile); `then(count)` after."""
         self.warming = True
 
@@ -446,6 +448,13 @@ class BatchEngine:
                          for kv in kv_lens]
         return [program for _, program in sorted(programs, key=lambda p: p[0])]
 
+    def _idle(self) -> bool:
+        """Wait until no request waits or decodes (polling, not on the worker's condition,
+        whose notify must wake the worker); False: the engine is stopping."""
+        while not self._stopping and (self._waiting or self._slots.occupied()):
+            time.sleep(0.05)
+        return not self._stopping
+
     def _warm(self, key: tuple, fn, *args, **statics):
         """Compile `key`'s program from these arguments' shapes and run it once, with zeros for
         the shapes-only ones (scratch buffers: the engine's state stays as it was), since an
@@ -457,7 +466,7 @@ class BatchEngine:
         return jax.block_until_ready(program(*scratch))
 
     def _warm_step(self, rows: int, kv_len: int) -> None:
-        if self._stopping:
+        if not self._idle():
             return
         _, cache, seen = self._shapes
         _, written, seen_RV = self._warm(
@@ -468,7 +477,7 @@ class BatchEngine:
                    np.zeros(rows, bool))
 
     def _warm_prefill(self, n: int, P: int) -> None:
-        if self._stopping:
+        if not self._idle():
             return
         _, cache, seen = self._shapes
         self._warm(("prefill", n, n, P), _prefill, self.params, cache, seen,
@@ -477,7 +486,7 @@ class BatchEngine:
                    config=self.model_config)
 
     def _warm_extend(self, kv_len: int) -> None:
-        if self._stopping:
+        if not self._idle():
             return
         _, cache, seen = self._shapes
         one = np.ones(1, np.int32)
