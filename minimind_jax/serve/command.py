@@ -166,8 +166,9 @@ def register(subparsers) -> None:
                    help="compile each batch shape only when a request first needs it (the "
                         "running requests wait for that); by default the programs of every "
                         "common shape (decode steps, prefills, prompt chunks) are compiled in "
-                        "the background while serving, fewest rows and shortest lengths "
-                        "first, later starts loading most of them from the compilation cache")
+                        "the background while serving, when no request is running, fewest "
+                        "rows and shortest lengths first; later starts load most of them from "
+                        "the compilation cache")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="cap on a request's max_tokens (more is answered 400)")
     p.add_argument("--default_max_tokens", type=int, default=256,
