@@ -382,7 +382,37 @@ def test_warm_up_compiles_what_requests_then_use_and_changes_nothing(params):
         for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
             assert recorder.tokens(str(i)) == generate_tokens(params, TINY, [prompt],
                                                               greedy(limit), eos_id=-1)[0], i
-        with pytest.raises(RuntimeError, match="before the first submit"):
-            engine.warm_up()
+        assert engine.warm_up() == count and engine.compilations == warm  # all there already
     finally:
+        engine.stop()
+
+
+def test_a_request_during_a_background_warm_up_gets_what_generate_gives(params):
+    """start_warm_up serves meanwhile: a request sent while it runs is answered as `generate`
+    answers it (its programs compiled by the worker, or waited for when a warm-up thread has
+    them in hand), and the warm-up still ends with every program. Shapes (2 slots of 80
+    positions, chunks of 16) are this test's own."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=2, max_context=80, batch_wait_s=0,
+                                             prefill_chunk=16))
+    gate, finished, reported = threading.Event(), threading.Event(), []
+    try:
+        engine.start_warm_up(lambda done, total: (reported.append(done), gate.wait(300)),
+                             then=lambda count: finished.set())
+        recorder, prompt = Recorder(), [7, 300, 41, 9, 1200]
+        engine.submit(Completion(prompt, greedy(20), recorder.sink("0")))
+        recorder.wait()
+        assert engine.warming and engine.programs_warm <= 1  # held at its first program
+        assert recorder.tokens("0") == generate_tokens(params, TINY, [prompt], greedy(20),
+                                                       eos_id=-1)[0]
+        gate.set()
+        assert finished.wait(300)
+        # decode steps: rows 1, 2 x cache lengths 64, 80; prefills: 1, 2 prompts of 32;
+        # chunks: cached length 64
+        assert not engine.warming and engine.programs_warm == engine.programs_total == 4 + 2 + 1
+        assert reported == list(range(1, 8))
+        warm = engine.compilations
+        assert engine.warm_up() == 7 and engine.compilations == warm  # all there already
+    finally:
+        gate.set()
         engine.stop()

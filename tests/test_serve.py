@@ -292,6 +292,10 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
         wait_until(healthy, 300, "the server's /health", poll_s=0.2)
         assert ask(url, QUESTIONS[3], stream=False)[:2] == expected[QUESTIONS[3]]
         assert httpx.get(url + "/").status_code == 401  # the page wants the key too
+        while httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}
+                        ).json()["warming"]:  # the warm-up goes on behind the serving
+            assert time.monotonic() < deadline, "the warm-up did not end"
+            time.sleep(0.2)
     finally:
         server.terminate()
         server.wait(30)
@@ -309,3 +313,25 @@ def test_bad_serve_flags_are_one_error_line(capsys):
     code = cli.main(["serve", "--ckpt", str(TOKENIZER_DIR), "--prefill_chunk", "0"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --prefill_chunk must be >= 1, got 0"
+
+
+def test_health_says_warming_while_the_warm_up_runs_then_done(params, tokenizer):
+    """/health while the background warm-up runs (held after its first program), a chat
+    answered meanwhile as `generate` answers it, then /health once it is done. Shapes (2 slots
+    of 176 positions) are this test's own."""
+    question = QUESTIONS[0]
+    with live_server(params, max_batch=2, max_context=176) as (url, engine):
+        gate, finished = threading.Event(), threading.Event()
+        engine.start_warm_up(lambda done, total: gate.wait(300), then=lambda _: finished.set())
+        try:
+            health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+            body = health.json()
+            assert body["warming"] is True and body["programs_warm"] <= 1, body
+            assert body["programs_total"] == 2 * 3 + 2 * 4  # decode steps, prefills
+            assert ask(url, question, stream=False)[:2] == expected_answer(
+                params, tokenizer, question, MAX_TOKENS)
+        finally:
+            gate.set()
+        assert finished.wait(300)
+        body = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert (body["warming"], body["programs_warm"], body["programs_total"]) == (False, 14, 14)

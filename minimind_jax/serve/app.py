@@ -122,7 +122,9 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
                 "prefills_run": engine.prefills_run,
                 "prompts_prefilled": engine.prompts_prefilled,
                 "largest_batch": engine.largest_batch,
-                "tokens_generated": engine.tokens_generated}
+                "tokens_generated": engine.tokens_generated,
+                "warming": engine.warming, "programs_warm": engine.programs_warm,
+                "programs_total": engine.programs_total}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")

@@ -73,24 +73,22 @@ def build_server_app(args: argparse.Namespace):
                                       prefill_chunk=args.prefill_chunk),
                          repetition_penalty=args.repetition_penalty)
     if getattr(args, "warm_up", True):
-        warm_up(engine)
+        warm_up_in_background(engine)
     return build_app(engine, tokenizer, settings), settings
 
 
-def warm_up(engine) -> None:
-    """The engine's warm-up, with a progress bar on a terminal and a summary line."""
-    from tqdm import tqdm
-
+def warm_up_in_background(engine) -> None:
+    """The engine's warm-up behind the serving, with a summary line when it is done."""
     started = time.monotonic()
-    with tqdm(desc="warm-up", unit="program", disable=not sys.stderr.isatty(),
-              leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
 
-        count = engine.warm_up(progress)
-    print(f"warm-up: {count} programs compiled or loaded in {time.monotonic() - started:.1f} s"
-          " (every decode step, prefill and chunk shape of the common buckets)", file=sys.stderr)
+    def done(count: int) -> None:
+        print(f"warm-up: {count} programs compiled or loaded in "
+              f"{time.monotonic() - started:.1f} s, serving meanwhile (every decode step, "
+              "prefill and chunk shape of the common buckets)", file=sys.stderr, flush=True)
+
+    print("warm-up: compiling in the background; requests are answered meanwhile (/health "
+          "says how far it is)", file=sys.stderr)
+    engine.start_warm_up(then=done)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -165,11 +163,12 @@ def register(subparsers) -> None:
                         "requests decoding meanwhile pause for a chunk, not the whole prompt")
     p.add_argument("--no_warm_up", dest="warm_up", action="store_false",
                    default=argparse.SUPPRESS,  # absent: warm up (no "default: True" in --help)
-                   help="serve at once, compiling each batch shape when a request first needs "
-                        "it (the running requests wait for that); by default the programs of "
-                        "every common shape (decode steps, prefills, prompt chunks) are "
-                        "compiled before serving, later starts loading most of them from the "
-                        "compilation cache")
+                   help="compile each batch shape only when a request first needs it (the "
+                        "running requests wait for that); by default the programs of every "
+                        "common shape (decode steps, prefills, prompt chunks) are compiled in "
+                        "the background while serving, when no request is running, fewest "
+                        "rows and shortest lengths first; later starts load most of them from "
+                        "the compilation cache")
     p.add_argument("--max_tokens", type=int, default=512,
                    help="cap on a request's max_tokens (more is answered 400)")
     p.add_argument("--default_max_tokens", type=int, default=256,
