@@ -466,7 +466,7 @@ def identity_stage(plan: DemoPlan, out: pathlib.Path, tokenizer, tokenizer_dir: 
                    sft_dir: pathlib.Path, seed: int, progress: Progress) -> pathlib.Path:
     """LoRA on the SFT model with the identity set, its answers before and after, and the
     merged weights (`convert --merge_lora`); returns the merged file."""
-    from minimind_jax import cli
+    from minimind_jax.model import lora, weights
 
     progress.stage("LoRA: who the model is (identity set; adapters of the lora command's rank)")
     data = out / "data" / "lora_identity.jsonl"
@@ -481,8 +481,10 @@ def identity_stage(plan: DemoPlan, out: pathlib.Path, tokenizer, tokenizer_dir: 
     adapter = next(p for p in sorted(lora_dir.glob("lora_identity_*")) if p.is_file())
     merged = out / "merged" / "minimind_jax_identity.safetensors"
     print(f">>> minimind-jax convert {sft_dir} {merged} --merge_lora {adapter}", flush=True)
-    if cli.main(["convert", str(sft_dir), str(merged), "--merge_lora", str(adapter)]):
-        raise UserError("convert --merge_lora failed")
+    params, config, _ = weights.load_weights(sft_dir)  # what that command does
+    params, config = lora.merge_for_export(params, config, adapter)
+    weights.save_state_dict(weights.state_dict_from_params(params, config), merged)
+    print(f"merged the LoRA adapters of {adapter} into the weights -> {merged}")
     after = answer_questions(merged, tokenizer, shown, plan.max_new_tokens, plan.model)
     for question, old, new in zip(shown, before, after, strict=True):
         print(f"Q: {question}\n  before LoRA: {old!r}\n  after LoRA:  {new!r}")
