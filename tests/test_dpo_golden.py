@@ -25,6 +25,7 @@ from tests.helpers import (
     TOKENIZER_DIR,
     assert_within,
     max_abs_diff,
+    max_rel_diff,
     metrics,
     run_command,
 )
@@ -87,7 +88,7 @@ def assert_grad_norms(case: str, records, golden, bound: float) -> float:
     ours = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
     theirs = golden["clip_total_norm"]
     return assert_within(f"{case} pre-clip grad norm (relative)",
-                         float(np.max(np.abs(ours - theirs) / theirs)), bound)
+                         max_rel_diff(ours, theirs), bound)
 
 
 def reference_weights(name: str, path) -> None:
