@@ -411,7 +411,8 @@ class BatchEngine:
         self.programs_total, self.programs_warm, self.warming = len(programs), 0, True
         pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minimind-warm")
         try:
-            for future in concurrent.futures.as_completed([pool.submit(p) for p in programs]):
+            futures = [pool.submit(self._when_idle, program) for program in programs]
+            for future in concurrent.futures.as_completed(futures):
                 future.result()
                 self.programs_warm += 1
                 if progress is not None:
@@ -448,12 +449,13 @@ class BatchEngine:
                          for kv in kv_lens]
         return [program for _, program in sorted(programs, key=lambda p: p[0])]
 
-    def _idle(self) -> bool:
-        """Wait until no request waits or decodes (polling, not on the worker's condition,
-        whose notify must wake the worker); False: the engine is stopping."""
+    def _when_idle(self, program: Callable[[], None]) -> None:
+        """Run a warm-up `program` once no request waits or decodes (polling, not on the
+        worker's condition, whose notify must wake the worker); skip it when stopping."""
         while not self._stopping and (self._waiting or self._slots.occupied()):
             time.sleep(0.05)
-        return not self._stopping
+        if not self._stopping:
+            program()
 
     def _warm(self, key: tuple, fn, *args, **statics):
         """Compile `key`'s program from these arguments' shapes and run it once, with zeros for
@@ -466,8 +468,6 @@ class BatchEngine:
         return jax.block_until_ready(program(*scratch))
 
     def _warm_step(self, rows: int, kv_len: int) -> None:
-        if not self._idle():
-            return
         _, cache, seen = self._shapes
         _, written, seen_RV = self._warm(
             ("step", rows, kv_len), _decode_step, self.params, cache, seen,
@@ -477,8 +477,6 @@ class BatchEngine:
                    np.zeros(rows, bool))
 
     def _warm_prefill(self, n: int, P: int) -> None:
-        if not self._idle():
-            return
         _, cache, seen = self._shapes
         self._warm(("prefill", n, n, P), _prefill, self.params, cache, seen,
                    np.zeros((n, P), np.int32), np.ones(n, np.int32),
@@ -486,8 +484,6 @@ class BatchEngine:
                    config=self.model_config)
 
     def _warm_extend(self, kv_len: int) -> None:
-        if not self._idle():
-            return
         _, cache, seen = self._shapes
         one = np.ones(1, np.int32)
         self._warm(("extend", 1, 1, kv_len), _extend, self.params, cache, seen,
