@@ -109,7 +109,7 @@ def reference_layout(root, golden, minimind3: bool):
     pytest.importorskip("torch")  # the layout holds .pth weights
     (root / "out").mkdir()
     (root / "dataset").mkdir()
-    for name in ("dpo_pairs.jsonl", "lora_sft.jsonl"):
+    for name in ("dpo_pairs.jsonl", "lora_sft.jsonl", "reason_sft.jsonl"):
         shutil.copy(POST / name, root / "dataset" / name)
     shutil.copytree(MINIMIND3_TOKENIZER_DIR if minimind3 else TOKENIZER_DIR,
                     root / "model" if minimind3 else root / "model" / "minimind_tokenizer")

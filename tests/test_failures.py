@@ -236,8 +236,7 @@ def test_errors_before_training_leave_nothing_behind(finished, tmp_path):
     blank.write_text("\n  \n\n")
     (weights / "exists.txt").write_text("keep me")
     cases = [  # (argv, exit code, message fragment)
-        (train("sft", new, cache), 2, "starts from the pretrain weights, but there is no "
-                                      "checkpoint in"),
+        (train("sft", new, cache), 2, "sft starts from the pretrain weights, but neither "),
         (train("pretrain", new, cache, "--resume"), 2, "--resume: no checkpoint in"),
         (train("pretrain", new, cache, "--init_from", tmp_path / "nope.pth"), 2,
          "nope.pth does not exist"),

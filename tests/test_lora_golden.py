@@ -174,9 +174,9 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
 def test_lora_command_defaults(tmp_path):
     """The references' train_lora.py defaults per arch, the base they load, the run name."""
     from minimind_jax.cli.parser import build_parser
-    from minimind_jax.data.samples import STAGES
     from minimind_jax.errors import UserError
-    from minimind_jax.train import flags, lora_stage
+    from minimind_jax.train import flags
+    from minimind_jax.train.stages import STAGES, lora, stage
 
     def config(*argv):
         args = build_parser().parse_args(["lora", "--out_dir", str(tmp_path), *argv])
@@ -191,12 +191,12 @@ def test_lora_command_defaults(tmp_path):
     assert config("--lora_name", "x", "--lora_rank", "8").run.run_prefix == "x"
     assert STAGES["lora"].samples == "sft"
     with pytest.raises(UserError, match="rlhf_512"):
-        lora_stage.default_base(str(tmp_path), v2.model)
+        stage.init_source(v2, STAGES["lora"], v2.model)
     (tmp_path / "full_sft_768.pth").write_bytes(b"")
-    assert lora_stage.default_base(str(tmp_path), v3.model).name == "full_sft_768.pth"
-    assert lora_stage.adapter_file(tmp_path, "n", v3.model.replace(use_moe=True)).name \
+    assert stage.init_source(v3, STAGES["lora"], v3.model).name == "full_sft_768.pth"
+    assert lora.adapter_file(tmp_path, "n", v3.model.replace(use_moe=True)).name \
         == "n_768_moe.pth"
-    assert lora_stage.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
+    assert lora.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
         == "n_512.pth"
 
 

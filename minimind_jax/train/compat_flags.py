@@ -81,9 +81,7 @@ def _rename(args: argparse.Namespace, old: str, new: str, notes: list[str]) -> N
 def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
     """minimind-3's `--from_weight NAME` loads save_dir/NAME_{hidden}{_moe}.pth; here the run
     folder of that name (or such a .pth file) becomes --init_from."""
-    import pathlib
-
-    from minimind_jax.train.run_folder import saved_weights
+    from minimind_jax.train.run_folder import find_saved_weights
 
     name = args.from_weight
     if name is None:
@@ -94,11 +92,8 @@ def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
         args.init_from = "none"
         notes.append("--from_weight none: random initial weights")
         return
-    found = saved_weights(args.out_dir, f"{name}_{_tag(args)}")
-    if found is None:
-        base = pathlib.Path(args.out_dir) / f"{name}_{_tag(args)}"
-        raise UserError(f"--from_weight {name}: neither {base} (a run folder) nor {base}.pth "
-                        "exists")
+    found = find_saved_weights(args.out_dir, f"{name}_{_tag(args)}",
+                               f"--from_weight {name} loads those weights")
     args.init_from = str(found)
     notes.append(f"--from_weight {name}: used as --init_from {found}")
 

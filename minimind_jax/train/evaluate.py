@@ -21,7 +21,7 @@ import numpy as np
 
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
-from minimind_jax.data.samples import STAGES
+from minimind_jax.data.samples import SAMPLE_FORMATS
 from minimind_jax.errors import UserError
 from minimind_jax.model import flags as model_flags
 from minimind_jax.model.config import ModelConfig, arch_of
@@ -103,7 +103,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     params, config = generate.load_model_of(args)
     tokenizer = generate.tokenizer_of(args)
-    source = open_source(args.data_path, tokenizer, args.stage, config.max_seq_len,
+    from minimind_jax.train.stages import STAGES
+
+    source = open_source(args.data_path, tokenizer, STAGES[args.stage].samples,
+                         config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
                          rules=arch_of(config), sft_seed=args.seed,
                          sft_random=not args.no_sft_random)
@@ -128,9 +131,13 @@ def register(subparsers) -> None:
                              ".safetensors or .npz state dict")
     generate.add_lora_weight_arg(parser)
     parser.add_argument("--data_path", required=True, help="JSONL file in the --stage format")
-    parser.add_argument("--stage", choices=STAGES, required=True,
-                        help="pretrain: {\"text\"} samples, every token; sft: conversations, "
-                             "the assistant replies only")
+    from minimind_jax.train.stages import STAGES
+
+    lm_stages = [name for name, stage in STAGES.items() if stage.samples in SAMPLE_FORMATS]
+    parser.add_argument("--stage", choices=lm_stages, required=True,
+                        help="the rows that stage trains on: pretrain: {\"text\"} samples, "
+                             "every token; the others: conversations, the assistant replies "
+                             "only")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder; default: the one saved with the run")
     parser.add_argument("--batch_size", type=int, default=32, help="rows per eval step")

@@ -9,25 +9,38 @@ import json
 import pathlib
 import shutil
 
-from minimind_jax.data.samples import Stage
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR, step_folders
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR, latest_checkpoint, step_folders
 from minimind_jax.runtime import distributed
 from minimind_jax.train import checkpoint, run_lock
 from minimind_jax.train.train_config import RunConfig, TrainConfig
 
 
-def run_dir_for(out_dir: str, stage: Stage, config: ModelConfig) -> pathlib.Path:
-    return pathlib.Path(out_dir) / f"{stage.run_prefix}_{config.tag}"
+def run_dir_for(out_dir: str, run_prefix: str, config: ModelConfig) -> pathlib.Path:
+    """OUT_DIR/{run_prefix}_{dim}[_moe]: the reference's weight-file name, as a folder."""
+    return pathlib.Path(out_dir) / f"{run_prefix}_{config.tag}"
 
 
 def saved_weights(out_dir: str, name: str) -> pathlib.Path | None:
-    """The weights a run saved under `name` (e.g. `full_sft_512`): our run folder
-    OUT_DIR/NAME, else the reference's OUT_DIR/NAME.pth; None if neither exists."""
+    """The weights a run saved under `name` (e.g. `full_sft_512`): our run folder OUT_DIR/NAME
+    when it holds a checkpoint, else the reference's OUT_DIR/NAME.pth; None if neither."""
     folder = pathlib.Path(out_dir) / name
-    return next((path for path in (folder, folder.with_name(name + ".pth")) if path.exists()),
-                None)
+    if folder.is_dir() and latest_checkpoint(folder) is not None:
+        return folder
+    file = folder.with_name(name + ".pth")
+    return file if file.is_file() else None
+
+
+def find_saved_weights(out_dir: str, name: str, what: str) -> pathlib.Path:
+    """`saved_weights`, or UserError saying what `what` needs and how to make or pass it."""
+    found = saved_weights(out_dir, name)
+    if found is not None:
+        return found
+    folder = pathlib.Path(out_dir) / name
+    raise UserError(f"{what}, but neither {folder} (a run folder with a checkpoint) nor "
+                    f"{folder}.pth exists: train them first with the same --out_dir and model "
+                    "flags, or pass --init_from (a run folder, .pth, .safetensors or .npz)")
 
 
 def write_run_files(run_dir: pathlib.Path, model: ModelConfig, config: TrainConfig,

@@ -4,7 +4,7 @@
 the run folder (checkpoints, resume, tracker), validation, the multi-process setup and the
 `Recipe`. A field left None takes the stage's default for the model's arch or the recipe's
 choice; `TrainConfig.resolved(command)` fills them in, and is the one place that does: the
-`pretrain`/`sft` commands build a TrainConfig from their flags (whose defaults are these
+training commands build a TrainConfig from their flags (whose defaults are these
 fields'), Python callers build one directly, and `train.run` resolves either the same way.
 """
 
@@ -19,7 +19,7 @@ from minimind_jax.data.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig, arch_of
 from minimind_jax.runtime.distributed import DistributedConfig
-from minimind_jax.train.recipes import Recipe, recipe_named, stage_defaults
+from minimind_jax.train.recipes import Recipe, recipe_named
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,8 @@ class RunConfig:
     """The run folder: where it is, how it starts, what it logs and keeps."""
 
     out_dir: str = "out"
-    run_prefix: str | None = None  # None: the stage's (pretrain / full_sft)
-    init_from: str | None = None  # None: random init (pretrain) or the pretrain run (sft)
+    run_prefix: str | None = None  # None: the stage's (pretrain, full_sft, ...)
+    init_from: str | None = None  # None: the stage's start (random, the pretrain run, ...)
     lora_init_from: str | None = None  # lora: adapter file to start from (None: seeded init)
     resume: bool = False
     overwrite: bool = False
@@ -94,10 +94,11 @@ class TrainConfig:
         if not isinstance(self.recipe, Recipe):  # a name, for callers' convenience
             object.__setattr__(self, "recipe", recipe_named(self.recipe))
 
-    def resolved(self, command: str) -> TrainConfig:
-        """This config with every None default filled in for `command` (pretrain / sft)."""
-        return dataclasses.replace(self, **resolve_settings(vars(self), command,
-                                                            arch_of(self.model)))
+    def resolved(self, stage) -> TrainConfig:
+        """This config with every None default filled in for `stage` (a train.stages.Stage:
+        its defaults for the model's generation)."""
+        return dataclasses.replace(self, **resolve_settings(
+            vars(self), stage.defaults_for(arch_of(self.model))))
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""
@@ -111,13 +112,12 @@ def field_default(cls, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> dict:
-    """A TrainConfig's fields but the model (`settings`), with the Nones filled in from the
-    stage defaults of `arch` and from the recipe; a recipe's fixed choice given otherwise is an
-    error. Resolved settings come back equal."""
+def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """A TrainConfig's fields but the model (`settings`), with the Nones filled in from a
+    stage's `defaults` (for the model's generation) and from the recipe; a recipe's fixed
+    choice given otherwise is an error. Resolved settings come back equal."""
     recipe = recipe_named(settings["recipe"])
     data, optim, run, eval_ = (settings[k] for k in ("data", "optim", "run", "eval"))
-    defaults = stage_defaults(command, arch)
 
     def given_or(value, default):
         return default if value is None else value
@@ -144,7 +144,7 @@ def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> di
             lr_schedule=given_or(optim.lr_schedule, recipe.lr_schedule or "cosine")),
         eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
         run=dataclasses.replace(run, run_prefix=given_or(run.run_prefix,
-                                                         defaults.get("run_prefix"))),
+                                                         defaults["run_prefix"])),
     )
 
 
