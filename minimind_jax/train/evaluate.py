@@ -24,7 +24,8 @@ from minimind_jax.data.rows import open_source
 from minimind_jax.data.samples import SAMPLE_FORMATS
 from minimind_jax.errors import UserError
 from minimind_jax.model import flags as model_flags
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.train.recipes import recipe_named
 
 
@@ -108,7 +109,7 @@ def run_eval(args: argparse.Namespace) -> int:
     source = open_source(args.data_path, tokenizer, STAGES[args.stage].samples,
                          config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
-                         rules=arch_of(config), sft_seed=args.seed,
+                         rules=generation_of(config).name, sft_seed=args.seed,
                          sft_random=not args.no_sft_random)
     mesh = data_mesh()
     evaluator = Evaluator(source, config, mesh, args.batch_size, args.eval_batches)

@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 
 from minimind_jax.data import prepare
-from minimind_jax.data.tokenizer import REFERENCE_TOKENIZER_DIR
 from minimind_jax.model import flags as model_flags
+from minimind_jax.model.generation import GENERATIONS
 from minimind_jax.runtime import distributed
 from minimind_jax.train import compat_flags, evaluate, optim, recipes, tracking
 from minimind_jax.train.run_log import say
@@ -117,7 +117,9 @@ def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
                         "the run's own copy with --resume, "
                         + ("else the copy in the run folder its weights start from, "
                            if stage.start_from else "")
-                        + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
+                        + "else where the reference's scripts keep it: "
+                        + "; ".join(f"{name}: " + ", ".join(f"./{d}" for d in g.tokenizer_dirs)
+                                    for name, g in GENERATIONS.items()))
     _add_optim_flags(g, stage)
     _add_rows_flags(g)
     _add_run_flags(g, stage)

@@ -16,7 +16,8 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
+from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.runtime import distributed, host_memory
 from minimind_jax.train import checkpoint, evaluate, optim, run_folder, tracking
@@ -38,7 +39,7 @@ def resolve_tokenizer(config: TrainConfig, stage: Stage, model: ModelConfig) -> 
     run = config.run
     own = run_folder.run_dir_for(run.out_dir, run.run_prefix, model) if run.resume else None
     return locate_tokenizer(config.data.tokenizer, training_tokenizer_candidates(
-        arch_of(model), run_dir=own, start_dir=_start_folder(config, stage, model)),
+        generation_of(model), run_dir=own, start_dir=_start_folder(config, stage, model)),
         what=stage.name)
 
 
@@ -46,7 +47,7 @@ def _start_folder(config: TrainConfig, stage: Stage, model: ModelConfig):
     """The run folder the initial weights come from, if they come from one."""
     init_from = config.run.init_from
     if init_from is None and stage.start_from is not None:
-        name = f"{stage.start_from[arch_of(model)]}_{model.tag}"
+        name = f"{stage.start_from[generation_of(model).name]}_{model.tag}"
         found = run_folder.saved_weights(config.run.out_dir, name)
     else:
         found = pathlib.Path(init_from) if init_from not in (None, "none") else None
@@ -120,7 +121,8 @@ def _objective(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
         where = init_source(config, stage, model) if config.run.resume else source
         return initial_params(config, stage, where, model)
 
-    return stage.objective(StageContext(config, model, tokenizer, stage.options, start))
+    return stage.objective(StageContext(config, model, generation_of(model), tokenizer,
+                                        stage.options, start))
 
 
 def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
@@ -191,7 +193,7 @@ def _open_log(config: TrainConfig, stage: Stage, model: ModelConfig, objective: 
                                      config.record(), run_dir, start_step)
                if distributed.is_main_process() else None)
     lines = LineStyle(opt.epochs, batches, config.run.log_interval,
-                      minimind3=arch_of(model) == "minimind3",
+                      minimind3=generation_of(model).minimind3_lines,
                       line_fn=objective.line)
     for note in objective.notes:
         say(note)
@@ -304,7 +306,7 @@ def _open_source_once(config: TrainConfig, samples: str, tokenizer, model: Model
                            skip_bad_lines=data_config.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None,
-                           rules=arch_of(model), sft_seed=config.seed,
+                           rules=generation_of(model).name, sft_seed=config.seed,
                            sft_random=data_config.sft_random)
 
     if not distributed.is_main_process():

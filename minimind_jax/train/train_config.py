@@ -17,7 +17,8 @@ from typing import Any
 
 from minimind_jax.data.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.runtime.distributed import DistributedConfig
 from minimind_jax.train.recipes import Recipe, recipe_named
 
@@ -98,7 +99,7 @@ class TrainConfig:
         """This config with every None default filled in for `stage` (a train.stages.Stage:
         its defaults for the model's generation)."""
         return dataclasses.replace(self, **resolve_settings(
-            vars(self), stage.defaults_for(arch_of(self.model))))
+            vars(self), stage.defaults_for(generation_of(self.model).name)))
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""

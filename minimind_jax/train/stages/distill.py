@@ -26,14 +26,35 @@ import jax
 import jax.numpy as jnp
 
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train import log_lines
 from minimind_jax.train.run_folder import find_saved_weights
 from minimind_jax.train.stages.stage import Objective, Stage, StageContext
 
-ALPHA_TEMPERATURE = {"minimind2": (0.0, 1.0), "minimind3": (0.5, 1.5)}
-TEACHER_DEFAULT = {"minimind2": "full_sft_768", "minimind3": "full_sft_768_moe"}
+
+@dataclasses.dataclass(frozen=True)
+class DistillRules:
+    """What a generation's train_distillation.py computes, and its defaults."""
+
+    alpha: float  # the CE weight
+    temperature: float
+    ce_ignores_pad: bool  # its CE also drops targets equal to the pad id 0
+    ce_eps: float  # added to the CE's denominator
+    # under the generation's own recipe the loss is not divided by the accumulation steps
+    undivided: bool
+    teacher: str  # the default teacher's weights, OUT_DIR/NAME
+    teacher_is_moe: bool  # with --from_teacher_weight / --teacher_hidden_size
+
+
+RULES = {
+    "minimind2": DistillRules(alpha=0.0, temperature=1.0, ce_ignores_pad=True, ce_eps=0.0,
+                              undivided=True, teacher="full_sft_768", teacher_is_moe=False),
+    "minimind3": DistillRules(alpha=0.5, temperature=1.5, ce_ignores_pad=False, ce_eps=1e-8,
+                              undivided=False, teacher="full_sft_768_moe",
+                              teacher_is_moe=True),
+}
 
 
 def kl_teacher_student(student_BTV, teacher_BTV, mask_BT, temperature: float):
@@ -82,9 +103,9 @@ def load_teacher(path, student: ModelConfig, n_heads: int | None = None):
 
     base = student.replace(n_heads=n_heads) if n_heads else student
     params, config, origin = weights.load_weights(path, base)
-    if arch_of(config) != arch_of(student):
-        raise UserError(f"teacher {path} is a {arch_of(config)} model, the student "
-                        f"{arch_of(student)}: both must be of one family")
+    if generation_of(config) != generation_of(student):
+        raise UserError(f"teacher {path} is a {generation_of(config).name} model, the student "
+                        f"{generation_of(student).name}: both must be of one family")
     if config.vocab_size < student.vocab_size:
         raise UserError(f"teacher {path} has a vocabulary of {config.vocab_size}, smaller than "
                         f"the student's {student.vocab_size}")
@@ -108,7 +129,7 @@ class DistillOptions:
     temperature: float | None = None
 
 
-def teacher_path(options: DistillOptions, out_dir: str, arch: str) -> str:
+def teacher_path(options: DistillOptions, out_dir: str, rules: DistillRules) -> str:
     """--teacher; else OUT_DIR/{from_teacher_weight}_{teacher_hidden_size}[_moe] (our run
     folder or the reference's .pth); else the reference's default teacher (MiniMind2
     full_sft_768, minimind-3 full_sft_768_moe)."""
@@ -118,10 +139,10 @@ def teacher_path(options: DistillOptions, out_dir: str, arch: str) -> str:
             raise UserError("--teacher and --from_teacher_weight/--teacher_hidden_size: give "
                             "one")
         return options.teacher
-    name = TEACHER_DEFAULT[arch]
+    name = rules.teacher
     if named:
         use_moe = (options.teacher_use_moe if options.teacher_use_moe is not None
-                   else arch == "minimind3")
+                   else rules.teacher_is_moe)
         name = (f"{options.from_teacher_weight or 'full_sft'}_"
                 f"{options.teacher_hidden_size or 768}" + ("_moe" if use_moe else ""))
     return str(find_saved_weights(out_dir, name, f"the teacher is {name} (no --teacher)"))
@@ -131,20 +152,20 @@ def make_objective(context: StageContext) -> Objective:
     """The distillation objective of a run: SFT rows, the frozen teacher, the generation's
     formulas."""
     config, model, options = context.config, context.model, context.options
-    arch = arch_of(model)
-    default_alpha, default_t = ALPHA_TEMPERATURE[arch]
-    alpha = default_alpha if options.alpha is None else options.alpha
-    temperature = default_t if options.temperature is None else options.temperature
+    generation = context.generation
+    rules = RULES[generation.name]
+    alpha = rules.alpha if options.alpha is None else options.alpha
+    temperature = rules.temperature if options.temperature is None else options.temperature
     if not 0.0 <= alpha <= 1.0 or not temperature > 0:
         raise UserError(f"--alpha must be in [0, 1] and --temperature > 0, got {alpha}, "
                         f"{temperature}")
-    teacher = teacher_path(options, config.run.out_dir, arch)
+    teacher = teacher_path(options, config.run.out_dir, rules)
     params, teacher_config, origin = load_teacher(teacher, model, options.teacher_n_heads)
-    undivided = config.recipe.name == "minimind2"
+    undivided = rules.undivided and config.recipe.name == generation.recipe
     scale = float(config.optim.accumulation_steps) if undivided else 1.0
     loss = distill_loss_fn(model, teacher_config, alpha=alpha, temperature=temperature,
-                           scale=scale, ce_ignores_pad=arch == "minimind2",
-                           ce_eps=1e-8 if arch == "minimind3" else 0.0)
+                           scale=scale, ce_ignores_pad=rules.ce_ignores_pad,
+                           ce_eps=rules.ce_eps)
     shape = (f"dim {teacher_config.dim}, {teacher_config.n_layers} layers, "
              f"{teacher_config.n_heads}/{teacher_config.n_kv_heads} heads"
              + (", MoE" if teacher_config.use_moe else ""))
@@ -152,7 +173,7 @@ def make_objective(context: StageContext) -> Objective:
              f"{temperature}" + ("; loss not divided by --accumulation_steps (MiniMind2)"
                                  if undivided and scale != 1 else ""),)
     return Objective(loss=loss, frozen=params,
-                     line=(log_lines.minimind3_distill_line if arch == "minimind3"
+                     line=(log_lines.minimind3_distill_line if generation.minimind3_lines
                            else log_lines.minimind2_distill_line),
                      notes=notes)
 

@@ -24,12 +24,28 @@ import jax.numpy as jnp
 
 from minimind_jax.data.pairs import PairSource
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train import log_lines
 from minimind_jax.train.stages.stage import Objective, Stage, StageContext
 
-BETA = {"minimind2": 0.1, "minimind3": 0.15}
+
+@dataclasses.dataclass(frozen=True)
+class DpoRules:
+    """What a generation's train_dpo.py computes."""
+
+    beta: float  # the default temperature
+    average: bool  # per-row log-probs averaged over the reply (else summed)
+    with_aux: bool  # the policy's MoE aux loss added
+    how: str  # said when the run starts
+
+
+RULES = {
+    "minimind2": DpoRules(beta=0.1, average=True, with_aux=False,  # beta hard-coded there
+                          how="log-probs averaged over each reply, no MoE aux"),
+    "minimind3": DpoRules(beta=0.15, average=False, with_aux=True,  # its --beta
+                          how="log-probs summed over each reply, + the policy's MoE aux"),
+}
 
 
 def sequence_logps(logits_BTV, labels_BT, mask_BT, real_B, average: bool):
@@ -94,30 +110,29 @@ class DpoOptions:
 def make_objective(context: StageContext) -> Objective:
     """The DPO objective of a run: rows from --data_path, the reference model = the initial
     weights, the formulas of the model's generation."""
-    config, model = context.config, context.model
-    arch = arch_of(model)
-    beta = BETA[arch] if context.options.beta is None else context.options.beta
+    config, model, generation = context.config, context.model, context.generation
+    rules = RULES[generation.name]
+    beta = rules.beta if context.options.beta is None else context.options.beta
     if config.data.pack:
         raise UserError("--pack: DPO rows keep one conversation each")
-    rows = PairSource(config.data.data_path, context.tokenizer, model.max_seq_len, rules=arch,
-                      seed=config.seed, randomize=config.data.sft_random,
+    rows = PairSource(config.data.data_path, context.tokenizer, model.max_seq_len,
+                      rules=generation.name, seed=config.seed,
+                      randomize=config.data.sft_random,
                       skip_bad_lines=config.data.skip_bad_lines)
     reference, origin = context.start()
-    how = ("log-probs averaged over each reply, no MoE aux" if arch == "minimind2"
-           else "log-probs summed over each reply, + the policy's MoE aux")
-    return Objective(loss=dpo_loss_fn(model, beta, average=arch == "minimind2",
-                                      with_aux=arch == "minimind3"),
+    return Objective(loss=dpo_loss_fn(model, beta, average=rules.average,
+                                      with_aux=rules.with_aux),
                      frozen=reference, rows=rows,
-                     line=(log_lines.minimind3_dpo_line if arch == "minimind3" else
+                     line=(log_lines.minimind3_dpo_line if generation.minimind3_lines else
                            log_lines.minimind2_divided_line(config.optim.accumulation_steps)),
                      notes=(f"dpo: {len(rows):,} pairs; reference model (frozen): {origin}; "
-                            f"beta {beta}; {how}",))
+                            f"beta {beta}; {rules.how}",))
 
 
 def add_flags(parser) -> None:
     parser.add_argument("--beta", type=float, default=None,
-                        help=f"DPO temperature (default: {BETA['minimind2']}, MiniMind2's "
-                             f"hard-coded value; --arch minimind3: {BETA['minimind3']}, its "
+                        help=f"DPO temperature (default: {RULES['minimind2'].beta}, MiniMind2's "
+                             f"hard-coded value; --arch minimind3: {RULES['minimind3'].beta}, its "
                              "--beta)")
 
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from minimind_jax.model import lora
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.runtime import distributed
 from minimind_jax.train.run_log import say
 from minimind_jax.train.stages.stage import Stage, start_params
@@ -52,7 +53,7 @@ def initial_params(config, stage, source: pathlib.Path | None, model: ModelConfi
 def adapter_file(run_dir: pathlib.Path, run_prefix: str, model: ModelConfig) -> pathlib.Path:
     """Where the reference would name it: MiniMind2 `{lora_name}_{dim}.pth` (no _moe),
     minimind-3 `{lora_name}_{hidden}{_moe}.pth`; in the run folder."""
-    tag = model.tag if arch_of(model) == "minimind3" else str(model.dim)
+    tag = model.tag if generation_of(model).adapter_tag_has_moe else str(model.dim)
     return run_dir / f"{run_prefix}_{tag}.pth"
 
 
@@ -74,7 +75,7 @@ def export_adapters(params, model: ModelConfig, path: pathlib.Path, is_main: boo
         import torch  # noqa: F401
     except ImportError:
         path = path.with_suffix(".npz")
-    lora.save_adapters(adapters, model, path, fp16=arch_of(model) == "minimind3")
+    lora.save_adapters(adapters, model, path, fp16=generation_of(model).float16_files)
     say(f"LoRA adapters: {path}")
     return path
 

@@ -3,11 +3,11 @@
 `train.setup` and `train.loop` read these fields and call these hooks; they never ask which
 stage they run. A stage is a frozen `Stage`; the hooks are plain functions:
 
-- its defaults per generation (`defaults[arch]`: epochs, batch_size, learning_rate,
+- its defaults per generation (`defaults[generation name]`: epochs, batch_size, learning_rate,
   accumulation_steps, run_prefix, and where the reference's script sets it, max_seq_len);
 - the rows it reads (`samples`, a data.samples format; or the objective brings its own);
-- its starting weights (`start_from[arch]`: the saved weights' name under OUT_DIR; None: a
-  seeded random init) and `initial_params` (LoRA: the base plus adapters);
+- its starting weights (`start_from[generation name]`: the saved weights' name under
+  OUT_DIR; None: a seeded random init) and `initial_params` (LoRA: the base plus adapters);
 - which parameters train (`model_for`, `partition`: LoRA's adapters);
 - its objective (`objective(StageContext) -> Objective`): the loss, a frozen second model,
   its own rows, console line and notes, and optionally a batch producer;
@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import Generation, generation_of
 from minimind_jax.train import recipes
 from minimind_jax.train.run_folder import find_saved_weights
 
@@ -54,6 +55,7 @@ class StageContext:
 
     config: Any  # the resolved TrainConfig
     model: ModelConfig  # the run's model (the stage's `model_for`, the tokenizer's vocab)
+    generation: Generation  # the model's (model.generation): its facts and name
     tokenizer: Any
     options: Any  # the stage's options
     # () -> (the run's initial params, where they came from); also on --resume, where the
@@ -83,10 +85,12 @@ class Stage:
     description: str  # the command's --help description
     samples: str  # the sample format of its rows (data.samples.SAMPLE_FORMATS)
     data_path: str  # the reference's default data file
-    defaults: Mapping[str, Mapping[str, Any]]  # arch -> the defaults of unset settings
+    # generation name -> the defaults of unset settings
+    defaults: Mapping[str, Mapping[str, Any]]
     tracker_project: str  # the reference's wandb project (and run-name prefix)
     tracker_run: str | None = None  # the reference's run-name prefix, if not the project
-    start_from: Mapping[str, str] | None = None  # arch -> saved weights' name; None: random
+    # generation name -> the saved weights' name; None: a random init
+    start_from: Mapping[str, str] | None = None
     # minimind-3's recipe starts from its .pth weights, which hold float16 values
     start_rounded_to_float16: bool = False
     validates: bool = True  # --eval_data measures the loss it trains (the LM loss)
@@ -102,9 +106,9 @@ class Stage:
     # (args) -> lines: maps the reference script's own flags onto ours, before the config
     map_flags: Callable | None = None
 
-    def defaults_for(self, arch: str) -> dict:
-        """The defaults of `arch` (a generation's name)."""
-        return dict(self.defaults[arch])
+    def defaults_for(self, generation: str) -> dict:
+        """The defaults of a generation (its name)."""
+        return dict(self.defaults[generation])
 
     def with_options(self, **changes) -> Stage:
         """This stage with some of its options changed."""
@@ -124,7 +128,7 @@ def init_source(config, stage: Stage, model: ModelConfig) -> pathlib.Path | None
         return source
     if stage.start_from is None:
         return None
-    name = stage.start_from[arch_of(model)]
+    name = stage.start_from[generation_of(model).name]
     return find_saved_weights(config.run.out_dir, f"{name}_{model.tag}",
                               f"{stage.name} starts from the {name} weights")
 
