@@ -139,7 +139,7 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     total_steps = _total_steps(config, batches)
     opt = config.optim
     schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
-                              opt.accumulation_steps, opt.warmup_iters)
+                              opt.accumulation_steps, opt.warmup_iters, epoch_batches=batches)
     optimizer = optim.make_optimizer(
         accumulation_steps=opt.accumulation_steps, grad_clip=opt.grad_clip,
         weight_decay=opt.weight_decay,

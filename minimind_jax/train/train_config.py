@@ -123,8 +123,12 @@ def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -
     def given_or(value, default):
         return default if value is None else value
 
-    if recipe.lr_schedule and optim.lr_schedule not in (None, recipe.lr_schedule):
-        raise UserError(f"--recipe {recipe.name} uses --lr_schedule {recipe.lr_schedule}, "
+    # a stage whose reference script schedules its own way (the RL scripts' cosine annealing)
+    # says so with `recipe_lr_schedule`
+    recipe_schedule = (defaults.get("recipe_lr_schedule", recipe.lr_schedule)
+                       if recipe.lr_schedule else None)
+    if recipe_schedule and optim.lr_schedule not in (None, recipe_schedule):
+        raise UserError(f"--recipe {recipe.name} uses --lr_schedule {recipe_schedule}, "
                         f"not {optim.lr_schedule}")
     if recipe.name and data.shuffle not in (None, recipe.shuffle):
         raise UserError(f"--recipe {recipe.name} shuffles every epoch; drop --no_shuffle"
@@ -142,7 +146,7 @@ def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -
             accumulation_steps=given_or(optim.accumulation_steps,
                                         defaults["accumulation_steps"]),
             epochs=given_or(optim.epochs, defaults["epochs"]),
-            lr_schedule=given_or(optim.lr_schedule, recipe.lr_schedule or "cosine")),
+            lr_schedule=given_or(optim.lr_schedule, recipe_schedule or "cosine")),
         eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
         run=dataclasses.replace(run, run_prefix=given_or(run.run_prefix,
                                                          defaults["run_prefix"])),

@@ -35,7 +35,9 @@ from minimind_jax.model.transformer import MiniMind
 from minimind_jax.train import optim
 
 DATA_AXIS = "data"
-BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
+# what a step reads of a host batch (the RL stages' producers add the rest)
+BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids", "logp_pos",
+              "old_logps", "advantages", "rewards", "completion_mask")
 
 
 @struct.dataclass

@@ -1,0 +1,303 @@
+"""GRPO and CISPO (`minimind-jax grpo`): minimind-3's trainer/train_grpo.py (d65ef2c,
+shared/SPEC_RL.md 2), on the one training path through the batch-producer hook.
+
+Each step's batch is made from the current train state (`produce`): B prompts (data.prompts)
+-> G completions each from a rollout engine (infer.rollout: ours, a replay of the reference's
+ids, or canned texts) -> rewards (train.rewards) -> per-group advantages (r - mean) /
+(std + 1e-4) (population std) -> the old per-token log-probs (a forward of the current
+policy, no temperature) -> a batch of N = B * G rows. The step then takes, over each row's
+completion up to and including its first EOS (mask m):
+
+    logp, ref = the policy's and the frozen reference's per-token log-probs
+    kl = exp(ref - logp) - (ref - logp) - 1,   ratio = exp(logp - old)
+    cispo: l = -(stopgrad(min(ratio, eps_high)) * A * logp - beta * kl)
+    grpo:  l = -(min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - beta * kl)
+    loss = mean_rows(sum_t l * m / max(sum_t m, 1)) + MoE aux
+
+Positions are the column index (left padding is not rebased) and no query attends to
+padding, as the script's masked forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimind_jax.data.prompts import PromptSource
+from minimind_jax.errors import UserError
+from minimind_jax.infer import rollout as rollouts
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.loss import token_cross_entropy
+from minimind_jax.train import rewards as reward_rules
+from minimind_jax.train.stages.stage import Objective, Stage, StageContext
+
+LOSS_TYPES = ("cispo", "grpo")
+ENGINES = ("torch", "sglang")  # the script's choices; torch = our own sampler here
+ADV_EPS = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoOptions:
+    num_generations: int = 6
+    beta: float = 0.1  # the KL penalty
+    loss_type: str = "cispo"
+    epsilon: float = 0.2  # GRPO's clip
+    epsilon_high: float = 5.0  # CISPO's clamp
+    max_gen_len: int = 1024
+    thinking_ratio: float = 0.9
+    reward_model_path: str | None = "../../internlm2-1_8b-reward"  # the script's default
+    rollout_engine: str = "torch"
+    replay: str | None = None  # a golden file's recorded output ids (tests, exact runs)
+    script: tuple[str, ...] = ()  # canned completions
+    old_logp_offset: float = 0.0  # added to the old log-probs (off-policy checks)
+
+
+def check_options(options: GrpoOptions, model: ModelConfig) -> None:
+    """One clear error per bad setting, before anything is created."""
+    if options.rollout_engine == "sglang":
+        raise UserError("--rollout_engine sglang: this port samples with its own engine (the "
+                        "decoder serve uses); drop the flag (the --sglang_* flags are accepted "
+                        "and ignored)")
+    if options.loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}")
+    if options.num_generations < 2:
+        raise UserError(f"--num_generations {options.num_generations}: a group of one has "
+                        "zero advantage on every step (its reward minus its own mean); use 2 "
+                        "or more")
+    if options.max_gen_len < 1:
+        raise UserError(f"--max_gen_len must be >= 1, got {options.max_gen_len}")
+    if not 0.0 <= options.thinking_ratio <= 1.0:
+        raise UserError(f"--thinking_ratio must be in [0, 1], got {options.thinking_ratio}")
+    del model
+
+
+def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
+    """log softmax(logits)[next id] at the completion's positions (float32)."""
+    logp_NL = -token_cross_entropy(logits_NLV[:, :-1], ids_NL[:, 1:])
+    return jnp.take_along_axis(logp_NL, logp_pos_NR, axis=1)
+
+
+def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
+    """train_step's objective: (params, batch, reference params) -> (loss, metrics)."""
+    from minimind_jax.model.transformer import MiniMind
+
+    model = MiniMind(config)
+
+    def objective(params, batch: dict, reference):
+        ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["logp_pos"]
+        logits, aux = model.apply({"params": params}, ids, segment_ids=seg)
+        ref_logits, _ = model.apply({"params": reference}, ids, segment_ids=seg)
+        logp = per_token_logps(logits, ids, pos)
+        ref = jax.lax.stop_gradient(per_token_logps(ref_logits, ids, pos))
+        adv = batch["advantages"][:, None]
+        mask = batch["completion_mask"]
+        delta = ref - logp
+        kl = jnp.exp(delta) - delta - 1
+        ratio = jnp.exp(logp - batch["old_logps"])
+        if options.loss_type == "cispo":
+            gain = jax.lax.stop_gradient(jnp.minimum(ratio, options.epsilon_high)) * adv * logp
+        else:
+            clipped = jnp.clip(ratio, 1 - options.epsilon, 1 + options.epsilon)
+            gain = jnp.minimum(ratio * adv, clipped * adv)
+        per_token = -(gain - options.beta * kl)
+        lengths = mask.sum(axis=1)
+        policy_loss = jnp.mean((per_token * mask).sum(axis=1) / jnp.maximum(lengths, 1))
+        loss = policy_loss + aux
+        n = adv.shape[0]
+        return loss, {
+            "loss": loss, "aux": aux, "reward": jnp.mean(batch["rewards"]),
+            "kl_ref": jnp.sum(delta * mask) / jnp.maximum(jnp.sum(mask), 1),
+            "adv_mean": jnp.mean(adv), "adv_std": jnp.std(adv) * jnp.sqrt(n / max(n - 1, 1)),
+            "avg_response_len": jnp.mean(lengths),
+            "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
+        }
+
+    return objective
+
+
+def advantages(rewards: np.ndarray, num_generations: int) -> np.ndarray:
+    """(r - group mean) / (group population std + 1e-4), float32."""
+    grouped = rewards.reshape(-1, num_generations)
+    mean = grouped.mean(axis=1, dtype=np.float32)
+    std = grouped.std(axis=1, dtype=np.float32)
+    return ((grouped - mean[:, None]) / (std[:, None] + np.float32(ADV_EPS))
+            ).reshape(-1).astype(np.float32)
+
+
+def completion_mask(completion_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """1 up to and including each row's first EOS (all of a row without one), float32."""
+    is_eos = completion_ids == eos_id
+    width = completion_ids.shape[1]
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), width - 1)
+    return (np.arange(width)[None] <= first[:, None]).astype(np.float32)
+
+
+def _old_logps_fn(config: ModelConfig):
+    from minimind_jax.model.transformer import MiniMind
+
+    model = MiniMind(config)
+
+    @jax.jit
+    def old_logps(params, ids, seg, pos):
+        logits, _ = model.apply({"params": params}, ids, segment_ids=seg)
+        return per_token_logps(logits, ids, pos)
+
+    return old_logps
+
+
+def make_producer(context: StageContext, engine, reward_model, options: GrpoOptions):
+    """(state, host batch of prompts, info) -> the step's batch (see the module docstring)."""
+    old_logps = _old_logps_fn(context.model)
+    tokenizer = context.tokenizer
+    G = options.num_generations
+
+    def produce(state, batch: dict, info: dict) -> dict:
+        real = batch["attention_mask"].any(axis=1)  # the loader's padding rows are empty
+        prompt_ids, mask = batch["input_ids"][real], batch["attention_mask"][real]
+        result = engine.rollout(state.params, prompt_ids, mask, G, options.max_gen_len,
+                                info["step"])
+        texts = batch["prompt_text"][real]
+        row_rewards = reward_rules.completion_rewards(texts, result.completions, G,
+                                                      reward_model)
+        ids = result.output_ids
+        P, R = result.prompt_len, ids.shape[1] - result.prompt_len
+        seg = (ids != tokenizer.pad_id).astype(np.int32)
+        pos = np.broadcast_to(P - 1 + np.arange(R, dtype=np.int32), (len(ids), R)).copy()
+        old = np.asarray(old_logps(state.params, ids, seg, pos)) + np.float32(
+            options.old_logp_offset)
+        done = completion_mask(result.completion_ids, tokenizer.eos_id)
+        return {"input_ids": ids, "segment_ids": seg, "logp_pos": pos, "old_logps": old,
+                "advantages": advantages(row_rewards, G), "rewards": row_rewards,
+                "completion_mask": done, "loss_mask": done}
+
+    return produce
+
+
+def _engine(context: StageContext, options: GrpoOptions):
+    if options.replay:
+        recorded = np.load(options.replay)
+        steps = sorted(k for k in recorded.files if k.startswith("rollout/output_ids/"))
+        return rollouts.ReplayEngine([recorded[k] for k in steps], context.tokenizer)
+    if options.script:
+        return rollouts.ScriptEngine(options.script, context.tokenizer)
+    return rollouts.SamplingEngine(context.model, context.tokenizer, context.config.seed)
+
+
+def annealed_lr(learning_rate: float, total_updates: int, updates_done: int) -> float:
+    """torch's CosineAnnealingLR(T_max=total_updates, eta_min=lr/10) after `updates_done`."""
+    return learning_rate / 10 + 0.9 * learning_rate * (
+        1 + math.cos(math.pi * updates_done / total_updates)) / 2
+
+
+def console_line(total_updates: int, learning_rate: float):
+    """The script's line (1-based step); its LR is read after the scheduler's step."""
+
+    def line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+        del epoch_seconds, batches_done
+        lr = annealed_lr(learning_rate, total_updates, record["update"])
+        return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
+                f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
+                f"Adv Std: {record['adv_std']:.4f}, Adv Mean: {record['adv_mean']:.4f}, "
+                f"Actor Loss: {record['loss']:.4f}, "
+                f"Avg Response Len: {record['avg_response_len']:.2f}, "
+                f"Learning Rate: {lr:.8f}")
+
+    return line
+
+
+def make_objective(context: StageContext) -> Objective:
+    config, model, options = context.config, context.model, context.options
+    check_options(options, model)
+    rows = PromptSource(config.data.data_path, context.tokenizer, model.max_seq_len,
+                        seed=config.seed, thinking_ratio=options.thinking_ratio,
+                        skip_bad_lines=config.data.skip_bad_lines)
+    reward_model = reward_rules.reward_model(options.reward_model_path)
+    reference, origin = context.start()
+    batches = math.ceil(len(rows) / config.data.batch_size)
+    total_updates = math.ceil(batches / config.optim.accumulation_steps) * config.optim.epochs
+    return Objective(
+        loss=grpo_loss_fn(model, options), frozen=reference, rows=rows,
+        produce=make_producer(context, _engine(context, options), reward_model, options),
+        line=console_line(total_updates, config.optim.learning_rate),
+        notes=(f"grpo: {len(rows):,} prompts x {options.num_generations} generations of up to "
+               f"{options.max_gen_len} tokens; loss {options.loss_type}, beta {options.beta}; "
+               f"reference model (frozen): {origin}; reward model: "
+               f"{options.reward_model_path or 'none'}",))
+
+
+def add_flags(parser) -> None:
+    g = parser.add_argument_group("GRPO / CISPO (train_grpo.py's flags)")
+    defaults = GrpoOptions()
+    g.add_argument("--num_generations", type=int, default=defaults.num_generations,
+                   help="completions per prompt (a group)")
+    g.add_argument("--beta", type=float, default=defaults.beta, help="KL penalty")
+    g.add_argument("--loss_type", choices=LOSS_TYPES, default=defaults.loss_type,
+                   help="cispo: clamped, stop-gradient ratio times A * logp; grpo: PPO's "
+                        "clipped surrogate")
+    g.add_argument("--epsilon", type=float, default=defaults.epsilon, help="GRPO's clip")
+    g.add_argument("--epsilon_high", type=float, default=defaults.epsilon_high,
+                   help="CISPO's clamp of the ratio")
+    g.add_argument("--max_gen_len", type=int, default=defaults.max_gen_len,
+                   help="most new tokens per completion (--max_seq_len caps the prompt)")
+    g.add_argument("--thinking_ratio", type=float, default=defaults.thinking_ratio,
+                   help="share of prompts whose template opens thinking")
+    g.add_argument("--reward_model_path", default=defaults.reward_model_path,
+                   help="a Hugging Face reward model folder (get_score, e.g. "
+                        "internlm2-1_8b-reward; needs torch and transformers), or `none` for "
+                        "the rule rewards alone")
+    g.add_argument("--rollout_engine", choices=ENGINES, default=defaults.rollout_engine,
+                   help="torch: our own sampler on the current weights (sglang is refused)")
+    g.add_argument("--replay", default=None, metavar="NPZ",
+                   help="replay the rollouts recorded in a golden file (rollout/output_ids/*) "
+                        "instead of sampling: an exact comparison with the reference")
+    g.add_argument("--old_logp_offset", type=float, default=0.0,
+                   help="added to the old log-probs (checks the clip and clamp; keep 0)")
+    for flag in ("sglang_base_url", "sglang_model_path", "sglang_shared_path"):
+        g.add_argument(f"--{flag}", default=None, help="accepted; SGLang is not used")
+    g.add_argument("--debug_mode", action="store_true", help="accepted; see metrics.jsonl")
+    g.add_argument("--debug_interval", type=int, default=20, help="accepted")
+
+
+def options_from_args(args) -> GrpoOptions:
+    return GrpoOptions(num_generations=args.num_generations, beta=args.beta,
+                       loss_type=args.loss_type, epsilon=args.epsilon,
+                       epsilon_high=args.epsilon_high, max_gen_len=args.max_gen_len,
+                       thinking_ratio=args.thinking_ratio,
+                       reward_model_path=args.reward_model_path,
+                       rollout_engine=args.rollout_engine, replay=args.replay,
+                       old_logp_offset=args.old_logp_offset)
+
+
+STAGE = Stage(
+    name="grpo",
+    summary="GRPO / CISPO reinforcement learning with rollouts from the current weights",
+    description="minimind-3's train_grpo.py: B prompts of RLAIF JSONL "
+                "({\"conversations\": [..., {\"role\": \"assistant\", \"content\": ...}]}, the "
+                "last message dropped), G sampled completions each (temperature 0.8, top_k "
+                "50, top_p 0.85), rule rewards plus a reward model's score, group-normalised "
+                "advantages, and the CISPO (default) or GRPO loss against a frozen reference "
+                "copy of the start weights (default OUT_DIR/full_sft_{dim}[_moe]). Run folder "
+                "OUT_DIR/grpo_{dim}[_moe]; metrics.jsonl logs loss, reward, kl_ref, adv_mean, "
+                "adv_std, avg_response_len.",
+    samples="prompts",  # the objective brings its rows (data.prompts)
+    data_path="../dataset/rlaif.jsonl",
+    tracker_project="MiniMind-GRPO",
+    defaults={
+        "minimind2": dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1,
+                          max_seq_len=768, run_prefix="grpo",
+                          recipe_lr_schedule="annealing"),
+        "minimind3": dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1,
+                          max_seq_len=768, run_prefix="grpo",
+                          recipe_lr_schedule="annealing"),
+    },
+    start_from={"minimind2": "full_sft", "minimind3": "full_sft"},
+    validates=False,
+    options=GrpoOptions(),
+    objective=make_objective,
+    add_flags=add_flags,
+    options_from_args=options_from_args,
+)
