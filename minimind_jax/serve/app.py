@@ -48,6 +48,7 @@ class ServeSettings:
     temperature: float = 0.85
     top_p: float = 0.85
     top_k: int = 0
+    repetition_penalty: float = 1.0
     system: str | None = None  # used when the messages carry no system message
     max_n: int = 8  # choices per request
 
@@ -217,11 +218,7 @@ def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens={limit} "
                             f"exceed this model's context of {settings.max_context}",
                        param="max_tokens", code="context_length_exceeded")
-    limit = limit or min(settings.default_max_tokens, room)
-    sampling = SamplingConfig(
-        temperature=settings.temperature if chat.temperature is None else chat.temperature,
-        top_p=settings.top_p if chat.top_p is None else chat.top_p, top_k=settings.top_k,
-        max_new_tokens=limit)
+    sampling = _sampling(chat, settings, limit or min(settings.default_max_tokens, room))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(index: int):
@@ -242,6 +239,20 @@ def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
     except EngineStopped as err:
         raise ApiError(503, str(err), code="engine_stopped") from None
     return completions, events
+
+
+def _sampling(chat: ChatRequest, settings: ServeSettings, limit: int) -> SamplingConfig:
+    """A request's sampling: its temperature, top_p and repetition_penalty, else the
+    server's; the server's top_k."""
+
+    def given_or_default(name: str):
+        value = getattr(chat, name)
+        return getattr(settings, name) if value is None else value
+
+    return SamplingConfig(temperature=given_or_default("temperature"),
+                          top_p=given_or_default("top_p"), top_k=settings.top_k,
+                          repetition_penalty=given_or_default("repetition_penalty"),
+                          max_new_tokens=limit)
 
 
 async def _cancel_on_disconnect(request: Request, choices: list[Choice],

@@ -51,7 +51,8 @@ def settings_from_args(args: argparse.Namespace, model_name: str):
                          max_tokens_cap=args.max_tokens,
                          default_max_tokens=args.default_max_tokens,
                          max_context=args.max_context, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, system=args.system)
+                         top_p=args.top_p, top_k=args.top_k,
+                         repetition_penalty=args.repetition_penalty, system=args.system)
 
 
 def build_server_app(args: argparse.Namespace):
@@ -70,8 +71,7 @@ def build_server_app(args: argparse.Namespace):
                          EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,
                                       max_context=args.max_context,
                                       batch_wait_s=args.batch_wait_ms / 1000, seed=args.seed,
-                                      prefill_chunk=args.prefill_chunk),
-                         repetition_penalty=args.repetition_penalty)
+                                      prefill_chunk=args.prefill_chunk))
     if getattr(args, "warm_up", True):
         warm_up_in_background(engine)
     return build_app(engine, tokenizer, settings), settings
@@ -180,7 +180,8 @@ def register(subparsers) -> None:
     p.add_argument("--top_p", type=float, default=0.85, help="top_p of requests that give none")
     p.add_argument("--top_k", type=int, default=0, help="top-k for every request (0 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
-                   help="Hugging Face-style repetition penalty for every request (1 = off)")
+                   help="Hugging Face-style repetition penalty of requests that give none "
+                        "(1 = off)")
     p.add_argument("--system", default=None,
                    help="system prompt for conversations without one (default: the template's)")
     p.add_argument("--seed", type=int, default=0, help="first sampling seed")

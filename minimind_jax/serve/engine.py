@@ -23,8 +23,9 @@ the longest); a prefill runs a power-of-two count of distinct prompts, copied in
 power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
 power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
 over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
-once. Every row samples with its own settings and its own random stream (seed, token count),
-so what a request draws does not depend on its batch-mates.
+once. Every row samples with its own completion's settings (temperature, top-p, top-k and
+repetition penalty) and its own random stream (seed, token count), so what a request draws
+does not depend on its batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
 `("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
@@ -312,8 +313,7 @@ class SlotTable:
         return [slot for slot in self.occupied()
                 if self.prefilled[slot] == len(self.owner[slot].prompt_ids)]
 
-    def seat(self, slot: int, completion: Completion, seed: int,
-             repetition_penalty: float) -> None:
+    def seat(self, slot: int, completion: Completion, seed: int) -> None:
         s = completion.sampling
         self.owner[slot] = completion
         self.position[slot] = len(completion.prompt_ids)
@@ -321,7 +321,7 @@ class SlotTable:
         self.seated_at[slot] = next(self._seatings)
         self.seed[slot] = seed
         for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
-                            ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
+                            ("top_k", s.top_k), ("repetition_penalty", s.repetition_penalty)):
             self.settings[name][slot] = value
 
     def rows(self, slots) -> dict:
@@ -341,9 +341,9 @@ class BatchEngine:
     thread-safe."""
 
     def __init__(self, params, model_config: ModelConfig, eos_id: int, pad_id: int,
-                 config: EngineConfig = EngineConfig(), repetition_penalty: float = 1.0):
+                 config: EngineConfig = EngineConfig()):
         self.params, self.model_config, self.config = params, model_config, config
-        self.eos_id, self.pad_id, self.repetition_penalty = eos_id, pad_id, repetition_penalty
+        self.eos_id, self.pad_id = eos_id, pad_id
         self._waiting: deque[Completion] = deque()
         self._lock = threading.Condition()
         self._stopping = False
@@ -546,7 +546,7 @@ class BatchEngine:
                     break
                 completion = self._waiting.popleft()
                 seed = completion.seed if completion.seed is not None else next(self._seeds)
-                self._slots.seat(slot, completion, seed, self.repetition_penalty)
+                self._slots.seat(slot, completion, seed)
                 seated.append((slot, completion))
         return seated
 
