@@ -57,7 +57,8 @@ def settings_from_args(args: argparse.Namespace, model_name: str):
 
 def build_server_app(args: argparse.Namespace):
     """Load tokenizer and model, start the decoder, return (app, settings)."""
-    from minimind_jax.infer.generate import SamplingConfig, load_model_of, tokenizer_of
+    from minimind_jax.infer.generate import SamplingConfig, load_model, tokenizer_of
+    from minimind_jax.infer.infer_config import LoadConfig
     from minimind_jax.serve.app import build_app
     from minimind_jax.serve.engine import BatchEngine, EngineConfig
 
@@ -65,8 +66,9 @@ def build_server_app(args: argparse.Namespace):
                    repetition_penalty=args.repetition_penalty)  # validates the defaults
     model_name = args.model_name or pathlib.Path(args.ckpt).resolve().name
     settings = settings_from_args(args, model_name)
-    tokenizer = tokenizer_of(args)
-    params, config = load_model_of(args)
+    load = LoadConfig.from_args(args)
+    tokenizer = tokenizer_of(load)
+    params, config = load_model(load)
     engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
                          EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,
                                       max_context=args.max_context,
@@ -130,7 +132,7 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.infer.generate import add_lora_weight_arg
+    from minimind_jax.infer.infer_config import add_lora_weight_arg
 
     p = subparsers.add_parser(
         "serve", formatter_class=model_flags.HelpFormatter,
