@@ -24,23 +24,26 @@ def field_default(cls, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def field_flag(parser, cls, name: str, help: str, **kwargs) -> argparse.Action:
-    """`--name` setting field `name` of dataclass `cls`, defaulting to the field's default (a
-    field without one: a required flag), typed as that default: a bool field that is off by
-    default is a switch, one that is on is switched off by `--no_name` (its default then goes
-    unprinted: the help says it). `kwargs` add to or override these (argparse's own)."""
+def field_flag(parser, cls, name: str, help: str, flag: str | None = None,
+               **kwargs) -> argparse.Action:
+    """`--name` (or `--flag`) setting field `name` of dataclass `cls`, defaulting to the field's
+    default (a field without one: a required flag), typed as that default: a bool field that is
+    off by default is a switch, one that is on is switched off by `--no_name` (its default then
+    goes unprinted: the help says it). `kwargs` add to or override these (argparse's own)."""
     default = field_default(cls, name)
-    flag = f"--{name}"
+    if flag and not isinstance(default, bool):  # named as the flag in --help, not as the field
+        kwargs.setdefault("metavar", flag.upper())
+    flag = f"--{flag or name}"
     if default is dataclasses.MISSING:
         kwargs.setdefault("required", True)
     elif isinstance(default, bool):
         kwargs.setdefault("action", "store_false" if default else "store_true")
         if default:
-            flag, kwargs = f"--no_{name}", {"dest": name, "default": argparse.SUPPRESS, **kwargs}
+            flag, kwargs = f"--no_{flag[2:]}", {"default": argparse.SUPPRESS, **kwargs}
     elif default is not None:
         kwargs.setdefault("type", type(default))
     kwargs.setdefault("default", None if default is dataclasses.MISSING else default)
-    return parser.add_argument(flag, help=help, **kwargs)
+    return parser.add_argument(flag, dest=name, help=help, **kwargs)
 
 
 def config_from_flags(cls, args: argparse.Namespace, **given):

@@ -50,6 +50,7 @@ from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
 from minimind_jax.runtime.xla_flags import jit_for_decoding
+from minimind_jax.serve.serve_config import EngineConfig
 
 MIN_PROMPT_BUCKET = 32
 MIN_KV_BUCKET = 64
@@ -61,23 +62,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down or its worker died."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Bounds of the batched decoder."""
-
-    max_batch: int = 8  # slots: completions decoding at once
-    max_queue: int = 64  # completions waiting for a slot; more are refused
-    max_context: int = 1024  # prompt + new tokens of one completion
-    batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to prefill
-    seed: int = 0  # sampling seed of the first completion that brings none (then counting up)
-    prefill_chunk: int = 256  # longer prompts: this many tokens per decode step, not at once
-
-    def __post_init__(self):
-        if (self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2
-                or self.prefill_chunk < 1):
-            raise ValueError(f"bad engine bounds: {self}")
 
 
 def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
@@ -341,7 +325,8 @@ class BatchEngine:
     thread-safe."""
 
     def __init__(self, params, model_config: ModelConfig, eos_id: int, pad_id: int,
-                 config: EngineConfig = EngineConfig()):
+                 config: EngineConfig | None = None):
+        config = config or EngineConfig()
         self.params, self.model_config, self.config = params, model_config, config
         self.eos_id, self.pad_id = eos_id, pad_id
         self._waiting: deque[Completion] = deque()
