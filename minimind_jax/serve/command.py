@@ -127,12 +127,12 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout:
 
 
 def register(subparsers) -> None:
+    where = f"http://{ServeConfig.host}:{ServeConfig.port}"
     p = subparsers.add_parser(
         "serve", formatter_class=model_flags.HelpFormatter,
         help="OpenAI-compatible chat server + web chat page (continuous batching)",
         description=__doc__ + "\nexample:\n  minimind-jax serve --ckpt out/full_sft_512\n"
-                              "  then open http://127.0.0.1:8998/ or point an OpenAI client at "
-                              "http://127.0.0.1:8998/v1")
+                              f"  then open {where}/ or point an OpenAI client at {where}/v1")
     add_load_args(p, "our run or checkpoint folder, or reference weights (.pth, .safetensors, "
                      ".npz)")
     field_flag(p, ServeConfig, "host",
