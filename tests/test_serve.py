@@ -80,6 +80,17 @@ def test_openai_client_answer_equals_generate(server, expected, stream):
     assert len({a for a, _ in expected.values()}) == len(QUESTIONS)  # answers differ
 
 
+def test_a_request_s_repetition_penalty_is_honoured(server, params, tokenizer, expected):
+    """`repetition_penalty` in the body (vLLM's field) is the request's own: at 1.3 the
+    answer is `generate`'s with 1.3, which differs from the one at the server's 1.0."""
+    url, _ = server
+    question = QUESTIONS[2]
+    penalised = expected_answer(params, tokenizer, question, MAX_TOKENS, repetition_penalty=1.3)
+    assert penalised != expected[question]
+    got = ask(url, question, stream=False, extra_body={"repetition_penalty": 1.3})
+    assert got[:2] == penalised
+
+
 def test_eight_concurrent_clients_are_batched_and_get_their_own_answers(server, expected):
     url, engine = server
     steps_before, tokens_before = engine.steps_run, engine.tokens_generated
@@ -169,6 +180,7 @@ BAD_REQUESTS = [  # (name, body, headers, status)
     ("unknown role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, None, 422),
     ("temperature a string", {**GOOD, "temperature": "hot"}, None, 422),
     ("temperature negative", {**GOOD, "temperature": -1}, None, 422),
+    ("repetition_penalty zero", {**GOOD, "repetition_penalty": 0}, None, 422),
     ("max_tokens a float", {**GOOD, "max_tokens": 2.5}, None, 422),
     ("stream a string", {**GOOD, "stream": "yes"}, None, 422),
     ("max_tokens above the cap", {**GOOD, "max_tokens": 10_000}, None, 400),

@@ -23,8 +23,9 @@ the longest); a prefill runs a power-of-two count of distinct prompts, copied in
 power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
 power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
 over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
-once. Every row samples with its own settings and its own random stream (seed, token count),
-so what a request draws does not depend on its batch-mates.
+once. Every row samples with its own completion's settings (temperature, top-p, top-k and
+repetition penalty) and its own random stream (seed, token count), so what a request draws
+does not depend on its batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
 `("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
@@ -49,6 +50,7 @@ from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
 from minimind_jax.runtime.xla_flags import jit_for_decoding
+from minimind_jax.serve.serve_config import EngineConfig
 
 MIN_PROMPT_BUCKET = 32
 MIN_KV_BUCKET = 64
@@ -60,23 +62,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down or its worker died."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Bounds of the batched decoder."""
-
-    max_batch: int = 8  # slots: completions decoding at once
-    max_queue: int = 64  # completions waiting for a slot; more are refused
-    max_context: int = 1024  # prompt + new tokens of one completion
-    batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to prefill
-    seed: int = 0  # sampling seed of the first completion that brings none (then counting up)
-    prefill_chunk: int = 256  # longer prompts: this many tokens per decode step, not at once
-
-    def __post_init__(self):
-        if (self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2
-                or self.prefill_chunk < 1):
-            raise ValueError(f"bad engine bounds: {self}")
 
 
 def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
@@ -312,8 +297,7 @@ class SlotTable:
         return [slot for slot in self.occupied()
                 if self.prefilled[slot] == len(self.owner[slot].prompt_ids)]
 
-    def seat(self, slot: int, completion: Completion, seed: int,
-             repetition_penalty: float) -> None:
+    def seat(self, slot: int, completion: Completion, seed: int) -> None:
         s = completion.sampling
         self.owner[slot] = completion
         self.position[slot] = len(completion.prompt_ids)
@@ -321,7 +305,7 @@ class SlotTable:
         self.seated_at[slot] = next(self._seatings)
         self.seed[slot] = seed
         for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
-                            ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
+                            ("top_k", s.top_k), ("repetition_penalty", s.repetition_penalty)):
             self.settings[name][slot] = value
 
     def rows(self, slots) -> dict:
@@ -341,9 +325,10 @@ class BatchEngine:
     thread-safe."""
 
     def __init__(self, params, model_config: ModelConfig, eos_id: int, pad_id: int,
-                 config: EngineConfig = EngineConfig(), repetition_penalty: float = 1.0):
+                 config: EngineConfig | None = None):
+        config = config or EngineConfig()
         self.params, self.model_config, self.config = params, model_config, config
-        self.eos_id, self.pad_id, self.repetition_penalty = eos_id, pad_id, repetition_penalty
+        self.eos_id, self.pad_id = eos_id, pad_id
         self._waiting: deque[Completion] = deque()
         self._lock = threading.Condition()
         self._stopping = False
@@ -546,7 +531,7 @@ class BatchEngine:
                     break
                 completion = self._waiting.popleft()
                 seed = completion.seed if completion.seed is not None else next(self._seeds)
-                self._slots.seat(slot, completion, seed, self.repetition_penalty)
+                self._slots.seat(slot, completion, seed)
                 seated.append((slot, completion))
         return seated
 

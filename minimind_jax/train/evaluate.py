@@ -100,12 +100,13 @@ class Evaluator:
 
 def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax.infer import generate
+    from minimind_jax.infer.infer_config import LoadConfig
+    from minimind_jax.train.stages import STAGES
     from minimind_jax.train.train_step import data_mesh, put_replicated
 
-    params, config = generate.load_model_of(args)
-    tokenizer = generate.tokenizer_of(args)
-    from minimind_jax.train.stages import STAGES
-
+    load = LoadConfig.from_args(args)
+    params, config = generate.load_model(load)
+    tokenizer = generate.tokenizer_of(load)
     source = open_source(args.data_path, tokenizer, STAGES[args.stage].samples,
                          config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
@@ -121,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     from minimind_jax.data import prepare
-    from minimind_jax.infer import generate
+    from minimind_jax.infer import infer_config
 
     parser = subparsers.add_parser(
         "eval", formatter_class=model_flags.HelpFormatter,
@@ -130,7 +131,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ckpt", required=True,
                         help="one of our run or checkpoint folders, or a reference-keyed .pth, "
                              ".safetensors or .npz state dict")
-    generate.add_lora_weight_arg(parser)
+    infer_config.add_lora_weight_arg(parser)
     parser.add_argument("--data_path", required=True, help="JSONL file in the --stage format")
     from minimind_jax.train.stages import STAGES
 
