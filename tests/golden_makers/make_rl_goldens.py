@@ -106,7 +106,7 @@ CASES = {
 }
 
 # script mode: completion row r (counted over the whole run, rows i*G+j in each step) is
-# SCRIPT_TEXTS[r % 7], tokenized without special tokens, followed by eos; shorter rows are
+# SCRIPT_TEXTS[r % 9], tokenized without special tokens, followed by eos; shorter rows are
 # filled with eos up to the longest one (as generate() fills finished rows). Comments: the
 # rule reward of each text (+/-0.5 length, +1.0/-0.5 think length, +/-0.25 one </think>,
 # - rep_penalty of the answer), before the reward model's score.
@@ -123,7 +123,11 @@ SCRIPT_TEXTS = [
     "",
     # 0.5 - rep_penalty(English with repeated 3-grams)
     "the cat sat on the mat, the cat sat on the mat, and the dog sat too.",
-    # 0.5 + 1.0 + 0.25: long think, empty answer (the reward model scores "")
+    # 0.5 + 1.0 + 0.25: long think, empty answer (the reward model scores ""); three times,
+    # so that with G = 3 some groups (rows 6-8, 15-17, 24-26 of the run) get three identical
+    # completions: zero reward variance, A = 0, only the KL term pulls
+    "这是一个足够长的思考过程，用来测试空回答的情况。\n</think>\n",
+    "这是一个足够长的思考过程，用来测试空回答的情况。\n</think>\n",
     "这是一个足够长的思考过程，用来测试空回答的情况。\n</think>\n",
 ]
 
