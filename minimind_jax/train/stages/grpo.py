@@ -177,11 +177,21 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
     return produce
 
 
+def recorded_outputs(path: str) -> list[np.ndarray]:
+    """The output ids a golden maker recorded per micro-step (`micro{i}/output_ids`)."""
+    try:
+        recorded = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--replay {path}: cannot read it ({err})") from None
+    steps = int(recorded["n_micro"]) if "n_micro" in recorded.files else 0
+    if not steps:
+        raise UserError(f"--replay {path}: no recorded rollouts (micro{{i}}/output_ids)")
+    return [recorded[f"micro{i}/output_ids"] for i in range(steps)]
+
+
 def _engine(context: StageContext, options: GrpoOptions):
     if options.replay:
-        recorded = np.load(options.replay)
-        steps = sorted(k for k in recorded.files if k.startswith("rollout/output_ids/"))
-        return rollouts.ReplayEngine([recorded[k] for k in steps], context.tokenizer)
+        return rollouts.ReplayEngine(recorded_outputs(options.replay), context.tokenizer)
     if options.script:
         return rollouts.ScriptEngine(options.script, context.tokenizer)
     return rollouts.SamplingEngine(context.model, context.tokenizer, context.config.seed)
@@ -252,7 +262,7 @@ def add_flags(parser) -> None:
     g.add_argument("--rollout_engine", choices=ENGINES, default=defaults.rollout_engine,
                    help="torch: our own sampler on the current weights (sglang is refused)")
     g.add_argument("--replay", default=None, metavar="NPZ",
-                   help="replay the rollouts recorded in a golden file (rollout/output_ids/*) "
+                   help="replay the rollouts recorded in a golden file (micro{i}/output_ids) "
                         "instead of sampling: an exact comparison with the reference")
     g.add_argument("--old_logp_offset", type=float, default=0.0,
                    help="added to the old log-probs (checks the clip and clamp; keep 0)")
