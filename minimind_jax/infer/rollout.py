@@ -48,11 +48,11 @@ def _finish(output_ids: np.ndarray, prompt_len: int, tokenizer) -> Rollout:
     return Rollout(output_ids.astype(np.int32), prompt_len, texts)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
 def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: ModelConfig,
-            max_new_tokens: int):
+            max_new_tokens: int, greedy: bool = False):
     """Prefill, then one token per step until all rows are done: (tokens [N, max_new] with EOS
-    after each row's end, steps taken)."""
+    after each row's end, steps taken). `greedy` takes the argmax (`generate(do_sample=False)`)."""
     from minimind_jax.model.transformer import MiniMind, init_cache
 
     model = MiniMind(config)
@@ -64,7 +64,7 @@ def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: Mode
     unseen_NV = jnp.zeros((N, config.vocab_size), bool)  # repetition penalty 1: unused
 
     def pick(logits_NV, done_N, rng):
-        token_N = next_token(logits_NV, unseen_NV, rng, scalars, greedy=False)
+        token_N = next_token(logits_NV, unseen_NV, rng, scalars, greedy=greedy)
         token_N = jnp.where(done_N, eos_id, token_N)
         return token_N, done_N | (token_N == eos_id)
 
@@ -92,12 +92,14 @@ def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: Mode
 
 
 class SamplingEngine:
-    """Our sampler on the current params: the RL scripts' `generate` call."""
+    """Our sampler on the current params: the RL scripts' `generate` call (temperature 0:
+    greedy, as `generate(do_sample=False)`)."""
 
     def __init__(self, config: ModelConfig, tokenizer, seed: int, temperature: float = TEMPERATURE,
                  top_k: int = TOP_K, top_p: float = TOP_P):
         self.config, self.tokenizer = config, tokenizer
         self.key = jax.random.PRNGKey(seed)
+        self.greedy = temperature == 0
         self.scalars = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k),
                         "top_p": jnp.float32(top_p), "repetition_penalty": jnp.float32(1.0)}
 
@@ -108,7 +110,7 @@ class SamplingEngine:
         tokens, steps = _sample(params, jnp.asarray(ids), jnp.asarray(rows_mask),
                                 jax.random.fold_in(self.key, step), self.scalars,
                                 jnp.int32(self.tokenizer.eos_id), config=self.config,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, greedy=self.greedy)
         tokens = np.asarray(tokens)[:, :int(steps)]
         return _finish(np.concatenate([ids, tokens], axis=1), ids.shape[1], self.tokenizer)
 
