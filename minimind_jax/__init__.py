@@ -15,7 +15,7 @@ flags; `serve`; `tools`: compare, demo, benchmarks; `cli`: the parser over every
 commands (each module's `register`).
 
 The training path, flags to checkpoint (every stage of `train.stages.STAGES`: pretrain, sft,
-lora, dpo, distill, distill_reason; `train.run` from Python)::
+lora, dpo, distill, distill_reason, grpo; `train.run` from Python)::
 
     flags --train.flags.config_from_args--> TrainConfig (train.train_config: model, data,
         optim, run, eval, distributed, recipe; frozen; None fields resolved once by

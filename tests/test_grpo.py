@@ -5,19 +5,24 @@ run with canned completions through `train.run` (the batch producer on the real 
 import json
 import math
 import random
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from minimind_jax import train
+from minimind_jax import cli, train
 from minimind_jax.data import minimind3
 from minimind_jax.data.prompts import PromptSource
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
+from minimind_jax.model.weights import load_weights
 from minimind_jax.train import optim, rewards, stages
 from minimind_jax.train.stages import grpo
-from tests.helpers import MINIMIND3_TOKENIZER_DIR, metrics
+from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, metrics
+from tests.test_dpo_golden import reference_weights
 
 
 def test_rule_rewards():
@@ -94,10 +99,11 @@ def test_prompt_draws_follow_pythons_random(rlaif):
 
 
 def test_bad_settings_are_one_error_each(rlaif, tmp_path):
+    model = arch_defaults("minimind3")
     with pytest.raises(UserError, match="a group of one has zero advantage"):
-        grpo.check_options(grpo.GrpoOptions(num_generations=1), None)
+        grpo.check_options(grpo.GrpoOptions(num_generations=1), model)
     with pytest.raises(UserError, match="--rollout_engine sglang"):
-        grpo.check_options(grpo.GrpoOptions(rollout_engine="sglang"), None)
+        grpo.check_options(grpo.GrpoOptions(rollout_engine="sglang"), model)
     with pytest.raises(UserError, match="--reward_model_path none"):
         rewards.reward_model(str(tmp_path / "nope"))
     bad = tmp_path / "bad.jsonl"
@@ -128,3 +134,61 @@ def test_a_tiny_run_with_canned_completions(rlaif, tmp_path):
     assert records[0]["loss"] == 0.0 and abs(records[0]["kl_ref"]) < 1e-7  # measured 1.4e-8
     assert records[0]["lr"] == pytest.approx(1e-3)
     assert math.isfinite(records[-1]["loss"])
+    saved = [p.name for p in (tmp_path / "grpo_64").glob("grpo_64.*")]
+    assert saved in (["grpo_64.pth"], ["grpo_64.npz"])  # the script's float16 file (npz: no torch)
+
+
+RL = FIXTURES / "rl"
+TINY_GRPO = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
+             str(MINIMIND3_TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--max_seq_len",
+             "64", "--dtype", "float32", "--batch_size", "2", "--max_gen_len", "16",
+             "--reward_model_path", "none", "--log_interval", "1"]
+
+
+@pytest.mark.parametrize("extra, lines, message", [
+    ([], ['{"messages": []}'], "rl.jsonl:1: missing field 'conversations'"),
+    ([], ['{"conversations": [{"role": "user", "content": "q"}]}'], "the prompt is empty"),
+    (["--num_generations", "1"], None, "a group of one has zero advantage"),
+    (["--max_gen_len", "40000"], None, "past the 32768 positions"),
+    (["--rollout_engine", "sglang"], None, "--rollout_engine sglang"),
+    (["--reward_model_path", "{tmp}/nope"], None, "--reward_model_path none"),
+])
+def test_bad_input_is_one_error_line(tmp_path, capsys, extra, lines, message):
+    data = tmp_path / "rl.jsonl"
+    if lines is None:
+        shutil.copy(RL / "rlaif.jsonl", data)
+    else:
+        data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    argv = ["grpo", "--data_path", str(data), "--out_dir", str(out), "--init_from", "none",
+            *TINY_GRPO, *[a.format(tmp=tmp_path) for a in extra]]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
+
+
+def test_resume_mid_window_replays_the_same_run(tmp_path):
+    """Resumed from a checkpoint inside an accumulation window (the later ones deleted, as a
+    kill -9 leaves them), the replayed run's records and weights equal the uninterrupted run's:
+    the rollouts are keyed by step, the reference model is loaded again."""
+    init = tmp_path / "init.npz"
+    reference_weights("weights_m3_dense64.npz", init)
+    argv = ["grpo", "--data_path", str(RL / "rlaif.jsonl"), "--out_dir", str(tmp_path / "out"),
+            "--init_from", str(init), *TINY_GRPO, "--num_generations", "2", "--loss_type",
+            "grpo", "--accumulation_steps", "2", "--learning_rate", "5e-4",
+            "--save_interval", "3", "--replay", str(RL / "m3_grpo_acc2.npz")]
+    run_dir = tmp_path / "out" / "grpo_64"
+    assert cli.main(argv) == 0
+    records = metrics(run_dir)
+    final, _, _ = load_weights(run_dir)
+    for step_dir in (run_dir / CHECKPOINT_DIR).iterdir():
+        if step_dir.name != "3":
+            shutil.rmtree(step_dir)
+    assert cli.main([*argv, "--resume"]) == 0
+    resumed = metrics(run_dir)
+    keys = ("step", "update", "loss", "lr", "reward", "kl_ref")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
+    again, _, _ = load_weights(run_dir)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -26,7 +26,10 @@ from tests.helpers import (
     run_command,
 )
 
-DATA = {"pretrain": PRETRAIN_JSONL, "dpo": FIXTURES / "post" / "dpo_pairs.jsonl"}
+DATA = {"pretrain": PRETRAIN_JSONL, "dpo": FIXTURES / "post" / "dpo_pairs.jsonl",
+        "grpo": FIXTURES / "rl" / "rlaif.jsonl"}
+# each stage's own options, as flags and as the Python side gives them (the teacher: below)
+OPTIONS = {"grpo": dict(reward_model_path="none", max_gen_len=6, num_generations=2)}
 # (recipe, arch): ours on either generation, and each reference's recipe
 COMBOS = [(None, "minimind2"), ("minimind2", "minimind2"), (None, "minimind3"),
           ("minimind3", "minimind3")]
@@ -78,9 +81,12 @@ def test_a_stage_from_python_is_its_command(tmp_path, start_weights, name, recip
                  by_command, "--cache_dir", tmp_path / "cache", *TINY_FLAGS, "--arch", arch,
                  "--max_steps", STEPS, "--batch_size", "2", "--log_interval", "1",
                  *(["--recipe", recipe] if recipe else []),
-                 *(["--teacher", teacher] if name == "distill" else [])])
+                 *(["--teacher", teacher] if name == "distill" else []),
+                 *[f for k, v in OPTIONS.get(name, {}).items() for f in (f"--{k}", v)]])
     if name == "distill":
         stage = stage.with_options(teacher=str(teacher))
+    if name in OPTIONS:
+        stage = stage.with_options(**OPTIONS[name])
     config = train.TrainConfig(
         model=arch_defaults(arch).replace(**TINY_SHAPE, max_seq_len=64, dtype="float32"),
         data=train.DataConfig(data_path=str(data), tokenizer=str(_tokenizer(arch)),
@@ -88,7 +94,7 @@ def test_a_stage_from_python_is_its_command(tmp_path, start_weights, name, recip
         optim=train.OptimConfig(max_steps=STEPS), run=train.RunConfig(out_dir=str(by_python),
                                                                       log_interval=1),
         recipe=recipe, vocab_from_tokenizer=True)
-    assert train.run(config, name if name != "distill" else stage) == 0
+    assert train.run(config, stage if stage.options is not None else name) == 0
     made = {p.name for p in by_command.iterdir()} - before
     assert made == {p.name for p in by_python.iterdir()} - before
     assert len(made) == 1 and made.pop().endswith("_64")

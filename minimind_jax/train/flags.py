@@ -1,5 +1,5 @@
 """The training commands, one per stage of train.stages.STAGES (pretrain, sft, lora, dpo,
-distill, distill_reason): their flags, read once into a `TrainConfig` and the stage's options.
+distill, distill_reason, grpo): their flags, read once into a `TrainConfig` and the stage's options.
 
 Every flag that sets a TrainConfig field defaults to that field's default; a None default
 (epochs, batch size, learning rate, accumulation, seed, schedule, shuffling) is resolved with

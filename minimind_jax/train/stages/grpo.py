@@ -33,11 +33,18 @@ from minimind_jax.infer import rollout as rollouts
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train import rewards as reward_rules
-from minimind_jax.train.stages.stage import Objective, Stage, StageContext
+from minimind_jax.train.stages.stage import (
+    Objective,
+    Stage,
+    StageContext,
+    weights_file_at_end,
+)
 
 LOSS_TYPES = ("cispo", "grpo")
 ENGINES = ("torch", "sglang")  # the script's choices; torch = our own sampler here
 ADV_EPS = 1e-4
+# the reference model's RoPE table (minimind-3's max_position_embeddings): prompt + completion
+MAX_POSITIONS = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +77,12 @@ def check_options(options: GrpoOptions, model: ModelConfig) -> None:
                         "or more")
     if options.max_gen_len < 1:
         raise UserError(f"--max_gen_len must be >= 1, got {options.max_gen_len}")
+    if model.max_seq_len + options.max_gen_len > MAX_POSITIONS:
+        raise UserError(f"--max_seq_len {model.max_seq_len} + --max_gen_len "
+                        f"{options.max_gen_len} is past the {MAX_POSITIONS} positions of "
+                        "minimind-3's model; shorten the prompts or the completions")
     if not 0.0 <= options.thinking_ratio <= 1.0:
         raise UserError(f"--thinking_ratio must be in [0, 1], got {options.thinking_ratio}")
-    del model
 
 
 def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
@@ -310,4 +320,5 @@ STAGE = Stage(
     objective=make_objective,
     add_flags=add_flags,
     options_from_args=options_from_args,
+    finish=weights_file_at_end,
 )

@@ -12,14 +12,13 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import numpy as np
 
 from minimind_jax.model import lora
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.generation import generation_of
 from minimind_jax.runtime import distributed
 from minimind_jax.train.run_log import say
-from minimind_jax.train.stages.stage import Stage, start_params
+from minimind_jax.train.stages.stage import Stage, on_host, start_params, with_torch_or_npz
 
 DEFAULT_RANK = 16  # apply_lora(model, rank=16)
 
@@ -57,24 +56,13 @@ def adapter_file(run_dir: pathlib.Path, run_prefix: str, model: ModelConfig) -> 
     return run_dir / f"{run_prefix}_{tag}.pth"
 
 
-def _host(x):
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
 def export_adapters(params, model: ModelConfig, path: pathlib.Path, is_main: bool, say):
     """The adapters of `params` as the reference's `save_lora` file (minimind-3: float16);
     `.pth` needs torch, without it an `.npz` with the same keys is written."""
-    adapters = jax.tree.map(_host, lora.split(params)[0])  # every process takes part
+    adapters = jax.tree.map(on_host, lora.split(params)[0])  # every process takes part
     if not is_main:
         return None
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        path = path.with_suffix(".npz")
+    path = with_torch_or_npz(path)
     lora.save_adapters(adapters, model, path, fp16=generation_of(model).float16_files)
     say(f"LoRA adapters: {path}")
     return path

@@ -27,6 +27,7 @@ from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.generation import Generation, generation_of
 from minimind_jax.train import recipes
 from minimind_jax.train.run_folder import find_saved_weights
+from minimind_jax.train.run_log import say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,3 +149,50 @@ def start_params(config, stage: Stage, source: pathlib.Path | None, model: Model
     if stage.start_rounded_to_float16 and config.recipe.fp16_sft_init:
         return recipes.round_to_float16(params), f"{origin} (rounded to float16, as minimind-3)"
     return params, origin
+
+
+def on_host(x):
+    """A numpy copy of a (possibly sharded, possibly multi-process) array; every process must
+    call it."""
+    import numpy as np
+
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def with_torch_or_npz(path: pathlib.Path) -> pathlib.Path:
+    """`path` (.pth) when torch can write it, else the same name as .npz (the same keys)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return path.with_suffix(".npz")
+    return path
+
+
+def weights_file_at_end(config, model: ModelConfig, run_dir: pathlib.Path):
+    """A `finish` hook: the final weights as the reference's script saves them, in the run
+    folder: {run_prefix}_{dim}[_moe].pth, float16 where its generation saves float16."""
+    import jax
+    import numpy as np
+
+    from minimind_jax.model import weights
+    from minimind_jax.runtime import distributed
+
+    path = run_dir / f"{config.run.run_prefix}_{model.tag}.pth"
+    half = generation_of(model).float16_files
+
+    def write(state):
+        params = jax.tree.map(on_host, state.params)  # every process takes part
+        if not distributed.is_main_process():
+            return
+        state_dict = weights.state_dict_from_params(params, model)
+        if half:
+            state_dict = {k: np.asarray(v, np.float16) for k, v in state_dict.items()}
+        target = with_torch_or_npz(path)
+        weights.save_state_dict(state_dict, target)
+        say(f"weights: {target}")
+
+    return write
