@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 
 from minimind_jax.data import prepare
+from minimind_jax.infer.infer_config import field_default
 from minimind_jax.model import flags as model_flags
 from minimind_jax.model.generation import GENERATIONS
 from minimind_jax.runtime import distributed
@@ -27,7 +28,6 @@ from minimind_jax.train.train_config import (
     RunConfig,
     TrainConfig,
     check_settings,
-    field_default,
     resolve_settings,
 )
 

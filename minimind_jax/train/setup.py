@@ -28,6 +28,7 @@ from minimind_jax.train.stages.stage import (
     Stage,
     StageContext,
     init_source,
+    start_name,
     start_params,
 )
 from minimind_jax.train.train_config import DataConfig, TrainConfig
@@ -47,8 +48,7 @@ def _start_folder(config: TrainConfig, stage: Stage, model: ModelConfig):
     """The run folder the initial weights come from, if they come from one."""
     init_from = config.run.init_from
     if init_from is None and stage.start_from is not None:
-        name = f"{stage.start_from[generation_of(model).name]}_{model.tag}"
-        found = run_folder.saved_weights(config.run.out_dir, name)
+        found = run_folder.saved_weights(config.run.out_dir, start_name(stage, model))
     else:
         found = pathlib.Path(init_from) if init_from not in (None, "none") else None
     return found if found is not None and found.is_dir() else None

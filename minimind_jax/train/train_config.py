@@ -108,11 +108,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def field_default(cls, name: str):
-    """The default of dataclass `cls`'s field `name` (for the flags that set it)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
 def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
     """A TrainConfig's fields but the model (`settings`), with the Nones filled in from a
     stage's `defaults` (for the model's generation) and from the recipe; a recipe's fixed

@@ -116,6 +116,13 @@ class Stage:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes))
 
 
+def start_name(stage: Stage, model: ModelConfig) -> str | None:
+    """NAME_{dim}[_moe] of the weights the stage starts from under OUT_DIR (None: random)."""
+    if stage.start_from is None:
+        return None
+    return f"{stage.start_from[generation_of(model).name]}_{model.tag}"
+
+
 def init_source(config, stage: Stage, model: ModelConfig) -> pathlib.Path | None:
     """Where the initial weights come from: --init_from (`none`: a seeded random init); else
     the stage's `start_from` weights of the model's tag; else None. Checked to exist."""
@@ -129,9 +136,9 @@ def init_source(config, stage: Stage, model: ModelConfig) -> pathlib.Path | None
         return source
     if stage.start_from is None:
         return None
-    name = stage.start_from[generation_of(model).name]
-    return find_saved_weights(config.run.out_dir, f"{name}_{model.tag}",
-                              f"{stage.name} starts from the {name} weights")
+    return find_saved_weights(config.run.out_dir, start_name(stage, model),
+                              f"{stage.name} starts from the "
+                              f"{stage.start_from[generation_of(model).name]} weights")
 
 
 def start_params(config, stage: Stage, source: pathlib.Path | None, model: ModelConfig,
