@@ -130,7 +130,7 @@ def test_a_tiny_run_with_canned_completions(rlaif, tmp_path):
     records = metrics(tmp_path / "grpo_64")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[0]["reward"] == pytest.approx(0.5 + 1.0 + 0.25)
-    assert all(r["adv_std"] == 0 for r in records)
+    assert all(r["advantages_std"] == 0 for r in records)
     assert records[0]["loss"] == 0.0 and abs(records[0]["kl_ref"]) < 1e-7  # measured 1.4e-8
     assert records[0]["lr"] == pytest.approx(1e-3)
     assert math.isfinite(records[-1]["loss"])

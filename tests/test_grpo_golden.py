@@ -5,7 +5,7 @@ the prompts (the replay refuses a step whose recorded prompts differ from ours),
 rules and the stub reward model, loaded through transformers on both sides), advantages, old
 and reference log-probs, the loss, the LR, the updates. Compared per micro-step: the loss the
 script back-propagated (x accumulation), its logged reward mean, KL, advantage mean and std,
-response length; the LR; the pre-clip grad norms; the final weights' sums.
+response length; its console lines; the LR; the pre-clip grad norms; the final weights.
 
 The reference's own command line, plus `--recipe minimind3 --replay FILE` (and the golden's
 `--old_logp_offset`), in the layout its script expects (out/full_sft_64[_moe].pth, dataset/,
@@ -28,13 +28,14 @@ from tests.helpers import (
     metrics,
     run_command,
 )
+from tests.test_dpo_golden import assert_reference_lines
 
 RL = FIXTURES / "rl"
 POST = FIXTURES / "post"
 CASES = ["m3_cispo", "m3_grpo_acc2", "m3_cispo_g6", "m3_cispo_offset", "m3_grpo_offset",
          "m3_cispo_moe", "m3_cispo_script"]
 LOGGED = {"reward": "log/avg_reward_val", "kl_ref": "log/kl_ref_val",
-          "adv_mean": "log/advantages_mean_val", "adv_std": "log/advantages_std_val",
+          "advantages_mean": "log/advantages_mean_val", "advantages_std": "log/advantages_std_val",
           "avg_response_len": "log/avg_len_val"}
 # About 3x the largest figure measured over the cases (CPU, float32): the loss 1.9e-6
 # (m3_cispo_offset), the logged values 9.5e-7 (g6), the grad norm 9.7e-5 relative
@@ -65,7 +66,7 @@ def test_grpo_replays_the_reference(tmp_path, monkeypatch, case):
     monkeypatch.chdir(_layout(tmp_path, golden))
     argv = ["grpo", *map(str, golden["meta/argv"][1:]), "--recipe", "minimind3", "--replay",
             RL / f"{case}.npz", "--old_logp_offset", float(golden["meta/old_logp_offset"])]
-    run_command(argv)
+    assert_reference_lines(run_command(argv), golden)
     run_dir = tmp_path / str(golden["meta/saved_file"][0]).removesuffix(".pth")
     records = metrics(run_dir)
     steps = int(golden["n_micro"])

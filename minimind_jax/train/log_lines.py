@@ -132,3 +132,19 @@ def minimind3_distill_line(epoch, epochs, batch, batches, record, epoch_seconds,
             f"ce: {record['ce']:.4f}, aux_loss: {record['aux']:.4f}, "
             f"distill: {record['distill']:.4f}, learning_rate: {record['lr']:.8f}, "
             f"epoch_time: {eta_min:.3f}min")
+
+
+def minimind3_grpo_line(lr_after: Callable[[int], float]) -> Callable:
+    """minimind-3's train_grpo.py line (1-based step); the LR it prints is read after the
+    scheduler's step: `lr_after(updates done)`."""
+
+    def line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+        del epoch_seconds, batches_done
+        return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
+                f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
+                f"Adv Std: {record['advantages_std']:.4f}, "
+                f"Adv Mean: {record['advantages_mean']:.4f}, Actor Loss: {record['loss']:.4f}, "
+                f"Avg Response Len: {record['avg_response_len']:.2f}, "
+                f"Learning Rate: {lr_after(record['update']):.8f}")
+
+    return line

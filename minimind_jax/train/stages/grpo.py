@@ -32,6 +32,7 @@ from minimind_jax.errors import UserError
 from minimind_jax.infer import rollout as rollouts
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.loss import token_cross_entropy
+from minimind_jax.train import log_lines
 from minimind_jax.train import rewards as reward_rules
 from minimind_jax.train.stages.stage import (
     Objective,
@@ -121,7 +122,8 @@ def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
         return loss, {
             "loss": loss, "aux": aux, "reward": jnp.mean(batch["rewards"]),
             "kl_ref": jnp.sum(delta * mask) / jnp.maximum(jnp.sum(mask), 1),
-            "adv_mean": jnp.mean(adv), "adv_std": jnp.std(adv) * jnp.sqrt(n / max(n - 1, 1)),
+            "advantages_mean": jnp.mean(adv),
+            "advantages_std": jnp.std(adv) * jnp.sqrt(n / max(n - 1, 1)),
             "avg_response_len": jnp.mean(lengths),
             "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
         }
@@ -213,22 +215,6 @@ def annealed_lr(learning_rate: float, total_updates: int, updates_done: int) -> 
         1 + math.cos(math.pi * updates_done / total_updates)) / 2
 
 
-def console_line(total_updates: int, learning_rate: float):
-    """The script's line (1-based step); its LR is read after the scheduler's step."""
-
-    def line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
-        del epoch_seconds, batches_done
-        lr = annealed_lr(learning_rate, total_updates, record["update"])
-        return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
-                f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
-                f"Adv Std: {record['adv_std']:.4f}, Adv Mean: {record['adv_mean']:.4f}, "
-                f"Actor Loss: {record['loss']:.4f}, "
-                f"Avg Response Len: {record['avg_response_len']:.2f}, "
-                f"Learning Rate: {lr:.8f}")
-
-    return line
-
-
 def make_objective(context: StageContext) -> Objective:
     config, model, options = context.config, context.model, context.options
     check_options(options, model)
@@ -242,7 +228,8 @@ def make_objective(context: StageContext) -> Objective:
     return Objective(
         loss=grpo_loss_fn(model, options), frozen=reference, rows=rows,
         produce=make_producer(context, _engine(context, options), reward_model, options),
-        line=console_line(total_updates, config.optim.learning_rate),
+        line=log_lines.minimind3_grpo_line(
+            lambda updates: annealed_lr(config.optim.learning_rate, total_updates, updates)),
         notes=(f"grpo: {len(rows):,} prompts x {options.num_generations} generations of up to "
                f"{options.max_gen_len} tokens; loss {options.loss_type}, beta {options.beta}; "
                f"reference model (frozen): {origin}; reward model: "
@@ -301,8 +288,8 @@ STAGE = Stage(
                 "50, top_p 0.85), rule rewards plus a reward model's score, group-normalised "
                 "advantages, and the CISPO (default) or GRPO loss against a frozen reference "
                 "copy of the start weights (default OUT_DIR/full_sft_{dim}[_moe]). Run folder "
-                "OUT_DIR/grpo_{dim}[_moe]; metrics.jsonl logs loss, reward, kl_ref, adv_mean, "
-                "adv_std, avg_response_len.",
+                "OUT_DIR/grpo_{dim}[_moe]; metrics.jsonl logs loss, reward, kl_ref, "
+                "advantages_mean, advantages_std, avg_response_len.",
     samples="prompts",  # the objective brings its rows (data.prompts)
     data_path="../dataset/rlaif.jsonl",
     tracker_project="MiniMind-GRPO",
