@@ -12,7 +12,7 @@ this machine's CPU.
 
 Layout (as tests/golden_makers/make_rl_goldens.py builds it, one copy per side): the checkout's
 dataset/ model/ trainer/, `out/full_sft_{h}.pth` (random weights: HEAD's own
-`MiniMindForCausalLM` init, seed 0, saved float16; with --skip_reference our own init),
+`MiniMindForCausalLM` init, seed 0, saved float16; our own init where there is no checkout),
 `dataset/rlaif.jsonl` (B x steps prompts) and the stub reward model
 (tests/fixtures/rl/stub_reward_model). Both sides get the same command line from `trainer/`
 (`--device cpu --dtype float32 --num_workers 0`, i.e. the script's effective CPU settings:
@@ -43,7 +43,9 @@ Definitions (the same for both sides):
 - whole step = rollout start -> the optimizer update done (rewards, advantages, policy and
   reference forward, loss, backward, clip, AdamW, LR step; not logging or saving);
 - first step: step 1 (our compilation included), steady: the mean over steps 2..S;
-- peak RSS: the child's ru_maxrss (os.wait4), i.e. the whole process, setup included.
+- peak RSS: the child's ru_maxrss (os.wait4), i.e. the whole process, setup included; also
+  per phase (VmHWM restarted at each step's start through /proc/self/clear_refs): the setup
+  (process start -> first rollout), the first step and the steady steps.
 """
 
 from __future__ import annotations
@@ -184,6 +186,9 @@ def summarise(result: dict) -> dict:
         "compile_first_s": steps[0].get("compile_s"), "compile_steady_s": mean("compile_s",
                                                                                steady),
         "setup_s": result["setup_s"], "steady_steps": len(steady),
+        "setup_peak_mib": result["setup_mem_kib"].get("VmHWM", 0) / 1024,
+        "first_step_peak_mib": steps[0].get("vmhwm", 0) / 1024,
+        "steady_step_peak_mib": max(s.get("vmhwm", 0) for s in steady) / 1024,
     }
 
 
@@ -224,7 +229,9 @@ def breakdown(side: str, s: dict) -> str:
                  f"{fmt(s['update_s'])} s")
     return (f"  {side}: steady step {fmt(s['step_s'])} s ({fmt(s['step_cpu_s'])} CPU s) = "
             + ", ".join(parts) +
-            f"; setup {fmt(s['setup_s'])} s; child wall {fmt(s['wall_s'])} s, CPU "
+            f"; setup {fmt(s['setup_s'])} s; peak RSS MiB: setup {fmt(s['setup_peak_mib'], 0)}, "
+            f"first step {fmt(s['first_step_peak_mib'], 0)}, steady steps "
+            f"{fmt(s['steady_step_peak_mib'], 0)}; child wall {fmt(s['wall_s'])} s, CPU "
             f"{fmt(s['cpu_s'])} s; other processes {fmt(s['other_cpu_cores'])} cores")
 
 
@@ -246,6 +253,11 @@ def main() -> None:
     ap.add_argument("--data", choices=("fixture", "uniform"), default="uniform")
     ap.add_argument("--out", default=None, help="folder for results.json and the child logs")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--ours_flags", default="",
+                    help="extra flags for minimind-jax grpo only, e.g. '--remat'")
+    ap.add_argument("--xla_memory", action="store_true",
+                    help="ours: also record XLA's memory analysis of the compiled train step "
+                         "(temp / argument / output bytes; one more lowering)")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -266,7 +278,8 @@ def main() -> None:
              f"G{args.num_generations} gen{args.max_gen_len} {args.data}")
     sides = ["ours"] if args.skip_reference else ["ref", "ours"]
     weights = os.path.join(work, f"full_sft_{args.hidden_size}.pth")
-    if args.skip_reference:
+    have_ref = os.path.exists(args.ref_python) and os.path.isdir(args.ref3 or "")
+    if args.skip_reference and not have_ref:
         ours_weights(args, weights)
     else:
         subprocess.run([args.ref_python, os.path.abspath(__file__), "--_child", "weights",
@@ -280,12 +293,13 @@ def main() -> None:
     summary = {}
     for side in sides:
         root = os.path.join(work, side)
-        make_layout(root, None if side == "ours" and args.skip_reference else args.ref3, rows)
+        make_layout(root, args.ref3 if have_ref else None, rows)
         shutil.copyfile(weights, os.path.join(root, "out", os.path.basename(weights)))
         result_path = os.path.join(work, f"{side}.json")
         python = args.ref_python if side == "ref" else sys.executable
         cmd = [python, os.path.abspath(__file__), "--_child", side, "--root", root,
-               "--result", result_path, "--"] + argv
+               "--result", result_path] + (["--xla_memory"] if args.xla_memory else []) + [
+            "--"] + argv + (args.ours_flags.split() if side == "ours" else [])
         print(f"[rl_bench] {side}: loadavg {os.getloadavg()[0]:.2f} before", flush=True)
         proc = run_child(cmd, child_env(work, side), os.path.join(root, "trainer"),
                          os.path.join(out, f"{side}.log"))
@@ -299,8 +313,9 @@ def main() -> None:
     print("\n" + text)
     for side in sides:
         print(breakdown("reference" if side == "ref" else "minimind-jax", summary[side]))
-    meta = {"shape": shape, "argv": argv, "steps": args.steps, "cpus": os.cpu_count(),
-            "affinity": len(os.sched_getaffinity(0)), "reference_commit": REFERENCE_COMMIT}
+    meta = {"shape": shape, "argv": argv, "ours_flags": args.ours_flags, "steps": args.steps,
+            "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "reference_commit": REFERENCE_COMMIT}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "table": text, **summary}, f, indent=1)
     print(f"[rl_bench] results: {os.path.join(out, 'results.json')}")
@@ -337,6 +352,16 @@ def _memory_kib() -> dict:
     except OSError:
         pass
     return found
+
+
+def _reset_peak() -> None:
+    """Restart VmHWM from the current RSS (Linux: 5 > /proc/self/clear_refs), so that the
+    VmHWM read at a step's end is that step's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _write(path: str, result: dict) -> None:
@@ -385,6 +410,8 @@ def child_ref(args, argv: list[str]) -> None:
     def rollout(self, prompt_ids, attention_mask, num_generations, max_new_tokens,
                 temperature=0.8):
         cur.clear()
+        cur["step_start_rss_kib"] = _memory_kib().get("VmRSS")
+        _reset_peak()
         cur["t0"], cur["t_cpu0"] = time.perf_counter(), time.process_time()
         res = orig_rollout(self, prompt_ids, attention_mask, num_generations, max_new_tokens,
                            temperature)
@@ -436,7 +463,7 @@ def child_ref(args, argv: list[str]) -> None:
 
     def rollout_first(self, *a, **k):  # setup = process start -> the first rollout
         first.setdefault("setup_s", time.perf_counter() - t_start)
-        first.setdefault("setup_mem", _memory_kib())
+        first.setdefault("setup_mem", _memory_kib())  # VmHWM: the setup's peak
         return orig_rollout_first(self, *a, **k)
 
     rollout_mod.TorchRolloutEngine.rollout = rollout_first
@@ -508,8 +535,10 @@ def child_ours(args, argv: list[str]) -> None:
 
         def timed(state, batch, info):
             first.setdefault("setup_s", time.perf_counter() - t_start)
-            first.setdefault("setup_mem", _memory_kib())
+            first.setdefault("setup_mem", _memory_kib())  # VmHWM: the setup's peak
             cur.clear()
+            cur["step_start_rss_kib"] = _memory_kib().get("VmRSS")
+            _reset_peak()
             cur["t0"], cur["cpu0"] = time.perf_counter(), time.process_time()
             cur["c0"] = list(compile_s)
             out = produce(state, batch, info)
@@ -522,6 +551,8 @@ def child_ours(args, argv: list[str]) -> None:
         step_fn = orig_make_train_step(*a, **k)
 
         def timed(state, batch):
+            if args.xla_memory and "xla_memory" not in first:
+                first["xla_memory"] = _xla_memory(step_fn, state, batch)
             t0 = time.perf_counter()
             out = jax.block_until_ready(step_fn(state, batch))
             t = time.perf_counter()
@@ -551,7 +582,20 @@ def child_ours(args, argv: list[str]) -> None:
     _write(args.result, {"steps": steps, "setup_s": first["setup_s"],
                          "setup_mem_kib": first["setup_mem"], "end_mem_kib": _memory_kib(),
                          "jax": jax.__version__, "numpy": np.__version__,
-                         "compile_total_s": compile_s[0], "compiles_total": compile_s[1]})
+                         "compile_total_s": compile_s[0], "compiles_total": compile_s[1],
+                         "xla_memory": first.get("xla_memory")})
+
+
+def _xla_memory(step_fn, state, batch) -> dict:
+    """XLA's memory analysis of the train step for this batch (train_step.make_train_step
+    returns a lambda over the jitted step and the frozen reference params)."""
+    cells = [c.cell_contents for c in step_fn.__closure__ or ()]
+    jitted = next(c for c in cells if hasattr(c, "lower"))
+    frozen = next((c for c in cells if isinstance(c, dict)), None)
+    m = jitted.lower(state, batch, frozen).compile().memory_analysis()
+    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+             "alias_size_in_bytes", "generated_code_size_in_bytes")
+    return {n: getattr(m, n, None) for n in names} if m is not None else {}
 
 
 if __name__ == "__main__":

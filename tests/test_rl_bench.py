@@ -28,7 +28,7 @@ def test_uniform_prompts_have_one_width_and_the_table_compares_both_sides():
     steps = [dict(P=40, R=64, N=12, tokens=768, rollout_s=r, sample_s=r / 2, step_s=2 * r,
                   step_cpu_s=2 * r, update_s=r, compile_s=c)
              for r, c in ((10.0, 5.0), (1.0, 0.0), (3.0, 0.0))]
-    ours = bench.summarise({"steps": steps, "setup_s": 1.0})
+    ours = bench.summarise({"steps": steps, "setup_s": 1.0, "setup_mem_kib": {}})
     assert ours["rollout_tok_s"] == pytest.approx(2 * 768 / 4.0)
     assert ours["step_s"] == pytest.approx(4.0) and ours["first_step_s"] == 20.0
     ref = dict(ours, rollout_tok_s=ours["rollout_tok_s"] / 4, sample_tok_s=10.0, step_s=8.0,
