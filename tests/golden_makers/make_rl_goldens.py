@@ -167,52 +167,11 @@ def make_rlaif(sft_path):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-STUB_MODELING = '''"""Stub reward model for the RL golden tests (SPEC_RL section 8).
-
-Loaded unmodified by minimind-3's trainer_utils.LMForRewardModel:
-AutoTokenizer/AutoModel.from_pretrained(path, trust_remote_code=True, torch_dtype=float16).
-get_score(tokenizer, conversation) ignores the tokenizer and the weights and returns
-    u = (first 8 bytes of sha256(json.dumps(conversation, ensure_ascii=False, sort_keys=True)
-         .encode("utf-8")) as a big-endian integer >> 11) / 2**53      (exact, in [0, 1))
-    score = -4.0 + 8.0 * u                                              (exact, in [-4, 4))
-so any difference in the conversation changes the score, and |score| > 3 exercises the
-caller's clip to [-3, 3].
-"""
-
-import hashlib
-import json
-
-import torch
-from transformers import PretrainedConfig, PreTrainedModel
-
-
-class StubRewardConfig(PretrainedConfig):
-    model_type = "minimind_stub_reward"
-
-
-class StubRewardModel(PreTrainedModel):
-    config_class = StubRewardConfig
-    base_model_prefix = "stub"
-
-    def __init__(self, config):
-        super().__init__(config)
-        # one parameter so that from_pretrained has a weights file to load; never used
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("the stub reward model only has get_score")
-
-    @torch.no_grad()
-    def get_score(self, tokenizer, conversation):
-        text = json.dumps(conversation, ensure_ascii=False, sort_keys=True)
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        u = (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53
-        return -4.0 + 8.0 * u
-'''
+# The stub's source is the committed fixture (tests/fixtures/rl/stub_reward_model), the one
+# copy both sides load; the maker writes it into each run's layout as it is.
+with open(os.path.join(FIXTURES, "rl", "stub_reward_model", "modeling_stub.py"),
+          encoding="utf-8") as _stub:
+    STUB_MODELING = _stub.read()
 
 STUB_CONFIG = {
     "architectures": ["StubRewardModel"],
