@@ -67,9 +67,9 @@ class GrpoOptions:
 def check_options(options: GrpoOptions, model: ModelConfig) -> None:
     """One clear error per bad setting, before anything is created."""
     if options.rollout_engine == "sglang":
-        raise UserError("--rollout_engine sglang: this port samples with its own engine (the "
-                        "decoder serve uses); drop the flag (the --sglang_* flags are accepted "
-                        "and ignored)")
+        raise UserError("--rollout_engine sglang: this port samples with its own KV-cache "
+                        "decoder on the current weights; drop the flag (the --sglang_* flags "
+                        "are accepted and ignored)")
     if options.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}")
     if options.num_generations < 2:
@@ -92,6 +92,13 @@ def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
     return jnp.take_along_axis(logp_NL, logp_pos_NR, axis=1)
 
 
+def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR):
+    """(per-token log-probs of the completion under `params`, MoE aux): the script's masked
+    forward on prompt + completion."""
+    logits_NLV, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL)
+    return per_token_logps(logits_NLV, ids_NL, logp_pos_NR), aux
+
+
 def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
     """train_step's objective: (params, batch, reference params) -> (loss, metrics)."""
     from minimind_jax.model.transformer import MiniMind
@@ -99,11 +106,9 @@ def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
     model = MiniMind(config)
 
     def objective(params, batch: dict, reference):
-        ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["logp_pos"]
-        logits, aux = model.apply({"params": params}, ids, segment_ids=seg)
-        ref_logits, _ = model.apply({"params": reference}, ids, segment_ids=seg)
-        logp = per_token_logps(logits, ids, pos)
-        ref = jax.lax.stop_gradient(per_token_logps(ref_logits, ids, pos))
+        rows = (batch["input_ids"], batch["segment_ids"], batch["logp_pos"])
+        logp, aux = completion_logps(model, params, *rows)
+        ref = jax.lax.stop_gradient(completion_logps(model, reference, *rows)[0])
         adv = batch["advantages"][:, None]
         mask = batch["completion_mask"]
         delta = ref - logp
@@ -155,8 +160,7 @@ def _old_logps_fn(config: ModelConfig):
 
     @jax.jit
     def old_logps(params, ids, seg, pos):
-        logits, _ = model.apply({"params": params}, ids, segment_ids=seg)
-        return per_token_logps(logits, ids, pos)
+        return completion_logps(model, params, ids, seg, pos)[0]
 
     return old_logps
 
