@@ -318,17 +318,11 @@ LOG_VALUES = [
 ]
 
 
-def child_run_case(args):
-    import dataclasses
-    from contextlib import nullcontext
-
-    import torch
-
-    torch.set_num_threads(1)
-    cfg = CASES[args.case]
-    mode = args.mode
-    offset = float(cfg["offset"])
-    work = tempfile.mkdtemp(prefix=f"rlgolden_{args.case}_{mode}_")
+def build_layout(args, cfg, script_name):
+    """a temp copy of the checkout with out/<base>.pth, dataset/rlaif.jsonl and
+    stub_reward_model/; chdir to its trainer/, put it first on sys.path, set sys.argv.
+    Returns (temp folder, checkout root, script path, base weights file name)."""
+    work = tempfile.mkdtemp(prefix=f"rlgolden_{args.case}_{args.mode}_")
     root = os.path.join(work, "repo")
     shutil.copytree(args.ref3, root)
     for d in ("out", "dataset"):
@@ -341,37 +335,26 @@ def child_run_case(args):
     shutil.copytree(
         os.path.join(args.out, "stub_reward_model"), os.path.join(root, "stub_reward_model")
     )
-    script = os.path.join(root, "trainer", "train_grpo.py")
+    script = os.path.join(root, "trainer", script_name)
     os.chdir(os.path.join(root, "trainer"))
     sys.path.insert(0, root)
-    sys.argv = ["train_grpo.py"] + cfg["argv"]
+    sys.argv = [script_name] + cfg["argv"]
+    return work, root, script, fn
 
-    # the modules the script will import (same objects: root is first on sys.path)
-    import trainer.rollout_engine as rollout_mod
-    import trainer.trainer_utils as utils_mod
 
-    replay = None
-    if mode == "replay":
-        z = np.load(args.rollouts)
-        replay = z
-        n_replay = int(z["n_micro"])
+def make_rollout(rollout_mod, mode, replay, index, cur, offset, state):
+    """the TorchRolloutEngine.rollout wrapper: capture (the real rollout, recorded), replay
+    (recorded output_ids; old logps recomputed as the engine does) or script (canned texts);
+    + offset on the returned old logps. index() = the rollout's number, cur() = its record dict."""
+    import dataclasses
+    from contextlib import nullcontext
 
-    rec = dict(loss=[], lr=[], epoch=[], step=[], clip_norm=[], clip_after_micro=[])
-    per = {}  # micro index -> {name: value}
-    perm_rec = []
-    rm_rec = []  # one dict per get_score call
-    log_rec = {}  # micro index -> log values
-    rule_rec = []  # rule part of the rewards, one [N] array per calculate_rewards call
-    state = {"first": None}
+    import torch
 
-    def cur():
-        return per.setdefault(len(rec["loss"]), {})
-
-    # ---- rollout: capture / replay, + old_logp_offset ----
     orig_rollout = rollout_mod.TorchRolloutEngine.rollout
 
     def rollout(self, prompt_ids, attention_mask, num_generations, max_new_tokens, temperature=0.8):
-        i = len(rec["loss"])
+        i = index()
         fr = sys._getframe(1)
         prompts = list(fr.f_locals["prompts"])
         d = cur()
@@ -381,7 +364,7 @@ def child_run_case(args):
             )
         else:
             if mode == "replay":
-                assert i < n_replay, "more rollouts than recorded"
+                assert i < int(replay["n_micro"]), "more rollouts than recorded"
                 p = f"micro{i}/"
                 assert prompts == replay[p + "prompts"].tolist(), "prompt strings differ"
                 assert np.array_equal(prompt_ids.numpy(), replay[p + "prompt_ids"])
@@ -449,10 +432,12 @@ def child_run_case(args):
         d["returned_old_logps"] = res.per_token_logps.numpy().copy()
         return res
 
-    rollout_mod.TorchRolloutEngine.rollout = rollout
+    return rollout
 
-    # ---- reward model calls ----
-    orig_get_score = utils_mod.LMForRewardModel.get_score
+
+def make_get_score(orig_get_score, rm_rec, index):
+    """LMForRewardModel.get_score wrapper: appends messages, response, the conversation the
+    reward model sees, its raw and clipped score to rm_rec (micro = index())"""
 
     def get_score(self, messages, response):
         inner = self.model.get_score
@@ -470,7 +455,7 @@ def child_run_case(args):
             del self.model.get_score
         rm_rec.append(
             dict(
-                micro=len(rec["loss"]),
+                micro=index(),
                 messages=json.dumps(messages, ensure_ascii=False),
                 response=response,
                 conversation=json.dumps(box["conversation"], ensure_ascii=False),
@@ -480,6 +465,192 @@ def child_run_case(args):
         )
         return score
 
+    return get_score
+
+
+def make_rewards_tracer(add_line, rule_rec, index):
+    """line tracer for calculate_rewards: at `rewards += reward_model_scores` appends
+    (index(), rule part of the rewards, clipped reward model scores) to rule_rec"""
+
+    def rewards_tracer(frame, event, arg):
+        if event == "line" and frame.f_lineno == add_line:
+            L = frame.f_locals
+            rule_rec.append(
+                (index(), L["rewards"].numpy().copy(), L["reward_model_scores"].numpy().copy())
+            )
+        return rewards_tracer
+
+    return rewards_tracer
+
+
+def meta_arrays(out, args, cfg, script_name, fn):
+    """meta/* common to the RL makers (case, mode, commit, script, command, argv, base weights,
+    seeds, versions)"""
+    import datasets
+    import torch
+    import transformers
+
+    out["meta/case"] = np.array([args.case])
+    out["meta/mode"] = np.array([args.mode])
+    out["meta/reference_commit"] = np.array([REF3_COMMIT])
+    out["meta/script"] = np.array([f"trainer/{script_name}"])
+    out["meta/command"] = np.array(
+        [f"cd trainer && python {script_name} " + " ".join(cfg["argv"])]
+    )
+    out["meta/argv"] = np.array(sys.argv)
+    out["meta/base_weights_file"] = np.array([f"tests/fixtures/post/weights_{cfg['base']}.npz"])
+    out["meta/base_weights_in_layout"] = np.array([f"out/{fn}"])
+    out["meta/seeds"] = np.array(
+        [
+            "reference: setup_seed(42) at start (random, numpy, torch); setup_seed(42+epoch) "
+            "right before the epoch's torch.randperm(len(train_ds)); the dataset's CPython "
+            "random draws (system prompt p=0.2, thinking p=--thinking_ratio) happen in the main "
+            "process (--num_workers 0) in data order",
+            "capture run: model.generate samples with torch's global RNG (multinomial); "
+            "the replay run never samples",
+        ]
+    )
+    out["meta/versions"] = np.array(
+        [
+            f"python {sys.version.split()[0]}",
+            f"torch {torch.__version__}",
+            f"transformers {transformers.__version__}",
+            f"datasets {datasets.__version__}",
+            f"numpy {np.__version__}",
+        ]
+    )
+
+
+def rm_arrays(out, rm_rec, rule_rec, n_micro):
+    """micro{i}/rm_* (reward model calls) and micro{i}/rule_rewards, reward_model_scores"""
+    for i in range(n_micro):
+        calls = [r for r in rm_rec if r["micro"] == i]
+        for k in ("messages", "response", "conversation"):
+            out[f"micro{i}/rm_{k}"] = np.array([c[k] for c in calls])
+        out[f"micro{i}/rm_raw_score"] = np.array([c["raw"] for c in calls], dtype=np.float64)
+        out[f"micro{i}/rm_clipped_score"] = np.array(
+            [c["clipped"] for c in calls], dtype=np.float64
+        )
+        # the stub's hash recomputed here must be what the reward model returned
+        assert all(stub_score(json.loads(c["conversation"])) == c["raw"] for c in calls)
+    assert [r[0] for r in rule_rec] == list(range(n_micro))
+    for i, (_, rule, rms) in enumerate(rule_rec):
+        out[f"micro{i}/rule_rewards"] = rule
+        out[f"micro{i}/reward_model_scores"] = rms
+
+
+def weights_arrays(out, args, cfg, root, model, first, weight):
+    """check/start_vs_base_maxabs (first = the model's state dict at the first backward), the
+    script's saved fp16 file out/<weight>_64[_moe].pth vs the model in memory, resume/*,
+    final_stats/final_rows/final/final_fp32_stats of the policy, the .pth files written.
+    Returns the loaded resume dict."""
+    import torch
+
+    base = np.load(os.path.join(args.post_fixtures, f"weights_{cfg['base']}.npz"))
+    out["check/start_vs_base_maxabs"] = np.array(
+        max(
+            float(np.abs(v - base[TIED_SRC if k == TIED_DUP else k].astype(np.float32)).max())
+            for k, v in first.items()
+        )
+    )
+    moe = "_moe" if "--use_moe 1" in " ".join(cfg["argv"]) else ""
+    saved_path = os.path.join(root, "out", f"{weight}_64{moe}.pth")
+    saved = torch.load(saved_path, map_location="cpu")
+    resume = torch.load(
+        os.path.join(root, "checkpoints", f"{weight}_64{moe}_resume.pth"),
+        map_location="cpu",
+        weights_only=False,
+    )
+    fin = {k: v.detach() for k, v in model.state_dict().items()}
+    out["meta/saved_file"] = np.array([f"out/{weight}_64{moe}.pth"])
+    out["meta/saved_dtype"] = np.array([str(next(iter(saved.values())).dtype)])
+    out["meta/saved_key_order"] = np.array(list(saved.keys()))
+    out["check/saved_vs_inmemory_fp16_equal"] = np.array(
+        all(torch.equal(saved[k], fin[k].half()) for k in saved)
+    )
+    out["check/saved_vs_inmemory_maxabs"] = np.array(
+        max(float((saved[k].float() - fin[k]).abs().max()) for k in saved)
+    )
+    out["resume/step"] = np.array(int(resume["step"]))
+    out["resume/epoch"] = np.array(int(resume["epoch"]))
+    out["resume/scheduler_last_epoch"] = np.array(int(resume["scheduler"]["last_epoch"]))
+    out["resume/scheduler_last_lr"] = np.array(resume["scheduler"]["_last_lr"], dtype=np.float64)
+    out["resume/optimizer_step"] = np.array(
+        [float(s["step"]) for s in resume["optimizer"]["state"].values()][:1], dtype=np.float64
+    )
+    for k, v in saved.items():
+        if k == TIED_DUP:
+            continue
+        a = v.float().numpy()
+        b = fin[k].numpy()
+        s64 = a.astype(np.float64)
+        out[f"final_stats/{k}"] = np.array([s64.sum(), (s64**2).sum(), np.abs(s64).max()])
+        out[f"final_fp32_stats/{k}"] = np.array(
+            [b.astype(np.float64).sum(), (b.astype(np.float64) ** 2).sum()]
+        )
+        if k == TIED_SRC:
+            out[f"final_rows/{k}"] = a[EMB_ROWS].copy()
+        elif cfg["full_final"] or a.ndim == 1 or k.endswith("mlp.gate.weight"):
+            out[f"final/{k}"] = a.copy()
+        else:
+            out[f"final_rows/{k}"] = a[[0, a.shape[0] // 2, a.shape[0] - 1]].copy()
+    out["final_rows_index/embedding"] = np.array(EMB_ROWS)
+    out["meta/final_note"] = np.array(
+        [
+            "final/* and final_rows/* and final_stats/* come from the script's saved fp16 file "
+            "(float32 of the fp16 values); final_stats = [sum, sum of squares, max |w|] in "
+            "float64; final_fp32_stats = [sum, sum of squares] of the model in memory after the "
+            "run (after the end-of-epoch flush, if any); final_rows/<2-D key> = rows "
+            "[0, n//2, n-1] (embedding: final_rows_index/embedding)"
+        ]
+    )
+    written = []
+    for dp, _dirs, fns in os.walk(root):
+        for f_ in fns:
+            if f_.endswith(".pth"):
+                written.append(os.path.relpath(os.path.join(dp, f_), root))
+    out["meta/pth_files_in_layout_after_run"] = np.array(sorted(written))
+    return resume
+
+
+def child_run_case(args):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = CASES[args.case]
+    mode = args.mode
+    offset = float(cfg["offset"])
+    work, root, script, fn = build_layout(args, cfg, "train_grpo.py")
+
+    # the modules the script will import (same objects: root is first on sys.path)
+    import trainer.rollout_engine as rollout_mod
+    import trainer.trainer_utils as utils_mod
+
+    replay = None
+    if mode == "replay":
+        z = np.load(args.rollouts)
+        replay = z
+        n_replay = int(z["n_micro"])
+
+    rec = dict(loss=[], lr=[], epoch=[], step=[], clip_norm=[], clip_after_micro=[])
+    per = {}  # micro index -> {name: value}
+    perm_rec = []
+    rm_rec = []  # one dict per get_score call
+    log_rec = {}  # micro index -> log values
+    rule_rec = []  # rule part of the rewards, one [N] array per calculate_rewards call
+    state = {"first": None}
+
+    def cur():
+        return per.setdefault(len(rec["loss"]), {})
+
+    # ---- rollout: capture / replay, + old_logp_offset ----
+    orig_rollout = rollout_mod.TorchRolloutEngine.rollout
+    rollout = make_rollout(rollout_mod, mode, replay, lambda: len(rec["loss"]), cur, offset, state)
+    rollout_mod.TorchRolloutEngine.rollout = rollout
+
+    # ---- reward model calls ----
+    orig_get_score = utils_mod.LMForRewardModel.get_score
+    get_score = make_get_score(orig_get_score, rm_rec, lambda: len(rec["loss"]))
     utils_mod.LMForRewardModel.get_score = get_score
 
     # ---- backward: the loss and grpo_train_epoch's tensors ----
@@ -536,17 +707,7 @@ def child_run_case(args):
             log_rec[len(rec["loss"]) - 1] = {n: float(L[n]) for n in LOG_VALUES if n in L}
         return epoch_tracer
 
-    def rewards_tracer(frame, event, arg):
-        if event == "line" and frame.f_lineno == add_line:
-            L = frame.f_locals
-            rule_rec.append(
-                (
-                    len(rec["loss"]),
-                    L["rewards"].numpy().copy(),
-                    L["reward_model_scores"].numpy().copy(),
-                )
-            )
-        return rewards_tracer
+    rewards_tracer = make_rewards_tracer(add_line, rule_rec, lambda: len(rec["loss"]))
 
     def global_tracer(frame, event, arg):
         if event == "call" and frame.f_code.co_filename == script:
@@ -578,25 +739,8 @@ def child_run_case(args):
     if mode == "replay":
         assert n_micro == n_replay, f"{n_micro} micro-steps, {n_replay} recorded"
     out = {}
-    out["meta/case"] = np.array([args.case])
-    out["meta/mode"] = np.array([mode])
-    out["meta/reference_commit"] = np.array([REF3_COMMIT])
-    out["meta/script"] = np.array(["trainer/train_grpo.py"])
-    out["meta/command"] = np.array(["cd trainer && python train_grpo.py " + " ".join(cfg["argv"])])
-    out["meta/argv"] = np.array(sys.argv)
+    meta_arrays(out, args, cfg, "train_grpo.py", fn)
     out["meta/old_logp_offset"] = np.array(offset)
-    out["meta/base_weights_file"] = np.array([f"tests/fixtures/post/weights_{cfg['base']}.npz"])
-    out["meta/base_weights_in_layout"] = np.array([f"out/{fn}"])
-    out["meta/seeds"] = np.array(
-        [
-            "reference: setup_seed(42) at start (random, numpy, torch); setup_seed(42+epoch) "
-            "right before the epoch's torch.randperm(len(train_ds)); the dataset's CPython "
-            "random draws (system prompt p=0.2, thinking p=--thinking_ratio) happen in the main "
-            "process (--num_workers 0) in data order",
-            "capture run: model.generate samples with torch's global RNG (multinomial); "
-            "the replay run never samples",
-        ]
-    )
     out["meta/wrapping"] = np.array(
         [
             "trainer.rollout_engine.TorchRolloutEngine.rollout wrapped: capture = the real "
@@ -614,18 +758,6 @@ def child_run_case(args):
             "reward_model_scores`)",
             "stdout tee",
             "--reward_model_path: the stub reward model folder (stub_reward_model/)",
-        ]
-    )
-    import datasets
-    import transformers
-
-    out["meta/versions"] = np.array(
-        [
-            f"python {sys.version.split()[0]}",
-            f"torch {torch.__version__}",
-            f"transformers {transformers.__version__}",
-            f"datasets {datasets.__version__}",
-            f"numpy {np.__version__}",
         ]
     )
     out["log_lines"] = np.array("".join(tee.buf).splitlines())
@@ -647,21 +779,7 @@ def child_run_case(args):
     for i in range(n_micro):
         for k, v in per[i].items():
             out[f"micro{i}/{k}"] = v
-    # reward model calls, grouped per micro-step
-    for i in range(n_micro):
-        calls = [r for r in rm_rec if r["micro"] == i]
-        for k in ("messages", "response", "conversation"):
-            out[f"micro{i}/rm_{k}"] = np.array([c[k] for c in calls])
-        out[f"micro{i}/rm_raw_score"] = np.array([c["raw"] for c in calls], dtype=np.float64)
-        out[f"micro{i}/rm_clipped_score"] = np.array(
-            [c["clipped"] for c in calls], dtype=np.float64
-        )
-        # the stub's hash recomputed here must be what the reward model returned
-        assert all(stub_score(json.loads(c["conversation"])) == c["raw"] for c in calls)
-    assert [r[0] for r in rule_rec] == list(range(n_micro))
-    for i, (_, rule, rms) in enumerate(rule_rec):
-        out[f"micro{i}/rule_rewards"] = rule
-        out[f"micro{i}/reward_model_scores"] = rms
+    rm_arrays(out, rm_rec, rule_rec, n_micro)
 
     # ---- derived by this maker (float64 / counts) from the recorded tensors ----
     eps, eps_high = 0.2, 5.0
@@ -689,72 +807,7 @@ def child_run_case(args):
         out[f"derived/{k}"] = np.array(v)
 
     # ---- weights: start, the script's saved file, the model in memory after the run ----
-    model = g["model"]
-    base = np.load(os.path.join(args.post_fixtures, f"weights_{cfg['base']}.npz"))
-    first = state["first"]
-    out["check/start_vs_base_maxabs"] = np.array(
-        max(
-            float(np.abs(v - base[TIED_SRC if k == TIED_DUP else k].astype(np.float32)).max())
-            for k, v in first.items()
-        )
-    )
-    moe = "_moe" if "--use_moe 1" in " ".join(cfg["argv"]) else ""
-    saved_path = os.path.join(root, "out", f"grpo_64{moe}.pth")
-    saved = torch.load(saved_path, map_location="cpu")
-    resume = torch.load(
-        os.path.join(root, "checkpoints", f"grpo_64{moe}_resume.pth"),
-        map_location="cpu",
-        weights_only=False,
-    )
-    fin = {k: v.detach() for k, v in model.state_dict().items()}
-    out["meta/saved_file"] = np.array([f"out/grpo_64{moe}.pth"])
-    out["meta/saved_dtype"] = np.array([str(next(iter(saved.values())).dtype)])
-    out["meta/saved_key_order"] = np.array(list(saved.keys()))
-    out["check/saved_vs_inmemory_fp16_equal"] = np.array(
-        all(torch.equal(saved[k], fin[k].half()) for k in saved)
-    )
-    out["check/saved_vs_inmemory_maxabs"] = np.array(
-        max(float((saved[k].float() - fin[k]).abs().max()) for k in saved)
-    )
-    out["resume/step"] = np.array(int(resume["step"]))
-    out["resume/epoch"] = np.array(int(resume["epoch"]))
-    out["resume/scheduler_last_epoch"] = np.array(int(resume["scheduler"]["last_epoch"]))
-    out["resume/scheduler_last_lr"] = np.array(resume["scheduler"]["_last_lr"], dtype=np.float64)
-    out["resume/optimizer_step"] = np.array(
-        [float(s["step"]) for s in resume["optimizer"]["state"].values()][:1], dtype=np.float64
-    )
-    for k, v in saved.items():
-        if k == TIED_DUP:
-            continue
-        a = v.float().numpy()
-        b = fin[k].numpy()
-        s64 = a.astype(np.float64)
-        out[f"final_stats/{k}"] = np.array([s64.sum(), (s64**2).sum(), np.abs(s64).max()])
-        out[f"final_fp32_stats/{k}"] = np.array(
-            [b.astype(np.float64).sum(), (b.astype(np.float64) ** 2).sum()]
-        )
-        if k == TIED_SRC:
-            out[f"final_rows/{k}"] = a[EMB_ROWS].copy()
-        elif cfg["full_final"] or a.ndim == 1 or k.endswith("mlp.gate.weight"):
-            out[f"final/{k}"] = a.copy()
-        else:
-            out[f"final_rows/{k}"] = a[[0, a.shape[0] // 2, a.shape[0] - 1]].copy()
-    out["final_rows_index/embedding"] = np.array(EMB_ROWS)
-    out["meta/final_note"] = np.array(
-        [
-            "final/* and final_rows/* and final_stats/* come from the script's saved fp16 file "
-            "(float32 of the fp16 values); final_stats = [sum, sum of squares, max |w|] in "
-            "float64; final_fp32_stats = [sum, sum of squares] of the model in memory after the "
-            "run (after the end-of-epoch flush, if any); final_rows/<2-D key> = rows "
-            "[0, n//2, n-1] (embedding: final_rows_index/embedding)"
-        ]
-    )
-    written = []
-    for dp, _dirs, fns in os.walk(root):
-        for f_ in fns:
-            if f_.endswith(".pth"):
-                written.append(os.path.relpath(os.path.join(dp, f_), root))
-    out["meta/pth_files_in_layout_after_run"] = np.array(sorted(written))
+    weights_arrays(out, args, cfg, root, g["model"], state["first"], "grpo")
     np.savez_compressed(args.result, **out)
     print(f"[maker] {args.case} {mode}: {n_micro} micro-steps, {len(rec['clip_norm'])} updates")
     os.chdir("/")
@@ -776,7 +829,8 @@ def compare(a, b, skip=("meta/mode", "meta/argv")):
     return diff
 
 
-def main():
+def parse_args(cases):
+    """the command line shared by the RL makers (parent and child modes)"""
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref3", required=True, help="checkout of jingyaogong/minimind at d65ef2c")
     ap.add_argument("--out", required=True)
@@ -788,7 +842,7 @@ def main():
         default=sys.executable,
         help="interpreter for the reference runs (torch, transformers 4.x, datasets)",
     )
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(cases))
     ap.add_argument(
         "--rollouts-from",
         default=None,
@@ -804,17 +858,14 @@ def main():
     for k in ("out", "ref3", "tokenizer", "post_fixtures", "sft", "rollouts_from", "rollouts"):
         if getattr(args, k):
             setattr(args, k, os.path.abspath(getattr(args, k)))
-    if args._child == "weights":
-        return child_make_weights(args)
-    if args._child == "case":
-        return child_run_case(args)
+    return args
 
-    make_inputs(args)
-    work = tempfile.mkdtemp(prefix="rlgolden_work_")
-    hf_home = os.path.join(work, "hf_home")
-    env = dict(
+
+def child_env(work):
+    """environment of the child processes: offline, one thread, no GPU, fixed hash seed"""
+    return dict(
         os.environ,
-        HF_HOME=hf_home,
+        HF_HOME=os.path.join(work, "hf_home"),
         PYTHONHASHSEED="0",
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -824,7 +875,17 @@ def main():
         HF_HUB_OFFLINE="1",
         WANDB_MODE="disabled",
     )
-    common = [args.python, os.path.abspath(__file__), "--ref3", args.ref3, "--out", args.out]
+
+
+def run_parent(args, cases, maker_file, loss_key):
+    """inputs, base weights, then per case: first run (capture/script), two replays fed with
+    its token ids, compare, write <out>/<case>.npz = the first replay + check/*. The children
+    are `maker_file --_child weights|case`; loss_key names the losses array compared in
+    check/capture_vs_replay_loss_maxabs."""
+    make_inputs(args)
+    work = tempfile.mkdtemp(prefix="rlgolden_work_")
+    env = child_env(work)
+    common = [args.python, os.path.abspath(maker_file), "--ref3", args.ref3, "--out", args.out]
     common += ["--post-fixtures", args.post_fixtures, "--work", work]
     subprocess.run(common + ["--_child", "weights"], check=True, env=env)
 
@@ -842,8 +903,8 @@ def main():
             cap_path = os.path.join(args.rollouts_from, f"{case}.npz")
             cap = None
         else:
-            cap_path = os.path.join(work, f"{case}_{CASES[case]['first']}.npz")
-            cap = run(case, CASES[case]["first"], cap_path)
+            cap_path = os.path.join(work, f"{case}_{cases[case]['first']}.npz")
+            cap = run(case, cases[case]["first"], cap_path)
         gold_path = os.path.join(work, f"{case}_replay1.npz")
         gold = run(case, "replay", gold_path, cap_path)
         again = run(case, "replay", os.path.join(work, f"{case}_replay2.npz"), cap_path)
@@ -856,7 +917,7 @@ def main():
             out["check/capture_vs_replay_differing_keys"] = np.array(d_cap, dtype=str)
             out["check/capture_vs_replay_identical"] = np.array(not d_cap)
             out["check/capture_vs_replay_loss_maxabs"] = np.array(
-                float(np.abs(cap["loss_backward"] - gold["loss_backward"]).max())
+                float(np.abs(cap[loss_key] - gold[loss_key]).max())
             )
         path = os.path.join(args.out, f"{case}.npz")
         np.savez_compressed(path, **out)
@@ -870,6 +931,15 @@ def main():
         summary.append(line)
     print("\n".join(summary))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    args = parse_args(CASES)
+    if args._child == "weights":
+        return child_make_weights(args)
+    if args._child == "case":
+        return child_run_case(args)
+    run_parent(args, CASES, __file__, "loss_backward")
 
 
 if __name__ == "__main__":
