@@ -342,10 +342,11 @@ def build_layout(args, cfg, script_name):
     return work, root, script, fn
 
 
-def make_rollout(rollout_mod, mode, replay, index, cur, offset, state):
+def make_rollout(rollout_mod, mode, replay, index, cur, offset, state, depth=1):
     """the TorchRolloutEngine.rollout wrapper: capture (the real rollout, recorded), replay
     (recorded output_ids; old logps recomputed as the engine does) or script (canned texts);
-    + offset on the returned old logps. index() = the rollout's number, cur() = its record dict."""
+    + offset on the returned old logps. index() = the rollout's number, cur() = its record dict;
+    the script's frame (its `prompts`) is `depth` frames up (more when wrapped again)."""
     import dataclasses
     from contextlib import nullcontext
 
@@ -355,7 +356,7 @@ def make_rollout(rollout_mod, mode, replay, index, cur, offset, state):
 
     def rollout(self, prompt_ids, attention_mask, num_generations, max_new_tokens, temperature=0.8):
         i = index()
-        fr = sys._getframe(1)
+        fr = sys._getframe(depth)
         prompts = list(fr.f_locals["prompts"])
         d = cur()
         if mode == "capture":
