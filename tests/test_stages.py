@@ -27,9 +27,10 @@ from tests.helpers import (
 )
 
 DATA = {"pretrain": PRETRAIN_JSONL, "dpo": FIXTURES / "post" / "dpo_pairs.jsonl",
-        "grpo": FIXTURES / "rl" / "rlaif.jsonl"}
+        "grpo": FIXTURES / "rl" / "rlaif.jsonl", "ppo": FIXTURES / "rl" / "rlaif.jsonl"}
 # each stage's own options, as flags and as the Python side gives them (the teacher: below)
-OPTIONS = {"grpo": dict(reward_model_path="none", max_gen_len=6, num_generations=2)}
+OPTIONS = {"grpo": dict(reward_model_path="none", max_gen_len=6, num_generations=2),
+           "ppo": dict(reward_model_path="none", max_gen_len=6, mini_batch_size=1)}
 # (recipe, arch): ours on either generation, and each reference's recipe
 COMBOS = [(None, "minimind2"), ("minimind2", "minimind2"), (None, "minimind3"),
           ("minimind3", "minimind3")]

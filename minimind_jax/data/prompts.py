@@ -8,9 +8,12 @@ before its DataLoader asks for the items): a system prompt prepended with probab
 (unless a message has tools or the first is a system message; `random.choice` of
 `minimind3.SYSTEM_PROMPTS`), then thinking opened with probability `thinking_ratio`.
 
-A batch is the script's `tokenizer(prompts, padding=True, padding_side="left")` with the last
-`max_seq_len` columns kept: `input_ids` and `attention_mask` [b, P] (P the batch's longest,
-capped), `prompt_index` [b], and the rendered `prompt_text` (an object array) the rewards read.
+A batch is the script's `tokenizer(prompts, padding=True, padding_side="left")` cut to
+`max_seq_len` as its script cuts it (`truncation`): "columns", GRPO's, keeps the last
+`max_seq_len` columns of the padded batch; "right", PPO's `truncation=True`, keeps each
+prompt's first `max_seq_len` tokens (a long prompt loses its generation prompt). Its fields:
+`input_ids` and `attention_mask` [b, P] (P the batch's longest, capped), `prompt_index` [b], and
+the rendered `prompt_text` (an object array) the rewards read.
 """
 
 from __future__ import annotations
@@ -48,7 +51,11 @@ class PromptSource:
     """The prompts of an RLAIF JSONL file, rendered per epoch with minimind-3's draws."""
 
     def __init__(self, path, tokenizer, max_seq_len: int, *, seed: int = 42,
-                 thinking_ratio: float = 0.9, skip_bad_lines: bool = False, log=print):
+                 thinking_ratio: float = 0.9, skip_bad_lines: bool = False, log=print,
+                 truncation: str = "columns"):
+        if truncation not in ("columns", "right"):
+            raise ValueError(f"truncation must be 'columns' or 'right', got {truncation!r}")
+        self.truncation = truncation
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.seed = seed
@@ -119,7 +126,9 @@ class _DrawnPrompts:
         src = self.source
         indices = np.asarray(indices, np.int64)
         texts = [src.render(i, self.system[i], self.thinking[i]) for i in indices.tolist()]
-        ids, mask = left_padded(src.tokenizer.encode_batch(texts), src.max_seq_len,
-                                src.tokenizer.pad_id)
+        encoded = src.tokenizer.encode_batch(texts)
+        if src.truncation == "right":
+            encoded = [ids[:src.max_seq_len] for ids in encoded]
+        ids, mask = left_padded(encoded, src.max_seq_len, src.tokenizer.pad_id)
         return {"input_ids": ids, "attention_mask": mask, "prompt_index": indices,
                 "prompt_text": np.asarray(texts, dtype=object)}

@@ -528,14 +528,16 @@ class MiniMind(nn.Module):
     (the first free slot) is a scalar, or [B] when rows sit at different positions. With
     `write_cache=False` the third value is instead what would have been written: the new keys
     and values `{"k", "v"}` [L, B, K, T, H] (for a caller that stores them itself: XLA cannot
-    see that reading them back from the written cache needs no copy of it).
+    see that reading them back from the written cache needs no copy of it). With
+    `hidden=True` (no cache) it returns `(h_BTD, aux_loss)`: the final-normed hidden states
+    instead of the logits (PPO's critic puts its value head there).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None,
-                 write_cache: bool = True):
+                 write_cache: bool = True, hidden: bool = False):
         cfg = self.config
         B, T = input_ids_BT.shape
         embedding_VD = self.param("tok_embeddings", embedding_init(cfg),
@@ -573,6 +575,8 @@ class MiniMind(nn.Module):
             new_layer_caches = {"k": jnp.stack(ks), "v": jnp.stack(vs)} if ks else None
 
         h_BTD = _norm(cfg, "norm")(x_BTD)
+        if hidden:
+            return h_BTD, aux
         logits_BTV = jnp.dot(h_BTD, embedding_VD.astype(cfg.dtype).T,
                              preferred_element_type=jnp.float32)
         if cache is None:

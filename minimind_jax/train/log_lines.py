@@ -148,3 +148,15 @@ def minimind3_grpo_line(lr_after: Callable[[int], float]) -> Callable:
                 f"Learning Rate: {lr_after(record['update']):.8f}")
 
     return line
+
+
+def minimind3_ppo_line(epoch, epochs, batch, batches, record, epoch_seconds,
+                       batches_done) -> str:
+    """minimind-3's train_ppo.py line (1-based step; the LRs after the schedulers' steps)."""
+    del epoch_seconds, batches_done
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
+            f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
+            f"Approx KL: {record['approx_kl']:.4f}, ClipFrac: {record['clipfrac']:.4f}, "
+            f"Critic Loss: {record['critic_loss']:.4f}, "
+            f"Avg Response Len: {record['avg_response_len']:.2f}, "
+            f"Actor LR: {record['actor_lr']:.8f}, Critic LR: {record['critic_lr']:.8f}")

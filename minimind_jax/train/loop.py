@@ -57,7 +57,6 @@ def train_loop(run: Run):
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
     """
-    from minimind_jax.train import train_step
 
     state, (step, epoch, batch) = run.state, run.start
     batches, epochs = run.loader.batches_per_epoch, run.config.optim.epochs
@@ -74,7 +73,7 @@ def train_loop(run: Run):
                 info = {"step": step, "epoch": epoch, "batch": b}
                 if run.produce_fn is not None:  # a batch made from the current state
                     host_batch = run.produce_fn(state, host_batch, info)
-                state, metrics = run.step_fn(state, train_step.put_batch(host_batch, run.mesh))
+                state, metrics = run.step_fn(state, host_batch)
                 info["seq_len"] = host_batch["input_ids"].shape[1]
                 step += 1
                 if run.flush_fn is not None and b + 1 == batches:

@@ -82,7 +82,7 @@ class Run:
     loader: Any
     mesh: Any
     schedule: optim.Schedule
-    step_fn: Any
+    step_fn: Any  # (state, host batch) -> (state, metrics)
     flush_fn: Any  # minimind-3's end-of-epoch flush of a partial accumulation window, or None
     evaluator: Any  # evaluate.Evaluator or None
     manager: Any  # the orbax checkpoint manager
@@ -140,14 +140,15 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     opt = config.optim
     schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
                               opt.accumulation_steps, opt.warmup_iters, epoch_batches=batches)
-    optimizer = optim.make_optimizer(
+    optimizer = objective.optimizer or optim.make_optimizer(
         accumulation_steps=opt.accumulation_steps, grad_clip=opt.grad_clip,
         weight_decay=opt.weight_decay,
         epoch_batches=batches if config.recipe.epoch_windows else None)
     partition = stage.partition(model)
     abstract = train_step.abstract_train_state(model, optimizer, mesh,
                                                fsdp=config.distributed.fsdp,
-                                               partition=partition)
+                                               partition=partition,
+                                               params_like=objective.params_like)
     shardings = train_step.shardings_of(abstract)
     state, (epoch, batch), elapsed_before = _start_state(
         config, stage, model, source, run_dir, previous, abstract, optimizer, shardings,
@@ -162,11 +163,13 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
                     elapsed_before)
     stack.callback(log.close)
-    step_fn = train_step.make_train_step(model, optimizer, schedule, mesh, shardings,
-                                         partition, objective=objective.loss,
-                                         frozen=objective.frozen)
+    step_fn = (objective.make_step(mesh) if objective.make_step else
+               _lm_step(train_step.make_train_step(model, optimizer, schedule, mesh, shardings,
+                                                   partition, objective=objective.loss,
+                                                   frozen=objective.frozen), mesh))
     flush_fn = None
-    if config.recipe.flush_epoch_end and batches % opt.accumulation_steps != 0:
+    if (objective.make_step is None and config.recipe.flush_epoch_end
+            and batches % opt.accumulation_steps != 0):
         inner = optim.make_inner_optimizer(grad_clip=opt.grad_clip,
                                            weight_decay=opt.weight_decay)
         flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings,
@@ -177,6 +180,13 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                evaluator=evaluator, manager=manager, log=log,
                finish_fn=stage.finish(config, model, run_dir) if stage.finish else None,
                produce_fn=objective.produce)
+
+
+def _lm_step(step_fn, mesh):
+    """`(state, host batch) -> (state, metrics)`: this process's rows placed on the mesh."""
+    from minimind_jax.train import train_step
+
+    return lambda state, host_batch: step_fn(state, train_step.put_batch(host_batch, mesh))
 
 
 def _open_log(config: TrainConfig, stage: Stage, model: ModelConfig, objective: Objective,

@@ -29,11 +29,11 @@ import numpy as np
 
 from minimind_jax.data.prompts import PromptSource
 from minimind_jax.errors import UserError
-from minimind_jax.infer import rollout as rollouts
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.loss import token_cross_entropy
 from minimind_jax.train import log_lines
 from minimind_jax.train import rewards as reward_rules
+from minimind_jax.train.stages import rl
+from minimind_jax.train.stages.rl import annealed_lr, completion_logps, completion_mask
 from minimind_jax.train.stages.stage import (
     Objective,
     Stage,
@@ -42,10 +42,9 @@ from minimind_jax.train.stages.stage import (
 )
 
 LOSS_TYPES = ("cispo", "grpo")
-ENGINES = ("torch", "sglang")  # the script's choices; torch = our own sampler here
 ADV_EPS = 1e-4
-# the reference model's RoPE table (minimind-3's max_position_embeddings): prompt + completion
-MAX_POSITIONS = 32768
+__all__ = ["STAGE", "GrpoOptions", "advantages", "annealed_lr", "check_options",
+           "completion_mask", "grpo_loss_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,7 @@ class GrpoOptions:
     epsilon_high: float = 5.0  # CISPO's clamp
     max_gen_len: int = 1024
     thinking_ratio: float = 0.9
-    reward_model_path: str | None = "../../internlm2-1_8b-reward"  # the script's default
+    reward_model_path: str | None = rl.DEFAULT_REWARD_MODEL
     rollout_engine: str = "torch"
     replay: str | None = None  # a golden file's recorded output ids (tests, exact runs)
     script: tuple[str, ...] = ()  # canned completions
@@ -66,37 +65,13 @@ class GrpoOptions:
 
 def check_options(options: GrpoOptions, model: ModelConfig) -> None:
     """One clear error per bad setting, before anything is created."""
-    if options.rollout_engine == "sglang":
-        raise UserError("--rollout_engine sglang: this port samples with its own KV-cache "
-                        "decoder on the current weights; drop the flag (the --sglang_* flags "
-                        "are accepted and ignored)")
+    rl.check_rollout_options(options, model)
     if options.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}")
     if options.num_generations < 2:
         raise UserError(f"--num_generations {options.num_generations}: a group of one has "
                         "zero advantage on every step (its reward minus its own mean); use 2 "
                         "or more")
-    if options.max_gen_len < 1:
-        raise UserError(f"--max_gen_len must be >= 1, got {options.max_gen_len}")
-    if model.max_seq_len + options.max_gen_len > MAX_POSITIONS:
-        raise UserError(f"--max_seq_len {model.max_seq_len} + --max_gen_len "
-                        f"{options.max_gen_len} is past the {MAX_POSITIONS} positions of "
-                        "minimind-3's model; shorten the prompts or the completions")
-    if not 0.0 <= options.thinking_ratio <= 1.0:
-        raise UserError(f"--thinking_ratio must be in [0, 1], got {options.thinking_ratio}")
-
-
-def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
-    """log softmax(logits)[next id] at the completion's positions (float32)."""
-    logp_NL = -token_cross_entropy(logits_NLV[:, :-1], ids_NL[:, 1:])
-    return jnp.take_along_axis(logp_NL, logp_pos_NR, axis=1)
-
-
-def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR):
-    """(per-token log-probs of the completion under `params`, MoE aux): the script's masked
-    forward on prompt + completion."""
-    logits_NLV, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL)
-    return per_token_logps(logits_NLV, ids_NL, logp_pos_NR), aux
 
 
 def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
@@ -145,29 +120,9 @@ def advantages(rewards: np.ndarray, num_generations: int) -> np.ndarray:
             ).reshape(-1).astype(np.float32)
 
 
-def completion_mask(completion_ids: np.ndarray, eos_id: int) -> np.ndarray:
-    """1 up to and including each row's first EOS (all of a row without one), float32."""
-    is_eos = completion_ids == eos_id
-    width = completion_ids.shape[1]
-    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), width - 1)
-    return (np.arange(width)[None] <= first[:, None]).astype(np.float32)
-
-
-def _old_logps_fn(config: ModelConfig):
-    from minimind_jax.model.transformer import MiniMind
-
-    model = MiniMind(config)
-
-    @jax.jit
-    def old_logps(params, ids, seg, pos):
-        return completion_logps(model, params, ids, seg, pos)[0]
-
-    return old_logps
-
-
 def make_producer(context: StageContext, engine, reward_model, options: GrpoOptions):
     """(state, host batch of prompts, info) -> the step's batch (see the module docstring)."""
-    old_logps = _old_logps_fn(context.model)
+    old_logps = rl.old_logps_fn(context.model)
     tokenizer = context.tokenizer
     G = options.num_generations
 
@@ -179,44 +134,15 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
         texts = batch["prompt_text"][real]
         row_rewards = reward_rules.completion_rewards(texts, result.completions, G,
                                                       reward_model)
-        ids = result.output_ids
-        P, R = result.prompt_len, ids.shape[1] - result.prompt_len
-        seg = (ids != tokenizer.pad_id).astype(np.int32)
-        pos = np.broadcast_to(P - 1 + np.arange(R, dtype=np.int32), (len(ids), R)).copy()
-        old = np.asarray(old_logps(state.params, ids, seg, pos)) + np.float32(
-            options.old_logp_offset)
+        rows = rl.rollout_rows(result, tokenizer.pad_id)
+        old = np.asarray(old_logps(state.params, rows["input_ids"], rows["segment_ids"],
+                                   rows["logp_pos"])) + np.float32(options.old_logp_offset)
         done = completion_mask(result.completion_ids, tokenizer.eos_id)
-        return {"input_ids": ids, "segment_ids": seg, "logp_pos": pos, "old_logps": old,
+        return {**rows, "old_logps": old,
                 "advantages": advantages(row_rewards, G), "rewards": row_rewards,
                 "completion_mask": done, "loss_mask": done}
 
     return produce
-
-
-def recorded_outputs(path: str) -> list[np.ndarray]:
-    """The output ids a golden maker recorded per micro-step (`micro{i}/output_ids`)."""
-    try:
-        recorded = np.load(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--replay {path}: cannot read it ({err})") from None
-    steps = int(recorded["n_micro"]) if "n_micro" in recorded.files else 0
-    if not steps:
-        raise UserError(f"--replay {path}: no recorded rollouts (micro{{i}}/output_ids)")
-    return [recorded[f"micro{i}/output_ids"] for i in range(steps)]
-
-
-def _engine(context: StageContext, options: GrpoOptions):
-    if options.replay:
-        return rollouts.ReplayEngine(recorded_outputs(options.replay), context.tokenizer)
-    if options.script:
-        return rollouts.ScriptEngine(options.script, context.tokenizer)
-    return rollouts.SamplingEngine(context.model, context.tokenizer, context.config.seed)
-
-
-def annealed_lr(learning_rate: float, total_updates: int, updates_done: int) -> float:
-    """torch's CosineAnnealingLR(T_max=total_updates, eta_min=lr/10) after `updates_done`."""
-    return learning_rate / 10 + 0.9 * learning_rate * (
-        1 + math.cos(math.pi * updates_done / total_updates)) / 2
 
 
 def make_objective(context: StageContext) -> Objective:
@@ -231,7 +157,8 @@ def make_objective(context: StageContext) -> Objective:
     total_updates = math.ceil(batches / config.optim.accumulation_steps) * config.optim.epochs
     return Objective(
         loss=grpo_loss_fn(model, options), frozen=reference, rows=rows,
-        produce=make_producer(context, _engine(context, options), reward_model, options),
+        produce=make_producer(context, rl.engine(context, options, options.script),
+                              reward_model, options),
         line=log_lines.minimind3_grpo_line(
             lambda updates: annealed_lr(config.optim.learning_rate, total_updates, updates)),
         notes=(f"grpo: {len(rows):,} prompts x {options.num_generations} generations of up to "
@@ -252,35 +179,16 @@ def add_flags(parser) -> None:
     g.add_argument("--epsilon", type=float, default=defaults.epsilon, help="GRPO's clip")
     g.add_argument("--epsilon_high", type=float, default=defaults.epsilon_high,
                    help="CISPO's clamp of the ratio")
-    g.add_argument("--max_gen_len", type=int, default=defaults.max_gen_len,
-                   help="most new tokens per completion (--max_seq_len caps the prompt)")
-    g.add_argument("--thinking_ratio", type=float, default=defaults.thinking_ratio,
-                   help="share of prompts whose template opens thinking")
-    g.add_argument("--reward_model_path", default=defaults.reward_model_path,
-                   help="a Hugging Face reward model folder (get_score, e.g. "
-                        "internlm2-1_8b-reward; needs torch and transformers), or `none` for "
-                        "the rule rewards alone")
-    g.add_argument("--rollout_engine", choices=ENGINES, default=defaults.rollout_engine,
-                   help="torch: our own sampler on the current weights (sglang is refused)")
-    g.add_argument("--replay", default=None, metavar="NPZ",
-                   help="replay the rollouts recorded in a golden file (micro{i}/output_ids) "
-                        "instead of sampling: an exact comparison with the reference")
     g.add_argument("--old_logp_offset", type=float, default=0.0,
                    help="added to the old log-probs (checks the clip and clamp; keep 0)")
-    for flag in ("sglang_base_url", "sglang_model_path", "sglang_shared_path"):
-        g.add_argument(f"--{flag}", default=None, help="accepted; SGLang is not used")
-    g.add_argument("--debug_mode", action="store_true", help="accepted; see metrics.jsonl")
-    g.add_argument("--debug_interval", type=int, default=20, help="accepted")
+    rl.add_rollout_flags(g, defaults)
 
 
 def options_from_args(args) -> GrpoOptions:
     return GrpoOptions(num_generations=args.num_generations, beta=args.beta,
                        loss_type=args.loss_type, epsilon=args.epsilon,
-                       epsilon_high=args.epsilon_high, max_gen_len=args.max_gen_len,
-                       thinking_ratio=args.thinking_ratio,
-                       reward_model_path=args.reward_model_path,
-                       rollout_engine=args.rollout_engine, replay=args.replay,
-                       old_logp_offset=args.old_logp_offset)
+                       epsilon_high=args.epsilon_high, old_logp_offset=args.old_logp_offset,
+                       **rl.rollout_options(args))
 
 
 STAGE = Stage(

@@ -48,6 +48,14 @@ class Objective:
     # from the current train state (rollouts); called after the previous step has run. None:
     # the loader's batches as they are.
     produce: Callable | None = None
+    # A stage that trains more than one model or updates more than once per batch (PPO):
+    # `params_like()` -> a params tree of the train state's shapes (default: the model's),
+    # `optimizer` whose `init(params)` makes the state's opt_state (default: AdamW inside
+    # MultiSteps), and `make_step(mesh)` -> its own step `(state, host batch) -> (state,
+    # metrics)` with the metrics of train_step.make_train_step (default: that step).
+    params_like: Callable | None = None
+    optimizer: Any = None
+    make_step: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +187,11 @@ def with_torch_or_npz(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def weights_file_at_end(config, model: ModelConfig, run_dir: pathlib.Path):
-    """A `finish` hook: the final weights as the reference's script saves them, in the run
-    folder: {run_prefix}_{dim}[_moe].pth, float16 where its generation saves float16."""
+def weights_file_at_end(config, model: ModelConfig, run_dir: pathlib.Path,
+                        params_of: Callable = lambda state: state.params):
+    """A `finish` hook: the final weights (`params_of(state)`) as the reference's script saves
+    them, in the run folder: {run_prefix}_{dim}[_moe].pth, float16 where its generation saves
+    float16."""
     import jax
     import numpy as np
 
@@ -192,7 +202,7 @@ def weights_file_at_end(config, model: ModelConfig, run_dir: pathlib.Path):
     half = generation_of(model).float16_files
 
     def write(state):
-        params = jax.tree.map(on_host, state.params)  # every process takes part
+        params = jax.tree.map(on_host, params_of(state))  # every process takes part
         if not distributed.is_main_process():
             return
         state_dict = weights.state_dict_from_params(params, model)
