@@ -127,3 +127,33 @@ def test_resume_mid_run_replays_the_same_run(tmp_path, monkeypatch):
     again, _ = saved_params(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_completion_log_probs_in_chunks_are_the_full_log_softmax():
+    """The chunked log-probs (never the whole [N, L, V] at once) and their gradient equal a
+    log_softmax over the full logits, whatever the chunk."""
+    from minimind_jax.model.transformer import MiniMind, init_params
+    from minimind_jax.train.stages import rl
+
+    config = arch_defaults("minimind3").replace(dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                                vocab_size=300, dtype="float32")
+    model, params = MiniMind(config), init_params(config, 0)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 300, (3, 20)), jnp.int32)
+    seg = jnp.ones_like(ids).at[0, :3].set(0)
+    pos = jnp.broadcast_to(jnp.arange(8, 19), (3, 11))
+
+    def full(params):
+        logits, _ = model.apply({"params": params}, ids, segment_ids=seg)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return jnp.take_along_axis(jnp.take_along_axis(logp, ids[:, 1:, None], 2)[..., 0],
+                                   pos, 1)
+
+    expected, expected_grad = full(params), jax.grad(lambda p: full(p).sum())(params)
+    for chunk in (256, 11, 4, 3):
+        got = rl.completion_logps(model, params, ids, seg, pos, chunk=chunk)[0]
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+        grad = jax.grad(lambda p, c=chunk: rl.completion_logps(model, p, ids, seg, pos,
+                                                               chunk=c)[0].sum())(params)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-6)

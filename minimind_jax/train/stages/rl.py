@@ -66,17 +66,35 @@ def rollout_options(args) -> dict:
                 replay=args.replay)
 
 
-def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
-    """log softmax(logits)[next id] at the completion's positions (float32)."""
-    logp_NL = -token_cross_entropy(logits_NLV[:, :-1], ids_NL[:, 1:])
-    return jnp.take_along_axis(logp_NL, logp_pos_NR, axis=1)
+# completion positions whose logits exist at once: the scripts' log_softmax over the whole
+# [N, L, V] (SPEC_RL 10: out of memory on 8-24 GB cards) becomes chunks of [N, C, V], also in
+# the backward pass (each chunk is recomputed there)
+LOGP_CHUNK = 256
 
 
-def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR):
+def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR, chunk: int = LOGP_CHUNK):
     """(per-token log-probs of the completion under `params`, MoE aux): the scripts' masked
-    forward on prompt + completion."""
-    logits_NLV, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL)
-    return per_token_logps(logits_NLV, ids_NL, logp_pos_NR), aux
+    forward on prompt + completion, log softmax(logits)[next id] in float32 at the completion's
+    positions only, `chunk` positions at a time."""
+    h_NLD, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL, hidden=True)
+    N, R = logp_pos_NR.shape
+    n_chunks = -(-R // chunk) if R > chunk else 1
+    width = -(-R // n_chunks)
+    pos_NR = jnp.pad(logp_pos_NR, ((0, 0), (0, n_chunks * width - R)), mode="edge")
+    h_NRD = jnp.take_along_axis(h_NLD, pos_NR[..., None], axis=1)
+    next_NR = jnp.take_along_axis(ids_NL, pos_NR + 1, axis=1)
+    embedding_VD = params["tok_embeddings"].astype(model.config.dtype)
+
+    @jax.checkpoint
+    def logps(h_NCD, next_NC):
+        logits_NCV = jnp.dot(h_NCD, embedding_VD.T, preferred_element_type=jnp.float32)
+        return -token_cross_entropy(logits_NCV, next_NC)
+
+    if n_chunks == 1:
+        return logps(h_NRD, next_NR)[:, :R], aux
+    split = lambda x: jnp.moveaxis(x.reshape(N, n_chunks, width, *x.shape[2:]), 1, 0)  # noqa: E731
+    logp_KNC = jax.lax.map(lambda args: logps(*args), (split(h_NRD), split(next_NR)))
+    return jnp.moveaxis(logp_KNC, 0, 1).reshape(N, n_chunks * width)[:, :R], aux
 
 
 def old_logps_fn(config: ModelConfig):
