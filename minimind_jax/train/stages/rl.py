@@ -78,7 +78,7 @@ def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR, chunk: int 
     positions only, `chunk` positions at a time."""
     h_NLD, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL, hidden=True)
     N, R = logp_pos_NR.shape
-    n_chunks = -(-R // chunk) if R > chunk else 1
+    n_chunks = -(-R // chunk) if chunk < R else 1
     width = -(-R // n_chunks)
     pos_NR = jnp.pad(logp_pos_NR, ((0, 0), (0, n_chunks * width - R)), mode="edge")
     h_NRD = jnp.take_along_axis(h_NLD, pos_NR[..., None], axis=1)
