@@ -41,8 +41,8 @@ LOGGED = {"reward": "log/reward_val", "kl_ref": "log/kl_ref_val",
 # g / (|g| + 1e-8), so elements whose clipped gradient is ~1e-8 move by up to lr times a
 # fraction that float32 noise decides (8.7e-6 after one critic update at lr 1e-3); torch's own
 # clip_grad_norm_ is 5.1e-5 off the float64 norm of its gradients (2.40999985 for 2.41012368).
-BOUND = dict(loss=8e-5, parts=1.6e-4, logged=1.6e-4, grad_norm=2.6e-4, weights=5e-5, value_head=3e-7,
-             ulps=24.0, gradient=7e-7)
+BOUND = dict(loss=8e-5, parts=1.6e-4, logged=1.6e-4, grad_norm=2.6e-4, weights=5e-5,
+             value_head=3e-7, ulps=24.0, gradient=7e-7)
 
 
 def _recording(monkeypatch) -> dict:
