@@ -484,6 +484,7 @@ def child_ours(args, argv: list[str]) -> None:
     from minimind_jax.infer import rollout as rollout_mod
     from minimind_jax.train import train_step
     from minimind_jax.train.stages import grpo as grpo_mod
+    from minimind_jax.train.stages import rl as rl_mod
 
     compile_s = [0.0, 0]  # seconds, backend compiles
 
@@ -497,7 +498,7 @@ def child_ours(args, argv: list[str]) -> None:
 
     orig_sample = rollout_mod._sample
     orig_engine_rollout = rollout_mod.SamplingEngine.rollout
-    orig_old_logps_fn = grpo_mod._old_logps_fn
+    orig_old_logps_fn = rl_mod.old_logps_fn
     orig_make_producer = grpo_mod.make_producer
     orig_make_train_step = train_step.make_train_step
 
@@ -571,7 +572,7 @@ def child_ours(args, argv: list[str]) -> None:
 
     rollout_mod._sample = sample
     rollout_mod.SamplingEngine.rollout = engine_rollout
-    grpo_mod._old_logps_fn = old_logps_fn
+    rl_mod.old_logps_fn = old_logps_fn
     grpo_mod.make_producer = make_producer
     train_step.make_train_step = make_train_step
     sys.argv = ["minimind-jax", "grpo"] + [a for a in argv if a != "--"] + [

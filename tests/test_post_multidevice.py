@@ -1,7 +1,7 @@
 """dpo and distill on 2 host CPU devices train like on 1: a batch of 3 pairs / rows is padded
 to 4 on 2 devices (a zero pair / row without targets), and the losses are those of the real
 pairs / supervised tokens of the whole batch; with the trained params sharded (--fsdp) too
-(the frozen reference model / teacher stays replicated)."""
+(and then the frozen reference model / teacher is sharded the same way)."""
 
 import subprocess
 
@@ -55,6 +55,8 @@ def test_two_devices_match_one_device(tmp_path, command, layout):
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "2 device(s)" in child.stdout
+    assert ("frozen model (reference / teacher): sharded over the devices like the params"
+            in child.stdout) == bool(layout)
     one, two = (metrics(tmp_path / name / run_name) for name in ("one", "two"))
     assert len(one) == len(two) == 5
     keys = [k for k in ("loss", "dpo_loss", "reward_margin", "ce", "distill") if k in one[0]]

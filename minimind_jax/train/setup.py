@@ -88,6 +88,7 @@ class Run:
     manager: Any  # the orbax checkpoint manager
     log: RunLog
     finish_fn: Any = None  # (final state) -> None, on every process: lora writes its adapters
+    save_fn: Any = None  # (state) -> None after each --save_interval checkpoint, or None
     # (state, host batch, info) -> host batch: the stage's batch producer, or None
     produce_fn: Any = None
 
@@ -158,7 +159,8 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     start_step = int(train_step.to_host(state.step))
     if distributed.is_main_process():
         run_folder.write_run_files(run_dir, model, config, tokenizer_dir)
-    _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps)
+    _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps,
+              objective)
 
     log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
                     elapsed_before)
@@ -166,7 +168,8 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     step_fn = (objective.make_step(mesh) if objective.make_step else
                _lm_step(train_step.make_train_step(model, optimizer, schedule, mesh, shardings,
                                                    partition, objective=objective.loss,
-                                                   frozen=objective.frozen), mesh))
+                                                   frozen=objective.frozen,
+                                                   fsdp=config.distributed.fsdp), mesh))
     flush_fn = None
     if (objective.make_step is None and config.recipe.flush_epoch_end
             and batches % opt.accumulation_steps != 0):
@@ -174,11 +177,12 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
                                            weight_decay=opt.weight_decay)
         flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings,
                                               partition)
+    finish_fn = stage.finish(config, model, run_dir) if stage.finish else None
     return Run(config=config, stage=stage, model=model, run_dir=run_dir, state=state,
                start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
                mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
                evaluator=evaluator, manager=manager, log=log,
-               finish_fn=stage.finish(config, model, run_dir) if stage.finish else None,
+               finish_fn=finish_fn, save_fn=finish_fn if stage.finish_at_saves else None,
                produce_fn=objective.produce)
 
 
@@ -284,7 +288,8 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
 
 
 def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh, data,
-              run_dir: pathlib.Path, batches: int, total_steps: int) -> None:
+              run_dir: pathlib.Path, batches: int, total_steps: int,
+              objective: Objective) -> None:
     """The run's opening lines: model size, devices, layout, host memory, schedule, rows."""
     from minimind_jax.model.transformer import count_params
 
@@ -294,6 +299,10 @@ def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh
          f"device(s) {jax.devices()[0].platform} in {jax.process_count()} process(es); "
          f"dtype {model.dtype}; run folder {run_dir}")
     say(_layout_line(state, config.distributed.fsdp, mesh.devices.size))
+    if objective.frozen is not None:
+        say("frozen model (reference / teacher): " + (
+            "sharded over the devices like the params (fsdp)" if config.distributed.fsdp
+            else "replicated on every device"))
     say(host_memory.describe())
     if cache_dir := jax.config.jax_compilation_cache_dir:
         say(f"compilation cache: {cache_dir} (reruns of these shapes skip most compiling)")

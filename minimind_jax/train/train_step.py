@@ -257,7 +257,8 @@ def lm_objective(config: ModelConfig) -> Callable:
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], mesh: Mesh,
                     shardings=None, partition=None, *, objective: Callable | None = None,
-                    frozen=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    frozen=None, fsdp: bool = False
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step; the incoming state's buffers are donated.
 
     One micro-batch: loss = masked mean CE + MoE aux; gradients go into the MultiSteps
@@ -271,7 +272,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     (value to differentiate, metrics)`, the metrics holding at least `loss` (what the
     non-finite guard checks and the log shows) and `aux`; its other metrics come back under
     `parts`. `frozen` is a second params tree the objective reads but never trains (DPO's
-    reference model, distillation's teacher): placed replicated once, passed to every step.
+    reference model, distillation's teacher): placed once, replicated, or with `fsdp` split
+    over "data" by the params' rule (`fsdp_spec`), and passed to every step.
 
     The state is laid out as `shardings` (a TrainState of NamedShardings from
     `state_shardings`, e.g. with `fsdp=True`), replicated on every device without it; the
@@ -290,9 +292,9 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
         def value(trained):
             params = trained if partition is None else partition.join(trained, base)
-            params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: whole,
-                                                                           params))
-            return objective(params, batch, frozen)
+            params, frozen_whole = jax.lax.with_sharding_constraint(
+                (params, frozen), jax.tree.map(lambda _: whole, (params, frozen)))
+            return objective(params, batch, frozen_whole)
 
         (_, parts), grads = jax.value_and_grad(value, has_aux=True)(
             _trained(state.params, partition))
@@ -306,11 +308,13 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     # A single sharding stands for every leaf of the state (a pytree prefix).
     state_layout = whole if shardings is None else shardings
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    jitted = jax.jit(step, in_shardings=(state_layout, batch_sharding, whole),
+    frozen_layout = (whole if frozen is None
+                     else state_shardings(frozen, mesh, fsdp=fsdp))
+    jitted = jax.jit(step, in_shardings=(state_layout, batch_sharding, frozen_layout),
                      out_shardings=(state_layout, whole), donate_argnums=0)
     if frozen is None:
         return lambda state, batch: jitted(state, batch, None)
-    frozen = put_replicated(frozen, mesh)
+    frozen = place(frozen, frozen_layout)
     return lambda state, batch: jitted(state, batch, frozen)
 
 

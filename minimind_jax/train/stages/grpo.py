@@ -220,4 +220,5 @@ STAGE = Stage(
     add_flags=add_flags,
     options_from_args=options_from_args,
     finish=weights_file_at_end,
+    finish_at_saves=True,
 )

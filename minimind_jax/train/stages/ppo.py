@@ -533,4 +533,5 @@ STAGE = Stage(
     add_flags=add_flags,
     options_from_args=options_from_args,
     finish=functools.partial(weights_file_at_end, params_of=lambda state: state.params["actor"]),
+    finish_at_saves=True,
 )

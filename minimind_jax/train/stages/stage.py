@@ -110,6 +110,7 @@ class Stage:
     # (config, stage, source, model, warn) -> (params, origin); None: `start_params`
     initial_params: Callable | None = None
     finish: Callable | None = None  # (config, model, run_dir) -> (final state) -> None
+    finish_at_saves: bool = False  # `finish` also runs at each --save_interval checkpoint
     add_flags: Callable | None = None  # (parser) -> None: the stage's own flags
     options_from_args: Callable | None = None  # (args) -> options
     # (args) -> lines: maps the reference script's own flags onto ours, before the config
