@@ -37,7 +37,7 @@ from minimind_jax.train import optim
 DATA_AXIS = "data"
 # what a step reads of a host batch (the RL stages' producers add the rest)
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids", "logp_pos",
-              "old_logps", "advantages", "rewards", "completion_mask")
+              "old_logps", "advantages", "rewards", "completion_mask", "row_mask")
 
 
 @struct.dataclass

@@ -96,15 +96,19 @@ def grpo_loss_fn(config: ModelConfig, options: GrpoOptions):
             gain = jnp.minimum(ratio * adv, clipped * adv)
         per_token = -(gain - options.beta * kl)
         lengths = mask.sum(axis=1)
-        policy_loss = jnp.mean((per_token * mask).sum(axis=1) / jnp.maximum(lengths, 1))
+        real = batch["row_mask"]  # 0: a row that only pads N to the devices' multiple
+        n = real.sum()
+        mean = lambda x_N: jnp.sum(x_N * real) / n  # noqa: E731
+        policy_loss = mean((per_token * mask).sum(axis=1) / jnp.maximum(lengths, 1))
         loss = policy_loss + aux
-        n = adv.shape[0]
+        adv_mean = mean(adv[:, 0])
         return loss, {
-            "loss": loss, "aux": aux, "reward": jnp.mean(batch["rewards"]),
+            "loss": loss, "aux": aux, "reward": mean(batch["rewards"]),
             "kl_ref": jnp.sum(delta * mask) / jnp.maximum(jnp.sum(mask), 1),
-            "advantages_mean": jnp.mean(adv),
-            "advantages_std": jnp.std(adv) * jnp.sqrt(n / max(n - 1, 1)),
-            "avg_response_len": jnp.mean(lengths),
+            "advantages_mean": adv_mean,
+            "advantages_std": jnp.sqrt(jnp.sum((adv[:, 0] - adv_mean) ** 2 * real)
+                                       / jnp.maximum(n - 1, 1)),
+            "avg_response_len": mean(lengths),
             "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
         }
 
@@ -138,11 +142,25 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
         old = np.asarray(old_logps(state.params, rows["input_ids"], rows["segment_ids"],
                                    rows["logp_pos"])) + np.float32(options.old_logp_offset)
         done = completion_mask(result.completion_ids, tokenizer.eos_id)
-        return {**rows, "old_logps": old,
-                "advantages": advantages(row_rewards, G), "rewards": row_rewards,
-                "completion_mask": done, "loss_mask": done}
+        return padded_rows({**rows, "old_logps": old,
+                            "advantages": advantages(row_rewards, G), "rewards": row_rewards,
+                            "completion_mask": done, "loss_mask": done,
+                            "row_mask": np.ones(len(done), np.float32)},
+                           jax.local_device_count())
 
     return produce
+
+
+def padded_rows(batch: dict, multiple: int) -> dict:
+    """`batch` with rows of zeros (no tokens, no mask, `row_mask` 0) up to a multiple of
+    `multiple` rows (the devices the batch is split over); positions repeat the last row's."""
+    n = len(batch["row_mask"])
+    extra = -n % multiple
+    if not extra:
+        return batch
+    return {k: np.concatenate([v, np.repeat(v[-1:], extra, 0) if k == "logp_pos"
+                               else np.zeros((extra, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
 
 
 def make_objective(context: StageContext) -> Objective:
