@@ -12,6 +12,7 @@ from minimind_jax import cli
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import arch_defaults
 from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
+from minimind_jax.model.weights import load_weights
 from minimind_jax.train.stages import ppo
 from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, metrics
 
@@ -126,6 +127,10 @@ def test_resume_mid_run_replays_the_same_run(tmp_path, monkeypatch):
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
     again, _ = saved_params(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the run folder loads as its actor (generate, eval, convert, --init_from)
+    actor, _, _ = load_weights(run_dir)
+    for a, b in zip(jax.tree.leaves(actor), jax.tree.leaves(again["actor"]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -203,6 +203,12 @@ def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None 
             config = ModelConfig.from_dict(meta["model_config"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"unreadable model config in meta: {err}") from None
+        if path := meta.get("lm_params_at"):  # e.g. PPO's {"actor": LM, "critic": ...}
+            params = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore()))["params"]
+            for key in path:
+                params = params[key]
+            return jax.device_put(params, device), config
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
             jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))

@@ -132,6 +132,7 @@ def save_checkpoint(run: Run, state, position: tuple[int, int]) -> int:
     asynchronously)."""
     return checkpoint.save(run.manager, state, epoch=position[0], batch=position[1],
                            config=run.model, stage=run.stage.name,
+                           lm_params_at=list(run.stage.lm_params_at),
                            rows=rows_layout(run.config.data), elapsed_s=run.log.elapsed())
 
 

@@ -534,4 +534,5 @@ STAGE = Stage(
     options_from_args=options_from_args,
     finish=functools.partial(weights_file_at_end, params_of=lambda state: state.params["actor"]),
     finish_at_saves=True,
+    lm_params_at=("actor",),
 )

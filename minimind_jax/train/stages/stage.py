@@ -111,6 +111,9 @@ class Stage:
     initial_params: Callable | None = None
     finish: Callable | None = None  # (config, model, run_dir) -> (final state) -> None
     finish_at_saves: bool = False  # `finish` also runs at each --save_interval checkpoint
+    # where the LM's params sit in the train state's params (PPO: ("actor",)); recorded in
+    # each checkpoint, so generate, eval, convert and --init_from load that model
+    lm_params_at: tuple[str, ...] = ()
     add_flags: Callable | None = None  # (parser) -> None: the stage's own flags
     options_from_args: Callable | None = None  # (args) -> options
     # (args) -> lines: maps the reference script's own flags onto ours, before the config
