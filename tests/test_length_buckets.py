@@ -1,0 +1,76 @@
+"""Length buckets (data.batches): a batch cut to its bucket width gives the full-width batch's
+loss (DPO pairs and SFT rows, tiny model), and an epoch feeds no more widths than buckets."""
+
+import jax
+import numpy as np
+import pytest
+
+from minimind_jax.data.batches import Loader, bucket_width, bucket_widths, supervised_extent
+from minimind_jax.data.pairs import PairSource
+from minimind_jax.data.rows import open_source
+from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.model.loss import masked_cross_entropy
+from minimind_jax.model.transformer import MiniMind, init_params
+from minimind_jax.train.dpo import dpo_loss_fn
+from tests.helpers import FIXTURES, SFT_JSONL, TINY_CONFIG, TOKENIZER_DIR
+
+WIDTH = 256
+CONFIG = TINY_CONFIG.replace(max_seq_len=WIDTH)
+
+
+def test_bucket_widths():
+    assert bucket_widths(511, 4) == [64, 128, 256, 511]
+    assert bucket_widths(340, 4) == [48, 96, 176, 340]
+    assert bucket_widths(8, 4) == [8]
+    assert bucket_width(511, 4, 0) == 64 and bucket_width(511, 4, 129) == 256
+    mask = np.zeros((2, 2, 10))
+    mask[1, 0, 6] = 1
+    assert supervised_extent(mask) == 7 and supervised_extent(mask[:1]) == 0
+
+
+def _epochs(source, buckets: int):
+    """(full-width batches, cut batches) of one epoch, batch 4, the same order."""
+    def loader(n):
+        return Loader(source, 4, seed=3, prefetch=0, length_buckets=n)
+    return list(loader(0).epoch(0)), list(loader(buckets).epoch(0))
+
+
+def _check_cut(full, cut, buckets: int) -> None:
+    widths = {b["input_ids"].shape[-1] for b in cut}
+    assert len(widths) <= buckets and min(widths) < WIDTH - 1  # some padding was cut
+    for f, c in zip(full, cut, strict=True):
+        width = c["input_ids"].shape[-1]
+        assert not f["loss_mask"][..., width:].any()  # only unsupervised columns were cut
+        for key in f:
+            np.testing.assert_array_equal(f[key][..., :width], c[key])
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_dpo_loss_same_when_cut(average):
+    source = PairSource(FIXTURES / "post" / "dpo_pairs.jsonl", load_tokenizer(TOKENIZER_DIR),
+                        WIDTH, log=lambda m: None)
+    full, cut = _epochs(source, 4)
+    _check_cut(full, cut, 4)
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    reference = init_params(CONFIG, jax.random.PRNGKey(1))
+    loss = jax.jit(dpo_loss_fn(CONFIG, 0.1, average=average, with_aux=False))
+    for f, c in zip(full, cut, strict=True):
+        (want, _), (got, _) = loss(params, f, reference), loss(params, c, reference)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_same_when_cut(tmp_path):
+    source = open_source(SFT_JSONL, TOKENIZER_DIR, "sft", WIDTH, cache_dir=tmp_path,
+                         log=lambda m: None)
+    full, cut = _epochs(source, 3)
+    _check_cut(full, cut, 3)
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    model = MiniMind(CONFIG)
+
+    @jax.jit
+    def loss(batch):
+        logits, _ = model.apply({"params": params}, batch["input_ids"])
+        return masked_cross_entropy(logits, batch["labels"], batch["loss_mask"])
+
+    for f, c in zip(full, cut, strict=True):
+        np.testing.assert_allclose(loss(c), loss(f), rtol=1e-5, atol=1e-6)
