@@ -12,7 +12,15 @@ from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind, init_params
 from minimind_jax.train.dpo import dpo_loss_fn
-from tests.helpers import FIXTURES, SFT_JSONL, TINY_CONFIG, TOKENIZER_DIR
+from tests.helpers import (
+    FIXTURES,
+    SFT_JSONL,
+    TINY_CONFIG,
+    TINY_FLAGS,
+    TOKENIZER_DIR,
+    metrics,
+    run_command,
+)
 
 WIDTH = 256
 CONFIG = TINY_CONFIG.replace(max_seq_len=WIDTH)
@@ -74,3 +82,22 @@ def test_sft_loss_same_when_cut(tmp_path):
 
     for f, c in zip(full, cut, strict=True):
         np.testing.assert_allclose(loss(c), loss(f), rtol=1e-5, atol=1e-6)
+
+
+def _dpo_run(tmp_path, buckets: int) -> tuple[list[dict], str]:
+    out = tmp_path / f"b{buckets}"
+    printed = run_command(["dpo", "--data_path", str(FIXTURES / "post" / "dpo_pairs.jsonl"),
+                           "--tokenizer", str(TOKENIZER_DIR), "--out_dir", str(out),
+                           "--init_from", "none", *TINY_FLAGS, "--max_seq_len", str(WIDTH),
+                           "--batch_size", "4", "--epochs", "1", "--learning_rate", "1e-3",
+                           "--log_interval", "1", "--length_buckets", str(buckets)])
+    return metrics(next(out.glob("rlhf_*"))), printed
+
+
+def test_dpo_run_same_when_cut(tmp_path):
+    """Whole train steps (gradients, updates) on cut batches follow the full-width run."""
+    (full, _), (cut, printed) = _dpo_run(tmp_path, 0), _dpo_run(tmp_path, 4)
+    assert "cut to widths 32/64/128/255 per batch" in printed
+    for key in ("loss", "grad_norm", "reward_margin"):
+        np.testing.assert_allclose([r[key] for r in cut], [r[key] for r in full],
+                                   rtol=1e-4, atol=1e-6, err_msg=key)

@@ -11,6 +11,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 
 from minimind_jax.data.batches import Loader, bucket_widths
 from minimind_jax.data.rows import open_source
@@ -381,9 +382,10 @@ def _rows_line(loader, data_config: DataConfig) -> str:
     else:
         line = f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
     if loader.length_buckets and hasattr(data, "row_lengths"):
-        widths = "/".join(map(str, bucket_widths(data.max_seq_len, loader.length_buckets)))
+        width = data.get_batch(np.arange(1))["loss_mask"].shape[-1]  # max_seq_len (- 1)
+        widths = "/".join(map(str, bucket_widths(width, loader.length_buckets)))
         line += (f"; cut to widths {widths} per batch: about "
-                 f"{loader.bucketed_fill(data.row_lengths, data.max_seq_len):.1%}")
+                 f"{loader.bucketed_fill(data.row_lengths, width):.1%}")
     return line
 
 
