@@ -95,10 +95,9 @@ def main() -> None:
 
     import jax
 
-    from minimind_jax.cli.model_args import resolve_dtype
     from minimind_jax.data.batches import Loader
     from minimind_jax.data.rows import open_source
-    from minimind_jax.model.config import ModelConfig, preset
+    from minimind_jax.model.config import ModelConfig, preset, resolve_dtype
     from minimind_jax.model.transformer import init_params
     from minimind_jax.train import optim, train_step
 

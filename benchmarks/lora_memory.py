@@ -22,7 +22,7 @@ import jax
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import preset
 from minimind_jax.train import optim, train_step
-from minimind_jax.train.lora_stage import DEFAULT_RANK
+from minimind_jax.train.stages.lora import DEFAULT_RANK
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 

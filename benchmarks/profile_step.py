@@ -24,7 +24,7 @@ import jax
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from minimind_jax.cli.model_args import add_model_args, model_config_from_args  # noqa: E402
+from minimind_jax.model.flags import add_model_args, model_config_from_args  # noqa: E402
 from minimind_jax.tools.bench import jax_stepper, synthetic_batch  # noqa: E402
 
 KINDS = [  # first match wins, on the lower-cased kernel name

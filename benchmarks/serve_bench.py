@@ -85,8 +85,12 @@ import tarfile
 import tempfile
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from minimind_jax.serve.serve_config import ServeConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -487,6 +491,9 @@ def probe_ttft(url: str, background: dict, probe: dict, n_background: int,
 
 # ------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
+    from minimind_jax.infer.infer_config import field_flag
+    from minimind_jax.serve.serve_config import EngineConfig, ServeSettings
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="minimind2-small",
@@ -501,12 +508,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the first ones of the same prompts)")
     parser.add_argument("--max_tokens", type=int, default=64,
                         help="tokens every reply generates (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.85,
-                        help="sampling temperature, both servers (default %(default)s)")
-    parser.add_argument("--top_p", type=float, default=0.85,
-                        help="nucleus sampling, both servers (default %(default)s)")
-    parser.add_argument("--max_batch", type=int, default=32,
-                        help="ours: completions decoded together (default %(default)s)")
+    field_flag(parser, ServeSettings, "temperature",
+               "sampling temperature, both servers (default %(default)s, serve's)")
+    field_flag(parser, ServeSettings, "top_p",
+               "nucleus sampling, both servers (default %(default)s, serve's)")
+    field_flag(parser, EngineConfig, "max_batch",
+               "ours: completions decoded together (default %(default)s)", default=32)
     parser.add_argument("--dtype", default="float32",
                         help="ours: compute dtype (default %(default)s; the reference runs "
                              "float32)")
@@ -543,8 +550,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--concurrency, --requests and --max_tokens must be >= 1")
     if args.reference_requests is not None and args.reference_requests < 1:
         parser.error("--reference_requests must be >= 1")
-    if args.logit_offset <= 0 or args.max_batch < 1:
-        parser.error("--logit_offset and --max_batch must be > 0")
+    if args.logit_offset <= 0:
+        parser.error("--logit_offset must be > 0")
     return args
 
 
@@ -593,7 +600,7 @@ def run(args) -> None:
         raise BenchError("a templated prompt ends on a non-clean token; the EOS trick needs a "
                          "clean one")
     longest = max(map(len, prompt_ids))
-    context = max(1024, longest + n + 1)
+    ours = our_config(args, longest + n + 1)
     print(f"{args.preset}: {count_params(params):,} params, ours {config.dtype}, "
           f"{os.cpu_count()} CPUs, {n} generated tokens per request (prompts "
           f"{min(map(len, prompt_ids))}-{longest} tokens), temperature {args.temperature}, "
@@ -610,7 +617,7 @@ def run(args) -> None:
         ref_url = None
         if with_reference:
             ref_url = start_reference(args, config, params, ref_argv, stack)
-        engine, our_url = start_ours(args, config, params, tokenizer, context, stack)
+        engine, our_url = start_ours(ours, config, params, tokenizer, stack)
         rows, ours_ok, ref_ok = [], 0, 0
         for concurrency in args.concurrency:
             if ref_url:
@@ -727,21 +734,30 @@ def start_reference(args, config, params, argv: list[str], stack: contextlib.Exi
     return stack.enter_context(ReferenceServer(args.reference_python, checkout, argv, log))
 
 
-def start_ours(args, config, params, tokenizer, context: int, stack: contextlib.ExitStack):
-    """Our engine and app, uvicorn in a thread (stopped by `stack`); (engine, base URL)."""
-    from minimind_jax.serve.app import ServeSettings, build_app
-    from minimind_jax.serve.command import running_server
-    from minimind_jax.serve.engine import BatchEngine, EngineConfig
+def our_config(args, context: int) -> ServeConfig:
+    """Our server's config (its bounds checked): `serve`'s defaults but for the model's name,
+    --max_batch, a queue that holds a level's requests, a context of at least `context`
+    tokens, a max_tokens cap that admits --max_tokens, and the sampling of both servers."""
+    from minimind_jax.infer.infer_config import field_default
+    from minimind_jax.serve.serve_config import EngineConfig, ServeConfig, ServeSettings
 
-    engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
-                         EngineConfig(max_batch=args.max_batch,
-                                      max_queue=max(4 * args.max_batch, args.requests),
-                                      max_context=context))
+    engine = EngineConfig(max_batch=args.max_batch,
+                          max_queue=max(4 * args.max_batch, args.requests),
+                          max_context=max(field_default(EngineConfig, "max_context"), context))
+    cap = max(field_default(ServeSettings, "max_tokens_cap"), args.max_tokens)
+    return ServeConfig(engine=engine, settings=ServeSettings(
+        model_name=args.preset, max_tokens_cap=cap, temperature=args.temperature,
+        top_p=args.top_p))
+
+
+def start_ours(ours: ServeConfig, config, params, tokenizer, stack: contextlib.ExitStack):
+    """Our engine and app as `serve` builds them from `ours`, uvicorn in a thread (stopped by
+    `stack`); (engine, base URL)."""
+    from minimind_jax.serve.command import running_server, serve_model
+
+    app, engine = serve_model(ours, params, config, tokenizer)
     stack.callback(engine.stop)
-    settings = ServeSettings(model_name=args.preset, max_tokens_cap=max(512, args.max_tokens),
-                             max_context=context, temperature=args.temperature,
-                             top_p=args.top_p)
-    url = stack.enter_context(running_server(build_app(engine, tokenizer, settings)))
+    url = stack.enter_context(running_server(app))
     return engine, url
 
 

@@ -4,9 +4,11 @@ timing does not depend on them).
 
     python benchmarks/warm_up_bench.py --preset minimind2-small
 
-Each mode runs in a fresh process (compiled programs live per process): `cold` serves at once;
-`warm` warms up first with an empty compilation cache folder (filling it, as a first `serve`
-start does); `warm_again` warms up from that folder (a later start). The same ramp of requests
+Each mode runs in a fresh process (compiled programs live per process): `cold` serves at once
+(`serve --no_warm_up`); `warm` warms up first with an empty compilation cache folder (filling
+it); `warm_again` warms up from that folder (a later start); `background` starts the warm-up
+behind the serving with an empty cache folder and sends the requests at once (a first `serve`
+start: its warm-up figure is when the warm-up ended). The same ramp of requests
 follows: one request, then 1, 2 and 4 more, each wave once the first has `--every` more tokens,
 so the decode batch grows through 1, 2, 4 and 8 rows and the cache through its length buckets.
 Figures: the warm-up's time and programs, the first request's longest gap between two tokens,
@@ -40,10 +42,15 @@ def one_mode(args) -> dict:
     engine = BatchEngine(params, config, eos_id=-1, pad_id=0,
                          config=EngineConfig(max_batch=8, max_context=args.max_context))
     result = {"mode": args.mode}
-    if args.mode != "cold":
-        started = time.perf_counter()
-        result["programs"] = engine.warm_up()
-        result["warm_up_s"] = time.perf_counter() - started
+    started, warmed = time.perf_counter(), threading.Event()
+
+    def warm_done(count: int) -> None:
+        result.update(programs=count, warm_up_s=time.perf_counter() - started)
+        warmed.set()
+    if args.mode == "background":
+        engine.start_warm_up(threads=args.warm_up_threads, then=warm_done)
+    elif args.mode != "cold":
+        warm_done(engine.warm_up(threads=args.warm_up_threads))
     times: dict[str, list[float]] = {}
     done = threading.Event()
 
@@ -72,6 +79,8 @@ def one_mode(args) -> dict:
                        sink(f"w{wave}_{i}"))
             for i in range(size)])
     done.wait(600)
+    if args.mode == "background":
+        warmed.wait(1200)
     engine.stop()
     gaps = np.diff(times["w0_0"])
     median = float(np.median(gaps))
@@ -90,18 +99,21 @@ def main() -> None:
     parser.add_argument("--preset", default="minimind2-small")
     parser.add_argument("--max_context", type=int, default=1024)
     parser.add_argument("--every", type=int, default=40, help="tokens between two waves")
+    parser.add_argument("--warm_up_threads", type=int, default=1,
+                        help="threads compiling the warm-up's programs")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # a child's
     args = parser.parse_args()
     if args.mode:
         print("RESULT " + json.dumps(one_mode(args)), flush=True)
         return
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as empty:
         env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")  # this checkout
         rows = []
-        for mode in ("cold", "warm", "warm_again"):
-            child_env = env if mode == "cold" else env | {"JAX_COMPILATION_CACHE_DIR": cache}
+        for mode in ("cold", "warm", "warm_again", "background"):
+            folder = {"cold": None, "background": empty}.get(mode, cache)
+            child_env = env | ({"JAX_COMPILATION_CACHE_DIR": folder} if folder else {})
             done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode],
                                   env=child_env, capture_output=True, text=True, check=False)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]

@@ -17,7 +17,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minimind_jax import cli  # noqa: E402
-from minimind_jax.serve.command import build_server_app, running_server  # noqa: E402
+from minimind_jax.serve.command import (  # noqa: E402
+    build_server_app,
+    config_from_args,
+    running_server,
+)
 from tests.serve_fixtures import headless_chromium, send_and_wait  # noqa: E402
 
 
@@ -31,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     serve_argv = [a for a in args.serve_args if a != "--"]
     serve_args = cli.build_parser().parse_args(["serve", *serve_argv])
-    app, _ = build_server_app(serve_args)
+    app, _ = build_server_app(config_from_args(serve_args))
     questions = args.question or [
         "「画蛇添足」是什么意思？", "「对牛弹琴」怎么读？", "「守株待兔」出自哪里？"]
     with running_server(app) as url, headless_chromium(

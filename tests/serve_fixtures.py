@@ -28,10 +28,12 @@ def tiny_model(seed: int = 0, scale: float = 4.0, config: ModelConfig = TINY):
         params)
 
 
-def expected_answer(params, tokenizer, text: str, max_tokens: int) -> tuple[str, str]:
+def expected_answer(params, tokenizer, text: str, max_tokens: int,
+                    repetition_penalty: float = 1.0) -> tuple[str, str]:
     """What `generate` answers greedily to one user message: (text, finish_reason)."""
     ids = gen.encode_prompt(tokenizer, text, template=True)
-    sampling = gen.SamplingConfig(temperature=0.0, max_new_tokens=max_tokens)
+    sampling = gen.SamplingConfig(temperature=0.0, max_new_tokens=max_tokens,
+                                  repetition_penalty=repetition_penalty)
     new = gen.generate_tokens(params, TINY, [ids], sampling, tokenizer.eos_id)[0]
     reason = "stop" if new and new[-1] == tokenizer.eos_id else "length"
     return tokenizer.decode([t for t in new if t != tokenizer.eos_id]), reason

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.cli import compat_flags
+from minimind_jax.train import compat_flags
 from tests.helpers import MINIMIND3_TOKENIZER_DIR, PRETRAIN_JSONL, SFT_JSONL, TOKENIZER_DIR
 
 TINY = ["--max_seq_len", "64", "--n_heads", "4", "--n_kv_heads", "2",
@@ -28,7 +28,8 @@ def test_use_moe_takes_each_references_value_spelling():
 
 
 def test_minimind3_flags_map_onto_ours(tmp_path):
-    (tmp_path / "pretrain_64").mkdir()
+    (tmp_path / "pretrain_64").mkdir()  # a folder without a checkpoint is not weights
+    (tmp_path / "pretrain_64.pth").write_bytes(b"")
     args = parse(["sft", "--save_dir", str(tmp_path), "--save_weight", "my_sft",
                   "--hidden_size", "64", "--num_hidden_layers", "2", "--from_weight", "pretrain",
                   "--from_resume", "1", "--use_compile", "1", "--num_workers", "8",
@@ -36,7 +37,7 @@ def test_minimind3_flags_map_onto_ours(tmp_path):
     notes = compat_flags.apply(args)
     assert (args.out_dir, args.dim, args.n_layers, args.run_prefix, args.resume) == \
         (str(tmp_path), 64, 2, "my_sft", True)
-    assert args.init_from == str(tmp_path / "pretrain_64")
+    assert args.init_from == str(tmp_path / "pretrain_64.pth")
     assert args.arch == "minimind3"  # flags only minimind-3's scripts have
     assert len(notes) == 10  # one line per flag given, and the arch they imply
     assert any(n.startswith("--use_compile 1: ignored") for n in notes)

@@ -83,6 +83,19 @@ def test_missing_and_unknown_files(tmp_path):
         load_state_dict(corrupt)
 
 
+def test_junk_pth_names_what_was_expected(tmp_path):
+    """torch's unpickler trips on junk with KeyError, IndexError, UnicodeDecodeError... (one
+    in ten random files in the CI run that found it): each is the same kind of line."""
+    pytest.importorskip("torch")
+    junk = tmp_path / "junk.pth"
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        junk.write_bytes(rng.bytes(256))
+        with pytest.raises(UserError, match=r"as a PyTorch state dict: not a plain dict of "
+                                            r"tensors as torch\.save writes it \(\w+"):
+            load_state_dict(junk)
+
+
 def test_load_weights_of_a_file(tmp_path, golden):
     """Shapes inferred on top of the given config, `dtype` the compute dtype; `exact` numpy."""
     path = tmp_path / "ref.npz"

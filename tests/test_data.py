@@ -148,7 +148,7 @@ def test_empty_and_blank_files(tmp_path):
 def test_missing_file_and_unknown_stage(tmp_path):
     with pytest.raises(UserError, match=r"nope\.jsonl: data file not found"):
         list(iter_jsonl_chunks(tmp_path / "nope.jsonl", "pretrain"))
-    with pytest.raises(UserError, match="unknown stage 'dpo'"):
+    with pytest.raises(UserError, match="unknown sample format 'dpo'"):
         list(iter_jsonl_chunks(PRETRAIN_JSONL, "dpo"))
 
 

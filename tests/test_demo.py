@@ -52,6 +52,17 @@ def test_idiom_fields_are_cleaned():
     assert cleaned == "这也是画蛇添足，为此奇谈。"
 
 
+def test_identity_set_answers_each_question_in_its_language():
+    dialogues = [d["conversations"] for d in demo.identity_conversations()]
+    questions = [turns[0]["content"] for turns in dialogues]
+    assert 24 <= len(dialogues) == len(set(questions))  # a few dozen, none twice
+    assert set(demo.IDENTITY_SHOWN) <= set(questions)
+    for question, (_, answer) in zip(questions, dialogues, strict=True):
+        chinese = any("\u4e00" <= ch <= "\u9fff" for ch in question)
+        assert answer["content"] == demo.IDENTITY_ANSWERS["zh" if chinese else "en"]
+        assert "minimind_jax" in answer["content"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # above its child's own 600 s limit, which says more
 def test_tiny_demo_end_to_end(tmp_path):
@@ -61,8 +72,8 @@ def test_tiny_demo_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout
-    for n in range(1, 8):
-        assert f"=== [{n}/7]" in log
+    for n in range(1, 9):
+        assert f"=== [{n}/8]" in log
     # SFT restored the pretrain checkpoint, not a random init.
     assert re.search(r"initial weights: \S*pretrain_64/checkpoints/\d+", log)
     assert log.count("after pretrain: ") == 4 and log.count("after SFT: ") == 4
@@ -74,6 +85,14 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert re.search(r"held-in  questions: \d+/8 exact", log)
     assert re.search(r"held-out questions: \d+/8 exact", log)
     assert "sft eval: " in log  # the plot's eval curves
+    # LoRA: the identity set, its questions answered before and after, the merged weights
+    # loadable (the answers after LoRA came from them).
+    assert (out / "data" / "lora_identity.jsonl").read_text(encoding="utf-8").count("\n") == len(
+        demo.identity_conversations())
+    assert log.count("before LoRA: ") == log.count("after LoRA: ") == len(demo.IDENTITY_SHOWN)
+    assert re.search(r"fresh rank-16 adapters", log)
+    assert "merged the LoRA adapters of " in log
+    assert (out / "merged" / "minimind_jax_identity.safetensors").stat().st_size > 0
 
     # The chat prompt the demo asks with tokenizes as a prefix of a training conversation.
     from minimind_jax.data.tokenizer import load_tokenizer

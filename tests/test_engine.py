@@ -56,8 +56,9 @@ class Recorder:
             assert ended.wait(timeout), f"{name} did not end"
 
 
-def greedy(n: int) -> SamplingConfig:
-    return SamplingConfig(temperature=0.0, max_new_tokens=n)
+def greedy(n: int, repetition_penalty: float = 1.0) -> SamplingConfig:
+    return SamplingConfig(temperature=0.0, max_new_tokens=n,
+                          repetition_penalty=repetition_penalty)
 
 
 def test_requests_joining_mid_decode_get_what_generate_gives(params):
@@ -125,6 +126,30 @@ def test_a_seeded_sampled_request_draws_the_same_alone_and_in_company(params):
         engine.stop()
     assert crowd.tokens("me") == alone.tokens("me") and len(alone.tokens("me")) == 12
     assert crowd.tokens("other") != crowd.tokens("me")  # another seed, another draw
+
+
+def test_each_request_gets_its_own_repetition_penalty_in_one_batch(params):
+    """Two requests for the same prompt in one prefill and the same decode steps, greedy, with
+    repetition penalty 1.3 and 1.0: each answer is `generate`'s with its own setting (the
+    penalty is a per-row setting of the engine, not the server's), and the two differ."""
+    prompt, n = [9, 10, 11], 24  # at 1.0 its answer repeats a token: 1.3 answers otherwise
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=2, max_context=128, batch_wait_s=0.05))
+    recorder = Recorder()
+    try:
+        engine.submit_all([Completion(prompt, greedy(n, penalty), recorder.sink(str(penalty)))
+                           for penalty in (1.3, 1.0)])
+        recorder.wait()
+    finally:
+        engine.stop()
+    assert (engine.prefills_run, engine.largest_batch) == (1, 2)  # together all along
+    answers = {}
+    for penalty in (1.3, 1.0):
+        answers[penalty] = recorder.tokens(str(penalty))
+        assert answers[penalty] == generate_tokens(params, TINY, [prompt], greedy(n, penalty),
+                                                   eos_id=-1)[0], penalty
+        assert len(answers[penalty]) == n
+    assert answers[1.3][:11] == answers[1.0][:11] and answers[1.3][11] != answers[1.0][11]
 
 
 def test_no_compilation_for_new_requests_in_seen_buckets(params):
@@ -211,9 +236,8 @@ def test_long_prompts_prefilled_in_chunks_get_what_generate_gives(params):
     limits = [30, 12, 25, 9, 7, 15]
     penalty = SamplingConfig(temperature=0.0, repetition_penalty=1.3, max_new_tokens=1)
 
-    def answers(engine_config, sampling_of, repetition_penalty=1.0):
-        engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0, config=engine_config,
-                             repetition_penalty=repetition_penalty)
+    def answers(engine_config, sampling_of):
+        engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0, config=engine_config)
         recorder = Recorder()
         try:
             for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
@@ -231,7 +255,7 @@ def test_long_prompts_prefilled_in_chunks_get_what_generate_gives(params):
     assert engine.prefills_run >= 64 // 8  # the longest alone took 8 calls
     for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
         assert got[i] == generate_tokens(params, TINY, [prompt], greedy(limit), eos_id=-1)[0], i
-    got, _ = answers(chunked, lambda n: dataclasses.replace(penalty, max_new_tokens=n), 1.3)
+    got, _ = answers(chunked, lambda n: dataclasses.replace(penalty, max_new_tokens=n))
     for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
         alone = generate_tokens(params, TINY, [prompt],
                                 dataclasses.replace(penalty, max_new_tokens=limit), eos_id=-1)
@@ -269,15 +293,15 @@ def test_a_decode_step_leaves_the_seen_tokens_of_a_prefilling_row_alone(params):
     as seen, not the stale last token of the slot's earlier occupant."""
     engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
                          config=EngineConfig(max_batch=2, max_context=128, batch_wait_s=0.05,
-                                             prefill_chunk=8), repetition_penalty=1.3)
+                                             prefill_chunk=8))
     recorder = Recorder()
     try:
-        engine.submit_all([Completion([5, 6, 7], greedy(2), recorder.sink("earlier")),
-                           Completion([9, 10, 11], greedy(60), recorder.sink("running"))])
+        engine.submit_all([Completion([5, 6, 7], greedy(2, 1.3), recorder.sink("earlier")),
+                           Completion([9, 10, 11], greedy(60, 1.3), recorder.sink("running"))])
         assert recorder.ended["earlier"].wait(60), "the earlier row did not end"
         stale = recorder.tokens("earlier")[-1]
         prompt = [t for t in range(3, 110) if t != stale][:96]
-        engine.submit(Completion(prompt, greedy(1), recorder.sink("long")))
+        engine.submit(Completion(prompt, greedy(1, 1.3), recorder.sink("long")))
         recorder.wait()
     finally:
         engine.stop()
@@ -382,7 +406,37 @@ def test_warm_up_compiles_what_requests_then_use_and_changes_nothing(params):
         for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
             assert recorder.tokens(str(i)) == generate_tokens(params, TINY, [prompt],
                                                               greedy(limit), eos_id=-1)[0], i
-        with pytest.raises(RuntimeError, match="before the first submit"):
-            engine.warm_up()
+        assert engine.warm_up() == count and engine.compilations == warm  # all there already
     finally:
+        engine.stop()
+
+
+def test_a_request_during_a_background_warm_up_gets_what_generate_gives(params):
+    """start_warm_up serves meanwhile: a request sent while it runs is answered as `generate`
+    answers it (its programs compiled by the worker, or waited for when a warm-up thread has
+    them in hand), and the warm-up still ends with every program. Shapes (2 slots of 80
+    positions, chunks of 16) are this test's own."""
+    engine = BatchEngine(params, TINY, eos_id=-1, pad_id=0,
+                         config=EngineConfig(max_batch=2, max_context=80, batch_wait_s=0,
+                                             prefill_chunk=16))
+    gate, finished, reported = threading.Event(), threading.Event(), []
+    try:
+        engine.start_warm_up(lambda done, total: (reported.append(done), gate.wait(300)),
+                             then=lambda count: finished.set())
+        recorder, prompt = Recorder(), [7, 300, 41, 9, 1200]
+        engine.submit(Completion(prompt, greedy(20), recorder.sink("0")))
+        recorder.wait()
+        assert engine.warming and engine.programs_warm <= 1  # held at its first program
+        assert recorder.tokens("0") == generate_tokens(params, TINY, [prompt], greedy(20),
+                                                       eos_id=-1)[0]
+        gate.set()
+        assert finished.wait(300)
+        # decode steps: rows 1, 2 x cache lengths 64, 80; prefills: 1, 2 prompts of 32;
+        # chunks: cached length 64
+        assert not engine.warming and engine.programs_warm == engine.programs_total == 4 + 2 + 1
+        assert reported == list(range(1, 8))
+        warm = engine.compilations
+        assert engine.warm_up() == 7 and engine.compilations == warm  # all there already
+    finally:
+        gate.set()
         engine.stop()

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.train import checkpoint, run_lock
+from minimind_jax.model import run_checkpoint
+from minimind_jax.train import run_lock
 from tests.helpers import child_argv, subprocess_env, tiny_run_argv
 
 
@@ -203,7 +204,7 @@ def test_unretrieved_errors_of_a_failed_checkpoint_write_are_not_logged(caplog):
     import gc
     import logging
 
-    checkpoint._quiet_orbax()
+    run_checkpoint.quiet_orbax()
     loop = asyncio.new_event_loop()
 
     def orphan(message):
@@ -214,8 +215,8 @@ def test_unretrieved_errors_of_a_failed_checkpoint_write_are_not_logged(caplog):
 
     try:
         with caplog.at_level(logging.ERROR, logger="asyncio"):
-            orphan('RESOURCE_EXHAUSTED: Error writing "layers_0.ffn_norm.weight/0" at local '
-                   f'file "out/pretrain_64/checkpoints/6{checkpoint.TMP_MARKER}/params": Failed')
+            orphan('RESOURCE_EXHAUSTED: Error writing "layers_0.ffn_norm.weight/0" at local file '
+                   f'"out/pretrain_64/checkpoints/6{run_checkpoint.TMP_MARKER}/params": Failed')
             orphan("some other failure")
     finally:
         loop.close()
@@ -235,8 +236,7 @@ def test_errors_before_training_leave_nothing_behind(finished, tmp_path):
     blank.write_text("\n  \n\n")
     (weights / "exists.txt").write_text("keep me")
     cases = [  # (argv, exit code, message fragment)
-        (train("sft", new, cache), 2, "starts from the pretrain weights, but there is no "
-                                      "checkpoint in"),
+        (train("sft", new, cache), 2, "sft starts from the pretrain weights, but neither "),
         (train("pretrain", new, cache, "--resume"), 2, "--resume: no checkpoint in"),
         (train("pretrain", new, cache, "--init_from", tmp_path / "nope.pth"), 2,
          "nope.pth does not exist"),

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.cli.model_args import HelpFormatter, help_states_default
+from minimind_jax.model.flags import HelpFormatter, help_states_default
 
 
 def _subparsers():

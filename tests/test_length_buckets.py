@@ -1,5 +1,6 @@
 """Length buckets (data.batches): a batch cut to its bucket width gives the full-width batch's
-loss (DPO pairs and SFT rows, tiny model), and an epoch feeds no more widths than buckets."""
+loss (DPO pairs, SFT rows, distill_reason's tag-weighted loss; tiny model), and an epoch feeds
+no more widths than buckets; the RL stages (a batch producer) are never cut."""
 
 import jax
 import numpy as np
@@ -9,9 +10,13 @@ from minimind_jax.data.batches import Loader, bucket_width, bucket_widths, super
 from minimind_jax.data.pairs import PairSource
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import load_tokenizer
+from minimind_jax.errors import UserError
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind, init_params
-from minimind_jax.train.dpo import dpo_loss_fn
+from minimind_jax.train.setup import length_buckets
+from minimind_jax.train.stages import Objective, distill_reason, named
+from minimind_jax.train.stages.dpo import dpo_loss_fn
+from minimind_jax.train.train_config import DataConfig
 from tests.helpers import (
     FIXTURES,
     SFT_JSONL,
@@ -36,10 +41,11 @@ def test_bucket_widths():
     assert supervised_extent(mask) == 7 and supervised_extent(mask[:1]) == 0
 
 
-def _epochs(source, buckets: int):
+def _epochs(source, buckets: int, loss_columns=None):
     """(full-width batches, cut batches) of one epoch, batch 4, the same order."""
     def loader(n):
-        return Loader(source, 4, seed=3, prefetch=0, length_buckets=n)
+        return Loader(source, 4, seed=3, prefetch=0, length_buckets=n,
+                      loss_columns=loss_columns)
     return list(loader(0).epoch(0)), list(loader(buckets).epoch(0))
 
 
@@ -101,3 +107,61 @@ def test_dpo_run_same_when_cut(tmp_path):
     for key in ("loss", "grad_norm", "reward_margin"):
         np.testing.assert_allclose([r[key] for r in cut], [r[key] for r in full],
                                    rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_distill_reason_loss_same_when_cut(tmp_path):
+    """Its loss also reads tagged targets outside the loss mask: cut after those too."""
+    source = open_source(FIXTURES / "post" / "reason_sft.jsonl", TOKENIZER_DIR, "sft", WIDTH,
+                         cache_dir=tmp_path, log=lambda m: None)
+    ids = distill_reason.tag_ids(load_tokenizer(TOKENIZER_DIR))
+    full, cut = _epochs(source, 4, distill_reason.loss_columns(ids))
+    _check_cut(full, cut, 4)
+    loss = jax.jit(distill_reason.weighted_lm_loss(CONFIG, ids), static_argnums=2)
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    for f, c in zip(full, cut, strict=True):
+        np.testing.assert_allclose(loss(params, c, None)[0], loss(params, f, None)[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+class _Rows:
+    """Two fixed 128-wide rows: the first supervised up to column 9, the second with one tagged
+    target at column 40 outside the loss mask."""
+
+    def __init__(self, tag: int):
+        self.labels = np.zeros((2, 128), np.int32)
+        self.mask = np.zeros((2, 128), np.int32)
+        self.mask[0, :10] = 1
+        self.labels[1, 40] = tag
+
+    def __len__(self):
+        return 2
+
+    def get_batch(self, indices):
+        return {"input_ids": self.labels[indices], "labels": self.labels[indices],
+                "loss_mask": self.mask[indices]}
+
+
+def test_loss_columns_widen_the_cut():
+    ids = distill_reason.tag_ids(load_tokenizer(TOKENIZER_DIR))
+
+    def width(loss_columns=None, num_shards=1):
+        return next(Loader(_Rows(int(ids[0])), 2, shuffle=False, prefetch=0, length_buckets=4,
+                           loss_columns=loss_columns, num_shards=num_shards)
+                    .epoch(0))["input_ids"].shape[-1]
+
+    assert width() == 16  # the loss mask's extent, 10 columns
+    assert width(distill_reason.loss_columns(ids)) == 64  # the tagged target at column 40
+    assert width(distill_reason.loss_columns(ids), num_shards=2) == 64  # the global batch's
+
+
+def test_producer_stages_not_cut():
+    data, dense = DataConfig(data_path="x"), CONFIG
+    assert length_buckets(named("sft"), data, dense, Objective()) == 4
+    assert length_buckets(named("sft"), data, dense.replace(use_moe=True), Objective()) == 0
+    for name in ("grpo", "ppo"):
+        producer = Objective(produce=lambda state, batch, info: batch)
+        assert length_buckets(named(name), data, dense, producer) == 0
+        assert length_buckets(named(name), DataConfig("x", length_buckets=0), dense,
+                              producer) == 0
+        with pytest.raises(UserError, match=f"--length_buckets: {name} makes its batches"):
+            length_buckets(named(name), DataConfig("x", length_buckets=4), dense, producer)

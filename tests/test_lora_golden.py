@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.model import lora
+from minimind_jax.model import lora, run_checkpoint
 from minimind_jax.model.config import ModelConfig, arch_defaults
-from minimind_jax.train import checkpoint
 from tests.helpers import (
     FIXTURES,
     MINIMIND3_TOKENIZER_DIR,
     TOKENIZER_DIR,
     assert_within,
     max_abs_diff,
+    max_rel_diff,
     metrics,
 )
 
@@ -100,10 +100,10 @@ def test_lora_matches_reference(tmp_path, capsys, case):
     norms = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
     theirs = np.array([n for _, n in in_step])
     assert_within(f"{case} pre-clip grad norm (relative)",
-                  float(np.max(np.abs(norms - theirs) / theirs)), bound["grad_norm"])
+                  max_rel_diff(norms, theirs), bound["grad_norm"])
 
     # the final adapters, from the checkpoint and from the adapter file written at the end
-    params, saved_config, _ = checkpoint.restore_params(run_dir)
+    params, saved_config, _ = run_checkpoint.restore_params(run_dir)
     assert saved_config.lora_rank == 16
     ours = lora.adapter_state_dict(params, config)
     final = _prefixed(golden, "lora_final/")
@@ -153,8 +153,8 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     import shutil
 
     run_dir, records, _ = run_lora(tmp_path, case, ["--save_interval", str(save_at)])
-    final, _, _ = checkpoint.restore_params(run_dir)
-    for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
+    final, _, _ = run_checkpoint.restore_params(run_dir)
+    for step_dir in (run_dir / run_checkpoint.CHECKPOINT_DIR).iterdir():
         if step_dir.name != str(save_at):
             shutil.rmtree(step_dir)
     spec = CASES[case]
@@ -166,7 +166,7 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
     resumed = metrics(run_dir)
     keys = ("step", "epoch", "batch", "update", "loss", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records]
-    again, _, _ = checkpoint.restore_params(run_dir)
+    again, _, _ = run_checkpoint.restore_params(run_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -174,9 +174,9 @@ def test_lora_resume_mid_window(tmp_path, case, save_at):
 def test_lora_command_defaults(tmp_path):
     """The references' train_lora.py defaults per arch, the base they load, the run name."""
     from minimind_jax.cli.parser import build_parser
-    from minimind_jax.data.samples import STAGES
     from minimind_jax.errors import UserError
-    from minimind_jax.train import flags, lora_stage
+    from minimind_jax.train import flags
+    from minimind_jax.train.stages import STAGES, lora, stage
 
     def config(*argv):
         args = build_parser().parse_args(["lora", "--out_dir", str(tmp_path), *argv])
@@ -191,12 +191,12 @@ def test_lora_command_defaults(tmp_path):
     assert config("--lora_name", "x", "--lora_rank", "8").run.run_prefix == "x"
     assert STAGES["lora"].samples == "sft"
     with pytest.raises(UserError, match="rlhf_512"):
-        lora_stage.default_base(str(tmp_path), v2.model)
+        stage.init_source(v2, STAGES["lora"], v2.model)
     (tmp_path / "full_sft_768.pth").write_bytes(b"")
-    assert lora_stage.default_base(str(tmp_path), v3.model).name == "full_sft_768.pth"
-    assert lora_stage.adapter_file(tmp_path, "n", v3.model.replace(use_moe=True)).name \
+    assert stage.init_source(v3, STAGES["lora"], v3.model).name == "full_sft_768.pth"
+    assert lora.adapter_file(tmp_path, "n", v3.model.replace(use_moe=True)).name \
         == "n_768_moe.pth"
-    assert lora_stage.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
+    assert lora.adapter_file(tmp_path, "n", v2.model.replace(use_moe=True)).name \
         == "n_512.pth"
 
 
@@ -209,7 +209,7 @@ def check_merge_for_export(tmp_path, capsys, case, run_dir):
 
     spec = CASES[case]
     config = spec["config"].replace(lora_rank=16)
-    params, saved, _ = checkpoint.restore_params(run_dir)
+    params, saved, _ = run_checkpoint.restore_params(run_dir)
     adapters = lora.adapter_state_dict(params, config)
     base_params = lora.split(params)[1]
     base = weights.state_dict_from_params(base_params, config.replace(lora_rank=0))

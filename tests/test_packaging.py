@@ -73,5 +73,5 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo(tmp_path):
     assert script.is_file()
     proc = run(script, "demo", "--tiny", "--out_dir", cwd / "demo", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "=== [7/7]" in proc.stdout
+    assert "=== [8/8]" in proc.stdout
     assert (cwd / "demo" / "loss.png").is_file()

@@ -25,11 +25,12 @@ def weights(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["dpo", "--data_path", str(POST / "dpo_pairs.jsonl")], "no full_sft weights: neither"),
+    (["dpo", "--data_path", str(POST / "dpo_pairs.jsonl")],
+     "dpo starts from the full_sft weights, but neither"),
     (["dpo", "--data_path", "{tmp}/bad.jsonl", "--init_from", "{tmp}/student.npz"],
      "bad.jsonl:3: field 'chosen' is empty"),
     (["distill", "--data_path", str(POST / "lora_sft.jsonl"), "--init_from",
-      "{tmp}/student.npz"], "no teacher weights: neither"),
+      "{tmp}/student.npz"], "the teacher is full_sft_768 (no --teacher), but neither"),
     (["distill", "--data_path", str(POST / "lora_sft.jsonl"), "--init_from",
       "{tmp}/student.npz", "--teacher", "{tmp}/m3.npz"], "both must be of one family"),
     (["distill", "--data_path", str(POST / "lora_sft.jsonl"), "--init_from",

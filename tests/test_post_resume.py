@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.model.weights import load_weights
-from minimind_jax.train import checkpoint
 from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, metrics
 from tests.test_dpo_golden import reference_weights
 
@@ -39,7 +39,7 @@ def test_resume_mid_window(tmp_path, command):
     assert cli.main(argv) == 0
     records = metrics(run_dir)
     final, _, _ = load_weights(run_dir)
-    for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
+    for step_dir in (run_dir / CHECKPOINT_DIR).iterdir():
         if step_dir.name != "7":
             shutil.rmtree(step_dir)
     assert cli.main([*argv, "--resume"]) == 0

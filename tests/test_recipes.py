@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from minimind_jax import cli
-from minimind_jax.data.samples import STAGES
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import arch_defaults
 from minimind_jax.train import flags, optim, recipes
 from minimind_jax.train.recipes import RECIPES
+from minimind_jax.train.stages import STAGES
 from minimind_jax.train.train_config import (
     DataConfig,
     OptimConfig,
@@ -118,22 +118,23 @@ def test_a_python_config_resolves_as_the_command(recipe, command):
                                         max_seq_len=from_command.model.max_seq_len,
                                         dtype=from_command.model.dtype)
     from_python = TrainConfig(model=model, data=DataConfig(data_path="data.jsonl"),
-                              recipe=recipe, vocab_from_tokenizer=True).resolved(command)
+                              recipe=recipe, vocab_from_tokenizer=True
+                              ).resolved(STAGES[command])
     assert from_python.recipe == recipes.recipe_named(recipe)
     assert dataclasses.replace(from_command, run=RunConfig()) == \
         dataclasses.replace(from_python, run=RunConfig(tracker=from_command.run.tracker))
-    assert from_python.resolved(command) == from_python  # resolving twice changes nothing
+    assert from_python.resolved(STAGES[command]) == from_python  # resolving twice changes nothing
 
 
 def test_a_python_config_with_a_recipes_other_choice_is_refused():
     model = arch_defaults("minimind2")
     with pytest.raises(UserError, match="reads the data in file order"):
         TrainConfig(model=model, data=DataConfig(data_path="x", shuffle=True),
-                    recipe="minimind2").resolved("pretrain")
+                    recipe="minimind2").resolved(STAGES["pretrain"])
     with pytest.raises(UserError, match="uses --lr_schedule minimind2, not cosine"):
         TrainConfig(model=model, data=DataConfig(data_path="x"),
                     optim=OptimConfig(lr_schedule="cosine"), recipe="minimind2"
-                    ).resolved("sft")
+                    ).resolved(STAGES["sft"])
     with pytest.raises(UserError, match="unknown recipe 'minimind4'"):
         TrainConfig(model=model, data=DataConfig(data_path="x"), recipe="minimind4")
 

@@ -80,6 +80,17 @@ def test_openai_client_answer_equals_generate(server, expected, stream):
     assert len({a for a, _ in expected.values()}) == len(QUESTIONS)  # answers differ
 
 
+def test_a_request_s_repetition_penalty_is_honoured(server, params, tokenizer, expected):
+    """`repetition_penalty` in the body (vLLM's field) is the request's own: at 1.3 the
+    answer is `generate`'s with 1.3, which differs from the one at the server's 1.0."""
+    url, _ = server
+    question = QUESTIONS[2]
+    penalised = expected_answer(params, tokenizer, question, MAX_TOKENS, repetition_penalty=1.3)
+    assert penalised != expected[question]
+    got = ask(url, question, stream=False, extra_body={"repetition_penalty": 1.3})
+    assert got[:2] == penalised
+
+
 def test_eight_concurrent_clients_are_batched_and_get_their_own_answers(server, expected):
     url, engine = server
     steps_before, tokens_before = engine.steps_run, engine.tokens_generated
@@ -169,6 +180,7 @@ BAD_REQUESTS = [  # (name, body, headers, status)
     ("unknown role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, None, 422),
     ("temperature a string", {**GOOD, "temperature": "hot"}, None, 422),
     ("temperature negative", {**GOOD, "temperature": -1}, None, 422),
+    ("repetition_penalty zero", {**GOOD, "repetition_penalty": 0}, None, 422),
     ("max_tokens a float", {**GOOD, "max_tokens": 2.5}, None, 422),
     ("stream a string", {**GOOD, "stream": "yes"}, None, 422),
     ("max_tokens above the cap", {**GOOD, "max_tokens": 10_000}, None, 400),
@@ -292,6 +304,9 @@ def test_the_serve_command_answers_over_http(params, expected, tmp_path):
         wait_until(healthy, 300, "the server's /health", poll_s=0.2)
         assert ask(url, QUESTIONS[3], stream=False)[:2] == expected[QUESTIONS[3]]
         assert httpx.get(url + "/").status_code == 401  # the page wants the key too
+        wait_until(lambda: not httpx.get(  # the warm-up goes on behind the serving
+            url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()["warming"],
+            300, "the end of the warm-up", poll_s=0.2)
     finally:
         server.terminate()
         server.wait(30)
@@ -309,3 +324,25 @@ def test_bad_serve_flags_are_one_error_line(capsys):
     code = cli.main(["serve", "--ckpt", str(TOKENIZER_DIR), "--prefill_chunk", "0"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --prefill_chunk must be >= 1, got 0"
+
+
+def test_health_says_warming_while_the_warm_up_runs_then_done(params, tokenizer):
+    """/health while the background warm-up runs (held after its first program), a chat
+    answered meanwhile as `generate` answers it, then /health once it is done. Shapes (2 slots
+    of 176 positions) are this test's own."""
+    question = QUESTIONS[0]
+    with live_server(params, max_batch=2, max_context=176) as (url, engine):
+        gate, finished = threading.Event(), threading.Event()
+        engine.start_warm_up(lambda done, total: gate.wait(300), then=lambda _: finished.set())
+        try:
+            health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+            body = health.json()
+            assert body["warming"] is True and body["programs_warm"] <= 1, body
+            assert body["programs_total"] == 2 * 3 + 2 * 4  # decode steps, prefills
+            assert ask(url, question, stream=False)[:2] == expected_answer(
+                params, tokenizer, question, MAX_TOKENS)
+        finally:
+            gate.set()
+        assert finished.wait(300)
+        body = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert (body["warming"], body["programs_warm"], body["programs_total"]) == (False, 14, 14)

@@ -145,8 +145,10 @@ def test_locate_tokenizer(tmp_path):
 
 
 def test_training_tokenizer_candidates(tmp_path):
-    assert training_tokenizer_candidates("minimind2") == [Path("model/minimind_tokenizer")]
-    assert training_tokenizer_candidates("minimind3", run_dir=tmp_path / "a",
+    from minimind_jax.model.generation import MINIMIND2, MINIMIND3
+
+    assert training_tokenizer_candidates(MINIMIND2) == [Path("model/minimind_tokenizer")]
+    assert training_tokenizer_candidates(MINIMIND3, run_dir=tmp_path / "a",
                                          start_dir=tmp_path / "b") == [
         tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer", Path("model"),
         Path("../model")]

@@ -10,6 +10,7 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.train import flags, tracking
+from minimind_jax.train.stages import STAGES
 from minimind_jax.train.train_config import resolve_settings
 from tests.helpers import PRETRAIN_JSONL, TINY_FLAGS, TOKENIZER_DIR
 from tests.tracker_logs import run_ids, swanlab_history, tensorboard_history, wandb_history
@@ -37,9 +38,11 @@ def test_tracker_choice_and_run_name():
     assert kind(["pretrain"]) == "tensorboard"
     assert kind(["pretrain", "--use_wandb"]) == "wandb"
     assert kind(["sft", "--use_wandb", "--tracker", "swanlab"]) == "swanlab"
-    settings = resolve_settings(flags.settings_from_args(parse(["sft"])), "sft", "minimind2")
+    sft = STAGES["sft"]
+    settings = resolve_settings(flags.settings_from_args(parse(["sft"])),
+                                sft.defaults_for("minimind2"))
     optim = settings["optim"]  # as the run resolves them before it opens the tracker
-    assert tracking.run_name("sft", optim.epochs, settings["data"].batch_size,
+    assert tracking.run_name(sft.tracker_project, optim.epochs, settings["data"].batch_size,
                              optim.learning_rate) == \
         "MiniMind-Full-SFT-Epoch-1-BatchSize-32-LearningRate-5e-05"
 

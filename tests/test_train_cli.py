@@ -11,6 +11,7 @@ from minimind_jax import cli, train
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.errors import UserError
+from minimind_jax.model import run_checkpoint
 from minimind_jax.model.config import arch_defaults
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind
@@ -127,11 +128,11 @@ def test_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, capsys)
     # The first update blows the weights up; every later gradient is non-finite and skipped.
     logged = metrics(run_dir)
     assert [r.get("skipped", 0) for r in logged] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
-    assert checkpoint.latest_checkpoint(run_dir) is not None
+    assert run_checkpoint.latest_checkpoint(run_dir) is not None
     params, _, _ = load_weights(run_dir)  # saved without the skipped steps' effects
     assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(params))
     manager = checkpoint.open_manager(run_dir, create=False)
-    assert checkpoint.restore_meta(manager)["elapsed_s"] > 0  # saved like every checkpoint
+    assert run_checkpoint.restore_meta(manager)["elapsed_s"] > 0  # saved like every checkpoint
     checkpoint.close(manager)
 
 

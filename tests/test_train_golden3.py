@@ -15,8 +15,8 @@ import pytest
 
 from minimind_jax import cli
 from minimind_jax.model import weights
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.model.weights import load_weights
-from minimind_jax.train import checkpoint
 from tests.helpers import (
     MINIMIND3_TOKENIZER_DIR,
     PRETRAIN_JSONL,
@@ -100,7 +100,7 @@ def test_resume_mid_window_keeps_draws_and_flush(tmp_path, minimind3_golden):
     run_dir, records = run_cli(tmp_path, "sft", SFT_JSONL,
                                golden_state_dict(minimind3_golden, "dense/after_pretrain/"), extra)
     final, config, _ = load_weights(run_dir)
-    for step_dir in (run_dir / checkpoint.CHECKPOINT_DIR).iterdir():
+    for step_dir in (run_dir / CHECKPOINT_DIR).iterdir():
         if step_dir.name != "7":
             shutil.rmtree(step_dir)
     argv = ["sft", "--data_path", str(SFT_JSONL), "--tokenizer", str(MINIMIND3_TOKENIZER_DIR),

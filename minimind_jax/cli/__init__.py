@@ -1,5 +1,5 @@
-"""The command line: the parser (one sub-command per module's `register`), the model flags and
-the reference scripts' flags. `main` is the `minimind-jax` entry point."""
+"""The command line: the parser (one sub-command per module's `register`, in the layers below).
+`main` is the `minimind-jax` entry point."""
 
 from minimind_jax.cli.parser import build_parser, main
 

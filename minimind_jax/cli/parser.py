@@ -13,15 +13,13 @@ import argparse
 import importlib
 import sys
 
-from minimind_jax.cli.model_args import HelpFormatter
 from minimind_jax.errors import error_line_and_code
+from minimind_jax.model.flags import HelpFormatter
 from minimind_jax.runtime import compile_cache, host_memory, xla_flags
 
 # command module -> the commands it registers, in `--help` order.
 COMMAND_MODULES = (
-    "minimind_jax.train.flags",  # pretrain, sft, lora
-    "minimind_jax.train.dpo",  # dpo
-    "minimind_jax.train.distill",  # distill
+    "minimind_jax.train.flags",  # the stages: pretrain, sft, lora, dpo, distill, ...
     "minimind_jax.data.prepare",  # prepare
     "minimind_jax.data.tokenizer_cli",  # tokenizer
     "minimind_jax.model.convert",  # convert

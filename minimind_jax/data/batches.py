@@ -6,10 +6,11 @@ over a source of rows (`rows`). Next: `train_step.put_batch` puts a batch on the
 prefetch over a MapDataset of batch indices).
 
 Length buckets (`length_buckets` > 0): each batch's columns are cut to the smallest of a few
-fixed widths (`bucket_widths`) that holds its last supervised position, so a batch of short
-rows skips their trailing padding and the step compiles once per width. Exact for losses that
-read only masked positions of a causal model (nothing before a position sees what follows it);
-not for the MoE aux loss, which averages over every fed token.
+fixed widths (`bucket_widths`) that holds its last supervised position (or the last position
+`loss_columns` says the loss reads), so a batch of short rows skips their trailing padding and
+the step compiles once per width. Exact for losses that read only those positions of a causal
+model (nothing before a position sees what follows it); not for the MoE aux loss, which averages
+over every fed token.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Loader:
     def __init__(self, source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  num_shards: int = 1, shard_index: int = 0, pad_to_multiple: int = 1,
                  prefetch: int = 2, num_threads: int = 1, permutation: str = "numpy",
-                 length_buckets: int = 0):
+                 length_buckets: int = 0, loss_columns=None):
         if len(source) == 0:
             raise UserError("the dataset has no samples")
         if batch_size < 1 or pad_to_multiple < 1 or num_shards < 1:
@@ -59,6 +60,8 @@ class Loader:
         if length_buckets < 0:
             raise UserError(f"--length_buckets must be 0 (off) or positive, got {length_buckets}")
         self.length_buckets = length_buckets
+        # (batch) -> [..., T] the positions the loss reads (default: the loss mask's)
+        self.loss_columns = loss_columns or (lambda arrays: arrays["loss_mask"])
 
     @property
     def batches_per_epoch(self) -> int:
@@ -91,10 +94,10 @@ class Loader:
                       for k, v in arrays.items()}
         if not self.length_buckets:
             return arrays
-        extent = supervised_extent(arrays["loss_mask"])
+        extent = supervised_extent(self.loss_columns(arrays))
         if self.num_shards > 1:  # every process must feed the same width: the global batch's
             whole = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            extent = supervised_extent(source.get_batch(whole)["loss_mask"])
+            extent = supervised_extent(self.loss_columns(source.get_batch(whole)))
         width = bucket_width(arrays["loss_mask"].shape[-1], self.length_buckets, extent)
         return {k: v[..., :width] for k, v in arrays.items()}
 

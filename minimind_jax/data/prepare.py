@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from minimind_jax.cli import model_args
 from minimind_jax.data.rows import CachedSource, open_source
-from minimind_jax.data.samples import STAGES
+from minimind_jax.data.samples import SAMPLE_FORMATS
+from minimind_jax.model import flags as model_flags
 from minimind_jax.model.config import ARCHES
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "prepare", formatter_class=model_args.HelpFormatter,
+        "prepare", formatter_class=model_flags.HelpFormatter,
         help="tokenize a JSONL dataset into the token cache (training does this on first use)",
         description="Stream a pretrain ({\"text\"}) or SFT ({\"conversations\"}) JSONL file "
                     "through batched tokenization into a memory-mapped token cache, keyed by "
                     "the data file, the tokenizer, the stage and max_seq_len. A second run (or "
                     "the training run) reuses it at once.")
     add_data_args(parser)
-    parser.add_argument("--stage", choices=STAGES, required=True,
+    parser.add_argument("--stage", choices=SAMPLE_FORMATS, required=True,
                         help="record format: pretrain ({\"text\"}) or sft ({\"conversations\"})")
     parser.add_argument("--max_seq_len", type=int, default=512,
                         help="training sequence length; samples are cached truncated to it")

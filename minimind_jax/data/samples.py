@@ -4,7 +4,8 @@ for their token ids and loss masks, exactly as the reference builds them (minimi
 
 Pretrain lines are `{"text": str}`; SFT lines are `{"conversations": [{"content": str}, ...]}`
 with roles taken by position (even = user, odd = assistant; the `role` field is ignored, as in
-the reference). See shared/SPEC.md "Samples". `STAGES` is the one table of training stages.
+the reference). See shared/SPEC.md "Samples". `SAMPLE_FORMATS`: the formats a stage's rows
+can be read in (the stages themselves: train.stages).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def iter_jsonl_chunks(path: str | os.PathLike, stage: str, *, skip_bad_lines: bo
     line raises UserError naming file, line and problem; with `skip_bad_lines` it is counted in
     `skips` instead. A file without any valid record raises UserError.
     """
-    stage_reader = stage_named(stage).read_record  # checks `stage` either way
+    stage_reader = sample_format(stage).read_record  # checks `stage` either way
     read_record = read_record or stage_reader
     skips = skips if skips is not None else SkipReport(str(path))
     f = open_data_file(path)
@@ -266,40 +267,25 @@ def shift(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return ids[..., :-1], ids[..., 1:], mask[..., 1:]
 
 
-# --- training stages ---------------------------------------------------------------------------
+# --- sample formats ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Stage:
-    """A training stage of the reference: the sample format it reads and its script's defaults
-    (hyper-parameter defaults: `recipes.stage_defaults`)."""
+class SampleFormat:
+    """How a JSONL file's records become MiniMind2's samples (minimind-3's rules:
+    `data.minimind3`, picked by `token_cache.sample_rules`)."""
 
-    command: str  # the CLI command (`pretrain`/`sft`), also the name of its sample format
+    name: str  # pretrain / sft, also the token cache's key
     read_record: Callable  # JSON record -> text / turn contents, or LineProblem
     sample_ids: Callable  # (tokenizer, records, max_seq_len or None) -> MiniMind2's id lists
-    run_prefix: str  # the reference's save name; our run folder is {out_dir}/{run_prefix}_{tag}
-    data_path: str  # the reference's default data file
-    sample_format: str | None = None  # the stage whose samples it reads; None: `command`
-    # (config, model, tokenizer, init source) -> train.objective.Objective; None: the LM loss
-    objective: Callable | None = None
-
-    @property
-    def samples(self) -> str:
-        """The sample format (`pretrain`/`sft`) of its data."""
-        return self.sample_format or self.command
 
 
-STAGES = {stage.command: stage for stage in (
-    Stage("pretrain", pretrain_text, pretrain_ids_batch, "pretrain",
-          "./dataset/pretrain_hq.jsonl"),
-    Stage("sft", sft_contents, sft_ids_batch, "full_sft", "./dataset/sft_mini_512.jsonl"),
-    # LoRA (train_lora.py) reads SFT conversations; minimind-3's name is lora_medical (recipes)
-    Stage("lora", sft_contents, sft_ids_batch, "lora_identity", "./dataset/lora_identity.jsonl",
-          sample_format="sft"),
-)}
+SAMPLE_FORMATS = {f.name: f for f in (SampleFormat("pretrain", pretrain_text, pretrain_ids_batch),
+                                      SampleFormat("sft", sft_contents, sft_ids_batch))}
 
 
-def stage_named(name: str) -> Stage:
-    """The stage called `name`, or UserError."""
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
-    return STAGES[name]
+def sample_format(name: str) -> SampleFormat:
+    """The sample format called `name`, or UserError."""
+    if name not in SAMPLE_FORMATS:
+        raise UserError(f"unknown sample format {name!r}; expected one of "
+                        f"{', '.join(SAMPLE_FORMATS)}")
+    return SAMPLE_FORMATS[name]

@@ -37,8 +37,8 @@ from minimind_jax.data.samples import (
     SkipReport,
     iter_jsonl_chunks,
     open_data_file,
+    sample_format,
     sft_mask_markers,
-    stage_named,
     truncate_ids,
 )
 from minimind_jax.errors import UserError
@@ -59,7 +59,7 @@ def sample_rules(stage: str, rules: str) -> SampleRules:
     """MiniMind2's (shared/SPEC.md) or minimind-3's (data/minimind3.py) rules for `stage`."""
     if rules not in ARCHES:
         raise UserError(f"unknown sample rules {rules!r}; expected one of {ARCHES}")
-    minimind2 = stage_named(stage)
+    minimind2 = sample_format(stage)
     if rules == "minimind2":
         return SampleRules(minimind2.read_record, minimind2.sample_ids, truncate_ids,
                            sft_mask_markers)
@@ -266,7 +266,7 @@ def prepare_token_cache(data_path, tokenizer, stage: str, max_seq_len: int, *, c
     exists, else built by streaming the JSONL through batched tokenization (memory bounded by
     a few `chunk_bytes` chunks, whatever the file size). `log(str)` receives a summary.
     `rules`: whose sample rules (`minimind2` or `minimind3`, see `sample_rules`)."""
-    stage_named(stage)  # an unknown stage fails here
+    sample_format(stage)  # an unknown format fails here
     if max_seq_len < 2:
         raise UserError(f"max_seq_len must be at least 2, got {max_seq_len}")
     data_path = Path(data_path)

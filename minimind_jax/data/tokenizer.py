@@ -23,8 +23,6 @@ from minimind_jax.errors import UserError
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
-REFERENCE_TOKENIZER_DIR = "model/minimind_tokenizer"  # where MiniMind2 keeps its tokenizer
-MINIMIND3_TOKENIZER_DIR = "model"  # where minimind-3 keeps its tokenizer.json
 
 
 def default_chat_template() -> str:
@@ -317,13 +315,12 @@ def beside_weights(weights: str | os.PathLike) -> list[Path]:
             for name in ("tokenizer", ".")]
 
 
-def training_tokenizer_candidates(arch: str, *, run_dir: Path | None = None,
+def training_tokenizer_candidates(generation, *, run_dir: Path | None = None,
                                   start_dir: Path | None = None) -> list[Path]:
     """Training's search: the `tokenizer/` copy of the run (`run_dir`, when resuming) and of the
     run it starts from (`start_dir`: sft's pretrain run, or an --init_from run folder), then the
-    reference's own folder: MiniMind2's ./model/minimind_tokenizer, or minimind-3's ./model and
-    ../model (its scripts run from trainer/)."""
+    reference's own folders (`generation.tokenizer_dirs`, model.generation): MiniMind2's
+    ./model/minimind_tokenizer, or minimind-3's ./model and ../model (its scripts run from
+    trainer/)."""
     candidates = [folder / "tokenizer" for folder in (run_dir, start_dir) if folder is not None]
-    if arch == "minimind3":
-        return candidates + [Path(MINIMIND3_TOKENIZER_DIR), Path("..") / MINIMIND3_TOKENIZER_DIR]
-    return candidates + [Path(REFERENCE_TOKENIZER_DIR)]
+    return candidates + [Path(folder) for folder in generation.tokenizer_dirs]

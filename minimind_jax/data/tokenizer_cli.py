@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from minimind_jax.cli import model_args
 from minimind_jax.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, default_chat_template
 from minimind_jax.errors import UserError
+from minimind_jax.model import flags as model_flags
 
 
 def sentencepiece_options(vocab_size: int, *, character_coverage: float = 0.9995,
@@ -78,7 +78,7 @@ def _texts_with_progress(data_path, skip_bad_lines: bool, bar) -> Iterator[str]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "tokenizer", formatter_class=model_args.HelpFormatter,
+        "tokenizer", formatter_class=model_flags.HelpFormatter,
         help="train a sentencepiece BPE tokenizer on pretrain JSONL",
         description=__doc__)
     parser.add_argument("--data_path", required=True, help="pretrain JSONL ({\"text\": ...})")

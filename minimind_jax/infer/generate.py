@@ -21,10 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
+from minimind_jax.infer.infer_config import (
+    GenerateConfig,
+    LoadConfig,
+    add_load_args,
+    field_flag,
+)
 from minimind_jax.infer.reply_text import split_opened_thinking, split_thinking
 from minimind_jax.infer.sampling import SamplingConfig, next_token
+from minimind_jax.model import flags as model_flags
 from minimind_jax.model import lora, weights
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import MiniMind, init_cache
@@ -158,45 +164,29 @@ class TextStreamer:
 # ---------------------------------------------------------------- loading models and prompts
 
 
-def _checkpoint(args: argparse.Namespace) -> pathlib.Path:
-    ckpt = pathlib.Path(args.ckpt)
+def _checkpoint(load: LoadConfig) -> pathlib.Path:
+    ckpt = pathlib.Path(load.ckpt)
     if not ckpt.exists():
         raise UserError(f"checkpoint not found: {ckpt}")
     return ckpt
 
 
-def load_model_of(args: argparse.Namespace) -> tuple[dict, ModelConfig]:
-    """The commands' model: `weights.load_weights` of --ckpt (shapes from the weights, the rest
-    from the model flags) with --lora_weight's adapters, computing in --dtype."""
-    params, config, _ = weights.load_weights(_checkpoint(args),
-                                             model_args.model_config_from_args(args),
-                                             dtype=getattr(args, "dtype", "auto"))
-    if getattr(args, "lora_weight", None):
-        params, config = lora.attach_adapter_file(params, config, args.lora_weight)
+def load_model(load: LoadConfig) -> tuple[dict, ModelConfig]:
+    """The commands' model: `weights.load_weights` of `load.ckpt` (shapes from the weights, the
+    rest from `load.model`) with `load.lora_weight`'s adapters, computing in `load.dtype`."""
+    params, config, _ = weights.load_weights(_checkpoint(load), load.model, dtype=load.dtype)
+    if load.lora_weight:
+        params, config = lora.attach_adapter_file(params, config, load.lora_weight)
     return params, config
 
 
-def add_lora_weight_arg(parser: argparse.ArgumentParser) -> None:
-    """--lora_weight of the commands that run a model (generate, chat, eval, serve)."""
-    parser.add_argument("--lora_weight", default=None, metavar="ADAPTER",
-                        help="apply this LoRA adapter (the reference's adapter .pth, or our lora "
-                             "run's lora_*.pth) to the --ckpt weights, as the reference's "
-                             "load_lora (a lora run folder as --ckpt has its adapters already)")
-
-
-def tokenizer_of(args: argparse.Namespace):
-    """The commands' tokenizer: --tokenizer, else the one saved beside --ckpt."""
+def tokenizer_of(load: LoadConfig):
+    """The commands' tokenizer: `load.tokenizer`, else the one saved beside `load.ckpt`."""
     from minimind_jax.data.tokenizer import beside_weights, load_tokenizer, locate_tokenizer
 
-    ckpt = _checkpoint(args)  # first: a missing checkpoint is why no tokenizer is beside it
-    return load_tokenizer(locate_tokenizer(args.tokenizer, beside_weights(ckpt),
+    ckpt = _checkpoint(load)  # first: a missing checkpoint is why no tokenizer is beside it
+    return load_tokenizer(locate_tokenizer(load.tokenizer, beside_weights(ckpt),
                                            what=f"the checkpoint {ckpt}"))
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          repetition_penalty=args.repetition_penalty,
-                          max_new_tokens=args.max_new_tokens)
 
 
 def encode_prompt(tokenizer, text: str, template: bool, system: str | None = None,
@@ -213,10 +203,11 @@ def encode_prompt(tokenizer, text: str, template: bool, system: str | None = Non
     return [tokenizer.bos_id] + tokenizer.encode(text)
 
 
-def check_think_flag(tokenizer, args: argparse.Namespace) -> None:
-    if args.think and (args.raw or "open_thinking" not in tokenizer.chat_template_variables):
+def check_think_flag(tokenizer, config: GenerateConfig) -> None:
+    if config.think and (config.raw
+                         or "open_thinking" not in tokenizer.chat_template_variables):
         raise UserError("--think needs a chat template with a thinking switch (minimind-3's "
-                        "open_thinking)" + ("; --raw has no template" if args.raw else ""))
+                        "open_thinking)" + ("; --raw has no template" if config.raw else ""))
 
 
 def answer_text(tokenizer, new: list[int]) -> str:
@@ -229,33 +220,47 @@ def answer_text(tokenizer, new: list[int]) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
+    """The `generate` command: its prompts, then its flags read once into a GenerateConfig."""
+    prompts = read_prompts(args.prompt or [], args.prompt_file)
+    return answer_prompts(GenerateConfig.from_args(args), prompts, args.jsonl, args.output)
+
+
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+    """The prompts given one by one, then the non-blank lines of `prompt_file`."""
+    prompts = list(prompts)
+    if prompt_file:
         try:
-            text = pathlib.Path(args.prompt_file).read_text(encoding="utf-8")
+            text = pathlib.Path(prompt_file).read_text(encoding="utf-8")
         except OSError as err:
-            raise UserError(f"{args.prompt_file}: cannot read ({err.strerror})") from None
+            raise UserError(f"{prompt_file}: cannot read ({err.strerror})") from None
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt_file")
-    sampling = sampling_from_args(args)
-    tokenizer = tokenizer_of(args)
-    check_think_flag(tokenizer, args)
-    params, config = load_model_of(args)
-    ids = [encode_prompt(tokenizer, p, not args.raw, args.system, think=args.think)
+    return prompts
+
+
+def answer_prompts(config: GenerateConfig, prompts: list[str], jsonl: bool = False,
+                   output: str | None = None) -> int:
+    """Answer the prompts in one batch; print each answer as text, or as a JSON line
+    (`jsonl`), and/or write those lines to `output`."""
+    tokenizer = tokenizer_of(config.load)
+    check_think_flag(tokenizer, config)
+    params, model_config = load_model(config.load)
+    ids = [encode_prompt(tokenizer, p, not config.raw, config.system, think=config.think)
            for p in prompts]
     start = time.perf_counter()
-    outputs = generate_tokens(params, config, ids, sampling, tokenizer.eos_id, args.seed)
+    outputs = generate_tokens(params, model_config, ids, config.sampling, tokenizer.eos_id,
+                              config.seed)
     seconds = time.perf_counter() - start
-    results = [answer_record(prompt, prompt_ids, new, tokenizer, sampling, seconds, len(prompts),
-                             think=args.think)
+    results = [answer_record(prompt, prompt_ids, new, tokenizer, config.sampling, seconds,
+                             len(prompts), think=config.think)
                for prompt, prompt_ids, new in zip(prompts, ids, outputs, strict=True)]
-    if args.output:
-        write_records(args.output, results)
+    if output:
+        write_records(output, results)
     for result in results:
-        if args.jsonl:
+        if jsonl:
             print(json.dumps(result, ensure_ascii=False))
-        elif not args.output:
+        elif not output:
             thinking = f"thinking: {result['thinking']}\n" if "thinking" in result else ""
             print(f"prompt: {result['prompt']}\n{thinking}answer: {result['answer']}\n")
     n_new = sum(len(o) for o in outputs)
@@ -291,14 +296,20 @@ def write_records(path: str, records: list[dict]) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    sampling = sampling_from_args(args)
-    tokenizer = tokenizer_of(args)
-    check_think_flag(tokenizer, args)
-    params, config = load_model_of(args)
+    """The `chat` command: its flags read once into a GenerateConfig."""
+    return chat(GenerateConfig.from_args(args), args.history)
+
+
+def chat(config: GenerateConfig, history_messages: int = 0) -> int:
+    """Talk on the terminal until an empty line or end of input, keeping the last
+    `history_messages` messages in each prompt; each turn's seed is the last one's + 1."""
+    tokenizer = tokenizer_of(config.load)
+    check_think_flag(tokenizer, config)
+    params, model_config = load_model(config.load)
     streamer = TextStreamer(tokenizer)
     history: list[dict] = []
     print("chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
-    seed = args.seed
+    seed = config.seed
     while True:
         try:
             question = input("you: ").strip()
@@ -307,12 +318,13 @@ def run_chat(args: argparse.Namespace) -> int:
             return 0
         if not question:
             return 0
-        ids = encode_prompt(tokenizer, question, not args.raw, args.system,
-                            history[-args.history:] if args.history else [], args.think)
+        ids = encode_prompt(tokenizer, question, not config.raw, config.system,
+                            history[-history_messages:] if history_messages else [],
+                            config.think)
         print("model: ", end="", flush=True)
         streamer.reset()
-        new = generate_tokens(params, config, [ids], sampling, tokenizer.eos_id, seed,
-                              on_tokens=streamer)[0]
+        new = generate_tokens(params, model_config, [ids], config.sampling, tokenizer.eos_id,
+                              seed, on_tokens=streamer)[0]
         # streamed as written, `</think>` included; the template takes the reasoning apart
         # again when this answer is history (minimind-3's eval_llm.py keeps it the same way)
         answer = answer_text(tokenizer, new)
@@ -323,36 +335,30 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True,
-                        help="our checkpoint directory, or reference weights (.pth, .safetensors,"
-                             " .npz; shapes read from the file, --n_heads from the flags)")
-    add_lora_weight_arg(parser)
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (default: one saved beside the checkpoint)")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.85,
-                        help="softmax temperature; 0 = greedy")
-    parser.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top_k", type=int, default=0,
-                        help="keep the k likeliest tokens (0 = off)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0,
-                        help="Hugging Face-style penalty for tokens already present (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--raw", action="store_true",
-                        help="no chat template: '<s>' + prompt (for pretrained-only models)")
-    parser.add_argument("--system", default=None,
-                        help="system prompt (default: the template's own: MiniMind2's built-in "
-                             "one, none for minimind-3)")
-    parser.add_argument("--think", action="store_true",
-                        help="minimind-3: open a <think> block for the model to reason in "
-                             "(its open_thinking); by default the template closes an empty "
-                             "one")
-    model_args.add_model_args(parser)
+    """GenerateConfig's flags (those of its LoadConfig and SamplingConfig included)."""
+    add_load_args(parser, "our checkpoint directory, or reference weights (.pth, .safetensors, "
+                          ".npz; shapes read from the file, --n_heads from the flags)")
+    field_flag(parser, SamplingConfig, "max_new_tokens", "tokens to generate")
+    field_flag(parser, SamplingConfig, "temperature", "softmax temperature; 0 = greedy")
+    field_flag(parser, SamplingConfig, "top_p", "nucleus sampling mass (1 = off)")
+    field_flag(parser, SamplingConfig, "top_k", "keep the k likeliest tokens (0 = off)")
+    field_flag(parser, SamplingConfig, "repetition_penalty",
+               "Hugging Face-style penalty for tokens already present (1 = off)")
+    field_flag(parser, GenerateConfig, "seed", "sampling seed")
+    field_flag(parser, GenerateConfig, "raw",
+               "no chat template: '<s>' + prompt (for pretrained-only models)")
+    field_flag(parser, GenerateConfig, "system",
+               "system prompt (default: the template's own: MiniMind2's built-in one, none for "
+               "minimind-3)")
+    field_flag(parser, GenerateConfig, "think",
+               "minimind-3: open a <think> block for the model to reason in (its "
+               "open_thinking); by default the template closes an empty one")
+    model_flags.add_model_args(parser)
 
 
 def register(subparsers) -> None:
     gen = subparsers.add_parser(
-        "generate", formatter_class=model_args.HelpFormatter,
+        "generate", formatter_class=model_flags.HelpFormatter,
         help="answer prompts with a trained model (batched, KV-cached)",
         description=__doc__ + "\nexample:\n  minimind-jax generate --ckpt out/sft --prompt "
                               "'你好' --prompt '介绍一下你自己'",
@@ -370,7 +376,7 @@ def register(subparsers) -> None:
     gen.set_defaults(func=run_generate, compile_cache=True)
 
     chat = subparsers.add_parser(
-        "chat", formatter_class=model_args.HelpFormatter,
+        "chat", formatter_class=model_flags.HelpFormatter,
         help="talk to a trained model interactively (streamed)",
         description="Interactive chat: applies the chat template, streams tokens as they come."
                     "\n\nexample:\n  minimind-jax chat --ckpt out/sft",

@@ -1,5 +1,6 @@
 """Picking the next token: Hugging Face's order of repetition penalty, temperature, top-k,
-top-p, then a categorical draw (or argmax when temperature is 0).
+top-p (the filters by minimind-3's `generate` rule, ties and the top-p boundary included), then a
+categorical draw (or argmax when temperature is 0).
 
 `next_token` samples a whole batch one way (the settings of one `generate` call);
 `next_token_per_row` lets every row sample its own way with its own random stream, as the
@@ -62,14 +63,14 @@ def _order_key(x_BV: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _least_key_where(count_above: Callable, limit_B1: jax.Array, batch: int) -> jax.Array:
-    """[B, 1] the smallest uint32 x with count_above(x) < limit, by bisection (32 halvings:
-    exact); count_above([B, 1] keys) -> [B, 1] must not grow with x."""
+def _least_key_where(holds: Callable, batch: int) -> jax.Array:
+    """[B, 1] the smallest uint32 x where holds(x) ([B, 1] keys -> [B, 1] bool, False below some
+    x and True from it on) is True, by bisection (32 halvings: exact)."""
 
     def halve(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        below = count_above(mid) < limit_B1
+        below = holds(mid)
         return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
 
     start = (jnp.zeros((batch, 1), jnp.uint32), jnp.full((batch, 1), 0xFFFFFFFF, jnp.uint32))
@@ -78,25 +79,39 @@ def _least_key_where(count_above: Callable, limit_B1: jax.Array, batch: int) -> 
 
 def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array | int,
                        top_p: jax.Array | float) -> jax.Array:
-    """Set to -inf every logit outside the top-k (k 0 = all) and outside the smallest set whose
-    probability reaches top_p (the most likely token is always kept). k and p may be traced,
-    scalars or one per row ([B]).
+    """Set to -inf every logit outside the top-k (k 0 = all; ties with the k-th logit stay) and
+    outside the top-p nucleus (p 1 = all). k and p may be traced, scalars or one per row ([B]).
 
-    A token stays when fewer than k tokens are likelier, and when the likelier ones (after
-    top-k) hold less than top_p of the mass: Hugging Face's sorted rule, found without a sort
-    (a sort of the vocabulary costs more than the decode step of a small model on a CPU) by
-    bisecting for the least logit kept, in an order-preserving integer view of the floats."""
+    minimind-3's `generate` rule (model/model_minimind.py L271-277), which its chat, eval and RL
+    scripts sample with: top-k drops the logits below the k-th largest; top-p, on the softmax of
+    what top-k kept, goes through the tokens from the likeliest down (equal logits by index,
+    as a stable sort orders them) and keeps each one whose predecessors hold at most top_p of
+    the mass, so the likeliest always stays and a token exactly at the boundary stays too.
+
+    Found without a sort (a sort of the vocabulary costs more than the decode step of a small
+    model on a CPU): bisecting, in an order-preserving integer view of the floats, for the
+    least logit of the top-k and for the least logit whose likelier tokens hold at most top_p;
+    the tokens tied at that last logit stay while the mass before them (likelier tokens plus
+    the tied ones of lower index) is at most top_p."""
     B, V = logits_BV.shape
     top_k_B1 = jnp.broadcast_to(jnp.reshape(top_k, (-1, 1)), (B, 1))
     top_p_B1 = jnp.broadcast_to(jnp.reshape(top_p, (-1, 1)), (B, 1))
     key_BV = _order_key(logits_BV)
     k_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(top_k_B1, V), V)
-    least_k_B1 = _least_key_where(lambda x_B1: (key_BV > x_B1).sum(-1, keepdims=True), k_B1, B)
+    least_k_B1 = _least_key_where(
+        lambda x_B1: (key_BV > x_B1).sum(-1, keepdims=True) < k_B1, B)
     logits_BV = jnp.where(key_BV >= least_k_B1, logits_BV, -jnp.inf)
     probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    least_p_B1 = _least_key_where(
-        lambda x_B1: jnp.where(key_BV > x_B1, probs_BV, 0.0).sum(-1, keepdims=True), top_p_B1, B)
-    return jnp.where(key_BV >= least_p_B1, logits_BV, -jnp.inf)
+
+    def mass_above(x_B1):
+        return jnp.where(key_BV > x_B1, probs_BV, 0.0).sum(-1, keepdims=True)
+
+    least_p_B1 = _least_key_where(lambda x_B1: mass_above(x_B1) <= top_p_B1, B)
+    tied_BV = key_BV == least_p_B1
+    before_BV = (mass_above(least_p_B1)
+                 + (jnp.cumsum(tied_BV, axis=-1) - tied_BV) * probs_BV)  # tied: equal probs
+    kept_BV = (key_BV > least_p_B1) | (tied_BV & (before_BV <= top_p_B1)) | (top_p_B1 >= 1)
+    return jnp.where(kept_BV, logits_BV, -jnp.inf)
 
 
 def next_token(logits_BV, seen_BV, rng, params: dict, greedy: bool) -> jax.Array:

@@ -189,6 +189,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def resolve_dtype(name: str) -> str:
+    """`auto` -> bfloat16 on accelerators, float32 on CPU."""
+    if name != "auto":
+        return name
+    import jax  # only here: the config itself needs no backend
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def preset(name: str) -> ModelConfig:
     """A named preset (`minimind2-small`, `minimind2`, `minimind2-moe`, `minimind3`,
     `minimind3-moe`)."""

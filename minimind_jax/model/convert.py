@@ -11,10 +11,10 @@ import pathlib
 
 import numpy as np
 
-from minimind_jax.cli.model_args import HelpFormatter, add_model_args, model_config_from_args
 from minimind_jax.errors import UserError
 from minimind_jax.model import lora
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.flags import HelpFormatter, add_model_args, model_config_from_args
 from minimind_jax.model.weights import (
     MINIMIND3_KEYS,
     load_weights,

@@ -216,11 +216,11 @@ def merge_for_export(params: dict, config: ModelConfig, adapter_path=None):
     run's checkpoint) or of the adapter file `adapter_path` (`attach_adapter_file`) folded
     into the kernels. minimind-3 adds in float16 as its `merge_lora`; MiniMind2 (no merge
     function of its own) in float32."""
-    from minimind_jax.model.config import arch_of
+    from minimind_jax.model.generation import generation_of
 
     if adapter_path is not None:
         params, config = attach_adapter_file(params, config, adapter_path)
     if not config.lora_rank:
         return params, config
-    fp16 = arch_of(config) == "minimind3"
+    fp16 = generation_of(config).float16_files  # minimind-3 merges as it stores: in float16
     return merged(params, config, fp16=fp16), config.replace(lora_rank=0)

@@ -491,6 +491,33 @@ def _cache_masks(segment_ids_BT, cache):
     return old_BTS[:, None], new_BTT[:, None]
 
 
+def _rope_and_masks(cfg: ModelConfig, B: int, T: int, positions, segment_ids, cache):
+    """(cos, sin, the attention mask(s), segment ids) of a call: positions 0..T-1 (or on from
+    the cache's index) unless given; with a cache, a pair of masks (cached slots, new keys)."""
+    if positions is None:
+        start = 0 if cache is None else jnp.reshape(cache["index"], (-1, 1))
+        positions = jnp.broadcast_to(start + jnp.arange(T)[None, :], (B, T))
+    cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    if cache is None:
+        return cos_BTR, sin_BTR, _segment_mask(segment_ids), segment_ids
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    return cos_BTR, sin_BTR, _cache_masks(segment_ids, cache), segment_ids
+
+
+def _written_cache(cache, new_layer_caches, segment_ids_BT):
+    """`cache` with every layer's new keys and values (and their segment ids) written at its
+    index, in one write each, and the index moved past them."""
+    index = cache["index"]
+    new_cache = {name: tuple(
+        write_at(layer, to_cache_layout(name, new_layer_caches[name][i]), index,
+                 axis=CACHE_SLOT_AXIS[name])
+        for i, layer in enumerate(cache[name])) for name in CACHE_SLOT_AXIS}
+    return new_cache | {"segment_ids": write_at(cache["segment_ids"], segment_ids_BT, index,
+                                                axis=1),
+                        "index": index + segment_ids_BT.shape[1]}
+
+
 class MiniMind(nn.Module):
     """MiniMind causal LM (MiniMind2 or minimind-3, by config):
     `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
@@ -501,33 +528,25 @@ class MiniMind(nn.Module):
     (the first free slot) is a scalar, or [B] when rows sit at different positions. With
     `write_cache=False` the third value is instead what would have been written: the new keys
     and values `{"k", "v"}` [L, B, K, T, H] (for a caller that stores them itself: XLA cannot
-    see that reading them back from the written cache needs no copy of it).
+    see that reading them back from the written cache needs no copy of it). With
+    `hidden=True` (no cache) it returns `(h_BTD, aux_loss)`: the final-normed hidden states
+    instead of the logits (PPO's critic puts its value head there).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: Cache | None = None,
-                 write_cache: bool = True):
+                 write_cache: bool = True, hidden: bool = False):
         cfg = self.config
         B, T = input_ids_BT.shape
         embedding_VD = self.param("tok_embeddings", embedding_init(cfg),
                                   (cfg.vocab_size, cfg.dim), cfg.param_dtype)
         x_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.dtype)
 
-        if positions is None:
-            start = 0 if cache is None else jnp.reshape(cache["index"], (-1, 1))
-            positions = jnp.broadcast_to(start + jnp.arange(T)[None, :], (B, T))
-        cos_BTR, sin_BTR = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-
-        if cache is not None:
-            if segment_ids is None:
-                segment_ids = jnp.ones((B, T), jnp.int32)
-            mask_B1TS = _cache_masks(segment_ids, cache)  # a pair: cached slots, new keys
-            layer_caches = {"k": cache["k"], "v": cache["v"]}  # tuples of L arrays
-        else:
-            mask_B1TS = _segment_mask(segment_ids)
-            layer_caches = None
+        cos_BTR, sin_BTR, mask_B1TS, segment_ids = _rope_and_masks(cfg, B, T, positions,
+                                                                   segment_ids, cache)
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
         if cfg.scan_layers:
             stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
@@ -556,20 +575,15 @@ class MiniMind(nn.Module):
             new_layer_caches = {"k": jnp.stack(ks), "v": jnp.stack(vs)} if ks else None
 
         h_BTD = _norm(cfg, "norm")(x_BTD)
+        if hidden:
+            return h_BTD, aux
         logits_BTV = jnp.dot(h_BTD, embedding_VD.astype(cfg.dtype).T,
                              preferred_element_type=jnp.float32)
         if cache is None:
             return logits_BTV, aux
         if not write_cache:
             return logits_BTV, aux, new_layer_caches
-        index = cache["index"]  # one write of every layer's new keys and values
-        new_cache = {name: tuple(
-            write_at(layer, to_cache_layout(name, new_layer_caches[name][i]), index,
-                     axis=CACHE_SLOT_AXIS[name])
-            for i, layer in enumerate(cache[name])) for name in CACHE_SLOT_AXIS}
-        new_cache |= {"segment_ids": write_at(cache["segment_ids"], segment_ids, index, axis=1),
-                      "index": index + T}
-        return logits_BTV, aux, new_cache
+        return logits_BTV, aux, _written_cache(cache, new_layer_caches, segment_ids)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None,

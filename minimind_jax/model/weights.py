@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 
-from minimind_jax.cli.model_args import resolve_dtype
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_defaults
-from minimind_jax.train import checkpoint
+from minimind_jax.model import run_checkpoint
+from minimind_jax.model.config import ModelConfig, arch_defaults, resolve_dtype
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -252,7 +252,9 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         if path.stat().st_size == 0:
             raise UserError(f"{path} is empty (0 bytes), not a PyTorch state dict")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 184" on junk
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt/unsafe files
             raise UserError(f"could not read {path} as a PyTorch state dict: "
                             f"{_torch_load_reason(err)}") from None
@@ -286,13 +288,17 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 def _torch_load_reason(err: Exception) -> str:
     """torch.load's error without its advice to load with weights_only=False (that runs
-    arbitrary code, and does not make a file that is no state dict into one)."""
+    arbitrary code, and does not make a file that is no state dict into one). On a file
+    that is no pickle at all torch's unpickler raises whatever it trips on (KeyError: 96,
+    IndexError, UnicodeDecodeError), so the reason always says what was expected."""
     text = " ".join(str(err).split())
-    if "weights_only" in text:
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
-        return ("not a plain dict of tensors as torch.save writes it"
-                + (f" ({detail.group(1).strip()[:160]})" if detail else ""))
-    return text[:200] or type(err).__name__
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if detail:
+        text = detail.group(1).strip()
+    elif "weights_only" in text:
+        text = ""
+    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return f"not a plain dict of tensors as torch.save writes it ({detail[:160]})"
 
 
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
@@ -386,7 +392,7 @@ def load_weights(path: str | pathlib.Path, config: ModelConfig | None = None, *,
         raise UserError(f"weights not found: {path}")
     config = config or ModelConfig()
     if path.is_dir():
-        params, saved_config, origin = checkpoint.restore_params(path, warn)
+        params, saved_config, origin = run_checkpoint.restore_params(path, warn)
         if exact:
             state_dict = state_dict_from_params(params, saved_config)
         else:

@@ -126,6 +126,9 @@ class DecodingJit:
     def __call__(self, *args, **kwargs):
         return self.jitted(*args, **kwargs)
 
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
 
 def jit_for_decoding(**jit_kwargs):
     """Decorator: `functools.partial(jax.jit, **jit_kwargs)` for a decode program."""

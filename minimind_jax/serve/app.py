@@ -24,7 +24,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind_jax.infer.sampling import SamplingConfig
 from minimind_jax.serve.chat_format import ChatFormat, ReplyStream, chat_format_for
 from minimind_jax.serve.choices import Choice
 from minimind_jax.serve.engine import BatchEngine, Completion, EngineStopped, QueueFull
@@ -34,22 +33,7 @@ from minimind_jax.serve.schema import (
     ChatRequest,
     parse_request,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeSettings:
-    """What the server allows and assumes when a request leaves a field out."""
-
-    model_name: str = "minimind"
-    api_key: str | None = None
-    max_tokens_cap: int = 512  # a request asking for more is refused
-    default_max_tokens: int = 256
-    max_context: int = 1024  # prompt + max_tokens of one request
-    temperature: float = 0.85
-    top_p: float = 0.85
-    top_k: int = 0
-    system: str | None = None  # used when the messages carry no system message
-    max_n: int = 8  # choices per request
+from minimind_jax.serve.serve_config import ServeSettings
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -96,8 +80,11 @@ async def _read_body(request: Request) -> bytes:
 
 def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
               chat_format: ChatFormat | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (which it stops on shutdown)."""
+    """The FastAPI app serving `engine` (which it stops on shutdown); `settings.max_context`
+    None is the engine's."""
     chat_format = chat_format or chat_format_for(tokenizer, settings.system)
+    if settings.max_context is None:
+        settings = dataclasses.replace(settings, max_context=engine.config.max_context)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,14 +103,7 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
 
     @app.get("/health")
     def health() -> JSONResponse:
-        body = {"status": "ok" if engine.alive else "stopped", "model": settings.model_name,
-                "queued": engine.queued, "decoding": engine.active,
-                "max_batch": engine.config.max_batch, "steps_run": engine.steps_run,
-                "prefills_run": engine.prefills_run,
-                "prompts_prefilled": engine.prompts_prefilled,
-                "largest_batch": engine.largest_batch,
-                "tokens_generated": engine.tokens_generated}
-        return JSONResponse(body, status_code=200 if engine.alive else 503)
+        return _health(engine, settings.model_name)
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -154,6 +134,18 @@ def build_app(engine: BatchEngine, tokenizer, settings: ServeSettings,
                 "usage": _usage(len(prompt_ids), choices)}
 
     return app
+
+
+def _health(engine: BatchEngine, model_name: str) -> JSONResponse:
+    """/health: whether the decoder runs (else 503), its load, its counters and warm-up."""
+    body = {"status": "ok" if engine.alive else "stopped", "model": model_name,
+            "queued": engine.queued, "decoding": engine.active,
+            "max_batch": engine.config.max_batch, "steps_run": engine.steps_run,
+            "prefills_run": engine.prefills_run, "prompts_prefilled": engine.prompts_prefilled,
+            "largest_batch": engine.largest_batch, "tokens_generated": engine.tokens_generated,
+            "warming": engine.warming, "programs_warm": engine.programs_warm,
+            "programs_total": engine.programs_total}
+    return JSONResponse(body, status_code=200 if engine.alive else 503)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -215,11 +207,9 @@ def _submit(engine: BatchEngine, chat: ChatRequest, prompt_ids: list[int],
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens={limit} "
                             f"exceed this model's context of {settings.max_context}",
                        param="max_tokens", code="context_length_exceeded")
-    limit = limit or min(settings.default_max_tokens, room)
-    sampling = SamplingConfig(
-        temperature=settings.temperature if chat.temperature is None else chat.temperature,
-        top_p=settings.top_p if chat.top_p is None else chat.top_p, top_k=settings.top_k,
-        max_new_tokens=limit)
+    sampling = settings.sampling_for(limit or min(settings.default_max_tokens, room),
+                                     temperature=chat.temperature, top_p=chat.top_p,
+                                     repetition_penalty=chat.repetition_penalty)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(index: int):

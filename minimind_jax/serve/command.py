@@ -15,8 +15,16 @@ import sys
 import threading
 import time
 
-from minimind_jax.cli import model_args
 from minimind_jax.errors import UserError
+from minimind_jax.infer.infer_config import (
+    LoadConfig,
+    add_load_args,
+    config_from_flags,
+    field_default,
+    field_flag,
+)
+from minimind_jax.model import flags as model_flags
+from minimind_jax.serve.serve_config import EngineConfig, ServeConfig, ServeSettings
 
 
 def _require_serve_packages() -> None:
@@ -30,80 +38,67 @@ def _require_serve_packages() -> None:
         raise UserError(f"serve needs {', '.join(missing)}: pip install -e '.[serve]'")
 
 
-def settings_from_args(args: argparse.Namespace, model_name: str):
-    from minimind_jax.serve.app import ServeSettings
-
-    problems = []
-    if args.max_tokens < 1:
-        problems.append(f"--max_tokens must be >= 1, got {args.max_tokens}")
-    if not 1 <= args.default_max_tokens <= args.max_tokens:
-        problems.append(f"--default_max_tokens must be in [1, --max_tokens], got "
-                        f"{args.default_max_tokens}")
-    if args.max_context < 2:
-        problems.append(f"--max_context must be >= 2, got {args.max_context}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        problems.append("--max_batch and --max_queue must be >= 1")
-    if args.prefill_chunk < 1:
-        problems.append(f"--prefill_chunk must be >= 1, got {args.prefill_chunk}")
-    if problems:
-        raise UserError("; ".join(problems))
-    return ServeSettings(model_name=model_name, api_key=args.api_key,
-                         max_tokens_cap=args.max_tokens,
-                         default_max_tokens=args.default_max_tokens,
-                         max_context=args.max_context, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, system=args.system)
-
-
-def build_server_app(args: argparse.Namespace):
-    """Load tokenizer and model, start the decoder, return (app, settings)."""
-    from minimind_jax.infer.generate import SamplingConfig, load_model_of, tokenizer_of
-    from minimind_jax.serve.app import build_app
-    from minimind_jax.serve.engine import BatchEngine, EngineConfig
-
-    SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   repetition_penalty=args.repetition_penalty)  # validates the defaults
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The `serve` flags read once into a ServeConfig (every bound checked, by the dataclasses,
+    before anything is loaded)."""
     model_name = args.model_name or pathlib.Path(args.ckpt).resolve().name
-    settings = settings_from_args(args, model_name)
-    tokenizer = tokenizer_of(args)
-    params, config = load_model_of(args)
-    engine = BatchEngine(params, config, tokenizer.eos_id, tokenizer.pad_id,
-                         EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue,
-                                      max_context=args.max_context,
-                                      batch_wait_s=args.batch_wait_ms / 1000, seed=args.seed,
-                                      prefill_chunk=args.prefill_chunk),
-                         repetition_penalty=args.repetition_penalty)
-    if getattr(args, "warm_up", True):
-        warm_up(engine)
-    return build_app(engine, tokenizer, settings), settings
+    settings = config_from_flags(ServeSettings, args, model_name=model_name)
+    engine = config_from_flags(EngineConfig, args, batch_wait_s=args.batch_wait_ms / 1000)
+    return config_from_flags(ServeConfig, args, load=LoadConfig.from_args(args), engine=engine,
+                             settings=settings)
 
 
-def warm_up(engine) -> None:
-    """The engine's warm-up, with a progress bar on a terminal and a summary line."""
-    from tqdm import tqdm
+def build_server_app(config: ServeConfig):
+    """Load `config.load`'s tokenizer and model, start the decoder (and its warm-up, unless
+    `config.warm_up` is off); return (app, settings)."""
+    from minimind_jax.infer.generate import load_model, tokenizer_of
 
+    tokenizer = tokenizer_of(config.load)
+    params, model_config = load_model(config.load)
+    app, engine = serve_model(config, params, model_config, tokenizer)
+    if config.warm_up:
+        warm_up_in_background(engine)
+    return app, config.settings
+
+
+def serve_model(config: ServeConfig, params, model_config, tokenizer):
+    """(app, engine): the app serving these weights with `config`'s engine and settings (the
+    engine runs from now on; the app stops it when it shuts down). `serve` and
+    benchmarks/serve_bench.py build their server here."""
+    from minimind_jax.serve.app import build_app
+    from minimind_jax.serve.engine import BatchEngine
+
+    engine = BatchEngine(params, model_config, tokenizer.eos_id, tokenizer.pad_id,
+                         config.engine)
+    return build_app(engine, tokenizer, config.settings), engine
+
+
+def warm_up_in_background(engine) -> None:
+    """The engine's warm-up behind the serving, with a summary line when it is done."""
     started = time.monotonic()
-    with tqdm(desc="warm-up", unit="program", disable=not sys.stderr.isatty(),
-              leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
 
-        count = engine.warm_up(progress)
-    print(f"warm-up: {count} programs compiled or loaded in {time.monotonic() - started:.1f} s"
-          " (every decode step, prefill and chunk shape of the common buckets)", file=sys.stderr)
+    def done(count: int) -> None:
+        print(f"warm-up: {count} programs compiled or loaded in "
+              f"{time.monotonic() - started:.1f} s, serving meanwhile (every decode step, "
+              "prefill and chunk shape of the common buckets)", file=sys.stderr, flush=True)
+
+    print("warm-up: compiling in the background; requests are answered meanwhile (/health "
+          "says how far it is)", file=sys.stderr)
+    engine.start_warm_up(then=done)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     _require_serve_packages()
     import uvicorn
 
-    app, settings = build_server_app(args)
-    where = f"http://{args.host}:{args.port}"
+    config = config_from_args(args)
+    app, settings = build_server_app(config)
+    where = f"http://{config.host}:{config.port}"
     print(f"serving {settings.model_name} at {where}/ (chat page) and {where}/v1 "
           f"(OpenAI API){'; API key required' if settings.api_key else ''}", file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print("warning: reachable from other machines without --api_key", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
     return 0
 
 
@@ -132,61 +127,60 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, startup_timeout:
 
 
 def register(subparsers) -> None:
-    from minimind_jax.infer.generate import add_lora_weight_arg
-
+    where = f"http://{ServeConfig.host}:{ServeConfig.port}"
     p = subparsers.add_parser(
-        "serve", formatter_class=model_args.HelpFormatter,
+        "serve", formatter_class=model_flags.HelpFormatter,
         help="OpenAI-compatible chat server + web chat page (continuous batching)",
         description=__doc__ + "\nexample:\n  minimind-jax serve --ckpt out/full_sft_512\n"
-                              "  then open http://127.0.0.1:8998/ or point an OpenAI client at "
-                              "http://127.0.0.1:8998/v1")
-    p.add_argument("--ckpt", required=True,
-                   help="our run or checkpoint folder, or reference weights (.pth, .safetensors,"
-                        " .npz)")
-    add_lora_weight_arg(p)
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder (default: one saved beside the checkpoint)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (0.0.0.0 = every interface; then set --api_key)")
-    p.add_argument("--port", type=int, default=8998, help="TCP port")
-    p.add_argument("--api_key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route")
+                              f"  then open {where}/ or point an OpenAI client at {where}/v1")
+    add_load_args(p, "our run or checkpoint folder, or reference weights (.pth, .safetensors, "
+                     ".npz)")
+    field_flag(p, ServeConfig, "host",
+               "address to bind (0.0.0.0 = every interface; then set --api_key)")
+    field_flag(p, ServeConfig, "port", "TCP port")
+    field_flag(p, ServeSettings, "api_key", "require 'Authorization: Bearer KEY' on every route")
     p.add_argument("--model_name", default=None,
                    help="the model id /v1/models reports (default: the checkpoint's name)")
-    p.add_argument("--max_batch", type=int, default=8,
-                   help="slots: choices decoded at once (a request's n choices take n)")
-    p.add_argument("--max_queue", type=int, default=64,
-                   help="choices waiting for a slot (a request's n choices count n); more "
-                        "are answered 429")
-    p.add_argument("--batch_wait_ms", type=float, default=10.0,
-                   help="how long an idle decoder waits for more requests to prefill together")
-    p.add_argument("--prefill_chunk", type=int, default=256,
-                   help="a longer prompt is prefilled this many tokens per decode step, so the "
-                        "requests decoding meanwhile pause for a chunk, not the whole prompt")
-    p.add_argument("--no_warm_up", dest="warm_up", action="store_false",
-                   default=argparse.SUPPRESS,  # absent: warm up (no "default: True" in --help)
-                   help="serve at once, compiling each batch shape when a request first needs "
-                        "it (the running requests wait for that); by default the programs of "
-                        "every common shape (decode steps, prefills, prompt chunks) are "
-                        "compiled before serving, later starts loading most of them from the "
-                        "compilation cache")
-    p.add_argument("--max_tokens", type=int, default=512,
-                   help="cap on a request's max_tokens (more is answered 400)")
-    p.add_argument("--default_max_tokens", type=int, default=256,
-                   help="max_tokens of requests that give none")
-    p.add_argument("--max_context", type=int, default=1024,
-                   help="prompt + max_tokens tokens allowed per request")
-    p.add_argument("--temperature", type=float, default=0.85,
-                   help="temperature of requests that give none")
-    p.add_argument("--top_p", type=float, default=0.85, help="top_p of requests that give none")
-    p.add_argument("--top_k", type=int, default=0, help="top-k for every request (0 = off)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0,
-                   help="Hugging Face-style repetition penalty for every request (1 = off)")
-    p.add_argument("--system", default=None,
-                   help="system prompt for conversations without one (default: the template's)")
-    p.add_argument("--seed", type=int, default=0, help="first sampling seed")
-    p.add_argument("--log_level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level")
-    model_args.add_model_args(p)
+    _add_engine_flags(p)
+    field_flag(p, ServeConfig, "warm_up",
+               "compile each batch shape only when a request first needs it (the running "
+               "requests wait for that); by default the programs of every common shape (decode "
+               "steps, prefills, prompt chunks) are compiled in the background while serving, "
+               "when no request is running, fewest rows and shortest lengths first; later "
+               "starts load most of them from the compilation cache")
+    _add_request_flags(p)
+    field_flag(p, EngineConfig, "seed", "first sampling seed")
+    field_flag(p, ServeConfig, "log_level", "uvicorn's log level",
+               choices=("critical", "error", "warning", "info", "debug"))
+    model_flags.add_model_args(p)
     p.set_defaults(func=run_serve, compile_cache=True)
+
+
+def _add_engine_flags(p) -> None:
+    """EngineConfig's flags (--seed comes later in --help)."""
+    field_flag(p, EngineConfig, "max_batch",
+               "slots: choices decoded at once (a request's n choices take n)")
+    field_flag(p, EngineConfig, "max_queue",
+               "choices waiting for a slot (a request's n choices count n); more are answered 429")
+    p.add_argument("--batch_wait_ms", type=float,
+                   default=field_default(EngineConfig, "batch_wait_s") * 1000,
+                   help="how long an idle decoder waits for more requests to prefill together")
+    field_flag(p, EngineConfig, "prefill_chunk",
+               "a longer prompt is prefilled this many tokens per decode step, so the requests "
+               "decoding meanwhile pause for a chunk, not the whole prompt")
+
+
+def _add_request_flags(p) -> None:
+    """ServeSettings' bounds and defaults of a request, and --max_context (EngineConfig's)."""
+    field_flag(p, ServeSettings, "max_tokens_cap",
+               "cap on a request's max_tokens (more is answered 400)", flag="max_tokens")
+    field_flag(p, ServeSettings, "default_max_tokens", "max_tokens of requests that give none")
+    field_flag(p, EngineConfig, "max_context", "prompt + max_tokens tokens allowed per request")
+    for name, help_text in (
+            ("temperature", "temperature of requests that give none"),
+            ("top_p", "top_p of requests that give none"),
+            ("top_k", "top-k for every request (0 = off)"),
+            ("repetition_penalty",
+             "Hugging Face-style repetition penalty of requests that give none (1 = off)"),
+            ("system", "system prompt for conversations without one (default: the template's)")):
+        field_flag(p, ServeSettings, name, help_text)

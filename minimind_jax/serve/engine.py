@@ -23,8 +23,9 @@ the longest); a prefill runs a power-of-two count of distinct prompts, copied in
 power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
 power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
 over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
-once. Every row samples with its own settings and its own random stream (seed, token count),
-so what a request draws does not depend on its batch-mates.
+once. Every row samples with its own completion's settings (temperature, top-p, top-k and
+repetition penalty) and its own random stream (seed, token count), so what a request draws
+does not depend on its batch-mates.
 
 Events passed to `on_event` (called on the worker thread; it must not block):
 `("token", id)`, then `("end", "stop" | "length" | "cancelled")` or `("error", message)`.
@@ -32,6 +33,7 @@ Events passed to `on_event` (called on the worker thread; it must not block):
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -48,6 +50,7 @@ from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
 from minimind_jax.runtime.xla_flags import jit_for_decoding
+from minimind_jax.serve.serve_config import EngineConfig
 
 MIN_PROMPT_BUCKET = 32
 MIN_KV_BUCKET = 64
@@ -59,23 +62,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down or its worker died."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Bounds of the batched decoder."""
-
-    max_batch: int = 8  # slots: completions decoding at once
-    max_queue: int = 64  # completions waiting for a slot; more are refused
-    max_context: int = 1024  # prompt + new tokens of one completion
-    batch_wait_s: float = 0.01  # how long an idle worker waits for more arrivals to prefill
-    seed: int = 0  # sampling seed of the first completion that brings none (then counting up)
-    prefill_chunk: int = 256  # longer prompts: this many tokens per decode step, not at once
-
-    def __post_init__(self):
-        if (self.max_batch < 1 or self.max_queue < 1 or self.max_context < 2
-                or self.prefill_chunk < 1):
-            raise ValueError(f"bad engine bounds: {self}")
 
 
 def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
@@ -233,10 +219,47 @@ def _store_step(cache, seen_BV, written, seen_RV, active_R):
     return cache, seen_BV.at[:rows].set(jnp.where(active_R[:, None], seen_RV, seen_BV[:rows]))
 
 
+class ProgramTable:
+    """The engines' compiled programs by key, each compiled once by whichever thread asks for
+    it first (the engine's worker for a request, or a warm-up thread); a thread asking for one
+    that another is compiling waits for it. XLA compiles without the GIL, so threads compile
+    side by side."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._futures: dict[tuple, concurrent.futures.Future] = {}
+
+    def __len__(self) -> int:
+        return sum(f.done() and f.exception() is None for f in list(self._futures.values()))
+
+    def get(self, key: tuple, compile_program: Callable):
+        with self._lock:
+            future = self._futures.get(key)
+            mine = future is None
+            if mine:
+                future = self._futures[key] = concurrent.futures.Future()
+        if mine:
+            try:
+                future.set_result(compile_program())
+            except BaseException as err:  # the next asker tries again
+                with self._lock:
+                    del self._futures[key]
+                future.set_exception(err)
+        return future.result()
+
+
+PROGRAMS = ProgramTable()
+
+
 def compilations() -> int:
-    """Programs the engines of this process have compiled so far."""
-    return (_prefill._cache_size() + _extend._cache_size() + _decode_step.jitted._cache_size()
-            + _store_step._cache_size())
+    """Programs the engines of this process have compiled (or loaded) so far."""
+    return len(PROGRAMS)
+
+
+def _abstract(tree):
+    """The shapes, dtypes and placements of a tree of arrays (what compiling needs of them)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 # ---------------------------------------------------------------- the engine
@@ -274,8 +297,7 @@ class SlotTable:
         return [slot for slot in self.occupied()
                 if self.prefilled[slot] == len(self.owner[slot].prompt_ids)]
 
-    def seat(self, slot: int, completion: Completion, seed: int,
-             repetition_penalty: float) -> None:
+    def seat(self, slot: int, completion: Completion, seed: int) -> None:
         s = completion.sampling
         self.owner[slot] = completion
         self.position[slot] = len(completion.prompt_ids)
@@ -283,7 +305,7 @@ class SlotTable:
         self.seated_at[slot] = next(self._seatings)
         self.seed[slot] = seed
         for name, value in (("temperature", s.temperature), ("top_p", s.top_p),
-                            ("top_k", s.top_k), ("repetition_penalty", repetition_penalty)):
+                            ("top_k", s.top_k), ("repetition_penalty", s.repetition_penalty)):
             self.settings[name][slot] = value
 
     def rows(self, slots) -> dict:
@@ -303,9 +325,10 @@ class BatchEngine:
     thread-safe."""
 
     def __init__(self, params, model_config: ModelConfig, eos_id: int, pad_id: int,
-                 config: EngineConfig = EngineConfig(), repetition_penalty: float = 1.0):
+                 config: EngineConfig | None = None):
+        config = config or EngineConfig()
         self.params, self.model_config, self.config = params, model_config, config
-        self.eos_id, self.pad_id, self.repetition_penalty = eos_id, pad_id, repetition_penalty
+        self.eos_id, self.pad_id = eos_id, pad_id
         self._waiting: deque[Completion] = deque()
         self._lock = threading.Condition()
         self._stopping = False
@@ -313,6 +336,11 @@ class BatchEngine:
         self._seeds = itertools.count(config.seed)
         self._cache = self._seen = None
         self._reset_device_state()
+        self._shapes = _abstract((params, self._cache, self._seen))
+        leaves, tree = jax.tree.flatten(self._shapes)
+        self._signature = (model_config, config.prefill_chunk, tuple(leaves), tree)
+        self.programs_warm = self.programs_total = 0  # of the warm-up
+        self.warming = False
         self.steps_run = self.prefills_run = 0
         self.prompts_prefilled = 0  # distinct prompts over all prefills
         self.largest_batch = 0  # most completions decoded in one step
@@ -351,55 +379,102 @@ class BatchEngine:
     def compilations(self) -> int:
         return compilations()
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Compile the programs of the common buckets before serving, so no request waits for
-        a compilation in them (nor do the rows decoding beside it): the decode step of every
-        row count and cache length, the prefill of 1 .. max_batch distinct prompts (one per
-        newcomer) of every length up to `prefill_chunk`, and one long prompt's chunk for one
-        slot at every cached length. Each runs once on no slot, leaving the engine's state as
-        it was. Call before the first submit (submits wait meanwhile); `progress(done, total)`
-        after each program. Returns how many programs it ran."""
-        cfg, slots = self.config, self._slots
+    def warm_up(self, progress: Callable[[int, int], None] | None = None,
+                threads: int = 1) -> int:
+        """Compile the programs of the common buckets, so no request waits for a compilation in
+        them (nor do the rows decoding beside it): the decode step of every row count and cache
+        length, the prefill of 1 .. max_batch distinct prompts (one per newcomer) of every length
+        up to `prefill_chunk`, and one long prompt's chunk for one slot at every cached length.
+        The likeliest first (fewest rows, shortest lengths), `threads` at a time, each compiled
+        and run once on scratch buffers (a cache's worth each): the engine's state is not
+        touched, so requests may come meanwhile. It uses idle time only: a program starts when
+        no request waits or decodes (a compilation beside them would slow their steps and
+        their own compilations down), and a program a request needs is compiled by the worker
+        (or waited for, when a warm-up thread compiles it already).
+        `progress(done, total)` after each program. Returns how many programs it warmed."""
+        programs = self._warm_programs()
+        self.programs_total, self.programs_warm, self.warming = len(programs), 0, True
+        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minimind-warm")
+        try:
+            futures = [pool.submit(self._when_idle, program) for program in programs]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                self.programs_warm += 1
+                if progress is not None:
+                    progress(self.programs_warm, len(programs))
+        finally:
+            pool.shutdown(cancel_futures=True)
+            self.warming = False
+        return len(programs)
+
+    def start_warm_up(self, progress: Callable[[int, int], None] | None = None,
+                      threads: int = 1, then: Callable[[int], None] | None = None) -> None:
+        """`warm_up` in a background thread (serving goes on meanwhile); `then(count)` after."""
+        self.warming = True
+
+        def warm() -> None:
+            count = self.warm_up(progress, threads)
+            if then is not None:
+                then(count)
+        threading.Thread(target=warm, name="minimind-warm-up", daemon=True).start()
+
+    def _warm_programs(self) -> list[Callable[[], None]]:
+        """The warm-up's programs, likeliest first: by rows, then length."""
+        cfg = self.config
         rows, longest = buckets(1, cfg.max_batch), cfg.max_context - 1  # prompt + 1 token
-        programs = [functools.partial(self._warm_step, r, kv)
+        programs = [((r, kv, 0), functools.partial(self._warm_step, r, kv))
                     for r in rows for kv in buckets(MIN_KV_BUCKET, cfg.max_context)]
-        programs += [functools.partial(self._warm_prefill, n, P) for n in rows
+        programs += [((n, P, 1), functools.partial(self._warm_prefill, n, P)) for n in rows
                      for P in buckets(MIN_PROMPT_BUCKET, cfg.max_context,
                                       range(1, min(cfg.prefill_chunk, longest) + 1))]
         if longest > cfg.prefill_chunk:  # chunks start at multiples of prefill_chunk
-            offsets = {power_of_two_at_least(offset, MIN_KV_BUCKET, cfg.max_context): offset
-                       for offset in range(0, longest, cfg.prefill_chunk)}  # one per bucket
-            programs += [functools.partial(self._warm_extend, offset)
-                         for offset in offsets.values()]
-        with self._lock:
-            if self.steps_run or self.prefills_run or self._waiting or slots.occupied():
-                raise RuntimeError("warm_up() must run before the first submit")
-            for done, program in enumerate(programs, 1):
-                program()
-                if progress is not None:
-                    progress(done, len(programs))
-        return len(programs)
+            kv_lens = {power_of_two_at_least(offset, MIN_KV_BUCKET, cfg.max_context)
+                       for offset in range(0, longest, cfg.prefill_chunk)}
+            programs += [((1, kv, 2), functools.partial(self._warm_extend, kv))
+                         for kv in kv_lens]
+        return [program for _, program in sorted(programs, key=lambda p: p[0])]
+
+    def _when_idle(self, program: Callable[[], None]) -> None:
+        """Run a warm-up `program` once no request waits or decodes (polling, not on the
+        worker's condition, whose notify must wake the worker); skip it when stopping."""
+        while not self._stopping and (self._waiting or self._slots.occupied()):
+            time.sleep(0.05)
+        if not self._stopping:
+            program()
+
+    def _warm(self, key: tuple, fn, *args, **statics):
+        """Compile `key`'s program from these arguments' shapes and run it once, with zeros for
+        the shapes-only ones (scratch buffers: the engine's state stays as it was), since an
+        executable's first run costs more than the next (0.3-0.5 s with YNNPACK fusions), which
+        the first request of its bucket would pay otherwise. Returns its outputs."""
+        program = self._program(key, fn, *args, **statics)
+        scratch = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding)
+                               if isinstance(x, jax.ShapeDtypeStruct) else x, args)
+        return jax.block_until_ready(program(*scratch))
 
     def _warm_step(self, rows: int, kv_len: int) -> None:
-        self._decode(rows, kv_len, np.zeros(rows, bool), np.zeros(rows, np.int32))  # no row
+        _, cache, seen = self._shapes
+        _, written, seen_RV = self._warm(
+            ("step", rows, kv_len), _decode_step, self.params, cache, seen,
+            *self._step_inputs(rows, np.zeros(rows, np.int32)), config=self.model_config,
+            rows=rows, kv_len=kv_len)
+        self._warm(("store", rows), _store_step, cache, seen, written, seen_RV,
+                   np.zeros(rows, bool))
 
     def _warm_prefill(self, n: int, P: int) -> None:
-        ids_UP = np.full((n, P), self.pad_id, np.int32)
-        self._cache, self._seen, first_A = _prefill(
-            self.params, self._cache, self._seen, ids_UP, np.ones(n, np.int32),
-            np.arange(n, dtype=np.int32), *self._slots.padded([], n),  # padding rows only
-            config=self.model_config)
-        np.asarray(first_A)
+        _, cache, seen = self._shapes
+        self._warm(("prefill", n, n, P), _prefill, self.params, cache, seen,
+                   np.zeros((n, P), np.int32), np.ones(n, np.int32),
+                   np.arange(n, dtype=np.int32), *self._slots.padded([], n),
+                   config=self.model_config)
 
-    def _warm_extend(self, offset: int) -> None:
-        C = self.config.prefill_chunk
-        kv_len = power_of_two_at_least(offset, MIN_KV_BUCKET, self.config.max_context)
-        self._cache, self._seen, next_A = _extend(
-            self.params, self._cache, self._seen, np.full((1, C), self.pad_id, np.int32),
-            np.ones(1, np.int32), np.full(1, offset, np.int32),
-            np.full(1, self.config.max_batch, np.int32), np.zeros(1, np.int32),
-            *self._slots.padded([], 1), config=self.model_config, kv_len=kv_len)
-        np.asarray(next_A)
+    def _warm_extend(self, kv_len: int) -> None:
+        _, cache, seen = self._shapes
+        one = np.ones(1, np.int32)
+        self._warm(("extend", 1, 1, kv_len), _extend, self.params, cache, seen,
+                   np.zeros((1, self.config.prefill_chunk), np.int32), one, one, one,
+                   np.zeros(1, np.int32), *self._slots.padded([], 1),
+                   config=self.model_config, kv_len=kv_len)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Refuse new work and fail what waits or decodes (the worker stops after its step)."""
@@ -456,7 +531,7 @@ class BatchEngine:
                     break
                 completion = self._waiting.popleft()
                 seed = completion.seed if completion.seed is not None else next(self._seeds)
-                self._slots.seat(slot, completion, seed, self.repetition_penalty)
+                self._slots.seat(slot, completion, seed)
                 seated.append((slot, completion))
         return seated
 
@@ -475,9 +550,10 @@ class BatchEngine:
             ids_UP[row, :len(prompt)], lengths_U[row] = prompt, len(prompt)
         source_A = np.zeros(n, np.int32)
         source_A[:len(source)] = source
-        self._cache, self._seen, first_A = _prefill(
-            self.params, self._cache, self._seen, ids_UP, lengths_U, source_A,
-            *self._slots.padded([slot for slot, _ in newcomers], n), config=self.model_config)
+        self._cache, self._seen, first_A = self._run(
+            ("prefill", u, n, P), _prefill, self.params, self._cache, self._seen, ids_UP,
+            lengths_U, source_A, *self._slots.padded([slot for slot, _ in newcomers], n),
+            config=self.model_config)
         self.prefills_run += 1
         self.prompts_prefilled += len(prompts)
         first_A = np.asarray(first_A)
@@ -516,10 +592,10 @@ class BatchEngine:
         source_A[:len(fed)] = [row for row, _ in fed]
         kv_len = power_of_two_at_least(int(offset_U.max()), MIN_KV_BUCKET,
                                        self.config.max_context)
-        self._cache, self._seen, next_A = _extend(
-            self.params, self._cache, self._seen, ids_UC, lengths_U, offset_U, reader_U,
-            source_A, *slots.padded([slot for _, slot in fed], n), config=self.model_config,
-            kv_len=kv_len)
+        self._cache, self._seen, next_A = self._run(
+            ("extend", u, n, kv_len), _extend, self.params, self._cache, self._seen, ids_UC,
+            lengths_U, offset_U, reader_U, source_A, *slots.padded([slot for _, slot in fed], n),
+            config=self.model_config, kv_len=kv_len)
         self.prefills_run += 1
         next_A = np.asarray(next_A)
         for row, (prompt, offset) in enumerate(key for key, _ in chunks):
@@ -549,14 +625,27 @@ class BatchEngine:
                 counts_R: np.ndarray) -> np.ndarray:
         """One decode step of the first `rows` slots over `kv_len` cache positions, stored for
         the `active_R` rows only; the next token of each row."""
-        slots = self._slots
-        next_R, written, seen_RV = _decode_step(
-            self.params, self._cache, self._seen, slots.last_token[:rows], slots.seed[:rows],
-            counts_R, slots.rows(slice(0, rows)), config=self.model_config, rows=rows,
+        next_R, written, seen_RV = self._run(
+            ("step", rows, kv_len), _decode_step, self.params, self._cache, self._seen,
+            *self._step_inputs(rows, counts_R), config=self.model_config, rows=rows,
             kv_len=kv_len)
-        self._cache, self._seen = _store_step(self._cache, self._seen, written, seen_RV,
-                                              active_R)
+        self._cache, self._seen = self._run(("store", rows), _store_step, self._cache,
+                                            self._seen, written, seen_RV, active_R)
         return np.asarray(next_R)
+
+    def _step_inputs(self, rows: int, counts_R: np.ndarray) -> tuple:
+        """A decode step's host inputs: each row's last token, seed, count and settings."""
+        slots = self._slots
+        return slots.last_token[:rows], slots.seed[:rows], counts_R, slots.rows(slice(0, rows))
+
+    def _program(self, key: tuple, fn, *args, **statics):
+        """The compiled program of `key`, compiled from these arguments' shapes (and the static
+        ones) unless an earlier call compiled it."""
+        return PROGRAMS.get((self._signature, *key),
+                            lambda: fn.lower(*args, **statics).compile())
+
+    def _run(self, key: tuple, fn, *args, **statics):
+        return self._program(key, fn, *args, **statics)(*args)
 
     def _hand_out(self, slot: int, token: int) -> None:
         """Give a slot's new token to its completion; free the slot when that one is done."""

@@ -21,10 +21,10 @@ import time
 import jax
 import numpy as np
 
-from minimind_jax.cli.model_args import HelpFormatter, add_model_args, model_config_from_args
 from minimind_jax.data import packing
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.flags import HelpFormatter, add_model_args, model_config_from_args
 from minimind_jax.runtime import host_memory
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in TFLOP/s.

@@ -22,8 +22,8 @@ import pathlib
 
 import numpy as np
 
-from minimind_jax.cli.model_args import HelpFormatter
 from minimind_jax.errors import UserError
+from minimind_jax.model.flags import HelpFormatter
 from minimind_jax.train.log_lines import REFERENCE_LINE, logged_steps, parse_reference_log
 
 _STEP_NAMES = ("step", "_step", "global_step", "steps", "iter", "iteration", "train/step")

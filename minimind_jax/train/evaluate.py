@@ -19,12 +19,13 @@ import math
 import jax
 import numpy as np
 
-from minimind_jax.cli import model_args
 from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
-from minimind_jax.data.samples import STAGES
+from minimind_jax.data.samples import SAMPLE_FORMATS
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model import flags as model_flags
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.train.recipes import recipe_named
 
 
@@ -99,13 +100,17 @@ class Evaluator:
 
 def run_eval(args: argparse.Namespace) -> int:
     from minimind_jax.infer import generate
+    from minimind_jax.infer.infer_config import LoadConfig
+    from minimind_jax.train.stages import STAGES
     from minimind_jax.train.train_step import data_mesh, put_replicated
 
-    params, config = generate.load_model_of(args)
-    tokenizer = generate.tokenizer_of(args)
-    source = open_source(args.data_path, tokenizer, args.stage, config.max_seq_len,
+    load = LoadConfig.from_args(args)
+    params, config = generate.load_model(load)
+    tokenizer = generate.tokenizer_of(load)
+    source = open_source(args.data_path, tokenizer, STAGES[args.stage].samples,
+                         config.max_seq_len,
                          cache_dir=args.cache_dir, skip_bad_lines=args.skip_bad_lines,
-                         rules=arch_of(config), sft_seed=args.seed,
+                         rules=generation_of(config).name, sft_seed=args.seed,
                          sft_random=not args.no_sft_random)
     mesh = data_mesh()
     evaluator = Evaluator(source, config, mesh, args.batch_size, args.eval_batches)
@@ -117,20 +122,24 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     from minimind_jax.data import prepare
-    from minimind_jax.infer import generate
+    from minimind_jax.infer import infer_config
 
     parser = subparsers.add_parser(
-        "eval", formatter_class=model_args.HelpFormatter,
+        "eval", formatter_class=model_flags.HelpFormatter,
         help="validation loss and perplexity of any weights on a JSONL file",
         description=__doc__)
     parser.add_argument("--ckpt", required=True,
                         help="one of our run or checkpoint folders, or a reference-keyed .pth, "
                              ".safetensors or .npz state dict")
-    generate.add_lora_weight_arg(parser)
+    infer_config.add_lora_weight_arg(parser)
     parser.add_argument("--data_path", required=True, help="JSONL file in the --stage format")
-    parser.add_argument("--stage", choices=STAGES, required=True,
-                        help="pretrain: {\"text\"} samples, every token; sft: conversations, "
-                             "the assistant replies only")
+    from minimind_jax.train.stages import STAGES
+
+    lm_stages = [name for name, stage in STAGES.items() if stage.samples in SAMPLE_FORMATS]
+    parser.add_argument("--stage", choices=lm_stages, required=True,
+                        help="the rows that stage trains on: pretrain: {\"text\"} samples, "
+                             "every token; the others: conversations, the assistant replies "
+                             "only")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder; default: the one saved with the run")
     parser.add_argument("--batch_size", type=int, default=32, help="rows per eval step")
@@ -144,7 +153,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no_sft_random", action="store_true",
                         help="minimind-3 SFT data: no variants, each conversation as written")
     prepare.add_cache_args(parser)
-    model_args.add_model_args(parser)
+    model_flags.add_model_args(parser)
     parser.set_defaults(func=run_eval, compile_cache=True)
 
 

@@ -1,10 +1,11 @@
-"""The `pretrain`, `sft` and `lora` commands: their flags, read once into a `TrainConfig`.
+"""The training commands, one per stage of train.stages.STAGES (pretrain, sft, lora, dpo,
+distill, distill_reason, grpo): their flags, read once into a `TrainConfig` and the stage's options.
 
 Every flag that sets a TrainConfig field defaults to that field's default; a None default
 (epochs, batch size, learning rate, accumulation, seed, schedule, shuffling) is resolved with
 the stage's defaults for the model's arch and the recipe by `TrainConfig.resolved`, for the
 command and for Python callers alike. The reference scripts' own flags are mapped first
-(cli.compat_flags).
+(train.compat_flags).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from minimind_jax.cli import compat_flags, model_args
 from minimind_jax.data import prepare
-from minimind_jax.data.samples import STAGES, Stage
-from minimind_jax.data.tokenizer import REFERENCE_TOKENIZER_DIR
+from minimind_jax.infer.infer_config import field_default
+from minimind_jax.model import flags as model_flags
+from minimind_jax.model.generation import GENERATIONS
 from minimind_jax.runtime import distributed
-from minimind_jax.train import evaluate, lora_stage, optim, recipes, tracking
+from minimind_jax.train import compat_flags, evaluate, optim, recipes, tracking
 from minimind_jax.train.run_log import say
+from minimind_jax.train.stages import STAGES, Stage
 from minimind_jax.train.train_config import (
     DataConfig,
     EvalConfig,
@@ -26,7 +28,6 @@ from minimind_jax.train.train_config import (
     RunConfig,
     TrainConfig,
     check_settings,
-    field_default,
     resolve_settings,
 )
 
@@ -34,25 +35,32 @@ _default = field_default
 
 
 def run_stage(args: argparse.Namespace, stage: Stage) -> int:
-    """The `pretrain`/`sft` command: `config_from_args`, then `train.loop.run`."""
+    """A training command: `config_from_args`, the stage's options from its flags, then
+    `train.loop.run`."""
     from minimind_jax.train.loop import run
 
-    return run(config_from_args(args, stage), stage)
+    config = config_from_args(args, stage)
+    if stage.options_from_args is not None:
+        stage = dataclasses.replace(stage, options=stage.options_from_args(args))
+    return run(config, stage)
 
 
 def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     """The command's flags as a resolved TrainConfig, checked before anything is created or
     opened; joins the distributed runtime (before the model flags' dtype `auto` asks JAX for
     its backend) and prints the reference flags' notes."""
-    notes = compat_flags.apply(args)  # the reference's flags; may pick the CPU
-    arch = model_args.arch_from_args(args)
-    settings = resolve_settings(settings_from_args(args), stage.command, arch)
+    notes = stage.map_flags(args) if stage.map_flags is not None else []
+    notes += compat_flags.apply(args)  # the reference's flags; may pick the CPU
+    defaults = stage.defaults_for(model_flags.arch_from_args(args))
+    settings = resolve_settings(settings_from_args(args), defaults)
     check_settings(settings)
     distributed.initialize(settings["distributed"])
-    stage_seq_len = recipes.stage_defaults(stage.command, arch).get("max_seq_len")
-    model = model_args.model_config_from_args(
-        args, **({"max_seq_len": stage_seq_len} if args.max_seq_len is None and stage_seq_len
-                 else {}), **({"lora_rank": args.lora_rank} if stage.command == "lora" else {}))
+    overrides = {}
+    if args.max_seq_len is None and "max_seq_len" in defaults:
+        overrides["max_seq_len"] = defaults["max_seq_len"]
+    if getattr(args, "lora_rank", None) is not None:  # the lora command's flag
+        overrides["lora_rank"] = args.lora_rank
+    model = model_flags.model_config_from_args(args, **overrides)
     for note in notes:
         say(note)
     run = dataclasses.replace(settings["run"], flags=_recorded_flags(args, settings, model))
@@ -103,23 +111,33 @@ def _recorded_flags(args: argparse.Namespace, settings: dict, model) -> dict:
 def _add_train_args(parser: argparse.ArgumentParser, stage: Stage) -> None:
     g = parser.add_argument_group("training (reference flag names)")
     g.add_argument("--out_dir", default=_default(RunConfig, "out_dir"),
-                   help=f"runs go to OUT_DIR/{stage.run_prefix}_{{dim}}[_moe]/")
+                   help=f"runs go to OUT_DIR/{_by_arch(stage, 'run_prefix')}_{{dim}}[_moe]/")
     g.add_argument("--data_path", default=stage.data_path, help="training JSONL file")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (tokenizer.json) or sentencepiece .model; default: "
                         "the run's own copy with --resume, "
-                        + ("else the pretrain run's copy, " if stage.command == "sft" else "")
-                        + f"else ./{REFERENCE_TOKENIZER_DIR} (where the reference keeps it)")
+                        + ("else the copy in the run folder its weights start from, "
+                           if stage.start_from else "")
+                        + "else where the reference's scripts keep it: "
+                        + "; ".join(f"{name}: " + ", ".join(f"./{d}" for d in g.tokenizer_dirs)
+                                    for name, g in GENERATIONS.items()))
     _add_optim_flags(g, stage)
     _add_rows_flags(g)
     _add_run_flags(g, stage)
 
 
+def _by_arch(stage: Stage, key: str, table=None) -> str:
+    """`key`'s MiniMind2 value, and minimind-3's where it differs, for --help."""
+    table = table if table is not None else {arch: d.get(key) for arch, d in
+                                             stage.defaults.items()}
+    ours, head = table["minimind2"], table["minimind3"]
+    return f"{ours}" if ours == head else f"{ours} (--arch minimind3: {head})"
+
+
 def _add_optim_flags(g, stage: Stage) -> None:
     """OptimConfig's flags, with --batch_size, --recipe, --no_sft_random and --seed (in the
     order --help lists them)."""
-    ours = recipes.stage_defaults(stage.command, "minimind2")
-    head = recipes.stage_defaults(stage.command, "minimind3")
+    ours, head = stage.defaults_for("minimind2"), stage.defaults_for("minimind3")
     g.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the data (default {ours['epochs']}; --arch minimind3: "
                         f"{head['epochs']})")
@@ -132,8 +150,9 @@ def _add_optim_flags(g, stage: Stage) -> None:
     g.add_argument("--accumulation_steps", type=int, default=None,
                    help=f"micro-batches whose mean gradient makes one optimizer update (default "
                         f"{ours['accumulation_steps']}; --arch minimind3: "
-                        f"{head['accumulation_steps']}). --arch minimind3 also defaults "
-                        f"--max_seq_len to {head['max_seq_len']}")
+                        f"{head['accumulation_steps']})"
+                        + (f". --arch minimind3 also defaults --max_seq_len to "
+                           f"{head['max_seq_len']}" if "max_seq_len" in head else ""))
     g.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None,
                    help="reproduce a reference's trainer: minimind2 = --no_shuffle "
                         "--lr_schedule minimind2; minimind3 = minimind-3's per-epoch "
@@ -194,13 +213,10 @@ def _add_run_flags(g, stage: Stage) -> None:
     g.add_argument("--init_from", default=None,
                    help="start from these weights: one of our run/checkpoint folders or a "
                         "reference-keyed .pth, .safetensors or .npz state dict (params only, "
-                        "fresh optimizer)" + ("; default: the latest checkpoint of "
-                                              "OUT_DIR/pretrain_{dim}[_moe]"
-                                              if stage.command == "sft" else
-                                              "; default: OUT_DIR/rlhf_{dim} (--arch "
-                                              "minimind3: full_sft_{hidden}[_moe]), a run "
-                                              "folder or .pth" if stage.command == "lora" else
-                                              "; default: random init from --seed"))
+                        "fresh optimizer); `none`: a random init from --seed; default: "
+                        + (f"OUT_DIR/{_by_arch(stage, '', stage.start_from)}_{{dim}}[_moe], "
+                           "a run folder with a checkpoint or the reference's .pth"
+                           if stage.start_from else "a random init from --seed"))
     start = g.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue this stage's run from its newest intact checkpoint: "
@@ -221,51 +237,24 @@ def _add_run_flags(g, stage: Stage) -> None:
                         "results. Checkpoints load into either layout")
 
 
-def _add_lora_args(parser) -> None:
-    ours = recipes.stage_defaults("lora", "minimind2")
-    head = recipes.stage_defaults("lora", "minimind3")
-    g = parser.add_argument_group("LoRA")
-    g.add_argument("--lora_name", dest="run_prefix", default=None,
-                   help=f"the adapter's name: run folder OUT_DIR/{{lora_name}}_{{dim}}[_moe] "
-                        f"and adapter file (default {ours['run_prefix']}; --arch minimind3: "
-                        f"{head['run_prefix']})")
-    g.add_argument("--lora_rank", type=int, default=lora_stage.DEFAULT_RANK,
-                   help="adapter rank (the references: 16; no alpha scaling either way)")
-    g.add_argument("--lora_init_from", default=None,
-                   help="start the adapters from this adapter file (the references' "
-                        "{linear}.lora.A.weight / .lora.B.weight keys; .pth, .safetensors, "
-                        ".npz) instead of a seeded A ~ N(0, 0.02^2), B = 0")
-
-
 def register(subparsers) -> None:
-    descriptions = {
-        "pretrain": "Pretrain a MiniMind2 model on {\"text\": ...} JSONL (the reference's "
-                    "train_pretrain.py): next-token loss on every real token.",
-        "sft": "Full supervised fine-tuning on {\"conversations\": [...]} JSONL (the "
-               "reference's train_full_sft.py), starting from the pretrain weights; the loss "
-               "covers the assistant replies only.",
-        "lora": "LoRA fine-tuning on SFT JSONL (the reference's train_lora.py): rank-16 "
-                "adapters on every square projection (wq, wo), base weights frozen (MiniMind2: "
-                "OUT_DIR/rlhf_{dim}, minimind-3: full_sft_{hidden}, as a run folder or .pth); "
-                "writes the reference's adapter file {lora_name}_{dim}.pth (minimind-3: "
-                "float16) into the run folder at the end.",
-    }
-    for name, stage in STAGES.items():
+    """One command per stage of the table."""
+    for stage in STAGES.values():
         parser = subparsers.add_parser(
-            name, formatter_class=model_args.HelpFormatter,
-            help=descriptions[name].split(" (")[0],
-            description=descriptions[name] + "\n\nPrints the parameter count and, every "
-                        "--log_interval micro-batches, `Epoch:[e/E](step/iters) loss:.. lr:.. "
-                        "epoch_Time:..min:` (--arch minimind3: minimind-3's `Epoch:[e/E](s/iters), "
-                        "loss: .., logits_loss: .., aux_loss: .., lr: .., epoch_time: ..min`); "
+            stage.name, formatter_class=model_flags.HelpFormatter, help=stage.summary,
+            description=stage.description + "\n\nPrints the parameter count and, every "
+                        "--log_interval micro-batches, the reference script's console line; "
                         "writes config.json, metrics.jsonl, TensorBoard events and orbax "
                         "checkpoints into the run folder. Exact reference runs: --recipe "
                         "minimind2, or --arch minimind3 --recipe minimind3.")
         _add_train_args(parser, stage)
-        if stage.command == "lora":
-            _add_lora_args(parser)
-        model_args.add_model_args(parser, moe_value=True)
-        evaluate.add_eval_args(parser)
+        if stage.add_flags is not None:
+            stage.add_flags(parser)
+        model_flags.add_model_args(parser, moe_value=True)
+        if stage.validates:
+            evaluate.add_eval_args(parser)
+        else:
+            parser.set_defaults(eval_data=None, eval_interval=None, eval_batches=None)
         distributed.add_distributed_args(parser)
         tracking.add_tracker_args(parser)
         compat_flags.add_reference_args(parser)

@@ -91,3 +91,72 @@ class LineStyle:
                                   record["aux"], record["lr"], epoch_seconds, batches_done)
         return minimind2_line(epoch, self.epochs, batch, self.batches, record["loss"],
                               record["lr"], epoch_seconds, batches_done)
+
+
+# --- the post-training scripts' lines: (epoch, epochs, batch, batches, record, epoch_seconds,
+# batches_done) -> line, as LineStyle.line_fn -----------------------------------------------
+
+def minimind2_divided_line(accumulation_steps: int) -> Callable:
+    """MiniMind2's train_dpo.py / train_distill_reason.py line: the pretrain/SFT line with the
+    loss divided by the accumulation steps (the value they back-propagate and print)."""
+
+    def line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+        return minimind2_line(epoch, epochs, batch, batches, record["loss"] / accumulation_steps,
+                              record["lr"], epoch_seconds, batches_done)
+
+    return line
+
+
+def minimind3_dpo_line(epoch, epochs, batch, batches, record, epoch_seconds,
+                       batches_done) -> str:
+    """minimind-3's train_dpo.py line (1-based step)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {record['loss']:.4f}, "
+            f"dpo_loss: {record['dpo_loss']:.4f}, aux_loss: {record['aux']:.4f}, "
+            f"learning_rate: {record['lr']:.8f}, epoch_time: {eta_min:.3f}min")
+
+
+def minimind2_distill_line(epoch, epochs, batch, batches, record, epoch_seconds,
+                           batches_done) -> str:
+    """MiniMind2's train_distillation.py line: 0-based epoch over epochs - 1."""
+    minutes_left = epoch_seconds / batches_done * batches // 60 - epoch_seconds // 60
+    return (f"Epoch:[{epoch}/{epochs - 1}]({batch}/{batches}) loss:{record['loss']:.4f} "
+            f"lr:{record['lr']:.12f} epoch_Time:{minutes_left}min:")
+
+
+def minimind3_distill_line(epoch, epochs, batch, batches, record, epoch_seconds,
+                           batches_done) -> str:
+    """minimind-3's train_distillation.py line (1-based step)."""
+    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {record['loss']:.4f}, "
+            f"ce: {record['ce']:.4f}, aux_loss: {record['aux']:.4f}, "
+            f"distill: {record['distill']:.4f}, learning_rate: {record['lr']:.8f}, "
+            f"epoch_time: {eta_min:.3f}min")
+
+
+def minimind3_grpo_line(lr_after: Callable[[int], float]) -> Callable:
+    """minimind-3's train_grpo.py line (1-based step); the LR it prints is read after the
+    scheduler's step: `lr_after(updates done)`."""
+
+    def line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
+        del epoch_seconds, batches_done
+        return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
+                f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
+                f"Adv Std: {record['advantages_std']:.4f}, "
+                f"Adv Mean: {record['advantages_mean']:.4f}, Actor Loss: {record['loss']:.4f}, "
+                f"Avg Response Len: {record['avg_response_len']:.2f}, "
+                f"Learning Rate: {lr_after(record['update']):.8f}")
+
+    return line
+
+
+def minimind3_ppo_line(epoch, epochs, batch, batches, record, epoch_seconds,
+                       batches_done) -> str:
+    """minimind-3's train_ppo.py line (1-based step; the LRs after the schedulers' steps)."""
+    del epoch_seconds, batches_done
+    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), "
+            f"Reward: {record['reward']:.4f}, KL_ref: {record['kl_ref']:.4f}, "
+            f"Approx KL: {record['approx_kl']:.4f}, ClipFrac: {record['clipfrac']:.4f}, "
+            f"Critic Loss: {record['critic_loss']:.4f}, "
+            f"Avg Response Len: {record['avg_response_len']:.2f}, "
+            f"Actor LR: {record['actor_lr']:.8f}, Critic LR: {record['critic_lr']:.8f}")

@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import contextlib
 
-from minimind_jax.data.samples import Stage, stage_named
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.runtime import distributed
 from minimind_jax.train import checkpoint, run_folder
 from minimind_jax.train.run_log import say
 from minimind_jax.train.setup import Run, build_run, rows_layout
+from minimind_jax.train.stages import Stage, named
 from minimind_jax.train.train_config import TrainConfig, check_settings
 
 
 def run(config: TrainConfig, stage: Stage | str) -> int:
-    """Train `stage` (`"pretrain"`, `"sft"` or a `Stage`) as `config` says; 0 when done.
+    """Train `stage` (a name of train.stages.STAGES, e.g. `"dpo"`, or a `Stage`, e.g. with
+    its options changed) as `config` says; 0 when done. The same run as the stage's command
+    with the same settings.
 
     Bad input raises UserError, an environment failure while writing RunFailure."""
     from minimind_jax.train import train_step
 
-    stage = stage_named(stage) if isinstance(stage, str) else stage
-    config = config.resolved(stage.command)
+    stage = named(stage) if isinstance(stage, str) else stage
+    config = config.resolved(stage)
     check_settings(vars(config))
     distributed.initialize(config.distributed)  # a no-op when the command started it
     with contextlib.ExitStack() as stack:  # what is opened below is closed on every path
@@ -34,7 +37,7 @@ def run(config: TrainConfig, stage: Stage | str) -> int:
                 trainer.finish_fn(state)
             say(f"done: {int(train_step.to_host(state.step))} micro-steps, "
                 f"{int(train_step.to_host(state.skipped))} skipped; checkpoints in "
-                f"{trainer.run_dir / checkpoint.CHECKPOINT_DIR}")
+                f"{trainer.run_dir / CHECKPOINT_DIR}")
     return 0
 
 
@@ -45,15 +48,15 @@ class TooManySkips(Exception):
 
 
 def train_loop(run: Run):
-    """Consume batches from `run.start` = (global step, epoch, batch) until `run.total_steps`;
-    `run.flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush);
+    """Consume batches from `run.start` = (global step, epoch, batch) until `run.total_steps`
+    (each through the stage's batch producer `run.produce_fn(state, batch, info)` if it has
+    one); `run.flush_fn(state)` after each epoch's last batch (minimind-3's partial-window flush);
     with an evaluator, validate every --eval_interval micro-steps and at the end. Returns the
     final train state.
 
     Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the
     device; they are all written before any checkpoint, so a checkpoint never precedes its log.
     """
-    from minimind_jax.train import train_step
 
     state, (step, epoch, batch) = run.state, run.start
     batches, epochs = run.loader.batches_per_epoch, run.config.optim.epochs
@@ -67,9 +70,11 @@ def train_loop(run: Run):
             run.log.start_epoch(batch)
             for b, host_batch in enumerate(run.loader.epoch(epoch, start_batch=batch),
                                            start=batch):
-                state, metrics = run.step_fn(state, train_step.put_batch(host_batch, run.mesh))
-                info = {"step": step, "epoch": epoch, "batch": b,
-                        "seq_len": host_batch["input_ids"].shape[1]}
+                info = {"step": step, "epoch": epoch, "batch": b}
+                if run.produce_fn is not None:  # a batch made from the current state
+                    host_batch = run.produce_fn(state, host_batch, info)
+                state, metrics = run.step_fn(state, host_batch)
+                info["seq_len"] = host_batch["input_ids"].shape[1]
                 step += 1
                 if run.flush_fn is not None and b + 1 == batches:
                     state = run.flush_fn(state)
@@ -124,7 +129,7 @@ def save_checkpoint(run: Run, state, position: tuple[int, int]) -> int:
     the model, the stage, the rows' layout and the run time so far. Returns the step (saved
     asynchronously)."""
     return checkpoint.save(run.manager, state, epoch=position[0], batch=position[1],
-                           config=run.model, stage=run.stage.command,
+                           config=run.model, stage=run.stage.name,
                            rows=rows_layout(run.config.data), elapsed_s=run.log.elapsed())
 
 

@@ -18,7 +18,7 @@ import optax
 
 from minimind_jax.errors import ConfigError
 
-SCHEDULES = ("cosine", "minimind2", "minimind3")
+SCHEDULES = ("cosine", "minimind2", "minimind3", "annealing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,10 @@ class Schedule:
     `minimind2`: lr/10 + lr/2 * (1 + cos(pi * s / total)), the reference's `get_lr` (starts at
     1.1 * lr, no warmup). `minimind3`: lr * (0.1 + 0.45 * (1 + cos(pi * (s + 1) / total))),
     minimind-3's `get_lr` of the 1-based micro-step (starts at ~lr, ends at lr/10).
+    `annealing`: minimind-3's RL scripts' torch CosineAnnealingLR(T_max=T, eta_min=lr/10)
+    stepped once per update: lr/10 + 0.9 lr (1 + cos(pi k / T)) / 2 with k the updates done
+    before micro-step s, counted per epoch of `epoch_batches` (each epoch's partial window is
+    flushed: ceil(epoch_batches / accumulation_steps) updates an epoch, T of them in all).
     `cosine`: counted in updates u = s // accumulation_steps: linear
     warmup lr * (u + 1) / warmup_iters over the first `warmup_iters` updates, then a cosine from
     lr down to lr/10 at the last update.
@@ -38,6 +42,7 @@ class Schedule:
     total_steps: int
     accumulation_steps: int = 1
     warmup_iters: int = 0
+    epoch_batches: int | None = None  # `annealing`: micro-steps per epoch (None: all of them)
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -59,6 +64,13 @@ class Schedule:
             return lr / 10 + 0.5 * lr * (1 + xp.cos(math.pi * step / self.total_steps))
         if self.name == "minimind3":
             return lr * (0.1 + 0.45 * (1 + xp.cos(math.pi * (step + 1) / self.total_steps)))
+        if self.name == "annealing":
+            per_epoch = self.epoch_batches or self.total_steps
+            updates_per_epoch = -(-per_epoch // self.accumulation_steps)
+            total_updates = updates_per_epoch * -(-self.total_steps // per_epoch)
+            done = (step // per_epoch * updates_per_epoch
+                    + step % per_epoch // self.accumulation_steps)
+            return lr / 10 + 0.45 * lr * (1 + xp.cos(math.pi * done / total_updates))
         on_host = xp is math
         update = step // self.accumulation_steps
         total_updates = max(self.total_steps // self.accumulation_steps, 1)

@@ -1,11 +1,11 @@
-"""Training recipes and per-stage defaults: ours, MiniMind2's and minimind-3's.
+"""Training recipes: ours, MiniMind2's and minimind-3's (the stages' own defaults: train.stages).
 
 `minimind2` is the MiniMind2 reference's data order and schedule (file order, its `get_lr`);
 `minimind3` is minimind-3's trainer (shared/SPEC3.md section 5): each epoch `torch.randperm`
 after seeding with seed + epoch (seed 42), its `get_lr` of the 1-based micro-step, the last
 partial batch kept, a flush of a partial accumulation window at each epoch's end, SFT draws
 seeded with seed + epoch, and SFT starting from the pretrain weights rounded to float16 (as
-minimind-3's weight files hold them). A model of either arch takes that arch's stage defaults.
+minimind-3's weight files hold them).
 """
 
 from __future__ import annotations
@@ -40,37 +40,6 @@ RECIPES = {
                         flush_epoch_end=True, fp16_sft_init=True),
 }
 
-# (stage command, arch) -> defaults of the settings left unset (minimind-3's also of the
-# model's max_seq_len, which the command's flags apply).
-_STAGE_DEFAULTS = {
-    ("pretrain", "minimind2"): dict(epochs=1, batch_size=32, learning_rate=5e-4,
-                                    accumulation_steps=8),
-    ("sft", "minimind2"): dict(epochs=1, batch_size=32, learning_rate=5e-5,
-                               accumulation_steps=1),
-    # minimind-3's trainer/train_pretrain.py / train_full_sft.py defaults.
-    ("pretrain", "minimind3"): dict(epochs=2, batch_size=32, learning_rate=5e-4,
-                                    accumulation_steps=8, max_seq_len=340),
-    ("sft", "minimind3"): dict(epochs=2, batch_size=16, learning_rate=1e-5,
-                               accumulation_steps=1, max_seq_len=768),
-    # train_lora.py of each (docs/post_training_spec.md 1.2); run_prefix = its --lora_name
-    ("lora", "minimind2"): dict(epochs=50, batch_size=16, learning_rate=5e-5,
-                                accumulation_steps=1, run_prefix="lora_identity", base="rlhf"),
-    ("lora", "minimind3"): dict(epochs=10, batch_size=32, learning_rate=1e-4,
-                                accumulation_steps=1, max_seq_len=340,
-                                run_prefix="lora_medical", base="full_sft"),
-    # The post-training scripts (docs/post_training_spec.md sections 2.3 and 3.3); DPO's
-    # batch_size counts pairs.
-    ("dpo", "minimind2"): dict(epochs=2, batch_size=8, learning_rate=1e-8,
-                               accumulation_steps=1, max_seq_len=1024),
-    ("dpo", "minimind3"): dict(epochs=1, batch_size=4, learning_rate=4e-8,
-                               accumulation_steps=1, max_seq_len=1024),
-    ("distill", "minimind2"): dict(epochs=6, batch_size=32, learning_rate=5e-6,
-                                   accumulation_steps=1, max_seq_len=512),
-    ("distill", "minimind3"): dict(epochs=6, batch_size=32, learning_rate=5e-6,
-                                   accumulation_steps=1, max_seq_len=340),
-}
-
-
 def recipe_named(name: str | Recipe | None) -> Recipe:
     """The recipe called `name` (None: ours; a Recipe is returned as it is)."""
     if isinstance(name, Recipe):
@@ -80,11 +49,6 @@ def recipe_named(name: str | Recipe | None) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return RECIPES[name]
-
-
-def stage_defaults(command: str, arch: str) -> dict:
-    """The defaults of `command` (pretrain / sft / dpo / distill) for a model of `arch`."""
-    return dict(_STAGE_DEFAULTS[(command, arch)])
 
 
 def round_to_float16(params):

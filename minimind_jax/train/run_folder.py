@@ -9,24 +9,38 @@ import json
 import pathlib
 import shutil
 
-from minimind_jax.data.samples import Stage
 from minimind_jax.errors import ENVIRONMENT_ERRNOS, RunFailure, UserError, os_error_line
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR, latest_checkpoint, step_folders
 from minimind_jax.runtime import distributed
 from minimind_jax.train import checkpoint, run_lock
 from minimind_jax.train.train_config import RunConfig, TrainConfig
 
 
-def run_dir_for(out_dir: str, stage: Stage, config: ModelConfig) -> pathlib.Path:
-    return pathlib.Path(out_dir) / f"{stage.run_prefix}_{config.tag}"
+def run_dir_for(out_dir: str, run_prefix: str, config: ModelConfig) -> pathlib.Path:
+    """OUT_DIR/{run_prefix}_{dim}[_moe]: the reference's weight-file name, as a folder."""
+    return pathlib.Path(out_dir) / f"{run_prefix}_{config.tag}"
 
 
 def saved_weights(out_dir: str, name: str) -> pathlib.Path | None:
-    """The weights a run saved under `name` (e.g. `full_sft_512`): our run folder
-    OUT_DIR/NAME, else the reference's OUT_DIR/NAME.pth; None if neither exists."""
+    """The weights a run saved under `name` (e.g. `full_sft_512`): our run folder OUT_DIR/NAME
+    when it holds a checkpoint, else the reference's OUT_DIR/NAME.pth; None if neither."""
     folder = pathlib.Path(out_dir) / name
-    return next((path for path in (folder, folder.with_name(name + ".pth")) if path.exists()),
-                None)
+    if folder.is_dir() and latest_checkpoint(folder) is not None:
+        return folder
+    file = folder.with_name(name + ".pth")
+    return file if file.is_file() else None
+
+
+def find_saved_weights(out_dir: str, name: str, what: str) -> pathlib.Path:
+    """`saved_weights`, or UserError saying what `what` needs and how to make or pass it."""
+    found = saved_weights(out_dir, name)
+    if found is not None:
+        return found
+    folder = pathlib.Path(out_dir) / name
+    raise UserError(f"{what}, but neither {folder} (a run folder with a checkpoint) nor "
+                    f"{folder}.pth exists: train them first with the same --out_dir and model "
+                    "flags, or pass --init_from (a run folder, .pth, .safetensors or .npz)")
 
 
 def write_run_files(run_dir: pathlib.Path, model: ModelConfig, config: TrainConfig,
@@ -54,7 +68,7 @@ def write_failures(run_dir: pathlib.Path):
         if err.errno not in ENVIRONMENT_ERRNOS:
             raise
         raise RunFailure(f"writing {os_error_line(err)}; "
-                         + checkpoint.intact_note(run_dir / checkpoint.CHECKPOINT_DIR)
+                         + checkpoint.intact_note(run_dir / CHECKPOINT_DIR)
                          ) from None
 
 
@@ -76,7 +90,7 @@ def own(run_dir: pathlib.Path):
 
 def previous_run(run_dir: pathlib.Path) -> str | None:
     """What an earlier run left in `run_dir` that starting afresh would delete, if anything."""
-    steps = checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR)
+    steps = step_folders(run_dir / CHECKPOINT_DIR)
     if steps:
         return f"checkpoints up to step {steps[0]}"
     metrics = run_dir / "metrics.jsonl"
@@ -89,8 +103,8 @@ def check_start(run: RunConfig, run_dir: pathlib.Path) -> str | None:
     """Refuse --resume without a checkpoint, and a fresh start over an earlier run without
     --overwrite; returns what that earlier run left (`previous_run`)."""
     previous = previous_run(run_dir)
-    if run.resume and not checkpoint.step_folders(run_dir / checkpoint.CHECKPOINT_DIR):
-        raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
+    if run.resume and not step_folders(run_dir / CHECKPOINT_DIR):
+        raise UserError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
     if not run.resume and previous and not run.overwrite:
         raise UserError(f"{run_dir} already holds a run ({previous}): pass --resume to "
                         "continue it, or --overwrite to delete its checkpoints, metrics and "

@@ -75,7 +75,9 @@ class RunLog:
         now = time.time()
         record = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"],
                   "update": int(metrics["update"]), "loss": float(metrics["loss"]),
-                  "aux": float(metrics["aux"]), "lr": lr_at(info["step"])}
+                  "aux": float(metrics["aux"]),
+                  # a step that keeps its own schedules (PPO) reports its learning rate
+                  "lr": float(metrics["lr_now"]) if "lr_now" in metrics else lr_at(info["step"])}
         parts = metrics.get("parts", {})
         record.update({k: float(v) for k, v in parts.items()})
         self.parts = tuple(parts)

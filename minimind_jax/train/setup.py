@@ -15,39 +15,44 @@ import numpy as np
 
 from minimind_jax.data.batches import Loader, bucket_widths
 from minimind_jax.data.rows import open_source
-from minimind_jax.data.samples import STAGES, Stage
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
-from minimind_jax.model import lora, weights
-from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig, arch_of
+from minimind_jax.model.config import SHAPE_FIELDS, ModelConfig
+from minimind_jax.model.generation import generation_of
+from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.runtime import distributed, host_memory
-from minimind_jax.train import (
-    checkpoint,
-    evaluate,
-    lora_stage,
-    optim,
-    recipes,
-    run_folder,
-    tracking,
-)
+from minimind_jax.train import checkpoint, evaluate, optim, run_folder, tracking
 from minimind_jax.train.log_lines import LineStyle
 from minimind_jax.train.run_log import RunLog, say, warn
+from minimind_jax.train.stages.stage import (
+    Objective,
+    Stage,
+    StageContext,
+    init_source,
+    start_name,
+    start_params,
+)
 from minimind_jax.train.train_config import DataConfig, TrainConfig
 
 
-def resolve_tokenizer(config: TrainConfig, stage: Stage) -> pathlib.Path:
-    """--tokenizer; else the run's own copy (--resume), the copy of the run it starts from
-    (sft: the pretrain run; an --init_from run folder), or the reference's own folder."""
-    run, model = config.run, config.model
-    own = run_folder.run_dir_for(run.out_dir, stage, model) if run.resume else None
-    if stage.command == "sft" and not run.init_from:
-        start = run_folder.run_dir_for(run.out_dir, STAGES["pretrain"], model)
-    elif run.init_from and pathlib.Path(run.init_from).is_dir():  # one of our run folders
-        start = pathlib.Path(run.init_from)
-    else:
-        start = None
+def resolve_tokenizer(config: TrainConfig, stage: Stage, model: ModelConfig) -> pathlib.Path:
+    """--tokenizer; else the run's own copy (--resume), the copy of the run folder it starts
+    from (--init_from, or the stage's start weights), or the reference's own folder."""
+    run = config.run
+    own = run_folder.run_dir_for(run.out_dir, run.run_prefix, model) if run.resume else None
     return locate_tokenizer(config.data.tokenizer, training_tokenizer_candidates(
-        arch_of(model), run_dir=own, start_dir=start), what=stage.command)
+        generation_of(model), run_dir=own, start_dir=_start_folder(config, stage, model)),
+        what=stage.name)
+
+
+def _start_folder(config: TrainConfig, stage: Stage, model: ModelConfig):
+    """The run folder the initial weights come from, if they come from one."""
+    init_from = config.run.init_from
+    if init_from is None and stage.start_from is not None:
+        found = run_folder.saved_weights(config.run.out_dir, start_name(stage, model))
+    else:
+        found = pathlib.Path(init_from) if init_from not in (None, "none") else None
+    return found if found is not None and found.is_dir() else None
 
 
 def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> None:
@@ -58,43 +63,10 @@ def check_same_shape(saved: ModelConfig, config: ModelConfig, where: str) -> Non
                         + "\n  ".join(diffs))
 
 
-def init_source(config: TrainConfig, stage: Stage) -> pathlib.Path | None:
-    """Where the initial weights come from: --init_from; else sft: the pretrain run folder;
-    else None (a seeded random init). Checked to exist, so a missing one fails early."""
-    init_from = config.run.init_from
-    if init_from == "none":  # minimind-3's --from_weight none
-        return None
-    if init_from:
-        source = pathlib.Path(init_from)
-        if not source.exists():
-            raise UserError(f"--init_from: {source} does not exist")
-        return source
-    if lora_stage.is_lora(stage):
-        return lora_stage.default_base(config.run.out_dir, config.model)
-    if stage.command != "sft":
-        return None
-    pretrain_dir = run_folder.run_dir_for(config.run.out_dir, STAGES["pretrain"], config.model)
-    if checkpoint.latest_checkpoint(pretrain_dir) is None:
-        raise UserError(f"sft starts from the pretrain weights, but there is no checkpoint "
-                        f"in {pretrain_dir}: run `pretrain` first with the same --out_dir "
-                        "and model flags, or pass --init_from (checkpoint folder, .pth, "
-                        ".safetensors or .npz)")
-    return pretrain_dir
-
-
 def initial_params(config: TrainConfig, stage: Stage, source: pathlib.Path | None,
                    model: ModelConfig):
-    """(params, where they came from): `init_source`'s weights, or a seeded random init."""
-    from minimind_jax.model.transformer import init_params
-
-    if lora_stage.is_lora(stage):
-        return lora_stage.initial_params(config, source, model, warn)
-    if source is None:
-        return init_params(model, jax.random.PRNGKey(config.seed)), "random init"
-    params, _, origin = weights.load_weights(source, model, exact=True, warn=warn)
-    if stage.command == "sft" and config.recipe.fp16_sft_init:
-        return recipes.round_to_float16(params), f"{origin} (rounded to float16, as minimind-3)"
-    return params, origin
+    """(params, where they came from): the stage's own `initial_params`, else `start_params`."""
+    return (stage.initial_params or start_params)(config, stage, source, model, warn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +83,14 @@ class Run:
     loader: Any
     mesh: Any
     schedule: optim.Schedule
-    step_fn: Any
+    step_fn: Any  # (state, host batch) -> (state, metrics)
     flush_fn: Any  # minimind-3's end-of-epoch flush of a partial accumulation window, or None
     evaluator: Any  # evaluate.Evaluator or None
     manager: Any  # the orbax checkpoint manager
     log: RunLog
     finish_fn: Any = None  # (final state) -> None, on every process: lora writes its adapters
+    # (state, host batch, info) -> host batch: the stage's batch producer, or None
+    produce_fn: Any = None
 
 
 def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) -> Run:
@@ -124,26 +98,32 @@ def build_run(config: TrainConfig, stage: Stage, stack: contextlib.ExitStack) ->
     functions, checkpoint manager, tracker and log; what is opened is closed by `stack`."""
     from minimind_jax.data.tokenizer import load_tokenizer
 
-    if config.run.run_prefix:  # minimind-3's --save_weight
-        stage = dataclasses.replace(stage, run_prefix=config.run.run_prefix)
-    tokenizer_dir = resolve_tokenizer(config, stage)
+    tokenizer_dir = resolve_tokenizer(config, stage, config.model)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = config.model
-    if lora_stage.is_lora(stage):
-        model = lora_stage.model_for(model)
+    model = stage.model_for(config.model)
     if config.vocab_from_tokenizer:
         model = model.replace(vocab_size=tokenizer.vocab_size)
     if model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab_size {model.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size}, {tokenizer_dir})")
-    # A frozen second model (DPO's reference) starts from the initial weights also on --resume.
-    source = (None if config.run.resume and stage.objective is None
-              else init_source(config, stage))
-    run_dir = run_folder.run_dir_for(config.run.out_dir, stage, model)
+    source = None if config.run.resume else init_source(config, stage, model)
+    run_dir = run_folder.run_dir_for(config.run.out_dir, config.run.run_prefix, model)
     stack.enter_context(run_folder.own(run_dir))
     with run_folder.write_failures(run_dir):
         return _build_owned(config, stage, model, tokenizer, tokenizer_dir, source, run_dir,
                             stack)
+
+
+def _objective(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
+               source) -> Objective:
+    """The stage's objective; its `start()` gives the run's initial params, also on --resume
+    (where `source` is None and looked up now)."""
+    def start():
+        where = init_source(config, stage, model) if config.run.resume else source
+        return initial_params(config, stage, where, model)
+
+    return stage.objective(StageContext(config, model, generation_of(model), tokenizer,
+                                        stage.options, start))
 
 
 def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenizer,
@@ -154,22 +134,22 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
 
     previous = run_folder.check_start(config.run, run_dir)
     mesh = train_step.data_mesh()
-    objective = (stage.objective(config, model, tokenizer, source)
-                 if stage.objective is not None else None)
+    objective = _objective(config, stage, model, tokenizer, source)
     data, loader, evaluator = _open_data(config, stage, tokenizer, model, mesh, objective)
     batches = loader.batches_per_epoch
     total_steps = _total_steps(config, batches)
     opt = config.optim
     schedule = optim.Schedule(opt.lr_schedule, opt.learning_rate, total_steps,
-                              opt.accumulation_steps, opt.warmup_iters)
-    optimizer = optim.make_optimizer(
+                              opt.accumulation_steps, opt.warmup_iters, epoch_batches=batches)
+    optimizer = objective.optimizer or optim.make_optimizer(
         accumulation_steps=opt.accumulation_steps, grad_clip=opt.grad_clip,
         weight_decay=opt.weight_decay,
         epoch_batches=batches if config.recipe.epoch_windows else None)
-    partition = lora.Partition() if lora_stage.is_lora(stage) else None
+    partition = stage.partition(model)
     abstract = train_step.abstract_train_state(model, optimizer, mesh,
                                                fsdp=config.distributed.fsdp,
-                                               partition=partition)
+                                               partition=partition,
+                                               params_like=objective.params_like)
     shardings = train_step.shardings_of(abstract)
     state, (epoch, batch), elapsed_before = _start_state(
         config, stage, model, source, run_dir, previous, abstract, optimizer, shardings,
@@ -184,83 +164,95 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
                     elapsed_before)
     stack.callback(log.close)
-    step_fn = train_step.make_train_step(
-        model, optimizer, schedule, mesh, shardings, partition,
-        **({"objective": objective.loss, "frozen": objective.frozen} if objective else {}))
+    step_fn = (objective.make_step(mesh) if objective.make_step else
+               _lm_step(train_step.make_train_step(model, optimizer, schedule, mesh, shardings,
+                                                   partition, objective=objective.loss,
+                                                   frozen=objective.frozen), mesh))
     flush_fn = None
-    if config.recipe.flush_epoch_end \
-            and batches % opt.accumulation_steps != 0:
+    if (objective.make_step is None and config.recipe.flush_epoch_end
+            and batches % opt.accumulation_steps != 0):
         inner = optim.make_inner_optimizer(grad_clip=opt.grad_clip,
                                            weight_decay=opt.weight_decay)
         flush_fn = train_step.make_flush_step(inner, schedule, opt.accumulation_steps, shardings,
                                               partition)
-    finish_fn = None
-    if lora_stage.is_lora(stage):
-        path = lora_stage.adapter_file(run_dir, stage.run_prefix, model)
-        finish_fn = lambda state: lora_stage.export_adapters(  # noqa: E731
-            state.params, model, path, distributed.is_main_process(), say)
     return Run(config=config, stage=stage, model=model, run_dir=run_dir, state=state,
                start=(start_step, epoch, batch), total_steps=total_steps, loader=loader,
                mesh=mesh, schedule=schedule, step_fn=step_fn, flush_fn=flush_fn,
-               evaluator=evaluator, manager=manager, log=log, finish_fn=finish_fn)
+               evaluator=evaluator, manager=manager, log=log,
+               finish_fn=stage.finish(config, model, run_dir) if stage.finish else None,
+               produce_fn=objective.produce)
 
 
-def _open_log(config: TrainConfig, stage: Stage, model: ModelConfig, objective,
+def _lm_step(step_fn, mesh):
+    """`(state, host batch) -> (state, metrics)`: this process's rows placed on the mesh."""
+    from minimind_jax.train import train_step
+
+    return lambda state, host_batch: step_fn(state, train_step.put_batch(host_batch, mesh))
+
+
+def _open_log(config: TrainConfig, stage: Stage, model: ModelConfig, objective: Objective,
               run_dir: pathlib.Path, batches: int, start_step: int, total_steps: int,
               elapsed_before: float) -> RunLog:
     """The run's log: the tracker (process 0) and the reference's console line (the stage
     objective's own, if it has one), after the objective's notes."""
     opt = config.optim
-    tracker = (tracking.open_tracker(config.run.tracker, config.run.tracker_project,
-                                     tracking.run_name(stage.command, opt.epochs,
-                                                       config.data.batch_size,
+    tracker = (tracking.open_tracker(config.run.tracker,
+                                     config.run.tracker_project or stage.tracker_project,
+                                     tracking.run_name(stage.tracker_run or stage.tracker_project,
+                                                       opt.epochs, config.data.batch_size,
                                                        opt.learning_rate),
-                                     config.record(), stage.command, run_dir, start_step)
+                                     config.record(), run_dir, start_step)
                if distributed.is_main_process() else None)
     lines = LineStyle(opt.epochs, batches, config.run.log_interval,
-                      minimind3=arch_of(model) == "minimind3",
-                      line_fn=objective.line if objective is not None else None)
-    for note in objective.notes if objective is not None else ():
+                      minimind3=generation_of(model).minimind3_lines,
+                      line_fn=objective.line)
+    for note in objective.notes:
         say(note)
     return RunLog(run_dir, start_step, total_steps, distributed.is_main_process(), tracker,
                   lines=lines, elapsed_before=elapsed_before)
 
 
 def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig, mesh,
-               objective=None):
-    """(training rows, their loader, the evaluator or None); a stage's `objective` may bring
-    its own rows or name the sample format of its rows."""
+               objective: Objective):
+    """(training rows, their loader, the evaluator or None): the objective's own rows, else
+    the stage's samples of --data_path."""
     data_config = config.data
-    if objective is not None and config.eval.data_path:
-        raise UserError(f"--eval_data: validation measures the LM loss, which {stage.command} "
+    if not stage.validates and config.eval.data_path:
+        raise UserError(f"--eval_data: validation measures the LM loss, which {stage.name} "
                         "does not train; leave it out")
-    if objective is not None and objective.rows is not None:
+    if objective.rows is not None:
         data = objective.rows
     else:
-        rows_stage = stage if objective is None else dataclasses.replace(
-            stage, command=objective.rows_stage)
-        data = _open_source_once(config, rows_stage, tokenizer, model, data_config.data_path,
+        data = _open_source_once(config, stage.samples, tokenizer, model, data_config.data_path,
                                  data_config.pack)
     evaluator = None
     if config.eval.data_path:
-        eval_source = _open_source_once(config, stage, tokenizer, model, config.eval.data_path,
-                                        pack=False)
+        eval_source = _open_source_once(config, stage.samples, tokenizer, model,
+                                        config.eval.data_path, pack=False)
         evaluator = evaluate.Evaluator(eval_source, model, mesh, data_config.batch_size,
                                        config.eval.batches)
     loader = Loader(data, data_config.batch_size, shuffle=data_config.shuffle, seed=config.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=_rows_multiple(model, data_config.batch_size),
                     permutation=config.recipe.permutation,
-                    length_buckets=length_buckets(data_config, model))
+                    length_buckets=length_buckets(stage, data_config, model, objective),
+                    loss_columns=objective.loss_columns)
     return data, loader, evaluator
 
 
 DEFAULT_LENGTH_BUCKETS = 4
 
 
-def length_buckets(data_config: DataConfig, model: ModelConfig) -> int:
+def length_buckets(stage: Stage, data_config: DataConfig, model: ModelConfig,
+                   objective: Objective) -> int:
     """--length_buckets, by default 4, or 0 for MoE models: their aux loss averages over every
-    fed position, so cutting padding columns would change it."""
+    fed position, so cutting padding columns would change it. Always 0 for a stage with a batch
+    producer (grpo, ppo): its loader rows are prompts, not the batches its step reads."""
+    if objective.produce is not None:
+        if data_config.length_buckets:
+            raise UserError(f"--length_buckets: {stage.name} makes its batches from rollouts "
+                            "(its rows are prompts), so they are not cut; leave it out")
+        return 0
     if data_config.length_buckets is not None:
         return data_config.length_buckets
     return 0 if model.use_moe else DEFAULT_LENGTH_BUCKETS
@@ -304,7 +296,7 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
         say(f"starting over (--overwrite): removing the {previous} in {run_dir}")
         distributed.barrier("train:previous_seen")  # all decided before one deletes
         if distributed.is_main_process():
-            shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         distributed.barrier("train:previous_removed")
     state = train_step.init_train_state(params, optimizer, config.seed, shardings, partition)
@@ -326,26 +318,26 @@ def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh
     say(host_memory.describe())
     if cache_dir := jax.config.jax_compilation_cache_dir:
         say(f"compilation cache: {cache_dir} (reruns of these shapes skip most compiling)")
-    say(f"{stage.command}: {opt.epochs} epoch(s) x {batches} batches of "
+    say(f"{stage.name}: {opt.epochs} epoch(s) x {batches} batches of "
          f"{config.data.batch_size}, accumulation {opt.accumulation_steps}, {total_steps} "
          f"micro-steps, lr {opt.learning_rate} ({opt.lr_schedule})")
     say(_rows_line(loader, config.data))
 
 
-def _open_source_once(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
+def _open_source_once(config: TrainConfig, samples: str, tokenizer, model: ModelConfig,
                       data_path: str, pack: bool):
     """The rows of `data_path`; with several processes, process 0 builds a missing token cache
     first, so the others find it (shared storage) instead of racing on it."""
     data_config = config.data
 
     def open_it(quiet: bool):
-        return open_source(data_path, tokenizer, stage.samples, model.max_seq_len,
+        return open_source(data_path, tokenizer, samples, model.max_seq_len,
                            pack=pack, pack_window=data_config.pack_window,
                            cache_dir=data_config.cache_dir,
                            skip_bad_lines=data_config.skip_bad_lines,
                            progress=False if quiet else None,
                            log=(lambda message: None) if quiet else None,
-                           rules=arch_of(model), sft_seed=config.seed,
+                           rules=generation_of(model).name, sft_seed=config.seed,
                            sft_random=data_config.sft_random)
 
     if not distributed.is_main_process():

@@ -22,9 +22,6 @@ from minimind_jax.errors import UserError
 TRACKERS = ("tensorboard", "wandb", "swanlab", "none")
 EXTERNAL = ("wandb", "swanlab")
 STATE_FILE = "tracker.json"
-PROJECTS = {"pretrain": "MiniMind-Pretrain", "sft": "MiniMind-Full-SFT",  # the reference's
-            "lora": "MiniMind-LoRA-SFT", "dpo": "MiniMind-Full-DPO",
-            "distill": "MiniMind-Dist-SFT"}
 
 
 def add_tracker_args(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +35,8 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
                    help="the reference's flag: --tracker wandb (minimind-3 sends it to "
                         "SwanLab: add --tracker swanlab)")
     g.add_argument("--wandb_project", default=None,
-                   help="project of the wandb/SwanLab run (default MiniMind-Pretrain or "
-                        "MiniMind-Full-SFT, as the reference)")
+                   help="project of the wandb/SwanLab run (default: the reference script's, "
+                        "e.g. MiniMind-Pretrain)")
 
 
 def tracker_kind(tracker: str | None, use_wandb: bool) -> str:
@@ -51,9 +48,10 @@ def tracker_kind(tracker: str | None, use_wandb: bool) -> str:
     return "wandb" if use_wandb else "tensorboard"
 
 
-def run_name(command: str, epochs: int, batch_size: int, learning_rate: float) -> str:
-    """The reference's run name, e.g. MiniMind-Pretrain-Epoch-1-BatchSize-32-LearningRate-0.0005."""
-    return (f"{PROJECTS[command]}-Epoch-{epochs}-BatchSize-{batch_size}-"
+def run_name(prefix: str, epochs: int, batch_size: int, learning_rate: float) -> str:
+    """The reference's run name, e.g. MiniMind-Pretrain-Epoch-1-BatchSize-32-LearningRate-0.0005
+    (`prefix` MiniMind-Pretrain)."""
+    return (f"{prefix}-Epoch-{epochs}-BatchSize-{batch_size}-"
             f"LearningRate-{learning_rate}")
 
 
@@ -149,8 +147,8 @@ def _saved_run_id(run_dir: pathlib.Path, kind: str) -> str | None:
     return saved.get("id") if saved.get("kind") == kind else None
 
 
-def open_tracker(kind: str, project: str | None, name: str, flags: dict, command: str,
-                 run_dir: pathlib.Path, start_step: int) -> MultiTracker:
+def open_tracker(kind: str, project: str, name: str, flags: dict, run_dir: pathlib.Path,
+                 start_step: int) -> MultiTracker:
     """The trackers this run logs to (call on the main process only): `kind` (tracker_kind),
     an external one named `name` in `project` with the scalar `flags` as its config. A run
     resumed past step 0 continues the external tracker's run stored in RUN/tracker.json."""
@@ -160,7 +158,7 @@ def open_tracker(kind: str, project: str | None, name: str, flags: dict, command
         config = {k: v for k, v in flags.items()
                   if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
         cls = WandbTracker if kind == "wandb" else SwanLabTracker
-        tracker = cls(run_dir, project or PROJECTS[command], name, config, run_id)
+        tracker = cls(run_dir, project, name, config, run_id)
         (run_dir / STATE_FILE).write_text(json.dumps({"kind": kind, "id": tracker.id}) + "\n",
                                           encoding="utf-8")
         trackers.append(tracker)

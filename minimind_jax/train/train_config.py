@@ -4,7 +4,7 @@
 the run folder (checkpoints, resume, tracker), validation, the multi-process setup and the
 `Recipe`. A field left None takes the stage's default for the model's arch or the recipe's
 choice; `TrainConfig.resolved(command)` fills them in, and is the one place that does: the
-`pretrain`/`sft` commands build a TrainConfig from their flags (whose defaults are these
+training commands build a TrainConfig from their flags (whose defaults are these
 fields'), Python callers build one directly, and `train.run` resolves either the same way.
 """
 
@@ -17,9 +17,10 @@ from typing import Any
 
 from minimind_jax.data.packing import DEFAULT_WINDOW as DEFAULT_PACK_WINDOW
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.runtime.distributed import DistributedConfig
-from minimind_jax.train.recipes import Recipe, recipe_named, stage_defaults
+from minimind_jax.train.recipes import Recipe, recipe_named
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,8 @@ class RunConfig:
     """The run folder: where it is, how it starts, what it logs and keeps."""
 
     out_dir: str = "out"
-    run_prefix: str | None = None  # None: the stage's (pretrain / full_sft)
-    init_from: str | None = None  # None: random init (pretrain) or the pretrain run (sft)
+    run_prefix: str | None = None  # None: the stage's (pretrain, full_sft, ...)
+    init_from: str | None = None  # None: the stage's start (random, the pretrain run, ...)
     lora_init_from: str | None = None  # lora: adapter file to start from (None: seeded init)
     resume: bool = False
     overwrite: bool = False
@@ -95,10 +96,11 @@ class TrainConfig:
         if not isinstance(self.recipe, Recipe):  # a name, for callers' convenience
             object.__setattr__(self, "recipe", recipe_named(self.recipe))
 
-    def resolved(self, command: str) -> TrainConfig:
-        """This config with every None default filled in for `command` (pretrain / sft)."""
-        return dataclasses.replace(self, **resolve_settings(vars(self), command,
-                                                            arch_of(self.model)))
+    def resolved(self, stage) -> TrainConfig:
+        """This config with every None default filled in for `stage` (a train.stages.Stage:
+        its defaults for the model's generation)."""
+        return dataclasses.replace(self, **resolve_settings(
+            vars(self), stage.defaults_for(generation_of(self.model).name)))
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""
@@ -107,24 +109,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def field_default(cls, name: str):
-    """The default of dataclass `cls`'s field `name` (for the flags that set it)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
-def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> dict:
-    """A TrainConfig's fields but the model (`settings`), with the Nones filled in from the
-    stage defaults of `arch` and from the recipe; a recipe's fixed choice given otherwise is an
-    error. Resolved settings come back equal."""
+def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """A TrainConfig's fields but the model (`settings`), with the Nones filled in from a
+    stage's `defaults` (for the model's generation) and from the recipe; a recipe's fixed
+    choice given otherwise is an error. Resolved settings come back equal."""
     recipe = recipe_named(settings["recipe"])
     data, optim, run, eval_ = (settings[k] for k in ("data", "optim", "run", "eval"))
-    defaults = stage_defaults(command, arch)
 
     def given_or(value, default):
         return default if value is None else value
 
-    if recipe.lr_schedule and optim.lr_schedule not in (None, recipe.lr_schedule):
-        raise UserError(f"--recipe {recipe.name} uses --lr_schedule {recipe.lr_schedule}, "
+    # a stage whose reference script schedules its own way (the RL scripts' cosine annealing)
+    # says so with `recipe_lr_schedule`
+    recipe_schedule = (defaults.get("recipe_lr_schedule", recipe.lr_schedule)
+                       if recipe.lr_schedule else None)
+    if recipe_schedule and optim.lr_schedule not in (None, recipe_schedule):
+        raise UserError(f"--recipe {recipe.name} uses --lr_schedule {recipe_schedule}, "
                         f"not {optim.lr_schedule}")
     if recipe.name and data.shuffle not in (None, recipe.shuffle):
         raise UserError(f"--recipe {recipe.name} shuffles every epoch; drop --no_shuffle"
@@ -142,10 +142,10 @@ def resolve_settings(settings: Mapping[str, Any], command: str, arch: str) -> di
             accumulation_steps=given_or(optim.accumulation_steps,
                                         defaults["accumulation_steps"]),
             epochs=given_or(optim.epochs, defaults["epochs"]),
-            lr_schedule=given_or(optim.lr_schedule, recipe.lr_schedule or "cosine")),
+            lr_schedule=given_or(optim.lr_schedule, recipe_schedule or "cosine")),
         eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
         run=dataclasses.replace(run, run_prefix=given_or(run.run_prefix,
-                                                         defaults.get("run_prefix"))),
+                                                         defaults["run_prefix"])),
     )
 
 

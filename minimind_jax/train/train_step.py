@@ -35,7 +35,9 @@ from minimind_jax.model.transformer import MiniMind
 from minimind_jax.train import optim
 
 DATA_AXIS = "data"
-BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
+# what a step reads of a host batch (the RL stages' producers add the rest)
+BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids", "logp_pos",
+              "old_logps", "advantages", "rewards", "completion_mask")
 
 
 @struct.dataclass
@@ -105,13 +107,16 @@ def state_shardings(abstract_state, mesh: Mesh, *, fsdp: bool = False):
 
 
 def abstract_train_state(config: ModelConfig, optimizer: optax.GradientTransformation,
-                         mesh: Mesh, *, fsdp: bool = False, partition=None) -> TrainState:
+                         mesh: Mesh, *, fsdp: bool = False, partition=None,
+                         params_like: Callable | None = None) -> TrainState:
     """The TrainState's shapes and dtypes as ShapeDtypeStructs carrying their shardings
-    (`state_shardings`): what a checkpoint is restored into, and where a fresh state goes."""
+    (`state_shardings`): what a checkpoint is restored into, and where a fresh state goes.
+    `params_like()` makes a params tree of the state's shapes (default: the model's)."""
     from minimind_jax.model.transformer import init_params
 
-    shapes = jax.eval_shape(lambda: create_train_state(
-        init_params(config, jax.random.PRNGKey(0)), optimizer, partition=partition))
+    params_like = params_like or (lambda: init_params(config, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: create_train_state(params_like(), optimizer,
+                                                       partition=partition))
     return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                  sharding=sharding),
                         shapes, state_shardings(shapes, mesh, fsdp=fsdp))

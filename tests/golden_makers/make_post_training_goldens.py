@@ -14,6 +14,9 @@ fresh subprocess. Numbers are captured only by wrapping:
   * sys.settrace on the script's own loss function (dpo_loss / distillation_loss[_fn]) -> its
                                   local variables at return (per-sequence log-prob aggregates,
                                   margins, KL);
+  * torch.isin (v2 train_distill_reason.py only) -> the batch's loss mask as the dataset made it
+                                  (the script overwrites it in place with the weights right
+                                  after this call) and the special ids the script passes;
   * sys.stdout                 -> the script's own log lines;
   * v2 distillation only: model.LMConfig.LMConfig is replaced by a subclass that maps the two
     configurations hard-coded in train_distillation.py (512/8 student, 768/16 teacher) to tiny
@@ -28,6 +31,7 @@ see README.md):
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +56,18 @@ MULTI_TURN_KEEP = (
     0,
     3,
 )  # pair 0: long multi-turn (last reply beyond 64 tokens); pair 3: short multi-turn
+# Reasoning-distillation data (reason_sft.jsonl): the 40 shared SFT conversations cut to their
+# first exchange, the reply rewritten in upstream r1_mix_1024's format. See make_reason_sft.
+REASON_THINKS = [
+    "好",
+    "用户问{topic}",
+    "先想一想。",
+    "这是一个关于“{topic}”的问题，我需要先理解它，再给出简洁、准确的回答。",
+    "嗯",
+    "问题是{topic}，直接回答。",
+    "简单。",
+    "用户说：{topic}。我先回忆相关知识，然后整理成一句话回答。",
+]
 BAD_REPLIES = [
     "我不知道。",
     "Sorry, I cannot help with that.",
@@ -161,6 +177,14 @@ CASES = {
         kind="distill",
         config_map={"512/8": [64, 2, 64], "768/16": [80, 2, 64]},
     ),
+    "m2_distill_reason": _case(
+        2,
+        "train_distill_reason.py",
+        "--out_dir out --learning_rate 1e-4 --accumulation_steps 2 --save_interval 10 "
+        "--dim 64 --n_layers 2 --max_seq_len 64 --data_path ./dataset/reason_sft.jsonl",
+        base="m2_dense64",
+        kind="reason",
+    ),
     "m3_distill": _case(
         3,
         "trainer/train_distillation.py",
@@ -230,6 +254,43 @@ def make_inputs(sft_path, out):
         lines.append(json.dumps({"chosen": msgs, "rejected": rej}, ensure_ascii=False))
     with open(os.path.join(out, "dpo_pairs.jsonl"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "reason_sft.jsonl"), "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_reason_sft(convs)))
+
+
+def make_reason_sft(convs):
+    """Reasoning-format SFT rows for train_distill_reason.py, one per shared SFT conversation i:
+    user = its first user turn; assistant =
+    "<think>\\n{think}\\n</think>\\n<answer>\\n{answer}\\n</answer>"
+    (upstream r1_mix_1024.jsonl's format) with think = REASON_THINKS[i % 8]
+    ({topic} = the question without its "（i）" marker) and answer = its first assistant reply.
+    Rows i % 5 == 0 (the "你好" rows) drop the marker from the question and keep only the reply's
+    first clause, so that at max_seq_len 64 a few rows hold all four tags (and </s>) while the
+    others are cut inside or before the tags. Rows i % 10 == 3 / 7 add a literal "<think>" /
+    " 2>1" to the question, so tag pieces also occur at prompt (unmasked) positions."""
+    rows = []
+    for i, conv in enumerate(convs):
+        c = conv["conversations"]
+        q, a = c[0]["content"], c[1]["content"]
+        topic = re.sub(r"（\d+）$", "", q)
+        think = REASON_THINKS[i % len(REASON_THINKS)].format(topic=topic)
+        if i % 5 == 0:
+            q = topic
+            a = re.split(r"(?<=[！。，!.,])", a, maxsplit=1)[0]
+        if i % 10 == 3:
+            q += "（先在<think>里想）"
+        if i % 10 == 7:
+            q += " 2>1"
+        reply = f"<think>\n{think}\n</think>\n<answer>\n{a}\n</answer>"
+        rows.append(
+            {
+                "conversations": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +426,7 @@ def child_run_case(args):
     for wname in [cfg["base"]] + ([cfg["teacher"]] if "teacher" in cfg else []):
         for rel in WEIGHT_FILES[wname]:
             shutil.copyfile(os.path.join(args.out, f"{wname}.pth"), os.path.join(root, rel))
-    for fn in ["lora_sft.jsonl", "dpo_pairs.jsonl"]:
+    for fn in ["lora_sft.jsonl", "dpo_pairs.jsonl", "reason_sft.jsonl"]:
         shutil.copyfile(os.path.join(args.out, fn), os.path.join(root, "dataset", fn))
 
     script = os.path.join(root, cfg["script"])
@@ -405,6 +466,36 @@ def child_run_case(args):
                 push("batch_X", L["X"].numpy().copy())
                 push("batch_Y", L["Y"].numpy().copy())
                 push("batch_loss_mask", L["loss_mask"].numpy().copy())
+            if kind == "reason":
+                # batch_loss_mask (the dataset's mask) was taken at the script's torch.isin call,
+                # before `loss_mask[sp_ids] = 10` overwrote it in place (see isin below)
+                push("batch_X", L["X"].numpy().copy())
+                push("batch_Y", L["Y"].numpy().copy())
+                push("weighted_loss_mask", L["loss_mask"].numpy().copy())
+                push("loss_mask_sum", int(L["loss_mask_sum"]))
+                push("sp_ids", L["sp_ids"].numpy().copy())
+                push("aux_loss", _f(L["res"].aux_loss))
+                ids = (
+                    L["start_of_think_ids"]
+                    + L["end_of_think_ids"]
+                    + L["start_of_answer_ids"]
+                    + L["end_of_answer_ids"]
+                )
+                state.setdefault("special_ids", ids)
+                assert state["special_ids"] == ids
+                state.setdefault(
+                    "special_ids_split",
+                    [
+                        len(L[n])
+                        for n in (
+                            "start_of_think_ids",
+                            "end_of_think_ids",
+                            "start_of_answer_ids",
+                            "end_of_answer_ids",
+                        )
+                    ],
+                )
+                state.setdefault("aux_loss_type", type(L["res"].aux_loss).__name__)
             if kind == "dpo":
                 push("batch_x", L["x"].numpy().copy())
                 push("batch_y", L["y"].numpy().copy())
@@ -443,6 +534,20 @@ def child_run_case(args):
         return n
 
     torch.nn.utils.clip_grad_norm_ = clip
+
+    orig_isin = torch.isin
+
+    def isin(*a, **k):
+        fr = sys._getframe(1)
+        if fr.f_code.co_name == "train_epoch" and fr.f_code.co_filename == script:
+            # train_distill_reason.py: sp_ids = torch.isin(Y.view(-1), torch.tensor(ids)); the
+            # frame's loss_mask is still the dataset's mask here
+            push("batch_loss_mask", fr.f_locals["loss_mask"].numpy().copy())
+            push("isin_test_elements", a[1].numpy().copy())
+        return orig_isin(*a, **k)
+
+    if cfg["kind"] == "reason":
+        torch.isin = isin
 
     target_names = {"dpo_loss", "distillation_loss", "distillation_loss_fn"}
 
@@ -495,6 +600,7 @@ def child_run_case(args):
         sys.stdout = old_stdout
         torch.Tensor.backward = orig_backward
         torch.nn.utils.clip_grad_norm_ = orig_clip
+        torch.isin = orig_isin
 
     # ---------------- collect ----------------
     out = {}
@@ -536,6 +642,14 @@ def child_run_case(args):
         ]
         + (
             [
+                "torch.isin wrapped (records the caller's loss_mask before the in-place "
+                "weighting, and the special ids it is given)"
+            ]
+            if cfg["kind"] == "reason"
+            else []
+        )
+        + (
+            [
                 "model.LMConfig.LMConfig replaced by a subclass mapping "
                 + json.dumps(cfg["config_map"])
             ]
@@ -564,6 +678,18 @@ def child_run_case(args):
     out["clip_after_micro"] = np.array(rec["clip_after_micro"], dtype=np.int64)
     for k, v in extra.items():
         out[k] = np.stack(v) if isinstance(v[0], np.ndarray) else np.array(v, dtype=np.float64)
+    if cfg["kind"] == "reason":
+        out["loss_mask_sum"] = np.array(extra["loss_mask_sum"], dtype=np.int64)
+        # the ids passed to torch.isin are the same every step: keep one copy
+        te = out.pop("isin_test_elements")
+        assert (te == te[0]).all() and te[0].tolist() == state["special_ids"]
+        out["special_ids"] = np.array(state["special_ids"], dtype=np.int64)
+        out["special_ids_split"] = np.array(state["special_ids_split"], dtype=np.int64)
+        tok = g["tokenizer"]
+        out["special_ids_pieces"] = np.array([tok.decode([i]) for i in state["special_ids"]])
+        out["meta/aux_loss_type"] = np.array([state["aux_loss_type"]])
+        out["check/scaler_enabled"] = np.array(bool(g["scaler"].is_enabled()))
+        out["check/ctx"] = np.array([type(g["ctx"]).__name__])
 
     model = g["model"]
     base_npz = np.load(os.path.join(args.out, f"weights_{cfg['base']}.npz"))
@@ -611,6 +737,14 @@ def child_run_case(args):
             else:
                 out[f"final/{n}"] = a.copy()
         out["final_rows_index"] = np.array([0, 1, 2, 234, 1000, 6399])
+        if cfg["kind"] == "reason":
+            # the script's own checkpoint, written after the last update of the last epoch
+            sd = torch.load(os.path.join(root, "out", "reason_64.pth"), map_location="cpu")
+            fin = model.state_dict()
+            assert list(sd) == list(fin)
+            out["check/saved_vs_final_maxabs"] = np.array(
+                max(float((sd[k] - fin[k]).abs().max()) for k in sd)
+            )
 
     if trace_rec:
         keys = sorted(set.intersection(*[set(d) for d in trace_rec]))

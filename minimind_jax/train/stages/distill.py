@@ -21,21 +21,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from minimind_jax.data.samples import Stage, sft_contents
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ModelConfig, arch_of
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.generation import generation_of
 from minimind_jax.model.loss import token_cross_entropy
-from minimind_jax.train.objective import Objective
-from minimind_jax.train.run_folder import saved_weights
+from minimind_jax.train import log_lines
+from minimind_jax.train.run_folder import find_saved_weights
+from minimind_jax.train.stages.stage import Objective, Stage, StageContext
 
-ALPHA_TEMPERATURE = {"minimind2": (0.0, 1.0), "minimind3": (0.5, 1.5)}
-TEACHER_DEFAULT = {"minimind2": "full_sft_768", "minimind3": "full_sft_768_moe"}
+
+@dataclasses.dataclass(frozen=True)
+class DistillRules:
+    """What a generation's train_distillation.py computes, and its defaults."""
+
+    alpha: float  # the CE weight
+    temperature: float
+    ce_ignores_pad: bool  # its CE also drops targets equal to the pad id 0
+    ce_eps: float  # added to the CE's denominator
+    # under the generation's own recipe the loss is not divided by the accumulation steps
+    undivided: bool
+    teacher: str  # the default teacher's weights, OUT_DIR/NAME
+    teacher_is_moe: bool  # with --from_teacher_weight / --teacher_hidden_size
+
+
+RULES = {
+    "minimind2": DistillRules(alpha=0.0, temperature=1.0, ce_ignores_pad=True, ce_eps=0.0,
+                              undivided=True, teacher="full_sft_768", teacher_is_moe=False),
+    "minimind3": DistillRules(alpha=0.5, temperature=1.5, ce_ignores_pad=False, ce_eps=1e-8,
+                              undivided=False, teacher="full_sft_768_moe",
+                              teacher_is_moe=True),
+}
 
 
 def kl_teacher_student(student_BTV, teacher_BTV, mask_BT, temperature: float):
@@ -84,9 +103,9 @@ def load_teacher(path, student: ModelConfig, n_heads: int | None = None):
 
     base = student.replace(n_heads=n_heads) if n_heads else student
     params, config, origin = weights.load_weights(path, base)
-    if arch_of(config) != arch_of(student):
-        raise UserError(f"teacher {path} is a {arch_of(config)} model, the student "
-                        f"{arch_of(student)}: both must be of one family")
+    if generation_of(config) != generation_of(student):
+        raise UserError(f"teacher {path} is a {generation_of(config).name} model, the student "
+                        f"{generation_of(student).name}: both must be of one family")
     if config.vocab_size < student.vocab_size:
         raise UserError(f"teacher {path} has a vocabulary of {config.vocab_size}, smaller than "
                         f"the student's {student.vocab_size}")
@@ -95,61 +114,68 @@ def load_teacher(path, student: ModelConfig, n_heads: int | None = None):
     return params, config, origin
 
 
-def minimind2_line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
-    """MiniMind2's train_distillation.py line: 0-based epoch over epochs - 1."""
-    minutes_left = epoch_seconds / batches_done * batches // 60 - epoch_seconds // 60
-    return (f"Epoch:[{epoch}/{epochs - 1}]({batch}/{batches}) loss:{record['loss']:.4f} "
-            f"lr:{record['lr']:.12f} epoch_Time:{minutes_left}min:")
+@dataclasses.dataclass(frozen=True)
+class DistillOptions:
+    """The teacher, and the loss's mix (None: the generation's ALPHA_TEMPERATURE)."""
+
+    teacher: str | None = None  # its weights; None: found by name under OUT_DIR
+    # minimind-3's naming of the teacher, OUT_DIR/{from_teacher_weight}_{hidden}[_moe]; all
+    # None: the reference's default teacher (TEACHER_DEFAULT)
+    from_teacher_weight: str | None = None
+    teacher_hidden_size: int | None = None
+    teacher_use_moe: bool | None = None  # None: a minimind-3 run's teacher is MoE
+    teacher_n_heads: int | None = None
+    alpha: float | None = None
+    temperature: float | None = None
 
 
-def minimind3_line(epoch, epochs, batch, batches, record, epoch_seconds, batches_done) -> str:
-    """minimind-3's train_distillation.py line (1-based step)."""
-    eta_min = epoch_seconds / batches_done * (batches - batch - 1) // 60
-    return (f"Epoch:[{epoch + 1}/{epochs}]({batch + 1}/{batches}), loss: {record['loss']:.4f}, "
-            f"ce: {record['ce']:.4f}, aux_loss: {record['aux']:.4f}, "
-            f"distill: {record['distill']:.4f}, learning_rate: {record['lr']:.8f}, "
-            f"epoch_time: {eta_min:.3f}min")
+def teacher_path(options: DistillOptions, out_dir: str, rules: DistillRules) -> str:
+    """--teacher; else OUT_DIR/{from_teacher_weight}_{teacher_hidden_size}[_moe] (our run
+    folder or the reference's .pth); else the reference's default teacher (MiniMind2
+    full_sft_768, minimind-3 full_sft_768_moe)."""
+    named = options.from_teacher_weight is not None or options.teacher_hidden_size is not None
+    if options.teacher:
+        if named:
+            raise UserError("--teacher and --from_teacher_weight/--teacher_hidden_size: give "
+                            "one")
+        return options.teacher
+    name = rules.teacher
+    if named:
+        use_moe = (options.teacher_use_moe if options.teacher_use_moe is not None
+                   else rules.teacher_is_moe)
+        name = (f"{options.from_teacher_weight or 'full_sft'}_"
+                f"{options.teacher_hidden_size or 768}" + ("_moe" if use_moe else ""))
+    return str(find_saved_weights(out_dir, name, f"the teacher is {name} (no --teacher)"))
 
 
-def make_objective(config, model: ModelConfig, tokenizer, source, *, teacher: str,
-                   teacher_n_heads: int | None = None, alpha: float | None = None,
-                   temperature: float | None = None) -> Objective:
-    """The distillation objective of a run: SFT rows, the frozen teacher, the arch's formulas."""
-    from minimind_jax.train.dpo import check_start_weights
-
-    del tokenizer, source
-    check_start_weights(config, "distill")
-    arch = arch_of(model)
-    default_alpha, default_t = ALPHA_TEMPERATURE[arch]
-    alpha = default_alpha if alpha is None else alpha
-    temperature = default_t if temperature is None else temperature
+def make_objective(context: StageContext) -> Objective:
+    """The distillation objective of a run: SFT rows, the frozen teacher, the generation's
+    formulas."""
+    config, model, options = context.config, context.model, context.options
+    generation = context.generation
+    rules = RULES[generation.name]
+    alpha = rules.alpha if options.alpha is None else options.alpha
+    temperature = rules.temperature if options.temperature is None else options.temperature
     if not 0.0 <= alpha <= 1.0 or not temperature > 0:
         raise UserError(f"--alpha must be in [0, 1] and --temperature > 0, got {alpha}, "
                         f"{temperature}")
-    params, teacher_config, origin = load_teacher(teacher, model, teacher_n_heads)
-    undivided = config.recipe.name == "minimind2"
+    teacher = teacher_path(options, config.run.out_dir, rules)
+    params, teacher_config, origin = load_teacher(teacher, model, options.teacher_n_heads)
+    undivided = rules.undivided and config.recipe.name == generation.recipe
     scale = float(config.optim.accumulation_steps) if undivided else 1.0
     loss = distill_loss_fn(model, teacher_config, alpha=alpha, temperature=temperature,
-                           scale=scale, ce_ignores_pad=arch == "minimind2",
-                           ce_eps=1e-8 if arch == "minimind3" else 0.0)
+                           scale=scale, ce_ignores_pad=rules.ce_ignores_pad,
+                           ce_eps=rules.ce_eps)
     shape = (f"dim {teacher_config.dim}, {teacher_config.n_layers} layers, "
              f"{teacher_config.n_heads}/{teacher_config.n_kv_heads} heads"
              + (", MoE" if teacher_config.use_moe else ""))
     notes = (f"distill: teacher (frozen) {origin} ({shape}); alpha {alpha}, temperature "
              f"{temperature}" + ("; loss not divided by --accumulation_steps (MiniMind2)"
                                  if undivided and scale != 1 else ""),)
-    return Objective(loss=loss, frozen=params, rows_stage="sft",
-                     line=minimind3_line if arch == "minimind3" else minimind2_line,
+    return Objective(loss=loss, frozen=params,
+                     line=(log_lines.minimind3_distill_line if generation.minimind3_lines
+                           else log_lines.minimind2_distill_line),
                      notes=notes)
-
-
-STAGE = Stage("distill", sft_contents, None, "full_dist", "./dataset/sft_data.jsonl")
-
-
-def stage(teacher: str, **options) -> Stage:
-    """The distillation stage with its teacher (`make_objective`'s options)."""
-    return dataclasses.replace(STAGE, objective=functools.partial(make_objective,
-                                                                  teacher=teacher, **options))
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -159,8 +185,9 @@ STUDENT_FLAGS = {"student_hidden_size": "dim", "student_num_layers": "n_layers",
                  "student_use_moe": "use_moe", "from_student_weight": "from_weight"}
 
 
-def _map_reference_flags(args: argparse.Namespace) -> list[str]:
-    from minimind_jax.cli.compat_flags import _rename
+def map_flags(args: argparse.Namespace) -> list[str]:
+    """minimind-3's student flags onto ours (an --arch minimind3 run), lines to print."""
+    from minimind_jax.train.compat_flags import _rename
 
     notes: list[str] = []
     given = [f"--{f}" for f in (*STUDENT_FLAGS, "teacher_hidden_size", "teacher_num_layers",
@@ -174,63 +201,15 @@ def _map_reference_flags(args: argparse.Namespace) -> list[str]:
     return notes
 
 
-def teacher_path(args: argparse.Namespace, out_dir: str, arch: str) -> str:
-    """--teacher; else OUT_DIR/{--from_teacher_weight}_{--teacher_hidden_size}[_moe] (run folder
-    or .pth); else the reference's default teacher (MiniMind2 full_sft_768, minimind-3
-    full_sft_768_moe)."""
-    if args.teacher:
-        if any(getattr(args, f) is not None for f in ("from_teacher_weight",
-                                                       "teacher_hidden_size")):
-            raise UserError("--teacher and --from_teacher_weight/--teacher_hidden_size: give "
-                            "one")
-        return args.teacher
-    name = TEACHER_DEFAULT[arch]
-    if args.from_teacher_weight is not None or args.teacher_hidden_size is not None:
-        use_moe = args.teacher_use_moe if args.teacher_use_moe is not None else (
-            arch == "minimind3")
-        name = (f"{args.from_teacher_weight or 'full_sft'}_{args.teacher_hidden_size or 768}"
-                + ("_moe" if use_moe else ""))
-    found = saved_weights(out_dir, name)
-    if found is not None:
-        return str(found)
-    base = pathlib.Path(out_dir) / name
-    raise UserError(f"no teacher weights: neither {base} (a run folder) nor {base}.pth exists; "
-                    "pass --teacher (a run folder, .pth, .safetensors or .npz)")
+def options_from_args(args: argparse.Namespace) -> DistillOptions:
+    return DistillOptions(**{f.name: getattr(args, f.name)
+                             for f in dataclasses.fields(DistillOptions)})
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from minimind_jax.train.dpo import post_training_config
-    from minimind_jax.train.loop import run
-    from minimind_jax.train.run_log import say
+def add_flags(parser) -> None:
+    from minimind_jax.model import flags as model_flags
+    from minimind_jax.train import compat_flags
 
-    for note in _map_reference_flags(args):
-        say(note)
-    stage_ = STAGE  # the teacher is known once the flags are resolved
-    config = post_training_config(args, stage_, {"minimind2": "full_dist",
-                                                 "minimind3": "full_dist"})
-    teacher = teacher_path(args, config.run.out_dir, arch_of(config.model))
-    stage_ = stage(teacher, teacher_n_heads=args.teacher_n_heads, alpha=args.alpha,
-                   temperature=args.temperature)
-    return run(config, stage_)
-
-
-def register(subparsers) -> None:
-    from minimind_jax.cli import compat_flags, model_args
-    from minimind_jax.train.dpo import add_post_training_args
-
-    parser = subparsers.add_parser(
-        "distill", formatter_class=model_args.HelpFormatter,
-        help="White-box distillation of a student from a frozen teacher",
-        description="Distillation on SFT data (the references' train_distillation.py): the "
-                    "student starts from the SFT weights (default OUT_DIR/full_sft_{dim}[_moe]) "
-                    "and learns alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) over "
-                    "the supervised tokens from a frozen --teacher of any size. --arch "
-                    "minimind2: alpha 0, T 1 (pure KL; under --recipe minimind2 the loss is "
-                    "not divided by --accumulation_steps, as there); --arch minimind3: alpha "
-                    "0.5, T 1.5. Run folder OUT_DIR/full_dist_{dim}[_moe]; metrics.jsonl logs "
-                    "loss, ce, distill and aux. Exact reference runs: --recipe minimind2, or "
-                    "--arch minimind3 --recipe minimind3.")
-    add_post_training_args(parser, STAGE)
     g = parser.add_argument_group("distillation")
     g.add_argument("--teacher", default=None,
                    help="the teacher's weights: a run folder, .pth, .safetensors or .npz "
@@ -247,7 +226,7 @@ def register(subparsers) -> None:
                         "1.5)")
     r = parser.add_argument_group(compat_flags.GROUP_TITLE + ": distillation")
     for flag, ours in STUDENT_FLAGS.items():
-        kind = {"student_use_moe": compat_flags.parse_flag_bool,
+        kind = {"student_use_moe": model_flags.parse_flag_bool,
                 "from_student_weight": str}.get(flag, int)
         r.add_argument(f"--{flag}", type=kind, default=None,
                        help=f"minimind-3's name of --{ours}")
@@ -256,8 +235,38 @@ def register(subparsers) -> None:
                         "OUT_DIR/NAME_{this}[_moe]")
     r.add_argument("--teacher_num_layers", type=int, default=None,
                    help="accepted; the teacher's layers are read from its weights")
-    r.add_argument("--teacher_use_moe", type=compat_flags.parse_flag_bool, default=None,
+    r.add_argument("--teacher_use_moe", type=model_flags.parse_flag_bool, default=None,
                    help="minimind-3: whether the teacher file name has _moe")
     r.add_argument("--from_teacher_weight", default=None, metavar="NAME",
                    help="minimind-3: the teacher is OUT_DIR/NAME_{teacher_hidden_size}[_moe]")
-    parser.set_defaults(func=run_command)
+
+
+STAGE = Stage(
+    name="distill",
+    summary="White-box distillation of a student from a frozen teacher",
+    description="Distillation on SFT data (the references' train_distillation.py): the "
+                "student starts from the SFT weights (default OUT_DIR/full_sft_{dim}[_moe]) "
+                "and learns alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) over "
+                "the supervised tokens from a frozen --teacher of any size. --arch "
+                "minimind2: alpha 0, T 1 (pure KL; under --recipe minimind2 the loss is "
+                "not divided by --accumulation_steps, as there); --arch minimind3: alpha "
+                "0.5, T 1.5. Run folder OUT_DIR/full_dist_{dim}[_moe]; metrics.jsonl logs "
+                "loss, ce, distill and aux.",
+    samples="sft",
+    data_path="./dataset/sft_data.jsonl",
+    # train_distillation.py of each (docs/post_training_spec.md 3.3)
+    tracker_project="MiniMind-Dist-SFT",
+    defaults={
+        "minimind2": dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
+                          max_seq_len=512, run_prefix="full_dist"),
+        "minimind3": dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
+                          max_seq_len=340, run_prefix="full_dist"),
+    },
+    start_from={"minimind2": "full_sft", "minimind3": "full_sft"},
+    validates=False,
+    options=DistillOptions(),
+    objective=make_objective,
+    add_flags=add_flags,
+    options_from_args=options_from_args,
+    map_flags=map_flags,
+)

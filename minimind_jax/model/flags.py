@@ -1,15 +1,23 @@
-"""Flags and helpers shared by every command that builds a model: the `--arch/--preset/--dim
-...` group, the ModelConfig built from them, the help formatter. Imports no command module, so
-each command imports it at top level (cli/parser.py imports the commands)."""
+"""Command-line pieces shared by every command: the help formatter, the 0/1-or-true/false flag
+value, and the model group (`--arch/--preset/--dim ...`) with the ModelConfig built from it.
+
+It lives in the lowest layer whose commands use it (`convert`), so that every command module,
+in whichever layer, imports it downward; it imports no command module."""
 
 from __future__ import annotations
 
 import argparse
 import re
 
-from minimind_jax.cli import compat_flags
 from minimind_jax.errors import UserError
-from minimind_jax.model.config import ARCHES, PRESETS, ModelConfig, arch_defaults, arch_of
+from minimind_jax.model.config import (
+    ARCHES,
+    PRESETS,
+    ModelConfig,
+    arch_defaults,
+    arch_of,
+    resolve_dtype,
+)
 
 # A help text that says "default" already states the option's default in words.
 _STATES_DEFAULT = re.compile(r"%\(default\)|\bdefault\b", re.IGNORECASE)
@@ -38,6 +46,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+FALSE_WORDS = ("0", "false", "no", "off", "")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def parse_flag_bool(text: str) -> bool:
+    """A 0/1 or true/false value, as minimind-3 gives `--use_moe 0|1` and MiniMind2
+    `--use_moe True`."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
+
+
 def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> None:
     """Model-shape flags shared by every command that builds a model (reference names).
 
@@ -63,7 +86,7 @@ def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> 
     moe_help = "mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)"
     if moe_value:
         g.add_argument("--use_moe", nargs="?", const=True, default=None,
-                       type=compat_flags.parse_flag_bool, metavar="0|1",
+                       type=parse_flag_bool, metavar="0|1",
                        help=moe_help + "; alone or 1/True = on, 0/False = off (minimind-3's "
                             "`--use_moe 1`, MiniMind2's `--use_moe True`; MiniMind2's bool() "
                             "parser read even `False` as on)")
@@ -94,15 +117,6 @@ def arch_from_args(args: argparse.Namespace) -> str:
     if arch and preset_arch and arch != preset_arch:
         raise UserError(f"--preset {preset} is a {preset_arch} model, not --arch {arch}")
     return arch or preset_arch or "minimind2"
-
-
-def resolve_dtype(name: str) -> str:
-    """`auto` -> bfloat16 on accelerators, float32 on CPU."""
-    if name != "auto":
-        return name
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = None,

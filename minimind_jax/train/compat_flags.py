@@ -22,20 +22,6 @@ GROUP_TITLE = "reference compatibility (flags of MiniMind2's and minimind-3's tr
 MINIMIND3_ONLY_FLAGS = ("hidden_size", "num_hidden_layers", "save_dir", "save_weight",
                         "from_weight", "from_resume", "use_compile")
 
-FALSE_WORDS = ("0", "false", "no", "off", "")
-TRUE_WORDS = ("1", "true", "yes", "on")
-
-
-def parse_flag_bool(text: str) -> bool:
-    """A 0/1 or true/false value, as minimind-3 gives `--use_moe 0|1` and MiniMind2
-    `--use_moe True`."""
-    word = text.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
-
 
 def add_reference_args(parser: argparse.ArgumentParser) -> None:
     """The reference-only flags of the training scripts, in their own --help group."""
@@ -95,9 +81,7 @@ def _rename(args: argparse.Namespace, old: str, new: str, notes: list[str]) -> N
 def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
     """minimind-3's `--from_weight NAME` loads save_dir/NAME_{hidden}{_moe}.pth; here the run
     folder of that name (or such a .pth file) becomes --init_from."""
-    import pathlib
-
-    from minimind_jax.train.run_folder import saved_weights
+    from minimind_jax.train.run_folder import find_saved_weights
 
     name = args.from_weight
     if name is None:
@@ -108,11 +92,8 @@ def _from_weight(args: argparse.Namespace, notes: list[str]) -> None:
         args.init_from = "none"
         notes.append("--from_weight none: random initial weights")
         return
-    found = saved_weights(args.out_dir, f"{name}_{_tag(args)}")
-    if found is None:
-        base = pathlib.Path(args.out_dir) / f"{name}_{_tag(args)}"
-        raise UserError(f"--from_weight {name}: neither {base} (a run folder) nor {base}.pth "
-                        "exists")
+    found = find_saved_weights(args.out_dir, f"{name}_{_tag(args)}",
+                               f"--from_weight {name} loads those weights")
     args.init_from = str(found)
     notes.append(f"--from_weight {name}: used as --init_from {found}")
 

@@ -1,0 +1,144 @@
+"""What minimind-3's RL stages (grpo, ppo) share (shared/SPEC_RL.md 1): the rollout settings,
+flags and engines, the per-token log-probs of a completion under a masked forward, the
+completion mask, the old log-probs, and the scripts' CosineAnnealingLR."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimind_jax.errors import UserError
+from minimind_jax.infer import rollout as rollouts
+from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.loss import token_cross_entropy
+
+ENGINES = ("torch", "sglang")  # the scripts' choices; torch = our own sampler here
+# the reference model's RoPE table (minimind-3's max_position_embeddings): prompt + completion
+MAX_POSITIONS = 32768
+DEFAULT_REWARD_MODEL = "../../internlm2-1_8b-reward"  # the scripts' default
+
+
+def check_rollout_options(options, model: ModelConfig) -> None:
+    """One clear error per bad rollout setting (`options` has max_gen_len, thinking_ratio and
+    rollout_engine), before anything is created."""
+    if options.rollout_engine == "sglang":
+        raise UserError("--rollout_engine sglang: this port samples with its own KV-cache "
+                        "decoder on the current weights; drop the flag (the --sglang_* flags "
+                        "are accepted and ignored)")
+    if options.max_gen_len < 1:
+        raise UserError(f"--max_gen_len must be >= 1, got {options.max_gen_len}")
+    if model.max_seq_len + options.max_gen_len > MAX_POSITIONS:
+        raise UserError(f"--max_seq_len {model.max_seq_len} + --max_gen_len "
+                        f"{options.max_gen_len} is past the {MAX_POSITIONS} positions of "
+                        "minimind-3's model; shorten the prompts or the completions")
+    if not 0.0 <= options.thinking_ratio <= 1.0:
+        raise UserError(f"--thinking_ratio must be in [0, 1], got {options.thinking_ratio}")
+
+
+def add_rollout_flags(g, defaults) -> None:
+    """The scripts' rollout and reward flags (and the accepted-but-unused ones) on group `g`."""
+    g.add_argument("--max_gen_len", type=int, default=defaults.max_gen_len,
+                   help="most new tokens per completion (--max_seq_len caps the prompt)")
+    g.add_argument("--thinking_ratio", type=float, default=defaults.thinking_ratio,
+                   help="share of prompts whose template opens thinking")
+    g.add_argument("--reward_model_path", default=defaults.reward_model_path,
+                   help="a Hugging Face reward model folder (get_score, e.g. "
+                        "internlm2-1_8b-reward; needs torch and transformers), or `none` for "
+                        "the rule rewards alone")
+    g.add_argument("--rollout_engine", choices=ENGINES, default=defaults.rollout_engine,
+                   help="torch: our own sampler on the current weights (sglang is refused)")
+    g.add_argument("--replay", default=None, metavar="NPZ",
+                   help="replay the rollouts recorded in a golden file (micro{i}/output_ids) "
+                        "instead of sampling: an exact comparison with the reference")
+    for flag in ("sglang_base_url", "sglang_model_path", "sglang_shared_path"):
+        g.add_argument(f"--{flag}", default=None, help="accepted; SGLang is not used")
+    g.add_argument("--debug_mode", action="store_true", help="accepted; see metrics.jsonl")
+    g.add_argument("--debug_interval", type=int, default=20, help="accepted")
+
+
+def rollout_options(args) -> dict:
+    """The rollout fields of a stage's options, from `add_rollout_flags`' flags."""
+    return dict(max_gen_len=args.max_gen_len, thinking_ratio=args.thinking_ratio,
+                reward_model_path=args.reward_model_path, rollout_engine=args.rollout_engine,
+                replay=args.replay)
+
+
+def per_token_logps(logits_NLV, ids_NL, logp_pos_NR):
+    """log softmax(logits)[next id] at the completion's positions (float32)."""
+    logp_NL = -token_cross_entropy(logits_NLV[:, :-1], ids_NL[:, 1:])
+    return jnp.take_along_axis(logp_NL, logp_pos_NR, axis=1)
+
+
+def completion_logps(model, params, ids_NL, segment_NL, logp_pos_NR):
+    """(per-token log-probs of the completion under `params`, MoE aux): the scripts' masked
+    forward on prompt + completion."""
+    logits_NLV, aux = model.apply({"params": params}, ids_NL, segment_ids=segment_NL)
+    return per_token_logps(logits_NLV, ids_NL, logp_pos_NR), aux
+
+
+def old_logps_fn(config: ModelConfig):
+    """A jitted `(params, ids, segment ids, positions) -> per-token log-probs` (no grad)."""
+    from minimind_jax.model.transformer import MiniMind
+
+    model = MiniMind(config)
+
+    @jax.jit
+    def old_logps(params, ids, seg, pos):
+        return completion_logps(model, params, ids, seg, pos)[0]
+
+    return old_logps
+
+
+def completion_mask(completion_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """1 up to and including each row's first EOS (all of a row without one), float32."""
+    is_eos = completion_ids == eos_id
+    width = completion_ids.shape[1]
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), width - 1)
+    return (np.arange(width)[None] <= first[:, None]).astype(np.float32)
+
+
+def rollout_rows(result: rollouts.Rollout, pad_id: int) -> dict[str, np.ndarray]:
+    """The masked forward's inputs of a rollout: ids, segment ids (0 on padding) and the
+    completion's log-prob positions P - 1 + t (the column index)."""
+    ids = result.output_ids
+    P, R = result.prompt_len, ids.shape[1] - result.prompt_len
+    seg = (ids != pad_id).astype(np.int32)
+    pos = np.broadcast_to(P - 1 + np.arange(R, dtype=np.int32), (len(ids), R)).copy()
+    return {"input_ids": ids, "segment_ids": seg, "logp_pos": pos}
+
+
+def recorded(path: str) -> np.lib.npyio.NpzFile:
+    """A golden maker's recording (`n_micro`, `micro{i}/output_ids`, ...), or UserError."""
+    try:
+        recording = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--replay {path}: cannot read it ({err})") from None
+    steps = int(recording["n_micro"]) if "n_micro" in recording.files else 0
+    if not steps:
+        raise UserError(f"--replay {path}: no recorded rollouts (micro{{i}}/output_ids)")
+    return recording
+
+
+def recorded_outputs(path: str) -> list[np.ndarray]:
+    """The output ids a golden maker recorded per rollout (`micro{i}/output_ids`)."""
+    recording = recorded(path)
+    return [recording[f"micro{i}/output_ids"] for i in range(int(recording["n_micro"]))]
+
+
+def engine(context, options, script: tuple[str, ...] = ()):
+    """The run's rollout engine: a replay of `options.replay`, canned `script` texts, or our
+    sampler on the current weights."""
+    if options.replay:
+        return rollouts.ReplayEngine(recorded_outputs(options.replay), context.tokenizer)
+    if script:
+        return rollouts.ScriptEngine(script, context.tokenizer)
+    return rollouts.SamplingEngine(context.model, context.tokenizer, context.config.seed)
+
+
+def annealed_lr(learning_rate: float, total_updates: int, updates_done: int) -> float:
+    """torch's CosineAnnealingLR(T_max=total_updates, eta_min=lr/10) after `updates_done`."""
+    return learning_rate / 10 + 0.9 * learning_rate * (
+        1 + math.cos(math.pi * updates_done / total_updates)) / 2
