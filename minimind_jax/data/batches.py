@@ -4,6 +4,13 @@ over a source of rows (`rows`). Next: `train_step.put_batch` puts a batch on the
 `Loader` orders rows by a pure function of (seed, epoch), so the position to checkpoint is just
 (epoch, batch index), and it computes batches ahead in background threads (grain's thread-pool
 prefetch over a MapDataset of batch indices).
+
+Length buckets (`length_buckets` > 0): each batch's columns are cut to the smallest of a few
+fixed widths (`bucket_widths`) that holds its last supervised position (or the last position
+`loss_columns` says the loss reads), so a batch of short rows skips their trailing padding and
+the step compiles once per width. Exact for losses that read only those positions of a causal
+model (nothing before a position sees what follows it); not for the MoE aux loss, which averages
+over every fed token.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ class Loader:
 
     def __init__(self, source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  num_shards: int = 1, shard_index: int = 0, pad_to_multiple: int = 1,
-                 prefetch: int = 2, num_threads: int = 1, permutation: str = "numpy"):
+                 prefetch: int = 2, num_threads: int = 1, permutation: str = "numpy",
+                 length_buckets: int = 0, loss_columns=None):
         if len(source) == 0:
             raise UserError("the dataset has no samples")
         if batch_size < 1 or pad_to_multiple < 1 or num_shards < 1:
@@ -49,6 +57,11 @@ class Loader:
         self.pad_to_multiple = pad_to_multiple
         self.prefetch = prefetch
         self.num_threads = num_threads
+        if length_buckets < 0:
+            raise UserError(f"--length_buckets must be 0 (off) or positive, got {length_buckets}")
+        self.length_buckets = length_buckets
+        # (batch) -> [..., T] the positions the loss reads (default: the loss mask's)
+        self.loss_columns = loss_columns or (lambda arrays: arrays["loss_mask"])
 
     @property
     def batches_per_epoch(self) -> int:
@@ -79,7 +92,24 @@ class Loader:
         if n_padding:
             arrays = {k: np.concatenate([v, np.zeros((n_padding, *v.shape[1:]), v.dtype)])
                       for k, v in arrays.items()}
-        return arrays
+        if not self.length_buckets:
+            return arrays
+        extent = supervised_extent(self.loss_columns(arrays))
+        if self.num_shards > 1:  # every process must feed the same width: the global batch's
+            whole = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            extent = supervised_extent(self.loss_columns(source.get_batch(whole)))
+        width = bucket_width(arrays["loss_mask"].shape[-1], self.length_buckets, extent)
+        return {k: v[..., :width] for k, v in arrays.items()}
+
+    def bucketed_fill(self, lengths: np.ndarray, width: int, epoch: int = 0) -> float:
+        """Share of the fed [rows, bucket width] slots that `lengths` (tokens per row, [N] or
+        [N, sides]) fill in `epoch`'s batches, each cut to the bucket of its longest row."""
+        lengths = np.minimum(lengths.reshape(len(lengths), -1), width)
+        order, fed = self.order(epoch), 0
+        for batch in range(self.batches_per_epoch):
+            rows = lengths[order[batch * self.batch_size:(batch + 1) * self.batch_size]]
+            fed += rows.size * bucket_width(width, self.length_buckets, int(rows.max()))
+        return float(lengths.sum()) / fed
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """This shard's batches of `epoch`, from global batch `start_batch` on."""
@@ -96,3 +126,20 @@ class Loader:
         threads = self.num_threads if self.prefetch > 0 else 0
         return iter(batches.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=max(self.prefetch, 0))))
+
+
+def bucket_widths(width: int, n: int) -> list[int]:
+    """The `n` row widths of `width`-wide rows: width / 2**k for k = n-1 ... 0, rounded up to a
+    multiple of 16 (whole tiles for the attention kernels), the last = `width`."""
+    return sorted({min(width, 16 * math.ceil(width / 2**k / 16)) for k in range(n)})
+
+
+def supervised_extent(mask: np.ndarray) -> int:
+    """Columns up to and including the last one any row supervises (0 when none does)."""
+    used = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+    return int(used[-1]) + 1 if len(used) else 0
+
+
+def bucket_width(width: int, n: int, extent: int) -> int:
+    """The smallest of the `n` bucket widths of `width`-wide rows that holds `extent` columns."""
+    return next(w for w in bucket_widths(width, n) if w >= extent)

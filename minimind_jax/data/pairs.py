@@ -103,9 +103,13 @@ class PairSource:
         return len(self.ids) // 2
 
     @property
+    def row_lengths(self) -> np.ndarray:
+        """[N, 2] tokens of each pair's sides."""
+        return np.array([len(x) for x in self.ids]).reshape(-1, 2)
+
+    @property
     def padding_fraction(self) -> float:
-        used = sum(len(x) for x in self.ids)
-        return 1.0 - used / (len(self.ids) * self.max_seq_len)
+        return 1.0 - float(self.row_lengths.sum()) / (len(self.ids) * self.max_seq_len)
 
     def draws(self, epoch: int, order) -> np.ndarray:
         """[N, 2] think stripped per (pair, side) for `epoch`: minimind-3's

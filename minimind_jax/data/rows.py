@@ -54,6 +54,11 @@ class CachedSource:
         """Share of the [N, max_seq_len] row slots that are padding."""
         return 1.0 - self.cache.meta["num_tokens"] / (len(self) * self.max_seq_len)
 
+    @property
+    def row_lengths(self) -> np.ndarray:
+        """Tokens per row."""
+        return np.minimum(self.cache.lengths, self.max_seq_len)
+
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         rows = pad_rows([self.cache.sample(i) for i in indices], self.max_seq_len,
                         self.pad_id, np.int32)
@@ -88,10 +93,14 @@ class Minimind3SFTSource:
         return len(self.cache) // minimind3.SLOTS
 
     @property
-    def padding_fraction(self) -> float:
+    def row_lengths(self) -> np.ndarray:
+        """Tokens per row, as cached (before the epoch's draws)."""
         lengths = self.cache.lengths.reshape(-1, minimind3.SLOTS)[:, 0]
-        return 1.0 - float(np.minimum(lengths, self.max_seq_len).sum()) / (
-            len(self) * self.max_seq_len)
+        return np.minimum(lengths, self.max_seq_len)
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - float(self.row_lengths.sum()) / (len(self) * self.max_seq_len)
 
     def draws(self, epoch: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(system prompt index or -1, think stripped) per conversation for `epoch`."""

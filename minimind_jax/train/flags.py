@@ -74,7 +74,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         data=DataConfig(data_path=args.data_path, tokenizer=args.tokenizer,
                         batch_size=args.batch_size, shuffle=False if args.no_shuffle else None,
                         pack=args.pack, pack_window=args.pack_window, cache_dir=args.cache_dir,
-                        skip_bad_lines=args.skip_bad_lines, sft_random=not args.no_sft_random),
+                        skip_bad_lines=args.skip_bad_lines, sft_random=not args.no_sft_random,
+                        length_buckets=args.length_buckets),
         optim=OptimConfig(learning_rate=args.learning_rate,
                           accumulation_steps=args.accumulation_steps, epochs=args.epochs,
                           max_steps=args.max_steps, lr_schedule=args.lr_schedule,
@@ -193,6 +194,12 @@ def _add_rows_flags(g) -> None:
                    help="--pack: best fit (longest first, tightest row) over windows of this "
                         "many documents in file order, whole documents only; 0 = next fit in "
                         "file order (fewer full rows)")
+    g.add_argument("--length_buckets", type=int, default=None,
+                   help="cut each batch's trailing padding to the smallest of N widths "
+                        "(max_seq_len/2**k rounded up to 16, k < N; one compiled step each) "
+                        "that holds its last supervised token: the same losses, less work. "
+                        "Default 4; 0 = full rows. MoE models default to 0, since their aux "
+                        "loss counts padding positions (N > 0 there changes the loss)")
     prepare.add_cache_args(g)
 
 

@@ -11,8 +11,9 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 
-from minimind_jax.data.batches import Loader
+from minimind_jax.data.batches import Loader, bucket_widths
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
@@ -159,7 +160,7 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     start_step = int(train_step.to_host(state.step))
     if distributed.is_main_process():
         run_folder.write_run_files(run_dir, model, config, tokenizer_dir)
-    _announce(config, stage, model, state, mesh, data, run_dir, batches, total_steps,
+    _announce(config, stage, model, state, mesh, loader, run_dir, batches, total_steps,
               objective)
 
     log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
@@ -237,8 +238,28 @@ def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
     loader = Loader(data, data_config.batch_size, shuffle=data_config.shuffle, seed=config.seed,
                     num_shards=jax.process_count(), shard_index=jax.process_index(),
                     pad_to_multiple=_rows_multiple(model, data_config.batch_size),
-                    permutation=config.recipe.permutation)
+                    permutation=config.recipe.permutation,
+                    length_buckets=length_buckets(stage, data_config, model, objective),
+                    loss_columns=objective.loss_columns)
     return data, loader, evaluator
+
+
+DEFAULT_LENGTH_BUCKETS = 4
+
+
+def length_buckets(stage: Stage, data_config: DataConfig, model: ModelConfig,
+                   objective: Objective) -> int:
+    """--length_buckets, by default 4, or 0 for MoE models: their aux loss averages over every
+    fed position, so cutting padding columns would change it. Always 0 for a stage with a batch
+    producer (grpo, ppo): its loader rows are prompts, not the batches its step reads."""
+    if objective.produce is not None:
+        if data_config.length_buckets:
+            raise UserError(f"--length_buckets: {stage.name} makes its batches from rollouts "
+                            "(its rows are prompts), so they are not cut; leave it out")
+        return 0
+    if data_config.length_buckets is not None:
+        return data_config.length_buckets
+    return 0 if model.use_moe else DEFAULT_LENGTH_BUCKETS
 
 
 def _total_steps(config: TrainConfig, batches: int) -> int:
@@ -287,7 +308,7 @@ def _start_state(config: TrainConfig, stage: Stage, model: ModelConfig, source, 
     return state, (0, 0), 0.0
 
 
-def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh, data,
+def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh, loader,
               run_dir: pathlib.Path, batches: int, total_steps: int,
               objective: Objective) -> None:
     """The run's opening lines: model size, devices, layout, host memory, schedule, rows."""
@@ -309,7 +330,7 @@ def _announce(config: TrainConfig, stage: Stage, model: ModelConfig, state, mesh
     say(f"{stage.name}: {opt.epochs} epoch(s) x {batches} batches of "
          f"{config.data.batch_size}, accumulation {opt.accumulation_steps}, {total_steps} "
          f"micro-steps, lr {opt.learning_rate} ({opt.lr_schedule})")
-    say(_rows_line(data, config.data))
+    say(_rows_line(loader, config.data))
 
 
 def _open_source_once(config: TrainConfig, samples: str, tokenizer, model: ModelConfig,
@@ -350,14 +371,23 @@ def _rows_multiple(config: ModelConfig, batch_size: int) -> int:
     return devices
 
 
-def _rows_line(data, data_config: DataConfig) -> str:
-    """How full the rows are: packing's fill fraction, or the padding of one sample per row."""
+def _rows_line(loader, data_config: DataConfig) -> str:
+    """How full the rows are: packing's fill fraction, or the padding of one sample per row;
+    with length buckets, also how full the fed (cut) batches are in epoch 1."""
+    data = loader.source
     fill = 1.0 - data.padding_fraction
     if data_config.pack:
         how = ("next fit in file order" if data_config.pack_window == 0
                else f"best fit over windows of {data_config.pack_window:,} documents")
-        return f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
-    return f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
+        line = f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
+    else:
+        line = f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
+    if loader.length_buckets and hasattr(data, "row_lengths"):
+        width = data.get_batch(np.arange(1))["loss_mask"].shape[-1]  # max_seq_len (- 1)
+        widths = "/".join(map(str, bucket_widths(width, loader.length_buckets)))
+        line += (f"; cut to widths {widths} per batch: about "
+                 f"{loader.bucketed_fill(data.row_lengths, width):.1%}")
+    return line
 
 
 def _layout_line(state, fsdp: bool, n_devices: int) -> str:

@@ -36,6 +36,7 @@ class DataConfig:
     cache_dir: str | None = None
     skip_bad_lines: bool = False
     sft_random: bool = True  # minimind-3 SFT: random system prompts, think-block stripping
+    length_buckets: int | None = None  # batch widths (data.batches); None: 4, MoE models 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,10 +57,19 @@ def weighted_lm_loss(config: ModelConfig, special_ids: np.ndarray):
     return objective
 
 
+def loss_columns(special_ids: np.ndarray):
+    """Length buckets: the positions the loss reads, the supervised ones and every tagged
+    target (prompt and padding positions included), so a batch is cut only after them all."""
+    def read(batch: dict) -> np.ndarray:
+        return (batch["loss_mask"] > 0) | np.isin(batch["labels"], special_ids)
+
+    return read
+
+
 def make_objective(context: StageContext) -> Objective:
     ids = tag_ids(context.tokenizer)
     return Objective(
-        loss=weighted_lm_loss(context.model, ids),
+        loss=weighted_lm_loss(context.model, ids), loss_columns=loss_columns(ids),
         line=log_lines.minimind2_divided_line(context.config.optim.accumulation_steps),
         notes=(f"distill_reason: targets {sorted(set(ids.tolist()))} (the pieces of "
                f"{', '.join(TAGS)}) weighted {TAG_WEIGHT:g}",))

@@ -48,6 +48,10 @@ class Objective:
     # from the current train state (rollouts); called after the previous step has run. None:
     # the loader's batches as they are.
     produce: Callable | None = None
+    # Length buckets (data.batches): (host batch) -> [..., T] bool, the positions the loss
+    # reads; a batch is cut after the last column with one. None: the loss mask's positions.
+    # (A stage with a batch producer is never cut: its loader rows are not what the step reads.)
+    loss_columns: Callable | None = None
     # A stage that trains more than one model or updates more than once per batch (PPO):
     # `params_like()` -> a params tree of the train state's shapes (default: the model's),
     # `optimizer` whose `init(params)` makes the state's opt_state (default: AdamW inside
