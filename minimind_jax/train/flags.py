@@ -205,9 +205,10 @@ def _add_rows_flags(g) -> None:
 
 def _add_run_flags(g, stage: Stage) -> None:
     """RunConfig's flags, with --fsdp."""
-    g.add_argument("--log_interval", type=int, default=_default(RunConfig, "log_interval"),
+    g.add_argument("--log_interval", type=int, default=None,
                    help="log every N micro-batches of an epoch (metrics.jsonl, TensorBoard, "
-                        "the reference-style line)")
+                        "the reference-style line); default "
+                        f"{stage.defaults_for('minimind3').get('log_interval', 100)}")
     g.add_argument("--save_interval", type=int, default=_default(RunConfig, "save_interval"),
                    help="checkpoint every N micro-steps (and at the end); the last 3 are kept")
     g.add_argument("--init_from", default=None,

@@ -72,7 +72,7 @@ class RunConfig:
     lora_init_from: str | None = None  # lora: adapter file to start from (None: seeded init)
     resume: bool = False
     overwrite: bool = False
-    log_interval: int = 100
+    log_interval: int | None = None  # None: the stage's (100; grpo and ppo: 1, their scripts')
     save_interval: int = 100
     max_consecutive_skips: int = 20
     tracker: str = "tensorboard"  # train.tracking.TRACKERS
@@ -145,7 +145,9 @@ def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -
             lr_schedule=given_or(optim.lr_schedule, recipe_schedule or "cosine")),
         eval=dataclasses.replace(eval_, interval=given_or(eval_.interval, run.save_interval)),
         run=dataclasses.replace(run, run_prefix=given_or(run.run_prefix,
-                                                         defaults["run_prefix"])),
+                                                         defaults["run_prefix"]),
+                                log_interval=given_or(run.log_interval,
+                                                      defaults.get("log_interval", 100))),
     )
 
 

@@ -523,7 +523,7 @@ STAGE = Stage(
     tracker_project="MiniMind-PPO",
     defaults={generation: dict(epochs=1, batch_size=2, learning_rate=3e-7,
                                accumulation_steps=1, max_seq_len=768, run_prefix="ppo_actor",
-                               recipe_lr_schedule="annealing")
+                               recipe_lr_schedule="annealing", log_interval=1)
               for generation in ("minimind2", "minimind3")},
     start_from={"minimind2": "full_sft", "minimind3": "full_sft"},
     validates=False,
