@@ -154,14 +154,20 @@ TINY_GRPO = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
     (["--reward_model_path", "{tmp}/nope"], None, "--reward_model_path none"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, extra, lines, message):
+    assert_one_error_line(["grpo", *TINY_GRPO], tmp_path, capsys, extra, lines, message)
+
+
+def assert_one_error_line(command: list, tmp_path, capsys, extra: list, lines, message: str):
+    """`command` on the fixture's RLAIF rows (or on `lines`) with `extra` flags ({tmp}: the
+    test's folder) exits 2 with one `error:` line holding `message`, and creates nothing."""
     data = tmp_path / "rl.jsonl"
     if lines is None:
         shutil.copy(RL / "rlaif.jsonl", data)
     else:
         data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    argv = ["grpo", "--data_path", str(data), "--out_dir", str(out), "--init_from", "none",
-            *TINY_GRPO, *[a.format(tmp=tmp_path) for a in extra]]
+    argv = [*command, "--data_path", str(data), "--out_dir", str(out), "--init_from", "none",
+            *[a.format(tmp=tmp_path) for a in extra]]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -14,7 +14,8 @@ from minimind_jax.model.config import arch_defaults
 from minimind_jax.model.run_checkpoint import CHECKPOINT_DIR
 from minimind_jax.model.weights import load_weights
 from minimind_jax.train.stages import ppo
-from tests.helpers import FIXTURES, MINIMIND3_TOKENIZER_DIR, metrics
+from tests.helpers import FIXTURES, metrics
+from tests.test_grpo import TINY_GRPO, assert_one_error_line
 
 RL = FIXTURES / "rl"
 
@@ -68,12 +69,6 @@ def test_minibatch_orders_and_the_value_heads_start(tmp_path):
         ppo.initial_value_head(ppo.PpoOptions(value_head_from=str(wrong)), model, seed=0)
 
 
-TINY_PPO = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
-            str(MINIMIND3_TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--max_seq_len",
-            "64", "--dtype", "float32", "--batch_size", "2", "--max_gen_len", "16",
-            "--reward_model_path", "none", "--log_interval", "1"]
-
-
 @pytest.mark.parametrize("extra, lines, message", [
     ([], ['{"messages": []}'], "rl.jsonl:1: missing field 'conversations'"),
     ([], ['{"conversations": [{"role": "user", "content": "q"}]}'], "the prompt is empty"),
@@ -86,18 +81,7 @@ TINY_PPO = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
     (["--fsdp"], None, "ppo: --fsdp is not supported yet"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, extra, lines, message):
-    data = tmp_path / "rl.jsonl"
-    if lines is None:
-        shutil.copy(RL / "rlaif.jsonl", data)
-    else:
-        data.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out"
-    argv = ["ppo", "--data_path", str(data), "--out_dir", str(out), "--init_from", "none",
-            *TINY_PPO, *[a.format(tmp=tmp_path) for a in extra]]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
+    assert_one_error_line(["ppo", *TINY_GRPO], tmp_path, capsys, extra, lines, message)
 
 
 @pytest.mark.slow
