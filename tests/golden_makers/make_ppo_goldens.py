@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 from make_rl_goldens import (  # noqa: E402
     EMB_ROWS,
-    Tee,
     _f,
     _line_of,
     build_layout,
@@ -46,6 +45,7 @@ from make_rl_goldens import (  # noqa: E402
     parse_args,
     rm_arrays,
     run_parent,
+    run_traced,
     weights_arrays,
 )
 
@@ -126,8 +126,6 @@ LOG_VALUES = [
 
 
 def child_run_case(args):
-    import runpy
-
     import torch
 
     torch.set_num_threads(1)
@@ -271,28 +269,14 @@ def child_run_case(args):
             log_rec[rs["i"]] = {n: float(L[n]) for n in LOG_VALUES}
         return epoch_tracer
 
-    def global_tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == script:
-            if frame.f_code.co_name == "ppo_train_epoch":
-                return epoch_tracer
-            if frame.f_code.co_name == "calculate_rewards":
-                return rewards_tracer
-        return None
-
-    tee = Tee(sys.__stdout__)
-    old_stdout = sys.stdout
-    sys.stdout = tee
-    sys.settrace(global_tracer)
-    try:
-        g = runpy.run_path(script, run_name="__main__")
-    finally:
-        sys.settrace(None)
-        sys.stdout = old_stdout
+    def undo_hooks():
         torch.Tensor.backward = orig_backward
         torch.nn.utils.clip_grad_norm_ = orig_clip
         torch.randperm = orig_randperm
         rollout_mod.TorchRolloutEngine.rollout = orig_rollout
         utils_mod.LMForRewardModel.get_score = orig_get_score
+
+    g, tee = run_traced(script, "ppo_train_epoch", epoch_tracer, rewards_tracer, undo_hooks)
 
     # ---------------- collect ----------------
     n_micro = rs["i"] + 1

@@ -484,6 +484,31 @@ def make_rewards_tracer(add_line, rule_rec, index):
     return rewards_tracer
 
 
+def run_traced(script, epoch_function, epoch_tracer, rewards_tracer, undo_hooks):
+    """Run `script` as __main__ with stdout teed and the line tracers on `epoch_function` and
+    calculate_rewards; `undo_hooks()` afterwards, whatever happens -> (its globals, the tee)"""
+    import runpy
+
+    def global_tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == script:
+            if frame.f_code.co_name == epoch_function:
+                return epoch_tracer
+            if frame.f_code.co_name == "calculate_rewards":
+                return rewards_tracer
+        return None
+
+    tee = Tee(sys.__stdout__)
+    old_stdout = sys.stdout
+    sys.stdout = tee
+    sys.settrace(global_tracer)
+    try:
+        return runpy.run_path(script, run_name="__main__"), tee
+    finally:
+        sys.settrace(None)
+        sys.stdout = old_stdout
+        undo_hooks()
+
+
 def meta_arrays(out, args, cfg, script_name, fn):
     """meta/* common to the RL makers (case, mode, commit, script, command, argv, base weights,
     seeds, versions)"""
@@ -710,30 +735,14 @@ def child_run_case(args):
 
     rewards_tracer = make_rewards_tracer(add_line, rule_rec, lambda: len(rec["loss"]))
 
-    def global_tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == script:
-            if frame.f_code.co_name == "grpo_train_epoch":
-                return epoch_tracer
-            if frame.f_code.co_name == "calculate_rewards":
-                return rewards_tracer
-        return None
-
-    tee = Tee(sys.__stdout__)
-    import runpy
-
-    old_stdout = sys.stdout
-    sys.stdout = tee
-    sys.settrace(global_tracer)
-    try:
-        g = runpy.run_path(script, run_name="__main__")
-    finally:
-        sys.settrace(None)
-        sys.stdout = old_stdout
+    def undo_hooks():
         torch.Tensor.backward = orig_backward
         torch.nn.utils.clip_grad_norm_ = orig_clip
         torch.randperm = orig_randperm
         rollout_mod.TorchRolloutEngine.rollout = orig_rollout
         utils_mod.LMForRewardModel.get_score = orig_get_score
+
+    g, tee = run_traced(script, "grpo_train_epoch", epoch_tracer, rewards_tracer, undo_hooks)
 
     # ---------------- collect ----------------
     n_micro = len(rec["loss"])
