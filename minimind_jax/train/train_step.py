@@ -196,7 +196,8 @@ def _real_rows(batch: dict) -> jax.Array:
 NONFINITE_REASONS = {1: "loss", 2: "gradient", 3: "update (new weights or optimizer state)"}
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """Whether every float leaf of `tree` is finite (a scalar bool array)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
@@ -217,7 +218,7 @@ def _apply_gradients(state: TrainState, grads, totals: dict, optimizer, schedule
     def apply_update(params, opt_state):
         updates, new_opt_state = optimizer.update(grads, opt_state, params, learning_rate=lr)
         new_params = optax.apply_updates(params, updates)
-        ok = _all_finite((new_params, new_opt_state))
+        ok = all_finite((new_params, new_opt_state))
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         return (jax.tree.map(keep, new_params, params),
                 jax.tree.map(keep, new_opt_state, opt_state), ok)

@@ -228,6 +228,7 @@ def minibatch_fn(config: ModelConfig, options: PpoOptions, accumulation_steps: i
 def apply_fn(inner):
     """(params, opt state, summed gradients, actor lr, critic lr) -> (params, opt state, ok):
     each model clipped and stepped by its AdamW; nothing changes when anything is non-finite."""
+    from minimind_jax.train.train_step import all_finite
 
     def update(params, state, grads, lr):
         updates, state = inner.update(grads, state, params, learning_rate=lr)
@@ -240,9 +241,7 @@ def apply_fn(inner):
                                       lr_critic)
         new = ({"actor": actor, "critic": critic},
                opt_state._replace(actor=actor_state, critic=critic_state))
-        leaves = [x for x in jax.tree.leaves((grads, new)) if jnp.issubdtype(x.dtype,
-                                                                             jnp.inexact)]
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        ok = all_finite((grads, new))
         keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
         return (jax.tree.map(keep, new[0], params), jax.tree.map(keep, new[1], opt_state), ok)
 
@@ -275,20 +274,21 @@ def make_step_fn(config, model: ModelConfig, options: PpoOptions, reference, inn
             params, opt_state = state.params, state.opt_state
             micro = 0 if batch["epoch_start"] else int(opt_state.micro)
             updates = int(_adam_state(opt_state.actor).count)
-            pending, stopped, records, all_ok = None, False, [], True
+            # stays on the device: the host waits for it once per PPO epoch, not per minibatch
+            pending, stopped, records, oks = None, jnp.asarray(False), [], []
 
             def update(params, opt_state, pending):
-                nonlocal updates, all_ok
+                nonlocal updates
                 params, opt_state, ok = apply(
                     params, opt_state, pending,
                     jnp.float32(rl.annealed_lr(lr_actor, total_updates, updates)),
                     jnp.float32(rl.annealed_lr(lr_critic, total_updates, updates)))
                 updates += 1
-                all_ok = all_ok and bool(ok)
+                oks.append(ok)
                 return params, opt_state
 
             for epoch in range(options.ppo_update_iters):
-                if stopped:
+                if bool(stopped):
                     break
                 order = batch["ppo_orders"][epoch]
                 if (order < 0).any():
@@ -298,8 +298,8 @@ def make_step_fn(config, model: ModelConfig, options: PpoOptions, reference, inn
                 for start in range(0, B, size):
                     picked = jnp.asarray(order[start:start + size])
                     mb = {k: v[picked] for k, v in rows.items()}
-                    grads, metrics = grads_of(params, mb, jnp.asarray(stopped))
-                    stopped = bool(metrics["stop"])
+                    grads, metrics = grads_of(params, mb, stopped)
+                    stopped = metrics["stop"]
                     records.append(metrics)
                     pending = _tree_add(pending, grads)
                     micro += 1
@@ -309,17 +309,19 @@ def make_step_fn(config, model: ModelConfig, options: PpoOptions, reference, inn
             if micro % acc != 0:  # the script flushes a partial window at each step's end
                 params, opt_state = update(params, opt_state, pending)
             opt_state = opt_state._replace(micro=jnp.int32(micro))
-            return _finished(state, params, opt_state, records, batch, all_ok, updates,
-                             lr_actor, lr_critic, total_updates, options)
+            lrs = (rl.annealed_lr(lr_actor, total_updates, updates),
+                   rl.annealed_lr(lr_critic, total_updates, updates))
+            return _finished(state, params, opt_state, records, batch,
+                             bool(jnp.all(jnp.stack(oks))), updates, lrs, options.vf_coef)
 
         return step
 
     return make
 
 
-def _finished(state, params, opt_state, records, batch, ok, updates, lr_actor, lr_critic,
-              total_updates, options):
-    """The next train state and the step's metrics (the script's means over minibatches)."""
+def _finished(state, params, opt_state, records, batch, ok, updates, lrs, vf_coef):
+    """The next train state and the step's metrics (the script's means over minibatches);
+    `lrs`: the actor's and the critic's learning rates after the step's updates."""
     skip = jnp.int32(0 if ok else 1)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               skipped=state.skipped + skip,
@@ -327,17 +329,16 @@ def _finished(state, params, opt_state, records, batch, ok, updates, lr_actor, l
     mean = {k: jnp.mean(jnp.stack([r[k] for r in records]))
             for k in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "kl_ref", "aux")}
     mask = np.asarray(batch["completion_mask"])
-    actor_lr = rl.annealed_lr(lr_actor, total_updates, updates)
+    actor_lr, critic_lr = lrs
     parts = {"reward": jnp.mean(jnp.asarray(batch["rewards"])), "kl_ref": mean["kl_ref"],
              "approx_kl": mean["approx_kl"], "clipfrac": mean["clipfrac"],
              "critic_loss": mean["value_loss"], "policy_loss": mean["policy_loss"],
              "avg_response_len": jnp.float32(mask.sum(axis=1).mean()),
              "actor_lr": jnp.float32(actor_lr),
-             "critic_lr": jnp.float32(rl.annealed_lr(options.critic_learning_rate,
-                                                     total_updates, updates)),
+             "critic_lr": jnp.float32(critic_lr),
              "minibatches": jnp.float32(len(records)),
              "early_stopped": jnp.float32(bool(records[-1]["stop"]))}
-    loss = mean["policy_loss"] + options.vf_coef * mean["value_loss"] + mean["aux"]
+    loss = mean["policy_loss"] + vf_coef * mean["value_loss"] + mean["aux"]
     return new_state, {
         "loss": loss, "aux": mean["aux"], "parts": parts, "lr_now": jnp.float32(actor_lr),
         "n_tokens": jnp.float32(mask.sum()), "n_rows": jnp.int32(mask.shape[0]),
