@@ -87,8 +87,8 @@ def train_loop(run: Run):
                 if step % run.config.run.save_interval == 0:
                     _log_dispatched(run, pending)
                     save_checkpoint(run, state, position)
-                    if run.save_fn is not None:  # the reference's weights file, as it saves
-                        run.save_fn(state)
+                    if run.save_fn is not None and step < run.total_steps:  # (the end: finish)
+                        run.save_fn(state)  # the reference's weights file, as it saves
                 if step >= run.total_steps:
                     break
             else:
