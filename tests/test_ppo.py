@@ -33,13 +33,13 @@ def test_gae_and_whitening_are_the_scripts_loops():
         expected[:, t] = last
     got = np.asarray(ppo.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
                              gamma, lam))
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1.2e-6)  # float32: 4.1e-7 measured
     mean = (expected * mask).sum() / mask.sum()
     var = ((expected - mean) ** 2 * mask).sum() / mask.sum()  # no Bessel correction
     whitened = np.asarray(ppo.whiten(jnp.asarray(expected, jnp.float32),
                                      jnp.asarray(mask, jnp.float32)))
     np.testing.assert_allclose(whitened, (expected - mean) / np.sqrt(var + 1e-8) * mask,
-                               atol=1e-5)
+                               atol=5e-7)  # 1.5e-7 measured
     assert (whitened[mask == 0] == 0).all()
 
 
@@ -141,8 +141,8 @@ def test_completion_log_probs_in_chunks_are_the_full_log_softmax():
     expected, expected_grad = full(params), jax.grad(lambda p: full(p).sum())(params)
     for chunk in (256, 11, 4, 3):
         got = rl.completion_logps(model, params, ids, seg, pos, chunk=chunk)[0]
-        np.testing.assert_allclose(got, expected, atol=2e-6)
+        np.testing.assert_allclose(got, expected, atol=2e-6)  # 9.5e-7 measured
         grad = jax.grad(lambda p, c=chunk: rl.completion_logps(model, p, ids, seg, pos,
                                                                chunk=c)[0].sum())(params)
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
-            np.testing.assert_allclose(a, b, atol=2e-6)
+            np.testing.assert_allclose(a, b, atol=2e-6)  # 1.7e-6 measured
