@@ -296,8 +296,10 @@ def test_a_decode_step_leaves_the_seen_tokens_of_a_prefilling_row_alone(params):
                                              prefill_chunk=8))
     recorder = Recorder()
     try:
+        # one prompt for both, so they are admitted together (two prompts would pad past
+        # prefill_chunk 8 in one prefill: the second would take slot 0 once the first ended)
         engine.submit_all([Completion([5, 6, 7], greedy(2, 1.3), recorder.sink("earlier")),
-                           Completion([9, 10, 11], greedy(60, 1.3), recorder.sink("running"))])
+                           Completion([5, 6, 7], greedy(60, 1.3), recorder.sink("running"))])
         assert recorder.ended["earlier"].wait(60), "the earlier row did not end"
         stale = recorder.tokens("earlier")[-1]
         prompt = [t for t in range(3, 110) if t != stale][:96]
@@ -382,10 +384,11 @@ def test_warm_up_compiles_what_requests_then_use_and_changes_nothing(params):
         state = [np.asarray(x) for x in jax.tree.leaves((engine._cache, engine._seen))]
         before, reported = engine.compilations, []
         count = engine.warm_up(lambda done, total: reported.append((done, total)))
-        # decode steps: rows 1, 2, 4 x cache lengths 64, 96; prefills: 1, 2, 4 prompts of 32;
-        # chunks: cached lengths 64 (offsets 0-48) and 96 (64, 80)
-        assert count == 6 + 3 + 2 and reported == [(i, count) for i in range(1, count + 1)]
-        assert engine.compilations - before == 6 + 3 + 3 + 2  # + the store step of each rows
+        # decode steps: rows 1 and 4 (2 is not a bucket) x cache length 96 (the floor of 256,
+        # capped); prefills: one prompt of 32 (two would pad past prefill_chunk 16, so the three
+        # that arrive together are admitted one per loop); chunks: cached length 96
+        assert count == 2 + 1 + 1 and reported == [(i, count) for i in range(1, count + 1)]
+        assert engine.compilations - before == 2 + 1 + 1 + 2  # + the store step of each rows
         for was, now in zip(state, jax.tree.leaves((engine._cache, engine._seen)), strict=True):
             np.testing.assert_array_equal(was, np.asarray(now))
         warm = engine.compilations
@@ -431,12 +434,12 @@ def test_a_request_during_a_background_warm_up_gets_what_generate_gives(params):
                                                        eos_id=-1)[0]
         gate.set()
         assert finished.wait(300)
-        # decode steps: rows 1, 2 x cache lengths 64, 80; prefills: 1, 2 prompts of 32;
-        # chunks: cached length 64
-        assert not engine.warming and engine.programs_warm == engine.programs_total == 4 + 2 + 1
-        assert reported == list(range(1, 8))
+        # decode steps: rows 1, 2 x cache length 80; prefills: one prompt of 32; chunks:
+        # cached length 80
+        assert not engine.warming and engine.programs_warm == engine.programs_total == 2 + 1 + 1
+        assert reported == list(range(1, 5))
         warm = engine.compilations
-        assert engine.warm_up() == 7 and engine.compilations == warm  # all there already
+        assert engine.warm_up() == 4 and engine.compilations == warm  # all there already
     finally:
         gate.set()
         engine.stop()

@@ -4,10 +4,12 @@ token granularity.
 The engine owns `max_batch` slots, each a row of one KV cache of `max_context` positions (the
 cache keeps a next position per row). Its worker thread loops:
 
-1. admit: waiting completions take the free slots, lowest first; their prompts are prefilled
+1. admit: waiting completions take the free slots, lowest first, as many as one prefill of
+   at most `prefill_chunk` padded tokens holds (at least one); their prompts are prefilled
    together (one call, right-padded; newcomers with the same prompt, such as the `n` choices
    of one request, share one row of it) straight into their slots, and each gets its first
-   token, sampled with its own seed. A prompt longer than `prefill_chunk` is fed one chunk per
+   token, sampled with its own seed. The next ones wait for the next loop, after a decode
+   step of the rows already in. A prompt longer than `prefill_chunk` is fed one chunk per
    loop instead (after the cached part of its prompt; choices sharing the prompt share each
    chunk too), so the rows already decoding wait for a chunk between two of their tokens,
    never for a whole long prompt;
@@ -17,9 +19,9 @@ cache keeps a next position per row). Its worker thread loops:
    slot at once, for the next waiting one.
 
 So a request waits for at most one decode step plus its prefill, never for the rest of a
-batch. Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (a power of two
-covering every occupied one) over the first `kv_len` cache positions (a power of two covering
-the longest); a prefill runs a power-of-two count of distinct prompts, copied into a
+batch. Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (1, or a power
+of two >= 8 covering every occupied one) over the first `kv_len` cache positions (a power of
+two >= 256 covering the longest); a prefill runs a power-of-two count of distinct prompts, copied into a
 power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
 power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
 over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
@@ -53,7 +55,12 @@ from minimind_jax.runtime.xla_flags import jit_for_decoding
 from minimind_jax.serve.serve_config import EngineConfig
 
 MIN_PROMPT_BUCKET = 32
-MIN_KV_BUCKET = 64
+# Fewer buckets, fewer programs to compile (about 2 s each on a 2-core CPU): a minimind2-small
+# decode step of 8 rows took 15.2 ms over 64 or 128 cache positions, 15.7 ms over 256, 17.9
+# over 512 and 22.6 over 1,024; 2 or 4 rows were slower than 8 (17-18 ms: XLA's dots of a few
+# rows), one row 7 ms. So the cache lengths start at 256 and the row counts skip 2 and 4.
+MIN_KV_BUCKET = 256
+MIN_DECODE_ROWS = 8
 
 
 class QueueFull(Exception):
@@ -70,6 +77,11 @@ def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
     while bucket < n:
         bucket *= 2
     return max(min(bucket, cap), n)
+
+
+def decode_rows(n: int, cap: int) -> int:
+    """The rows a decode step runs to cover the lowest n slots: 1, or a power of two >= 8."""
+    return 1 if n == 1 else power_of_two_at_least(n, MIN_DECODE_ROWS, cap)
 
 
 def buckets(floor: int, cap: int, sizes=None) -> list[int]:
@@ -383,8 +395,8 @@ class BatchEngine:
                 threads: int = 1) -> int:
         """Compile the programs of the common buckets, so no request waits for a compilation in
         them (nor do the rows decoding beside it): the decode step of every row count and cache
-        length, the prefill of 1 .. max_batch distinct prompts (one per newcomer) of every length
-        up to `prefill_chunk`, and one long prompt's chunk for one slot at every cached length.
+        length, every prefill that admission makes of distinct prompts (one per newcomer) up to
+        `prefill_chunk` tokens, and one long prompt's chunk for one slot at every cached length.
         The likeliest first (fewest rows, shortest lengths), `threads` at a time, each compiled
         and run once on scratch buffers (a cache's worth each): the engine's state is not
         touched, so requests may come meanwhile. It uses idle time only: a program starts when
@@ -421,12 +433,16 @@ class BatchEngine:
     def _warm_programs(self) -> list[Callable[[], None]]:
         """The warm-up's programs, likeliest first: by rows, then length."""
         cfg = self.config
-        rows, longest = buckets(1, cfg.max_batch), cfg.max_context - 1  # prompt + 1 token
+        longest = cfg.max_context - 1  # prompt + 1 token
         programs = [((r, kv, 0), functools.partial(self._warm_step, r, kv))
-                    for r in rows for kv in buckets(MIN_KV_BUCKET, cfg.max_context)]
-        programs += [((n, P, 1), functools.partial(self._warm_prefill, n, P)) for n in rows
+                    for r in sorted({decode_rows(n, cfg.max_batch)
+                                     for n in range(1, cfg.max_batch + 1)})
+                    for kv in buckets(MIN_KV_BUCKET, cfg.max_context)]
+        programs += [((n, P, 1), functools.partial(self._warm_prefill, n, P))
+                     for n in buckets(1, cfg.max_batch)
                      for P in buckets(MIN_PROMPT_BUCKET, cfg.max_context,
-                                      range(1, min(cfg.prefill_chunk, longest) + 1))]
+                                      range(1, min(cfg.prefill_chunk, longest) + 1))
+                     if self._one_prefill(n, P)]
         if longest > cfg.prefill_chunk:  # chunks start at multiples of prefill_chunk
             kv_lens = {power_of_two_at_least(offset, MIN_KV_BUCKET, cfg.max_context)
                        for offset in range(0, longest, cfg.prefill_chunk)}
@@ -523,17 +539,32 @@ class BatchEngine:
         if idle:
             time.sleep(self.config.batch_wait_s)  # let requests sent together start together
         with self._lock:
-            seated = []
+            seated, prompts, longest = [], set(), 0  # the short prompts' prefill so far
             for slot in self._slots.free():
                 while self._waiting and self._waiting[0].cancelled.is_set():
                     self._waiting.popleft().finish(("end", "cancelled"))
                 if not self._waiting:
                     break
+                ids = tuple(self._waiting[0].prompt_ids)
+                if len(ids) <= self.config.prefill_chunk:  # longer ones go in chunks
+                    if not self._one_prefill(len(prompts | {ids}), max(longest, len(ids))):
+                        break
+                    prompts.add(ids)
+                    longest = max(longest, len(ids))
                 completion = self._waiting.popleft()
                 seed = completion.seed if completion.seed is not None else next(self._seeds)
                 self._slots.seat(slot, completion, seed)
                 seated.append((slot, completion))
         return seated
+
+    def _one_prefill(self, prompts: int, longest: int) -> bool:
+        """Whether one prefill takes `prompts` distinct prompts of up to `longest` tokens: one
+        prompt always, several while their padded tokens stay within `prefill_chunk` (what a
+        chunk of a long prompt costs the rows decoding meanwhile)."""
+        cfg = self.config
+        rows = power_of_two_at_least(prompts, 1, cfg.max_batch)
+        return rows == 1 or rows * power_of_two_at_least(
+            longest, MIN_PROMPT_BUCKET, cfg.max_context) <= cfg.prefill_chunk
 
     def _prefill(self, newcomers: list[tuple[int, Completion]]) -> None:
         """Prefill the newcomers' prompts, each distinct prompt once (the `n` choices of a
@@ -609,7 +640,7 @@ class BatchEngine:
     def _step(self) -> None:
         slots = self._slots
         occupied = slots.decoding()  # rows still prefilling sit this step out
-        rows = power_of_two_at_least(occupied[-1] + 1, 1, self.config.max_batch)
+        rows = decode_rows(occupied[-1] + 1, self.config.max_batch)
         kv_len = power_of_two_at_least(int(slots.position[occupied].max()) + 1, MIN_KV_BUCKET,
                                        self.config.max_context)
         counts_R = np.array([owner.generated if owner else 0 for owner in slots.owner[:rows]],
