@@ -21,8 +21,8 @@ cache keeps a next position per row). Its worker thread loops:
 So a request waits for at most one decode step plus its prefill, never for the rest of a
 batch. Shapes stay fixed per bucket: a decode step runs the lowest `rows` slots (1, or a power
 of two >= 8 covering every occupied one) over the first `kv_len` cache positions (a power of
-two >= 256 covering the longest); a prefill runs a power-of-two count of distinct prompts, copied into a
-power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
+two >= 256 covering the longest); a prefill runs a power-of-two count of distinct prompts,
+copied into a power-of-two count of newcomers, over a power-of-two prompt length; a chunk runs a
 power-of-two count of distinct long-prompt chunks, copied into a power-of-two count of slots,
 over `prefill_chunk` tokens and a power-of-two count of cached positions. Each bucket compiles
 once. Every row samples with its own completion's settings (temperature, top-p, top-k and
