@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.helpers import REPO_ROOT, subprocess_env
 
 # What the wheel is built from (a copy, so the build's build/ and egg-info stay out of the tree).
-SOURCES = ("pyproject.toml", "README.md", "minimind_jax")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "minimind_jax")
 
 
 def _build_wheel(tmp_path: Path) -> tuple[Path, str]:
@@ -32,6 +33,8 @@ def _build_wheel(tmp_path: Path) -> tuple[Path, str]:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     (wheel,) = (tmp_path / "dist").glob("minimind_jax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:  # the license text travels with the wheel
+        assert any(name.endswith(".dist-info/licenses/LICENSE") for name in archive.namelist())
     return wheel, log
 
 
