@@ -78,7 +78,6 @@ def test_minibatch_orders_and_the_value_heads_start(tmp_path):
     (["--mini_batch_size", "0"], None, "--mini_batch_size must be >= 1, got 0"),
     (["--gamma", "nan"], None, "--gamma must be a finite number >= 0, got nan"),
     (["--value_head_from", "{tmp}/nope.npz"], None, "--value_head_from"),
-    (["--fsdp"], None, "ppo: --fsdp is not supported yet"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, extra, lines, message):
     assert_one_error_line(["ppo", *TINY_GRPO], tmp_path, capsys, extra, lines, message)

@@ -60,8 +60,8 @@ def _recording(monkeypatch) -> dict:
 
         return recorded
 
-    def apply_fn(inner):
-        apply = make_apply(inner)
+    def apply_fn(*args):
+        apply = make_apply(*args)
 
         def recorded(params, opt_state, grads, lr_actor, lr_critic):
             params, opt_state, ok = apply(params, opt_state, grads, lr_actor, lr_critic)
@@ -77,13 +77,18 @@ def _recording(monkeypatch) -> dict:
     return seen
 
 
-def saved_params(run_dir: pathlib.Path):
-    """The params tree of a run folder's newest checkpoint, as saved (numpy)."""
+def saved_params(run_dir: pathlib.Path, like=None):
+    """The params tree of a run folder's newest checkpoint, as saved (numpy); with `like`, a
+    params tree of its shapes, restored onto this process's first device (a checkpoint saved
+    on more devices than this process has)."""
     root = run_dir / "checkpoints"
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = None if like is None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=device), like)
     with run_checkpoint.reader(root) as manager:
         step = manager.latest_step()
         restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore()))["params"]
+            params=ocp.args.StandardRestore(target)))["params"]
         meta = run_checkpoint.restore_meta(manager, step)
     return jax.tree.map(np.asarray, restored), ModelConfig.from_dict(meta["model_config"])
 

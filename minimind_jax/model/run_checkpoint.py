@@ -181,6 +181,14 @@ def latest_checkpoint(run_dir: str | pathlib.Path) -> pathlib.Path | None:
     return root / str(steps[0])
 
 
+def _as_saved(step_dir: pathlib.Path, sharding) -> Any:
+    """The shapes and dtypes of a checkpoint's params tree as saved (any tree: PPO's actor and
+    critic) on `sharding`: a restore target that works whatever devices it was saved from."""
+    saved = ocp.StandardCheckpointHandler().metadata(step_dir / "params")
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                          sharding=sharding), saved)
+
+
 def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None = None
                    ) -> tuple[dict, ModelConfig, str]:
     """(params, ModelConfig, the checkpoint folder read) from a run folder (its newest intact
@@ -205,10 +213,10 @@ def restore_params(path: str | pathlib.Path, warn: Callable[[str], None] | None 
             raise ValueError(f"unreadable model config in meta: {err}") from None
         if path := meta.get("lm_params_at"):  # e.g. PPO's {"actor": LM, "critic": ...}
             params = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore()))["params"]
+                params=ocp.args.StandardRestore(_as_saved(root / str(step), device))))["params"]
             for key in path:
                 params = params[key]
-            return jax.device_put(params, device), config
+            return params, config
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
             jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))

@@ -166,7 +166,7 @@ def _build_owned(config: TrainConfig, stage: Stage, model: ModelConfig, tokenize
     log = _open_log(config, stage, model, objective, run_dir, batches, start_step, total_steps,
                     elapsed_before)
     stack.callback(log.close)
-    step_fn = (objective.make_step(mesh) if objective.make_step else
+    step_fn = (objective.make_step(mesh, shardings) if objective.make_step else
                _lm_step(train_step.make_train_step(model, optimizer, schedule, mesh, shardings,
                                                    partition, objective=objective.loss,
                                                    frozen=objective.frozen,

@@ -144,6 +144,12 @@ def put_replicated(tree, mesh: Mesh):
     return place(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
+def gathered(tree, mesh: Mesh):
+    """`tree` whole on every device, inside a jitted function: with --fsdp the all-gathers of
+    its shards (a no-op when replicated)."""
+    return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
                      shardings, partition=None) -> TrainState:
     """`create_train_state` laid out as `shardings` (from `state_shardings`): params are
@@ -293,8 +299,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
         def value(trained):
             params = trained if partition is None else partition.join(trained, base)
-            params, frozen_whole = jax.lax.with_sharding_constraint(
-                (params, frozen), jax.tree.map(lambda _: whole, (params, frozen)))
+            params, frozen_whole = gathered((params, frozen), mesh)
             return objective(params, batch, frozen_whole)
 
         (_, parts), grads = jax.value_and_grad(value, has_aux=True)(

@@ -162,13 +162,26 @@ def _masked_mean(x_NR, mask_NR):
     return (x_NR * mask_NR).sum() / jnp.maximum(mask_NR.sum(), 1)
 
 
-def prepare_fn(config: ModelConfig, options: PpoOptions):
-    """(critic, reference, rows) -> old values, reference log-probs, advantages, returns."""
+def _whole(mesh):
+    """(tree) -> the tree gathered whole on every device of `mesh` inside a jitted function
+    (train_step.gathered: --fsdp's all-gathers); as it is without a mesh."""
+    if mesh is None:
+        return lambda tree: tree
+    from minimind_jax.train.train_step import gathered
+
+    return functools.partial(gathered, mesh=mesh)
+
+
+def prepare_fn(config: ModelConfig, options: PpoOptions, mesh=None):
+    """(critic, reference, rows) -> old values, reference log-probs, advantages, returns;
+    the models gathered whole on `mesh`'s devices (--fsdp)."""
     from minimind_jax.model.transformer import MiniMind
 
     model = MiniMind(config)
+    whole = _whole(mesh)
 
     def prepare(critic, reference, rows):
+        critic, reference = whole((critic, reference))
         mask = rows["completion_mask"]
         ids, seg, pos = rows["input_ids"], rows["segment_ids"], rows["logp_pos"]
         old_values = critic_values(model, config, critic, ids, seg, pos) * mask
@@ -184,15 +197,20 @@ def prepare_fn(config: ModelConfig, options: PpoOptions):
     return jax.jit(prepare)
 
 
-def minibatch_fn(config: ModelConfig, options: PpoOptions, accumulation_steps: int):
+def minibatch_fn(config: ModelConfig, options: PpoOptions, accumulation_steps: int, mesh=None,
+                 params_layout=None):
     """(params, minibatch, stopped) -> (gradients, metrics): one minibatch's loss (zero once
-    early stop fired, this minibatch's check included) and its gradients for both models."""
+    early stop fired, this minibatch's check included) and its gradients for both models.
+    With a `mesh`, the params are gathered whole on its devices (--fsdp) and the gradients
+    come back laid out as `params_layout` (the train state's params)."""
     from minimind_jax.model.transformer import MiniMind
 
     model = MiniMind(config)
     eps, value_clip = options.clip_epsilon, options.cliprange_value
+    whole = _whole(mesh)
 
     def loss_fn(params, mb, stopped):
+        params = whole(params)
         ids, seg, pos, mask = mb["input_ids"], mb["segment_ids"], mb["logp_pos"], mb[
             "completion_mask"]
         values = critic_values(model, config, params["critic"], ids, seg, pos)
@@ -217,24 +235,25 @@ def minibatch_fn(config: ModelConfig, options: PpoOptions, accumulation_steps: i
                       "approx_kl": approx_kl, "clipfrac": clipfrac, "kl_ref": kl_ref,
                       "aux": aux, "stop": stop}
 
-    @jax.jit
     def grads_of(params, mb, stopped):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, stopped)
         return grads, metrics
 
-    return grads_of
+    layout = None if params_layout is None else (params_layout, None)  # metrics: jit's choice
+    return jax.jit(grads_of, out_shardings=layout)
 
 
-def apply_fn(inner):
+def apply_fn(inner, shardings=None):
     """(params, opt state, summed gradients, actor lr, critic lr) -> (params, opt state, ok):
-    each model clipped and stepped by its AdamW; nothing changes when anything is non-finite."""
+    each model clipped and stepped by its AdamW; nothing changes when anything is non-finite.
+    With `shardings` (the train state's), params and optimizer state keep their layout (--fsdp:
+    each device updates its shards)."""
     from minimind_jax.train.train_step import all_finite
 
     def update(params, state, grads, lr):
         updates, state = inner.update(grads, state, params, learning_rate=lr)
         return optax.apply_updates(params, updates), state
 
-    @jax.jit
     def apply(params, opt_state: PpoOptState, grads, lr_actor, lr_critic):
         actor, actor_state = update(params["actor"], opt_state.actor, grads["actor"], lr_actor)
         critic, critic_state = update(params["critic"], opt_state.critic, grads["critic"],
@@ -245,7 +264,8 @@ def apply_fn(inner):
         keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
         return (jax.tree.map(keep, new[0], params), jax.tree.map(keep, new[1], opt_state), ok)
 
-    return apply
+    layout = None if shardings is None else (shardings.params, shardings.opt_state, None)
+    return jax.jit(apply, out_shardings=layout)
 
 
 def _tree_add(a, b):
@@ -254,17 +274,21 @@ def _tree_add(a, b):
 
 def make_step_fn(config, model: ModelConfig, options: PpoOptions, reference, inner,
                  total_updates: int):
-    """(mesh) -> the PPO step `(state, host batch of one rollout) -> (state, metrics)`."""
+    """(mesh, the train state's shardings) -> the PPO step `(state, host batch of one rollout)
+    -> (state, metrics)`. The reference model is placed like the params (replicated, or with
+    --fsdp sharded by the same rule); each jitted part gathers the models it reads whole, and
+    gradients, params and optimizer state keep the state's layout."""
     acc = config.optim.accumulation_steps
     lr_actor, lr_critic = config.optim.learning_rate, options.critic_learning_rate
-    prepare = prepare_fn(model, options)
-    grads_of = minibatch_fn(model, options, acc)
-    apply = apply_fn(inner)
 
-    def make(mesh):
-        from minimind_jax.train.train_step import put_replicated
+    def make(mesh, shardings):
+        from minimind_jax.train.train_step import place, state_shardings
 
-        frozen = put_replicated(reference, mesh)
+        frozen = place(reference, state_shardings(reference, mesh,
+                                                  fsdp=config.distributed.fsdp))
+        prepare = prepare_fn(model, options, mesh)
+        grads_of = minibatch_fn(model, options, acc, mesh, shardings.params)
+        apply = apply_fn(inner, shardings)
 
         def step(state, batch):
             rows = {k: jnp.asarray(batch[k]) for k in ROW_KEYS}
@@ -438,9 +462,6 @@ def initial_params(config, stage: Stage, source, model: ModelConfig, warn):
 def make_objective(context: StageContext) -> Objective:
     config, model, options = context.config, context.model, context.options
     check_options(options, model)
-    if config.distributed.fsdp:
-        raise UserError("ppo: --fsdp is not supported yet (the actor, critic and reference "
-                        "stay replicated); leave it out")
     rows = PromptSource(config.data.data_path, context.tokenizer, model.max_seq_len,
                         seed=config.seed, thinking_ratio=options.thinking_ratio,
                         skip_bad_lines=config.data.skip_bad_lines, truncation="right")

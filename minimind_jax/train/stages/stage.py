@@ -56,8 +56,9 @@ class Objective:
     # A stage that trains more than one model or updates more than once per batch (PPO):
     # `params_like()` -> a params tree of the train state's shapes (default: the model's),
     # `optimizer` whose `init(params)` makes the state's opt_state (default: AdamW inside
-    # MultiSteps), and `make_step(mesh)` -> its own step `(state, host batch) -> (state,
-    # metrics)` with the metrics of train_step.make_train_step (default: that step).
+    # MultiSteps), and `make_step(mesh, the state's shardings)` -> its own step `(state, host
+    # batch) -> (state, metrics)` with the metrics of train_step.make_train_step (default: that
+    # step), keeping the state's layout (--fsdp).
     params_like: Callable | None = None
     optimizer: Any = None
     make_step: Callable | None = None
