@@ -14,8 +14,8 @@ from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind, init_params
+from tests.helpers import SFT_JSONL, TOKENIZER_DIR
 from tests.helpers import TINY_CONFIG as TINY
-from tests.helpers import TOKENIZER_DIR
 
 
 class ArraySource:
@@ -164,11 +164,27 @@ def test_best_fit_fills_short_documents_without_splitting_them():
     np.testing.assert_array_equal(again[1], starts)
 
 
+@pytest.fixture(params=["pretrain", "sft"])
+def packable(request, short_docs, tmp_path_factory):
+    """(open(pack=..., pack_window=...) -> a source, max_seq_len): pretrain documents (short
+    ones, one truncated), or the fixture's SFT conversations at 256 tokens (some truncated),
+    each of which keeps its own loss mask (the assistant replies) when packed."""
+    stage = request.param
+    path, max_seq_len = (short_docs, 64) if stage == "pretrain" else (SFT_JSONL, 256)
+    cache = tmp_path_factory.mktemp("cache")
+
+    def open_it(**pack):
+        return open_source(path, TOKENIZER_DIR, stage, max_seq_len, cache_dir=cache,
+                           log=lambda m: None, **pack)
+
+    return open_it, max_seq_len
+
+
 @pytest.mark.parametrize("window", [packing.DEFAULT_WINDOW, 7, 0])
-def test_packed_rows_keep_every_document_target(short_docs, window):
-    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
-    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
-                         pack_window=window, log=lambda m: None)
+def test_packed_rows_keep_every_document_target(packable, window):
+    open_it, _ = packable
+    unpacked = open_it()
+    packed = open_it(pack=True, pack_window=window)
     assert len(packed) < len(unpacked) / 2
     assert packed.padding_fraction < unpacked.padding_fraction / 3
     rows = packed.get_batch(np.arange(len(packed)))
@@ -194,14 +210,18 @@ def test_packed_rows_keep_every_document_target(short_docs, window):
     assert rows["loss_mask"].sum() == docs["loss_mask"].sum()
 
 
-def test_packed_logits_equal_unpacked(short_docs):
-    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
-                         log=lambda m: None)
-    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
-    row = packed.get_batch(np.array([0]))
+def test_packed_logits_equal_unpacked(packable):
+    """Attention does not cross documents (conversations): each one's logits in the packed row
+    with the most of them are its unpacked row's."""
+    open_it, max_seq_len = packable
+    packed, unpacked = open_it(pack=True), open_it()
+    busiest = max(range(len(packed)), key=lambda r: len(packed.documents(r)))
+    row = packed.get_batch(np.array([busiest]))
     n_docs = int(row["segment_ids"].max())
-    docs = unpacked.get_batch(packed.documents(0))
-    model, params = MiniMind(TINY), init_params(TINY, 0)
+    assert n_docs >= 3
+    docs = unpacked.get_batch(packed.documents(busiest))
+    config = TINY.replace(max_seq_len=max_seq_len)
+    model, params = MiniMind(config), init_params(config, 0)
     packed_logits, _ = model.apply({"params": params}, jnp.asarray(row["input_ids"]),
                                    positions=jnp.asarray(row["positions"]),
                                    segment_ids=jnp.asarray(row["segment_ids"]))
@@ -251,9 +271,11 @@ def test_packed_padding_rows_keep_gradients_finite(short_docs):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
-def test_pack_is_pretrain_only(short_docs):
-    with pytest.raises(UserError, match="--pack works with pretrain data only"):
-        open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
+def test_pack_is_minimind2_pretrain_or_sft_only(short_docs):
+    with pytest.raises(UserError, match="--pack works with pretrain or SFT samples only"):
+        open_source(short_docs, TOKENIZER_DIR, "pairs", 64, pack=True)
+    with pytest.raises(UserError, match="--pack works with MiniMind2 samples only"):
+        open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True, rules="minimind3")
     with pytest.raises(UserError, match="--pack_window must be 0"):
         open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, pack_window=-1,
                     log=lambda m: None)

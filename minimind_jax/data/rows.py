@@ -137,31 +137,39 @@ class _DrawnSFT:
         return _as_batch(rows, mask, full_rows=True)
 
 
+PACKABLE = ("pretrain", "sft")  # sample formats whose samples can share a row
+
+
 def check_packable(stage: str, rules: str) -> None:
-    """The rule of --pack, checked only here: MiniMind2's pretrain documents only (an SFT row
-    keeps one conversation; minimind-3's rows are its datasets')."""
-    if stage != "pretrain":
-        raise UserError("--pack works with pretrain data only (SFT rows keep one conversation)")
+    """The rule of --pack, checked only here: MiniMind2's pretrain documents or SFT
+    conversations (each whole, its own loss mask); minimind-3's rows are its datasets'."""
+    if stage not in PACKABLE:
+        raise UserError(f"--pack works with pretrain or SFT samples only, not {stage}")
     if rules != "minimind2":
         raise UserError("--pack works with MiniMind2 samples only (minimind-3 rows are its "
                         "datasets')")
 
 
 class PackedSource:
-    """Pretrain documents (`<s>`+text+`</s>`, truncated to max_seq_len), whole, packed into rows
-    of max_seq_len tokens by `packing.pack` (best fit over windows of `window` documents; 0:
-    next fit in file order). Segment ids count documents 1, 2, ... within a row (0 = padding),
-    positions restart at 0 per document, and a label is masked where it would cross a document
-    boundary, so each document gives exactly the targets it gives unpacked."""
+    """Samples, whole, packed into rows of max_seq_len tokens by `packing.pack` (best fit over
+    windows of `window` samples; 0: next fit in file order): pretrain documents
+    (`<s>`+text+`</s>`) or SFT conversations (chat template), each as cached (truncated to
+    max_seq_len). Segment ids count samples 1, 2, ... within a row (0 = padding), positions
+    restart at 0 per sample, and each sample's loss mask is its own, as unpacked (a document's
+    every token after the first; a conversation's assistant replies, `sft_loss_mask` over its
+    ids), so a label that would cross a sample boundary is never supervised and each sample
+    gives exactly the targets it gives unpacked."""
 
     def __init__(self, cache: TokenCache, max_seq_len: int,
                  window: int = packing.DEFAULT_WINDOW):
-        check_packable(cache.meta["stage"], cache.meta.get("rules", "minimind2"))
+        self.stage = cache.meta["stage"]
+        check_packable(self.stage, cache.meta.get("rules", "minimind2"))
         if window < 0:
             raise UserError(f"--pack_window must be 0 (next fit) or positive, got {window}")
         self.cache = cache
         self.max_seq_len = max_seq_len
         self.pad_id = cache.meta["pad_id"]
+        self.markers = (cache.meta["sft_start_ids"], cache.meta["sft_end_ids"])
         self.lengths = cache.lengths
         self.doc_order, self.row_starts = packing.pack(self.lengths, max_seq_len, window)
 
@@ -173,13 +181,23 @@ class PackedSource:
         return 1.0 - packing.fill_fraction(self.lengths, self.row_starts, self.max_seq_len)
 
     def documents(self, row: int) -> np.ndarray:
-        """Ids of the documents in `row`, in the order they sit in it."""
+        """Ids of the samples in `row`, in the order they sit in it."""
         return self.doc_order[self.row_starts[row]:self.row_starts[row + 1]]
+
+    def _mask(self, ids_L: np.ndarray, positions_L: np.ndarray,
+              doc_lengths: np.ndarray) -> np.ndarray:
+        """The unshifted loss mask of one row's samples (`ids_L` etc. cut to their tokens)."""
+        if self.stage == "pretrain":
+            return (positions_L > 0) & (ids_L != self.pad_id)
+        ends = np.cumsum(doc_lengths)
+        return np.concatenate([sft_loss_mask(ids_L[end - n:end], *self.markers)
+                               for n, end in zip(doc_lengths, ends, strict=True)])
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         shape = (len(indices), self.max_seq_len)
         ids, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
         ids[:] = self.pad_id
+        mask = np.zeros(shape, bool)
         for r, row in enumerate(indices):
             docs = self.documents(row)
             doc_lengths = self.lengths[docs]
@@ -188,9 +206,7 @@ class PackedSource:
             # A token's place in the cache: its document's offset + its position in it.
             ids[r, :n] = self.cache.ids[np.repeat(self.cache.offsets[docs], doc_lengths)
                                         + positions[r, :n]]
-        same_doc = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
-        mask = np.zeros(shape, bool)
-        mask[:, 1:] = same_doc & (ids[:, 1:] != self.pad_id)
+            mask[r, :n] = self._mask(ids[r, :n], positions[r, :n], doc_lengths)
         batch = _as_batch(ids, mask)
         batch["positions"] = positions[:, :-1]
         batch["segment_ids"] = segments[:, :-1]
@@ -202,8 +218,9 @@ def open_source(data_path, tokenizer_path, stage: str, max_seq_len: int, *, pack
                 skip_bad_lines: bool = False, force: bool = False,
                 progress: bool | None = None, log=None, rules: str = "minimind2",
                 sft_seed: int = 42, sft_random: bool = True):
-    """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"), preparing its token cache
-    on first use (progress bar) or reusing it. `tokenizer_path` may also be a loaded Tokenizer.
+    """A source over `data_path` (JSONL of `stage` "pretrain"/"sft"; `pack`: `PackedSource`),
+    preparing its token cache on first use (progress bar) or reusing it. `tokenizer_path` may
+    also be a loaded Tokenizer.
     `rules` "minimind3" gives minimind-3's samples; its SFT draws use `sft_seed + epoch` (or none
     without `sft_random`)."""
     if pack:

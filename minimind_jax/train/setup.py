@@ -225,6 +225,9 @@ def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
         raise UserError(f"--eval_data: validation measures the LM loss, which {stage.name} "
                         "does not train; leave it out")
     if objective.rows is not None:
+        if data_config.pack:
+            raise UserError(f"--pack: {stage.name} brings its own rows ({stage.samples}), which "
+                            "are not packed; leave it out")
         data = objective.rows
     else:
         data = _open_source_once(config, stage.samples, tokenizer, model, data_config.data_path,
