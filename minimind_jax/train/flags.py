@@ -191,9 +191,10 @@ def _add_rows_flags(g) -> None:
                    help="pack several whole samples per row (attention and positions stay "
                         "within a sample) instead of one padded sample per row: pretrain "
                         "documents, or the conversations of sft/lora/distill/distill_reason, "
-                        "each with its own loss mask (MiniMind2 samples; not minimind-3's, "
-                        "not dpo/grpo/ppo). Fewer, fuller batches: the same targets, but not "
-                        "the unpacked run's steps (docs/training.md)")
+                        "each with its own loss mask (minimind-3: SFT only, packed by each "
+                        "conversation's longest variant; not dpo/grpo/ppo). Fewer, fuller "
+                        "batches: the same targets, but not the unpacked run's steps "
+                        "(docs/training.md)")
     g.add_argument("--pack_window", type=int, default=_default(DataConfig, "pack_window"),
                    help="--pack: best fit (longest first, tightest row) over windows of this "
                         "many samples in file order, whole samples only; 0 = next fit in "
