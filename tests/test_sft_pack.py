@@ -15,7 +15,7 @@ def test_packed_sft_trains_and_lora_and_distill_take_packed_rows(tmp_path, capsy
     out, cache = tmp_path / "out", tmp_path / "cache"
     stdout = run_command(tiny_run_argv("sft", out, cache, *PACKED, "--init_from", "none",
                                        "--max_steps", "3", "--save_interval", "1"))
-    assert "packed (best fit over windows of 8,192 documents), filled" in stdout
+    assert "packed (best fit over windows of 8,192 samples), filled" in stdout
     sft_run = out / "full_sft_64"
     losses = [r["loss"] for r in metrics(sft_run)]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)

@@ -381,7 +381,7 @@ def _rows_line(loader, data_config: DataConfig) -> str:
     fill = 1.0 - data.padding_fraction
     if data_config.pack:
         how = ("next fit in file order" if data_config.pack_window == 0
-               else f"best fit over windows of {data_config.pack_window:,} documents")
+               else f"best fit over windows of {data_config.pack_window:,} samples")
         line = f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
     else:
         line = f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
