@@ -12,10 +12,11 @@ from minimind_jax.data.batches import Loader
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import load_tokenizer
 from minimind_jax.errors import UserError
+from minimind_jax.model.config import arch_defaults
 from minimind_jax.model.loss import masked_cross_entropy
 from minimind_jax.model.transformer import MiniMind, init_params
+from tests.helpers import MINIMIND3_TOKENIZER_DIR, SFT_JSONL, TINY_SHAPE, TOKENIZER_DIR
 from tests.helpers import TINY_CONFIG as TINY
-from tests.helpers import TOKENIZER_DIR
 
 
 class ArraySource:
@@ -164,15 +165,46 @@ def test_best_fit_fills_short_documents_without_splitting_them():
     np.testing.assert_array_equal(again[1], starts)
 
 
+# packable case -> (stage, data file, max_seq_len, tokenizer, sample rules)
+PACKABLE = {"pretrain": ("pretrain", None, 64, TOKENIZER_DIR, "minimind2"),
+            "sft": ("sft", SFT_JSONL, 256, TOKENIZER_DIR, "minimind2"),
+            "minimind3_sft": ("sft", SFT_JSONL, 256, MINIMIND3_TOKENIZER_DIR, "minimind3")}
+
+
+@pytest.fixture(params=list(PACKABLE))
+def packable(request, short_docs, tmp_path_factory):
+    """(open(pack=..., pack_window=...) -> a source, the model): pretrain documents (short
+    ones, one truncated), or the fixture's SFT conversations at 256 tokens (some truncated),
+    each of which keeps its own loss mask (the assistant replies) when packed; MiniMind2's or
+    minimind-3's (its epoch's random variants, fed as whole rows)."""
+    stage, path, max_seq_len, tokenizer, rules = PACKABLE[request.param]
+    cache = tmp_path_factory.mktemp("cache")
+
+    def open_it(**pack):
+        return open_source(path or short_docs, tokenizer, stage, max_seq_len, cache_dir=cache,
+                           log=lambda m: None, rules=rules, **pack)
+
+    model = (TINY if rules == "minimind2" else
+             arch_defaults("minimind3").replace(**TINY_SHAPE, dtype="float32"))
+    return open_it, model.replace(max_seq_len=max_seq_len)
+
+
+def unpacked_view(unpacked, packed):
+    """The unpacked rows as the packed ones see their samples: minimind-3's variants drawn
+    over the conversations in the order epoch 0's rows (in row order) hold them."""
+    for_epoch = getattr(unpacked, "for_epoch", None)
+    return for_epoch(0, packed.doc_order) if for_epoch else unpacked
+
+
 @pytest.mark.parametrize("window", [packing.DEFAULT_WINDOW, 7, 0])
-def test_packed_rows_keep_every_document_target(short_docs, window):
-    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
-    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
-                         pack_window=window, log=lambda m: None)
-    assert len(packed) < len(unpacked) / 2
+def test_packed_rows_keep_every_document_target(packable, window):
+    open_it, _ = packable
+    unpacked = open_it()
+    packed = open_it(pack=True, pack_window=window)
+    assert len(packed) <= len(unpacked) / 2
     assert packed.padding_fraction < unpacked.padding_fraction / 3
     rows = packed.get_batch(np.arange(len(packed)))
-    docs = unpacked.get_batch(np.arange(len(unpacked)))
+    docs = unpacked_view(unpacked, packed).get_batch(np.arange(len(unpacked)))
     # Walk the packed rows document by document: positions restart at 0, segment ids count
     # 1, 2, ... within a row, and the supervised (input, label) pairs are the document's own.
     seen = []
@@ -191,17 +223,20 @@ def test_packed_rows_keep_every_document_target(short_docs, window):
         assert seg.max() == len(packed.documents(r))
         assert not rows["loss_mask"][r, seg == 0].any()
     assert sorted(seen) == list(range(len(unpacked)))
-    assert rows["loss_mask"].sum() == docs["loss_mask"].sum()
+    assert rows["loss_mask"].sum() == docs["loss_mask"].sum() > 0
 
 
-def test_packed_logits_equal_unpacked(short_docs):
-    packed = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True,
-                         log=lambda m: None)
-    unpacked = open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, log=lambda m: None)
-    row = packed.get_batch(np.array([0]))
+def test_packed_logits_equal_unpacked(packable):
+    """Attention does not cross documents (conversations): each one's logits in the packed row
+    with the most of them are its unpacked row's."""
+    open_it, config = packable
+    packed, unpacked = open_it(pack=True), open_it()
+    busiest = max(range(len(packed)), key=lambda r: len(packed.documents(r)))
+    row = packed.get_batch(np.array([busiest]))
     n_docs = int(row["segment_ids"].max())
-    docs = unpacked.get_batch(packed.documents(0))
-    model, params = MiniMind(TINY), init_params(TINY, 0)
+    assert n_docs >= 3
+    docs = unpacked_view(unpacked, packed).get_batch(packed.documents(busiest))
+    model, params = MiniMind(config), init_params(config, 0)
     packed_logits, _ = model.apply({"params": params}, jnp.asarray(row["input_ids"]),
                                    positions=jnp.asarray(row["positions"]),
                                    segment_ids=jnp.asarray(row["segment_ids"]))
@@ -251,9 +286,11 @@ def test_packed_padding_rows_keep_gradients_finite(short_docs):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
-def test_pack_is_pretrain_only(short_docs):
-    with pytest.raises(UserError, match="--pack works with pretrain data only"):
-        open_source(short_docs, TOKENIZER_DIR, "sft", 64, pack=True)
+def test_pack_is_pretrain_or_sft_only(short_docs):
+    with pytest.raises(UserError, match="--pack works with pretrain or SFT samples only"):
+        open_source(short_docs, TOKENIZER_DIR, "pairs", 64, pack=True)
+    with pytest.raises(UserError, match="--pack works with MiniMind2's pretrain samples only"):
+        open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, rules="minimind3")
     with pytest.raises(UserError, match="--pack_window must be 0"):
         open_source(short_docs, TOKENIZER_DIR, "pretrain", 64, pack=True, pack_window=-1,
                     log=lambda m: None)

@@ -153,8 +153,8 @@ def test_prepare_command_bad_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prepared 2 pretrain samples" in out and "skipped 2 bad line(s)" in out
     assert f"{path}:3: field 'text' must be a string, got a number" in out
-    assert cli.main(argv[:-3] + ["sft", "--max_seq_len", "64", "--pack"]) == 2
-    assert "--pack works with pretrain data only" in capsys.readouterr().err
+    assert cli.main(argv + ["--pack", "--arch", "minimind3"]) == 2
+    assert "--pack works with MiniMind2's pretrain samples only" in capsys.readouterr().err
 
 
 def test_prepare_rejects_missing_file_and_tiny_length(tmp_path, tok):

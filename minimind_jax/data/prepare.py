@@ -27,8 +27,8 @@ def register(subparsers) -> None:
                         help="whose sample rules: MiniMind2's or minimind-3's (its "
                              "PretrainDataset/SFTDataset; match the training run's --arch)")
     parser.add_argument("--pack", action="store_true",
-                        help="also report the packed layout (pretrain; packing reuses the same "
-                             "cache)")
+                        help="also report the packed layout (pretrain or sft; minimind-3: sft "
+                             "only; packing reuses the same cache)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the cache even if a matching one exists")
     parser.set_defaults(func=run)

@@ -188,11 +188,16 @@ def _add_rows_flags(g) -> None:
     g.add_argument("--no_shuffle", action="store_true",
                    help="file order every epoch, as the reference's DataLoader(shuffle=False)")
     g.add_argument("--pack", action="store_true",
-                   help="pack several documents per row (attention stays within a document) "
-                        "instead of one padded document per row")
+                   help="pack several whole samples per row (attention and positions stay "
+                        "within a sample) instead of one padded sample per row: pretrain "
+                        "documents, or the conversations of sft/lora/distill/distill_reason, "
+                        "each with its own loss mask (minimind-3: SFT only, packed by each "
+                        "conversation's longest variant; not dpo/grpo/ppo). Fewer, fuller "
+                        "batches: the same targets, but not the unpacked run's steps "
+                        "(docs/training.md)")
     g.add_argument("--pack_window", type=int, default=_default(DataConfig, "pack_window"),
                    help="--pack: best fit (longest first, tightest row) over windows of this "
-                        "many documents in file order, whole documents only; 0 = next fit in "
+                        "many samples in file order, whole samples only; 0 = next fit in "
                         "file order (fewer full rows)")
     g.add_argument("--length_buckets", type=int, default=None,
                    help="cut each batch's trailing padding to the smallest of N widths "

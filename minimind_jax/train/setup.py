@@ -225,6 +225,9 @@ def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
         raise UserError(f"--eval_data: validation measures the LM loss, which {stage.name} "
                         "does not train; leave it out")
     if objective.rows is not None:
+        if data_config.pack:
+            raise UserError(f"--pack: {stage.name} brings its own rows ({stage.samples}), which "
+                            "are not packed; leave it out")
         data = objective.rows
     else:
         data = _open_source_once(config, stage.samples, tokenizer, model, data_config.data_path,
@@ -378,7 +381,7 @@ def _rows_line(loader, data_config: DataConfig) -> str:
     fill = 1.0 - data.padding_fraction
     if data_config.pack:
         how = ("next fit in file order" if data_config.pack_window == 0
-               else f"best fit over windows of {data_config.pack_window:,} documents")
+               else f"best fit over windows of {data_config.pack_window:,} samples")
         line = f"rows: {len(data):,} packed ({how}), filled {fill:.1%}"
     else:
         line = f"rows: {len(data):,}, one sample each, filled {fill:.1%}"

@@ -31,7 +31,7 @@ class DataConfig:
     tokenizer: str | None = None  # None: searched (train.setup.tokenizer_dir)
     batch_size: int | None = None  # sequences per micro-batch, over all devices; None: stage's
     shuffle: bool | None = None  # None: the recipe's (every epoch, except MiniMind2's)
-    pack: bool = False  # several documents per row (pretrain only)
+    pack: bool = False  # several samples per row (pretrain, SFT-style stages)
     pack_window: int = DEFAULT_PACK_WINDOW
     cache_dir: str | None = None
     skip_bad_lines: bool = False
