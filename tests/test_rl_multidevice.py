@@ -25,7 +25,9 @@ LOGGED = {"grpo": ("loss", "reward", "kl_ref", "advantages_mean", "advantages_st
 # first steps turn float noise in near-zero gradients into parts of an lr (test_ppo_golden).
 PPO_WEIGHTS_BOUND = 4e-5
 RUNS = {"grpo": ("m3_cispo", [(2, ["--fsdp"]), (4, [])]),
-        "ppo": ("m3_ppo", [(2, []), (2, ["--fsdp"]), (4, ["--fsdp"])])}
+        # one layout a device count, as grpo's: 2 --fsdp measured 6.0e-7 / 5.4e-6 (logged /
+        # weights), left out for the suite's time
+        "ppo": ("m3_ppo", [(2, []), (4, ["--fsdp"])])}
 
 
 @pytest.mark.slow
