@@ -36,12 +36,12 @@ its printed 3 or 4 decimals).
 
 The data has a length distribution modelled on upstream's SFT data (sft_mini_512.jsonl: chat
 samples kept under 512 tokens, most of them short answers): per conversation a target length
-drawn log-normally, median 0.3 x max_seq_len tokens, sigma 0.75 (at 512: median ~150 tokens,
-1 in 10 over 400, ~4% longer than max_seq_len and truncated, as the reference truncates), over
-1-3 turns (70/25/5%) of fixture poem text; dpo's pairs (upstream's dpo.jsonl) share the user
-turn and draw their chosen and rejected replies from the same distribution. The distribution
-is modelled, not measured from upstream's files (not in this checkout); the bench prints the
-token lengths it produced.
+drawn log-normally, median 0.3 x max_seq_len tokens, sigma 0.75, plus the chat template's ~38
+(at 512: templated median ~165 tokens, 1 in 10 over 400, ~5% longer than max_seq_len and
+truncated, as the reference truncates), over 1-3 turns (70/25/5%) of fixture poem text; dpo's
+pairs (upstream's dpo.jsonl) share the user turn and draw their chosen and rejected replies from
+the same distribution. The distribution is modelled, not measured from upstream's files (not in
+this checkout); the bench prints the token lengths it produced.
 
 The reference runs in a scratch folder whose `model` links to the checkout's model/ (its scripts
 open ./model/minimind_tokenizer and ./out/*.pth relative to the working folder), so nothing is
