@@ -226,6 +226,7 @@ def run_ours_process(stage: str, data: pathlib.Path, work: pathlib.Path, args) -
     records = [json.loads(line) for line in metrics.open() if '"loss"' in line]
     r["losses"] = {rec["step"]: rec["loss"] for rec in records}
     r["steps"], r["loop_s"] = len(records), records[-1]["elapsed_s"]
+    r["step_elapsed_s"] = [rec["elapsed_s"] for rec in records]  # compiles show as jumps
     return r
 
 
