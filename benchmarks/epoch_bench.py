@@ -24,7 +24,9 @@ train_distillation.py) and of ours (`python -m minimind_jax.cli STAGE --recipe m
 as whole processes on the same JSONL, model shape, batch, max_seq_len and learning rate, float32,
 from the same start weights (our random init written as the reference's .pth: its
 `out/pretrain_{dim}.pth` for sft, `rlhf_{dim}.pth` for lora, `full_sft_{dim}.pth` for dpo and
-distill; ours gets the same file through `--init_from`). distill's teacher is a larger random
+distill; ours gets the same file through `--init_from`; lora's adapters start as the reference
+draws them, written by its own apply_lora after torch.manual_seed(1337) as its script does, for
+our `--lora_init_from`). distill's teacher is a larger random
 model (`--teacher_dim` x `--teacher_layers`, by default upstream's 768 x 16) given to both sides
 (its `out/full_sft_{teacher_dim}.pth`, our `--teacher`). Reported per stage: the whole process's
 wall time (imports, tokenization, compilation and our final checkpoint included), the reference's
@@ -112,6 +114,21 @@ print("REFERENCE_EPOCH_S", time.perf_counter() - start)
 """
 
 
+# The reference's initial LoRA adapters as train_lora.py draws them (torch.manual_seed(1337), its
+# model built, then apply_lora), saved for our --lora_init_from: both sides start the same.
+REFERENCE_LORA_INIT = """
+import sys, torch
+from model.LMConfig import LMConfig
+from model.model import MiniMindLM
+from model.model_lora import apply_lora, save_lora
+path, dim, n_layers, max_seq_len = sys.argv[1], *map(int, sys.argv[2:])
+torch.manual_seed(1337)
+model = MiniMindLM(LMConfig(dim=dim, n_layers=n_layers, max_seq_len=max_seq_len))
+apply_lora(model)
+save_lora(model, path)
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     script: str  # the reference's script
@@ -166,9 +183,8 @@ def run_reference_epoch(stage: str, data: pathlib.Path, work: pathlib.Path, args
     if stage == "distill" and shapes != (512, 8, 768, 16, 512):
         env["EPOCH_BENCH_SHAPES"] = ",".join(map(str, shapes))
     command = reference_command(stage, data, work, args)
-    r = run_measured([sys.executable if args.reference_python is None
-                      else str(args.reference_python), "-c", REFERENCE_DRIVER, *command],
-                     work, env, work / "console.log")
+    r = run_measured([reference_python(args), "-c", REFERENCE_DRIVER, *command], work, env,
+                     work / "console.log")
     r["command"] = " ".join(command)
     r["shape_shim"] = "EPOCH_BENCH_SHAPES" in env
     if r["returncode"] != 0:
@@ -203,6 +219,8 @@ def ours_command(stage: str, data: pathlib.Path, work: pathlib.Path, args) -> li
         argv += ["--init_from", str(start_weights(work.parent, stage, args.dim))]
     if stage == "distill":
         argv += ["--teacher", str(start_weights(work.parent, stage, args.teacher_dim))]
+    if (adapters := work.parent / "weights" / "lora_init.pth").exists():
+        argv += ["--lora_init_from", str(adapters)]
     return [sys.executable, "-m", "minimind_jax.cli", *argv]
 
 
@@ -251,7 +269,18 @@ def write_start_weights(tmp: pathlib.Path, stage: str, args) -> list[pathlib.Pat
             config = ModelConfig(dim=dim, n_layers=n_layers, max_seq_len=args.max_seq_len)
             save_state_dict(state_dict_from_params(init_params(config, seed), config), path)
         paths.append(path)
+    if stage == "lora" and args.reference_dir is not None:
+        path = tmp / "weights" / "lora_init.pth"
+        subprocess.run([reference_python(args), "-c", REFERENCE_LORA_INIT, str(path),
+                        str(args.dim), str(args.n_layers), str(args.max_seq_len)],
+                       env=dict(os.environ, PYTHONPATH=str(args.reference_dir.resolve())),
+                       check=True)
+        paths.append(path)
     return paths
+
+
+def reference_python(args) -> str:
+    return sys.executable if args.reference_python is None else str(args.reference_python)
 
 
 def write_stage_data(folder: pathlib.Path, fmt: str, n_rows: int, max_seq_len: int,
