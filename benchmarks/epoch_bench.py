@@ -6,13 +6,14 @@ Writes a corpus of short documents (5..max_chars characters of the fixture poems
 default 150, about 110 tokens on average) to a temp folder, prepares the token cache once,
 then times one full epoch of the real CLI for each mode (cache + background prefetch in all)
 and prints wall time, training-loop time, steady-state epoch time (compilation excluded) and
-the rows' fill fraction. The reference runs in a subprocess in its checkout (it opens
-./model/minimind_tokenizer) with torch and transformers imported before its clock starts, as
+the rows' fill fraction. The reference runs in a subprocess in a scratch folder laid out as its
+checkout (see below) with torch and transformers imported before its clock starts, as
 ours runs in this already-started process; its epoch is its DataLoader (on-the-fly
 tokenization, one worker, its defaults), float32 on CPU and fp16 autocast on CUDA, with the
 same model shape (its LMConfig: 8 heads, 2 KV heads), batch, max_seq_len and accumulation 1.
 With `--rerun`, best fit also runs as two whole CLI processes sharing a fresh persistent
-compilation cache (a user's first run and rerun), timed like the reference's whole process.
+compilation cache and token cache (a user's first run and rerun), timed like the reference's
+whole process, with peak RSS; with the reference, the first is pretrain's row of the table below.
 
     python benchmarks/epoch_bench.py [--n_docs 1000 --dim 64 --n_layers 2 --batch_size 8]
     python benchmarks/epoch_bench.py --n_docs 480 --dim 512 --n_layers 8 \
@@ -26,20 +27,19 @@ from the same start weights (our random init written as the reference's .pth: it
 `out/pretrain_{dim}.pth` for sft, `rlhf_{dim}.pth` for lora, `full_sft_{dim}.pth` for dpo and
 distill; ours gets the same file through `--init_from`; lora's adapters start as the reference
 draws them, written by its own apply_lora after torch.manual_seed(1337) as its script does, for
-our `--lora_init_from`). distill's teacher is a larger random
-model (`--teacher_dim` x `--teacher_layers`, by default upstream's 768 x 16) given to both sides
-(its `out/full_sft_{teacher_dim}.pth`, our `--teacher`). Reported per stage: the whole process's
-wall time (imports, tokenization, compilation and our final checkpoint included), the reference's
-epoch without its imports, our training loop, the peak RSS of each process (`wait4`'s
-ru_maxrss: the largest single process of its tree, the DataLoader worker included), our rows'
-fill padded and after `--length_buckets` (our console's `rows:` line) and the largest
-difference between the two sides' per-step losses (the reference logs every step, rounded to
-its printed 3 or 4 decimals).
+our `--lora_init_from`). distill's teacher is a larger random model (`--teacher_dim` x
+`--teacher_layers`, by default upstream's 768 x 16) given to both sides (its
+`out/full_sft_{teacher_dim}.pth`, our `--teacher`). Reported per stage: the whole process's wall
+time (imports, tokenization, compilation and our final checkpoint included), the reference's epoch
+without its imports, our training loop, the peak RSS of each process (`wait4`'s ru_maxrss: the
+largest single process of its tree, the DataLoader worker included), our rows' fill padded and
+after `--length_buckets` (our console's `rows:` line) and the largest difference between the two
+sides' per-step losses (the reference logs every step, rounded to its printed 3 or 4 decimals).
 
 The data has a length distribution modelled on upstream's SFT data (sft_mini_512.jsonl: chat
 samples kept under 512 tokens, most of them short answers): per conversation a target length
 drawn log-normally, median 0.3 x max_seq_len tokens, sigma 0.75, plus the chat template's ~38
-(at 512: templated median ~165 tokens, 1 in 10 over 400, ~5% longer than max_seq_len and
+(at 512: templated median 170-200 tokens, 1 in 10 over 400, 5-8% longer than max_seq_len and
 truncated, as the reference truncates), over 1-3 turns (70/25/5%) of fixture poem text; dpo's
 pairs (upstream's dpo.jsonl) share the user turn and draw their chosen and rejected replies from
 the same distribution. The distribution is modelled, not measured from upstream's files (not in
