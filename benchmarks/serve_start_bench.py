@@ -5,10 +5,11 @@ params, the fixture tokenizer, `serve --ckpt FILE`.
     python benchmarks/serve_start_bench.py --shape 128x2 --shape minimind2-small
     python benchmarks/serve_start_bench.py --checkout /tmp/older_checkout --checkout .
 
-Per checkout (its own sources first on the path: the server runs in its folder) and shape, in a fresh process each, one after
-another: seconds from launch to /health answering, to the first chat answer (a short
-question, 64 new tokens, greedy), and to the warm-up's end (/health's `warming` false), with
-the program count of the warm-up. Timing does not depend on the weights, so they are random.
+Per checkout (its own sources first on the path: the server runs in its folder) and shape,
+in a fresh process each, one after another: seconds from launch to /health answering, to the
+first chat answer (a short question, 64 new tokens, greedy), and to the warm-up's end
+(/health's `warming` false), with the program count of the warm-up. Timing does not depend
+on the weights, so they are random.
 """
 
 from __future__ import annotations
