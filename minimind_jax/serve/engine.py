@@ -561,10 +561,15 @@ class BatchEngine:
         """Whether one prefill takes `prompts` distinct prompts of up to `longest` tokens: one
         prompt always, several while their padded tokens stay within `prefill_chunk` (what a
         chunk of a long prompt costs the rows decoding meanwhile)."""
+        rows, width = self._prefill_bucket(prompts, longest)
+        return rows == 1 or rows * width <= self.config.prefill_chunk
+
+    def _prefill_bucket(self, prompts: int, longest: int) -> tuple[int, int]:
+        """The (rows, width) a prefill of `prompts` distinct prompts of up to `longest` tokens
+        is padded to."""
         cfg = self.config
-        rows = power_of_two_at_least(prompts, 1, cfg.max_batch)
-        return rows == 1 or rows * power_of_two_at_least(
-            longest, MIN_PROMPT_BUCKET, cfg.max_context) <= cfg.prefill_chunk
+        return (power_of_two_at_least(prompts, 1, cfg.max_batch),
+                power_of_two_at_least(longest, MIN_PROMPT_BUCKET, cfg.max_context))
 
     def _prefill(self, newcomers: list[tuple[int, Completion]]) -> None:
         """Prefill the newcomers' prompts, each distinct prompt once (the `n` choices of a
@@ -572,9 +577,8 @@ class BatchEngine:
         cfg = self.config
         prompts: dict[tuple[int, ...], int] = {}  # distinct prompt -> its row
         source = [prompts.setdefault(tuple(c.prompt_ids), len(prompts)) for _, c in newcomers]
-        u = power_of_two_at_least(len(prompts), 1, cfg.max_batch)
+        u, P = self._prefill_bucket(len(prompts), max(map(len, prompts)))
         n = power_of_two_at_least(len(newcomers), 1, cfg.max_batch)
-        P = power_of_two_at_least(max(map(len, prompts)), MIN_PROMPT_BUCKET, cfg.max_context)
         ids_UP = np.full((u, P), self.pad_id, np.int32)
         lengths_U = np.ones(u, np.int32)
         for prompt, row in prompts.items():
