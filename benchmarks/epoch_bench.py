@@ -224,21 +224,32 @@ def ours_command(stage: str, data: pathlib.Path, work: pathlib.Path, args) -> li
     return [sys.executable, "-m", "minimind_jax.cli", *argv]
 
 
+def ours_env(xdg_cache: pathlib.Path) -> dict:
+    """The environment of one of our CLI processes: this checkout's sources, the CLI's
+    persistent compilation cache under `xdg_cache` (runtime/compile_cache.py), no other."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(xdg_cache), PYTHONPATH=str(REPO))
+    for name in ("JAX_COMPILATION_CACHE_DIR", "MINIMIND_JAX_COMPILE_CACHE"):
+        env.pop(name, None)
+    return env
+
+
+def rows_fill(output: str) -> float | None:
+    """The rows' fill our console's `rows:` line reports."""
+    fill = re.search(r"filled ([\d.]+)%", output)
+    return float(fill[1]) / 100 if fill else None
+
+
 def run_ours_process(stage: str, data: pathlib.Path, work: pathlib.Path, args) -> dict:
     """One epoch of our CLI for `stage` as a whole process (an empty compilation cache)."""
     work.mkdir()
-    env = dict(os.environ, XDG_CACHE_HOME=str(work / "xdg"), PYTHONPATH=str(REPO))
-    for name in ("JAX_COMPILATION_CACHE_DIR", "MINIMIND_JAX_COMPILE_CACHE"):
-        env.pop(name, None)
     command = ours_command(stage, data, work, args)
-    r = run_measured(command, REPO, env, work / "console.log")
+    r = run_measured(command, REPO, ours_env(work / "xdg"), work / "console.log")
     r["command"] = " ".join(command[1:])
     if r["returncode"] != 0:
         sys.exit(f"ours ({r['command']}) failed:\n{r['output'][-3000:]}")
     output = r.pop("output")
-    fill = re.search(r"filled ([\d.]+)%", output)
     cut = re.search(r"cut to widths (\S+) per batch: about ([\d.]+)%", output)
-    r["fill"] = float(fill[1]) / 100 if fill else None
+    r["fill"] = rows_fill(output)
     r["widths"], r["cut_fill"] = (cut[1], float(cut[2]) / 100) if cut else (None, None)
     metrics = next((work / "run").rglob("metrics.jsonl"))
     records = [json.loads(line) for line in metrics.open() if '"loss"' in line]
@@ -399,18 +410,14 @@ def run_process(data: pathlib.Path, out: pathlib.Path, args, xdg_cache: pathlib.
     persistent compilation cache and its token cache in `xdg_cache` (runtime/compile_cache.py;
     the first run tokenizes, as the reference does every run): `run_measured`'s figures and the
     rows' fill from its console."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(xdg_cache), PYTHONPATH=str(REPO))
-    for name in ("JAX_COMPILATION_CACHE_DIR", "MINIMIND_JAX_COMPILE_CACHE"):
-        env.pop(name, None)
     out.mkdir()
     r = run_measured([sys.executable, "-m", "minimind_jax.cli",
                       *pretrain_argv(data, out / "run", args, "best_fit"),
-                      "--cache_dir", str(xdg_cache / "tokens")], REPO, env,
+                      "--cache_dir", str(xdg_cache / "tokens")], REPO, ours_env(xdg_cache),
                      out / "console.log")
     if r["returncode"] != 0:
         sys.exit(f"pretrain --pack failed:\n{r['output'][-3000:]}")
-    fill = re.search(r"filled ([\d.]+)%", r.pop("output"))
-    r["fill"] = float(fill[1]) / 100 if fill else None
+    r["fill"] = rows_fill(r.pop("output"))
     shutil.rmtree(out)
     return r
 
