@@ -169,11 +169,16 @@ def test_best_fit_fills_short_documents_without_splitting_them():
 PACKABLE = {"pretrain": ("pretrain", None, 64, TOKENIZER_DIR, "minimind2"),
             "sft": ("sft", SFT_JSONL, 256, TOKENIZER_DIR, "minimind2"),
             "minimind3_sft": ("sft", SFT_JSONL, 256, MINIMIND3_TOKENIZER_DIR, "minimind3")}
+# The most packed rows per unpacked one over the windows tested, just above what was measured:
+# pretrain 23 of 61 (window 7), sft 18 of 40, minimind-3's 20 of 40 (packed by each
+# conversation's longest variant, so looser)
+MOST_PACKED_ROWS = {"pretrain": 0.4, "sft": 0.46, "minimind3_sft": 0.5}
 
 
 @pytest.fixture(params=list(PACKABLE))
 def packable(request, short_docs, tmp_path_factory):
-    """(open(pack=..., pack_window=...) -> a source, the model): pretrain documents (short
+    """(open(pack=..., pack_window=...) -> a source, the model, the case's most packed rows
+    per unpacked row, MOST_PACKED_ROWS): pretrain documents (short
     ones, one truncated), or the fixture's SFT conversations at 256 tokens (some truncated),
     each of which keeps its own loss mask (the assistant replies) when packed; MiniMind2's or
     minimind-3's (its epoch's random variants, fed as whole rows)."""
@@ -186,7 +191,7 @@ def packable(request, short_docs, tmp_path_factory):
 
     model = (TINY if rules == "minimind2" else
              arch_defaults("minimind3").replace(**TINY_SHAPE, dtype="float32"))
-    return open_it, model.replace(max_seq_len=max_seq_len)
+    return open_it, model.replace(max_seq_len=max_seq_len), MOST_PACKED_ROWS[request.param]
 
 
 def unpacked_view(unpacked, packed):
@@ -198,10 +203,10 @@ def unpacked_view(unpacked, packed):
 
 @pytest.mark.parametrize("window", [packing.DEFAULT_WINDOW, 7, 0])
 def test_packed_rows_keep_every_document_target(packable, window):
-    open_it, _ = packable
+    open_it, _, most_rows = packable
     unpacked = open_it()
     packed = open_it(pack=True, pack_window=window)
-    assert len(packed) <= len(unpacked) / 2
+    assert len(packed) <= most_rows * len(unpacked), (len(packed), len(unpacked))
     assert packed.padding_fraction < unpacked.padding_fraction / 3
     rows = packed.get_batch(np.arange(len(packed)))
     docs = unpacked_view(unpacked, packed).get_batch(np.arange(len(unpacked)))
@@ -229,7 +234,7 @@ def test_packed_rows_keep_every_document_target(packable, window):
 def test_packed_logits_equal_unpacked(packable):
     """Attention does not cross documents (conversations): each one's logits in the packed row
     with the most of them are its unpacked row's."""
-    open_it, config = packable
+    open_it, config, _ = packable
     packed, unpacked = open_it(pack=True), open_it()
     busiest = max(range(len(packed)), key=lambda r: len(packed.documents(r)))
     row = packed.get_batch(np.array([busiest]))
