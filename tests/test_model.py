@@ -27,7 +27,8 @@ def _logits(config, params, ids, **kw):
                                          ("moe", TINY_MOE.replace(moe_impl="dense")),
                                          ("moe", TINY_MOE.replace(moe_impl="ragged")),
                                          ("dense",
-                                          TINY_CONFIG.replace(scan_layers=True, remat=True))])
+                                          TINY_CONFIG.replace(scan_layers=True, remat=True)),
+                                         ("moe", TINY_MOE.replace(remat=True))])
 def test_golden_logits(golden, name, config):
     params = params_from_state_dict(golden_state_dict(golden, f"{name}/init/"), config)
     logits, _ = _logits(config, params, golden["pre_X"][:2])
@@ -241,3 +242,28 @@ def test_active_params_leave_out_the_unused_routed_experts():
     assert count_active_params(dense_params, dense) == count_params(dense_params)
     per_expert = 3 * 64 * dense.hidden_dim * dense.n_layers  # w1, w3 [D, F] and w2 [F, D]
     assert count_params(moe_params) - count_active_params(moe_params, moe) == 2 * per_expert
+
+
+@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_MOE], ids=["dense", "moe"])
+def test_remat_keeps_the_layout_and_the_gradient(golden, config):
+    """`remat` on the `layers_{i}` layout (one scan of rematerialised blocks over the stacked
+    layer params) gives the plain forward's loss, MoE aux and gradient, in the same tree."""
+    name = "moe" if config.use_moe else "dense"
+    params = params_from_state_dict(golden_state_dict(golden, f"{name}/init/"), config)
+    ids = jnp.asarray(golden["pre_X"][:2])
+    seg = jnp.ones_like(ids).at[0, :3].set(0)  # some padding: the masked path
+
+    def loss(params, config):
+        logits, aux = MiniMind(config).apply({"params": params}, ids, segment_ids=seg)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1)) + aux, aux
+
+    (plain, plain_aux), plain_grads = jax.value_and_grad(loss, has_aux=True)(params, config)
+    (remat, remat_aux), remat_grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                              static_argnums=1)(params,
+                                                                config.replace(remat=True))
+    assert jax.tree.structure(remat_grads) == jax.tree.structure(plain_grads)
+    # measured: loss 0 / 9.5e-7 (dense / MoE: jit against eager), aux 0, grads 2.8e-9 / 4.7e-9
+    assert_within("loss", abs(float(remat) - float(plain)), 3e-6)
+    assert_within("aux", abs(float(remat_aux) - float(plain_aux)), 1e-6)
+    assert_within("grads", max(max_abs_diff(a, b) for a, b in zip(
+        jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True)), 1.5e-8)

@@ -22,7 +22,7 @@ def _golden_params(minimind3_golden, name, config):
 
 @pytest.mark.parametrize("name,changes", [
     ("dense", {}), ("dense", {"attention_impl": "xla", "scan_layers": True, "remat": True}),
-    ("moe", {}), ("moe", {"moe_impl": "dense"}),
+    ("moe", {}), ("moe", {"moe_impl": "dense"}), ("moe", {"remat": True}),
     ("moe", {"moe_impl": "ragged", "attention_impl": "xla"})])
 def test_golden_logits(minimind3_golden, name, changes):
     config = CONFIGS[name].replace(**changes)

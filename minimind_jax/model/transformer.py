@@ -23,6 +23,7 @@ Shape suffixes (`x_BTD` is [batch, time, model dim]); each letter means one thin
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from minimind_jax.model.config import ModelConfig
+from minimind_jax.model.recomputing_attention import recomputing_causal_attention
 
 # keys / values: tuples of L arrays [B, K, H, S] / [B, K, S, H]; segment_ids [B, S];
 # index [] or [B]
@@ -298,7 +300,12 @@ class Attention(nn.Module):
         if impl == "chunked":
             # Four query blocks: 62.5% of the score matrix, still few enough ops to fuse well.
             n_chunks = max(1, min(4, T // 64))
-            out_BTNH = chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks, mask_B1TS)
+            if cfg.remat:  # memory first: the backward recomputes one block's probs at a time
+                out_BTNH = recomputing_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks,
+                                                        mask_B1TS)
+            else:
+                out_BTNH = chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks,
+                                                    mask_B1TS)
         elif impl == "cudnn":
             out_BTNH = cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS,
                                               1.0 / math.sqrt(hd))
@@ -518,6 +525,32 @@ def _written_cache(cache, new_layer_caches, segment_ids_BT):
                         "index": index + segment_ids_BT.shape[1]}
 
 
+def _rematerialised_layers(cfg: ModelConfig, params: dict, x_BTD, cos_BTR, sin_BTR,
+                           mask_B1TS):
+    """The blocks of the `layers_{i}` layout as one scan of rematerialised blocks over their
+    stacked params: (x_BTD after the last block, summed MoE aux).
+
+    Rematerialising unrolled blocks (`nn.remat` per block) saves little on XLA:CPU: the
+    scheduler is free to run every block's recomputation early, so all of them are alive at
+    once (minimind-3 768 x 8, 12 rows of 1,088 tokens, GRPO's gradient: 15.8 GB of XLA temp
+    buffers unrolled, 15.0 GB with per-block remat). Inside a scan the backward pass recomputes
+    one block per iteration (3.1 GB). Stacking the layer params is one copy of them in the
+    step; the param tree keeps its layout.
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[params[f"layers_{i}"] for i in range(cfg.n_layers)])
+    block = Block(cfg, parent=None)  # a pure function here, not a child of the caller
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def layer(x_BTD, layer_params):
+        x_BTD, aux, _ = block.apply({"params": layer_params}, x_BTD, cos_BTR, sin_BTR,
+                                    mask_B1TS, None)
+        return x_BTD, aux
+
+    x_BTD, aux_L = jax.lax.scan(layer, x_BTD, stacked)
+    return x_BTD, aux_L.sum()
+
+
 class MiniMind(nn.Module):
     """MiniMind causal LM (MiniMind2 or minimind-3, by config):
     `apply({"params": p}, input_ids_BT) -> (logits_BTV, aux_loss)`.
@@ -559,14 +592,17 @@ class MiniMind(nn.Module):
             x_BTD, (aux_L, new_layer_caches) = stack(x_BTD, stacked, cos_BTR, sin_BTR,
                                                      mask_B1TS)
             aux = aux_L.sum()
+        elif cfg.remat and cache is None and not self.is_initializing():
+            x_BTD, aux = _rematerialised_layers(cfg, self.variables["params"], x_BTD, cos_BTR,
+                                                sin_BTR, mask_B1TS)
+            new_layer_caches = None
         else:
-            block_cls = nn.remat(Block) if cfg.remat else Block
             aux = jnp.zeros((), jnp.float32)
             ks, vs = [], []
             for i in range(cfg.n_layers):
                 layer_cache = None if layer_caches is None else {
                     "k": layer_caches["k"][i], "v": layer_caches["v"][i]}
-                x_BTD, layer_aux, new_layer_cache = block_cls(cfg, name=f"layers_{i}")(
+                x_BTD, layer_aux, new_layer_cache = Block(cfg, name=f"layers_{i}")(
                     x_BTD, cos_BTR, sin_BTR, mask_B1TS, layer_cache)
                 aux = aux + layer_aux
                 if new_layer_cache is not None:
