@@ -103,7 +103,11 @@ def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> 
                    help="attention kernel: auto = chunked causal blocks on CPU, cuDNN on GPU "
                         "(bf16/fp16; packed rows through a mask bias, odd lengths padded by one), "
                         "else XLA's dot_product_attention; decoding always uses XLA")
-    g.add_argument("--remat", action="store_true", help="rematerialise each block in backward")
+    g.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block's activations in the backward pass (one scanned "
+                        "loop of blocks): a fraction of the step's memory for about a third "
+                        "more forward compute (default off; on for dpo, distill, grpo and ppo, "
+                        "which hold a frozen second model)")
     g.add_argument("--scan_layers", action="store_true",
                    help="compile one layer body and scan it (faster compiles for deep models)")
 
@@ -134,8 +138,8 @@ def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = 
         changes["dtype"] = resolve_dtype(args.dtype)
     if getattr(args, "attention_impl", None):
         changes["attention_impl"] = args.attention_impl
-    if getattr(args, "remat", False):
-        changes["remat"] = True
+    if getattr(args, "remat", None) is not None:
+        changes["remat"] = args.remat
     if getattr(args, "scan_layers", False):
         changes["scan_layers"] = True
     changes.update(overrides)

@@ -58,6 +58,8 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     overrides = {}
     if args.max_seq_len is None and "max_seq_len" in defaults:
         overrides["max_seq_len"] = defaults["max_seq_len"]
+    if getattr(args, "remat", None) is None and "remat" in defaults:
+        overrides["remat"] = defaults["remat"]
     if getattr(args, "lora_rank", None) is not None:  # the lora command's flag
         overrides["lora_rank"] = args.lora_rank
     model = model_flags.model_config_from_args(args, **overrides)

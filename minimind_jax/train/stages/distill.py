@@ -258,9 +258,9 @@ STAGE = Stage(
     tracker_project="MiniMind-Dist-SFT",
     defaults={
         "minimind2": dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
-                          max_seq_len=512, run_prefix="full_dist"),
+                          remat=True, max_seq_len=512, run_prefix="full_dist"),
         "minimind3": dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1,
-                          max_seq_len=340, run_prefix="full_dist"),
+                          remat=True, max_seq_len=340, run_prefix="full_dist"),
     },
     start_from={"minimind2": "full_sft", "minimind3": "full_sft"},
     validates=False,

@@ -155,9 +155,9 @@ STAGE = Stage(
     tracker_project="MiniMind-Full-DPO",
     defaults={
         "minimind2": dict(epochs=2, batch_size=8, learning_rate=1e-8, accumulation_steps=1,
-                          max_seq_len=1024, run_prefix="rlhf"),
+                          remat=True, max_seq_len=1024, run_prefix="rlhf"),
         "minimind3": dict(epochs=1, batch_size=4, learning_rate=4e-8, accumulation_steps=1,
-                          max_seq_len=1024, run_prefix="dpo"),
+                          remat=True, max_seq_len=1024, run_prefix="dpo"),
     },
     start_from={"minimind2": "full_sft", "minimind3": "full_sft"},
     validates=False,

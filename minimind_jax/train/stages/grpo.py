@@ -225,10 +225,10 @@ STAGE = Stage(
     tracker_project="MiniMind-GRPO",
     defaults={
         "minimind2": dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1,
-                          max_seq_len=768, run_prefix="grpo",
+                          remat=True, max_seq_len=768, run_prefix="grpo",
                           recipe_lr_schedule="annealing", log_interval=1),
         "minimind3": dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1,
-                          max_seq_len=768, run_prefix="grpo",
+                          remat=True, max_seq_len=768, run_prefix="grpo",
                           recipe_lr_schedule="annealing", log_interval=1),
     },
     start_from={"minimind2": "full_sft", "minimind3": "full_sft"},

@@ -543,7 +543,7 @@ STAGE = Stage(
     samples="prompts",  # the objective brings its rows (data.prompts)
     data_path="../dataset/rlaif.jsonl",
     tracker_project="MiniMind-PPO",
-    defaults={generation: dict(epochs=1, batch_size=2, learning_rate=3e-7,
+    defaults={generation: dict(remat=True, epochs=1, batch_size=2, learning_rate=3e-7,
                                accumulation_steps=1, max_seq_len=768, run_prefix="ppo_actor",
                                recipe_lr_schedule="annealing", log_interval=1)
               for generation in ("minimind2", "minimind3")},

@@ -5,7 +5,8 @@ stage they run. A stage is a frozen `Stage`; the hooks are plain functions:
 
 - its defaults per generation (`defaults[generation name]`: epochs, batch_size, learning_rate,
   accumulation_steps, run_prefix, and where the reference's script sets them, max_seq_len,
-  log_interval (else 100) and its own LR schedule under a recipe, recipe_lr_schedule);
+  log_interval (else 100), its own LR schedule under a recipe, recipe_lr_schedule, and
+  remat (on for the stages that hold a frozen second model: their memory is what binds);
 - the rows it reads (`samples`, a data.samples format; or the objective brings its own);
 - its starting weights (`start_from[generation name]`: the saved weights' name under
   OUT_DIR; None: a seeded random init) and `initial_params` (LoRA: the base plus adapters);
