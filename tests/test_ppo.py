@@ -119,7 +119,7 @@ def test_resume_mid_run_replays_the_same_run(tmp_path, monkeypatch):
 
 def test_completion_log_probs_in_chunks_are_the_full_log_softmax():
     """The chunked log-probs (never the whole [N, L, V] at once) and their gradient equal a
-    log_softmax over the full logits, whatever the chunk."""
+    log_softmax over the full logits, whatever the chunk, and with the rows in slices."""
     from minimind_jax.model.transformer import MiniMind, init_params
     from minimind_jax.train.stages import rl
 
@@ -138,10 +138,14 @@ def test_completion_log_probs_in_chunks_are_the_full_log_softmax():
                                    pos, 1)
 
     expected, expected_grad = full(params), jax.grad(lambda p: full(p).sum())(params)
-    for chunk in (256, 11, 4, 3):
-        got = rl.completion_logps(model, params, ids, seg, pos, chunk=chunk)[0]
+    assert [rl.row_slices(config, 3, 20, t) for t in (60, 59, 40, 20, 1)] == [1, 3, 3, 3, 3]
+    assert rl.row_slices(config, 12, 1070, rl.PASS_TOKENS) == 4  # GRPO's defaults: 4 x 3 rows
+    assert rl.row_slices(config.replace(use_moe=True), 12, 1070, rl.PASS_TOKENS) == 1
+    for chunk, pass_tokens in ((256, 60), (11, 60), (4, 60), (3, 60), (11, 20)):
+        got = rl.completion_logps(model, params, ids, seg, pos, chunk=chunk,
+                                  pass_tokens=pass_tokens)[0]
         np.testing.assert_allclose(got, expected, atol=2e-6)  # 9.5e-7 measured
-        grad = jax.grad(lambda p, c=chunk: rl.completion_logps(model, p, ids, seg, pos,
-                                                               chunk=c)[0].sum())(params)
+        grad = jax.grad(lambda p, c=chunk, t=pass_tokens: rl.completion_logps(
+            model, p, ids, seg, pos, chunk=c, pass_tokens=t)[0].sum())(params)
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
             np.testing.assert_allclose(a, b, atol=2e-6)  # 1.7e-6 measured
