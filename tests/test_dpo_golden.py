@@ -42,7 +42,7 @@ CASES = {
                 "--beta", "0.15"], "dpo_64"),
     "m3_dpo_moe": (["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
                     str(MINIMIND3_TOKENIZER_DIR), "--accumulation_steps", "2", "--use_moe", "1",
-                    "--beta", "0.15"], "dpo_64_moe"),
+                    "--beta", "0.15", "--remat"], "dpo_64_moe"),  # remat: default at >= 256
 }
 
 

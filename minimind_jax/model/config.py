@@ -78,7 +78,10 @@ class ModelConfig:
     # "auto": chunked on CPU, cuDNN on GPU where it applies, else XLA | "xla" | "cudnn" |
     # "chunked" (causal attention in query blocks, skipping fully masked key ranges)
     attention_impl: str = "auto"
-    remat: bool = False
+    # recompute activations in the backward pass; None: the training stage's default
+    # (train.stages: on for dpo, distill, grpo and ppo at max_seq_len >= 256), off outside
+    # training
+    remat: bool | None = None
     scan_layers: bool = False
     # LoRA (the references' model_lora.py): > 0 adds an adapter of this rank to every square
     # Linear (with the default shapes: the attention's wq and wo), y = x W + (x A) B, no scaling

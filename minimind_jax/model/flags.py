@@ -107,7 +107,7 @@ def add_model_args(parser: argparse.ArgumentParser, moe_value: bool = False) -> 
                    help="recompute each block's activations in the backward pass (one scanned "
                         "loop of blocks): a fraction of the step's memory for about a third "
                         "more forward compute (default off; on for dpo, distill, grpo and ppo, "
-                        "which hold a frozen second model)")
+                        "which hold a frozen second model, at --max_seq_len 256 or more)")
     g.add_argument("--scan_layers", action="store_true",
                    help="compile one layer body and scan it (faster compiles for deep models)")
 

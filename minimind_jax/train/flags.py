@@ -29,6 +29,7 @@ from minimind_jax.train.train_config import (
     TrainConfig,
     check_settings,
     resolve_settings,
+    stage_remat,
 )
 
 _default = field_default
@@ -58,14 +59,14 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     overrides = {}
     if args.max_seq_len is None and "max_seq_len" in defaults:
         overrides["max_seq_len"] = defaults["max_seq_len"]
-    if getattr(args, "remat", None) is None and "remat" in defaults:
-        overrides["remat"] = defaults["remat"]
     if getattr(args, "lora_rank", None) is not None:  # the lora command's flag
         overrides["lora_rank"] = args.lora_rank
     model = model_flags.model_config_from_args(args, **overrides)
     for note in notes:
         say(note)
-    run = dataclasses.replace(settings["run"], flags=_recorded_flags(args, settings, model))
+    remat = model.remat if model.remat is not None else stage_remat(defaults, model)
+    run = dataclasses.replace(settings["run"],
+                              flags=_recorded_flags(args, settings, model, remat))
     return TrainConfig(model=model, **{**settings, "run": run})
 
 
@@ -98,7 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         vocab_from_tokenizer=args.vocab_size is None)
 
 
-def _recorded_flags(args: argparse.Namespace, settings: dict, model) -> dict:
+def _recorded_flags(args: argparse.Namespace, settings: dict, model, remat: bool) -> dict:
     """What train_args.json records: the flags, with the defaults they resolved to."""
     data, optim_ = settings["data"], settings["optim"]
     flags = {k: v for k, v in vars(args).items() if k != "func"}
@@ -106,7 +107,8 @@ def _recorded_flags(args: argparse.Namespace, settings: dict, model) -> dict:
                  learning_rate=optim_.learning_rate,
                  accumulation_steps=optim_.accumulation_steps, lr_schedule=optim_.lr_schedule,
                  no_shuffle=not data.shuffle, seed=settings["seed"],
-                 eval_interval=settings["eval"].interval, max_seq_len=model.max_seq_len)
+                 eval_interval=settings["eval"].interval, max_seq_len=model.max_seq_len,
+                 remat=remat)
     return flags
 
 

@@ -99,14 +99,27 @@ class TrainConfig:
     def resolved(self, stage) -> TrainConfig:
         """This config with every None default filled in for `stage` (a train.stages.Stage:
         its defaults for the model's generation)."""
-        return dataclasses.replace(self, **resolve_settings(
-            vars(self), stage.defaults_for(generation_of(self.model).name)))
+        defaults = stage.defaults_for(generation_of(self.model).name)
+        settings = resolve_settings(vars(self), defaults)
+        if self.model.remat is None:
+            settings["model"] = self.model.replace(remat=stage_remat(defaults, self.model))
+        return dataclasses.replace(self, **settings)
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""
         if self.run.flags is not None:
             return dict(self.run.flags)
         return dataclasses.asdict(self)
+
+
+# rows shorter than this train without remat whatever the stage: their activations are small,
+# and the scanned, rematerialised blocks cost a tiny model more to compile than they save
+REMAT_MIN_TOKENS = 256
+
+
+def stage_remat(defaults: Mapping[str, Any], model) -> bool:
+    """The stage's remat default (`defaults["remat"]`) for rows of `model.max_seq_len`."""
+    return bool(defaults.get("remat", False)) and model.max_seq_len >= REMAT_MIN_TOKENS
 
 
 def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:

@@ -6,7 +6,8 @@ stage they run. A stage is a frozen `Stage`; the hooks are plain functions:
 - its defaults per generation (`defaults[generation name]`: epochs, batch_size, learning_rate,
   accumulation_steps, run_prefix, and where the reference's script sets them, max_seq_len,
   log_interval (else 100), its own LR schedule under a recipe, recipe_lr_schedule, and
-  remat (on for the stages that hold a frozen second model: their memory is what binds);
+  remat (on for the stages that hold a frozen second model, whose memory is what binds; it
+  applies at max_seq_len >= train_config.REMAT_MIN_TOKENS);
 - the rows it reads (`samples`, a data.samples format; or the objective brings its own);
 - its starting weights (`start_from[generation name]`: the saved weights' name under
   OUT_DIR; None: a seeded random init) and `initial_params` (LoRA: the base plus adapters);
