@@ -64,9 +64,10 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     model = model_flags.model_config_from_args(args, **overrides)
     for note in notes:
         say(note)
-    remat = model.remat if model.remat is not None else stage_remat(defaults, model)
+    if model.remat is None:  # the stage's default, as TrainConfig.resolved sets it
+        model = model.replace(remat=stage_remat(defaults, model))
     run = dataclasses.replace(settings["run"],
-                              flags=_recorded_flags(args, settings, model, remat))
+                              flags=_recorded_flags(args, settings, model))
     return TrainConfig(model=model, **{**settings, "run": run})
 
 
@@ -99,7 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         vocab_from_tokenizer=args.vocab_size is None)
 
 
-def _recorded_flags(args: argparse.Namespace, settings: dict, model, remat: bool) -> dict:
+def _recorded_flags(args: argparse.Namespace, settings: dict, model) -> dict:
     """What train_args.json records: the flags, with the defaults they resolved to."""
     data, optim_ = settings["data"], settings["optim"]
     flags = {k: v for k, v in vars(args).items() if k != "func"}
@@ -108,7 +109,7 @@ def _recorded_flags(args: argparse.Namespace, settings: dict, model, remat: bool
                  accumulation_steps=optim_.accumulation_steps, lr_schedule=optim_.lr_schedule,
                  no_shuffle=not data.shuffle, seed=settings["seed"],
                  eval_interval=settings["eval"].interval, max_seq_len=model.max_seq_len,
-                 remat=remat)
+                 remat=model.remat)
     return flags
 
 
