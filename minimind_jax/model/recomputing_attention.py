@@ -11,7 +11,9 @@ scheduler cannot run them side by side.
 
 Same arithmetic as the chunked kernel up to rounding: float32 scores and softmax, the G query
 heads of a KV head folded into the rows of one matmul (row j = g * W + w of a W-query block),
-block i scoring only the keys before its end. Shape legend as in `transformer`.
+block i scoring only the keys before its end: the blocks, the grouping and the masked scores
+are the helpers below, which `transformer.chunked_causal_attention` uses too. Shape legend as in
+`transformer`.
 """
 
 from __future__ import annotations
@@ -25,25 +27,27 @@ import jax.numpy as jnp
 NEG = jnp.finfo(jnp.float32).min
 
 
-def _blocks(T: int, n_chunks: int) -> list[tuple[int, int]]:
+def query_blocks(T: int, n_chunks: int) -> list[tuple[int, int]]:
+    """The non-empty [start, end) of `n_chunks` near-equal query blocks of T positions."""
     bounds = [round(T * i / n_chunks) for i in range(n_chunks + 1)]
     return [(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
 
 
-def _grouped(x_BTNH, K: int):
+def grouped_heads(x_BTNH, K: int):
     """[B, T, N, H] -> [B, K, G, T, H]."""
     B, T, N, H = x_BTNH.shape
     return x_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
 
 
-def _rows(x_BKGTH, start: int, end: int):
+def block_rows(x_BKGTH, start: int, end: int):
     """Query block [start, end) of [B, K, G, T, H] as [B, K, G * W, H]."""
     B, K, G, _, H = x_BKGTH.shape
     return x_BKGTH[:, :, :, start:end].reshape(B, K, G * (end - start), H)
 
 
-def _block_scores(q_BKJH, k_BKTH, mask_B1TS, start: int, end: int):
-    """Float32 scores of one query block over keys [0, end), masked (causal, and `mask_B1TS`)."""
+def block_scores(q_BKJH, k_BKTH, mask_B1TS, start: int, end: int):
+    """Float32 scores of one query block over keys [0, end), masked (causal, and `mask_B1TS`);
+    the chunked kernel's too."""
     G = q_BKJH.shape[2] // (end - start)
     scores_BKJS = jnp.einsum("bkjh,bksh->bkjs", q_BKJH, k_BKTH[:, :, :end],
                              preferred_element_type=jnp.float32)
@@ -62,14 +66,14 @@ def _after(previous, *inputs):
 def _forward(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, n_chunks: int):
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    q_BKGTH = _grouped(q_BTNH * (1.0 / math.sqrt(H)), K)
+    q_BKGTH = grouped_heads(q_BTNH * (1.0 / math.sqrt(H)), K)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
     outs, lses, previous = [], [], None
-    for start, end in _blocks(T, n_chunks):
-        q_BKJH = _rows(q_BKGTH, start, end)
+    for start, end in query_blocks(T, n_chunks):
+        q_BKJH = block_rows(q_BKGTH, start, end)
         if previous is not None:
             q_BKJH, = _after(previous, q_BKJH)
-        scores_BKJS = _block_scores(q_BKJH, k_BKTH, mask_B1TS, start, end)
+        scores_BKJS = block_scores(q_BKJH, k_BKTH, mask_B1TS, start, end)
         max_BKJ = jnp.max(scores_BKJS, axis=-1)
         p_BKJS = jnp.exp(scores_BKJS - max_BKJ[..., None])
         sum_BKJ = jnp.sum(p_BKJS, axis=-1)
@@ -122,22 +126,22 @@ def _backward(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, out_BTNH, lse_BKGT, dout_BTNH,
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     scale = 1.0 / math.sqrt(H)
-    q_BKGTH = _grouped(q_BTNH * scale, K)
-    do_BKGTH = _grouped(dout_BTNH, K)
+    q_BKGTH = grouped_heads(q_BTNH * scale, K)
+    do_BKGTH = grouped_heads(dout_BTNH, K)
     # D = rowsum(dO * O): the softmax's backward term, one per query
-    d_BKGT = jnp.sum(do_BKGTH.astype(jnp.float32) * _grouped(out_BTNH, K).astype(jnp.float32),
-                     axis=-1)
+    out_BKGTH = grouped_heads(out_BTNH, K)
+    d_BKGT = jnp.sum(do_BKGTH.astype(jnp.float32) * out_BKGTH.astype(jnp.float32), axis=-1)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
     dk_BKTH = jnp.zeros(k_BKTH.shape, jnp.float32)
     dv_BKTH = jnp.zeros(v_BKTH.shape, jnp.float32)
     dqs = []
-    for start, end in _blocks(T, n_chunks):
-        q_BKJH, do_BKJH = _rows(q_BKGTH, start, end), _rows(do_BKGTH, start, end)
+    for start, end in query_blocks(T, n_chunks):
+        q_BKJH, do_BKJH = block_rows(q_BKGTH, start, end), block_rows(do_BKGTH, start, end)
         if dqs:
             q_BKJH, do_BKJH = _after((dk_BKTH, dv_BKTH), q_BKJH, do_BKJH)
         lse_BKJ = lse_BKGT[..., start:end].reshape(B, K, -1)
         d_BKJ = d_BKGT[..., start:end].reshape(B, K, -1)
-        scores_BKJS = _block_scores(q_BKJH, k_BKTH, mask_B1TS, start, end)
+        scores_BKJS = block_scores(q_BKJH, k_BKTH, mask_B1TS, start, end)
         p_BKJS = jnp.exp(scores_BKJS - lse_BKJ[..., None])  # masked keys: exp(-huge) = 0
         dv_BKTH = dv_BKTH.at[:, :, :end].add(jnp.einsum(
             "bkjs,bkjh->bksh", p_BKJS, do_BKJH, preferred_element_type=jnp.float32))

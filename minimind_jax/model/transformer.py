@@ -32,7 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from minimind_jax.model.config import ModelConfig
-from minimind_jax.model.recomputing_attention import recomputing_causal_attention
+from minimind_jax.model.recomputing_attention import (
+    block_rows,
+    block_scores,
+    grouped_heads,
+    query_blocks,
+    recomputing_causal_attention,
+)
 
 # keys / values: tuples of L arrays [B, K, H, S] / [B, K, S, H]; segment_ids [B, S];
 # index [] or [B]
@@ -204,23 +210,14 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, n_chunks: int, mask_B1TS=No
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
-    q_BKGTH = (q_BTNH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    q_BKGTH = grouped_heads(q_BTNH * (1.0 / math.sqrt(H)), K)
     k_BKTH = k_BTKH.transpose(0, 2, 1, 3)
     v_BKTH = v_BTKH.transpose(0, 2, 1, 3)
-    bounds = [round(T * i / n_chunks) for i in range(n_chunks + 1)]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
-            continue
+    for start, end in query_blocks(T, n_chunks):
         W = end - start
-        q_BKJH = q_BKGTH[:, :, :, start:end].reshape(B, K, G * W, H)
-        scores_BKJS = jnp.einsum("bkjh,bksh->bkjs", q_BKJH, k_BKTH[:, :, :end],
-                                 preferred_element_type=jnp.float32)
-        allowed_WS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        allowed = jnp.tile(allowed_WS, (G, 1))[None, None]
-        if mask_B1TS is not None:
-            allowed = allowed & jnp.tile(mask_B1TS[:, :, start:end, :end], (1, 1, G, 1))
-        scores_BKJS = jnp.where(allowed, scores_BKJS, jnp.finfo(jnp.float32).min)
+        q_BKJH = block_rows(q_BKGTH, start, end)
+        scores_BKJS = block_scores(q_BKJH, k_BKTH, mask_B1TS, start, end)
         probs_BKJS = jax.nn.softmax(scores_BKJS, axis=-1).astype(v_BKTH.dtype)
         out_BKJH = jnp.einsum("bkjs,bksh->bkjh", probs_BKJS, v_BKTH[:, :, :end])
         outs.append(out_BKJH.reshape(B, K, G, W, H))
