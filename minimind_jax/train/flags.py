@@ -28,8 +28,8 @@ from minimind_jax.train.train_config import (
     RunConfig,
     TrainConfig,
     check_settings,
+    resolve_model,
     resolve_settings,
-    stage_remat,
 )
 
 _default = field_default
@@ -64,8 +64,7 @@ def config_from_args(args: argparse.Namespace, stage: Stage) -> TrainConfig:
     model = model_flags.model_config_from_args(args, **overrides)
     for note in notes:
         say(note)
-    if model.remat is None:  # the stage's default, as TrainConfig.resolved sets it
-        model = model.replace(remat=stage_remat(defaults, model))
+    model = resolve_model(model, defaults)  # as TrainConfig.resolved does
     run = dataclasses.replace(settings["run"],
                               flags=_recorded_flags(args, settings, model))
     return TrainConfig(model=model, **{**settings, "run": run})

@@ -101,9 +101,8 @@ class TrainConfig:
         its defaults for the model's generation)."""
         defaults = stage.defaults_for(generation_of(self.model).name)
         settings = resolve_settings(vars(self), defaults)
-        if self.model.remat is None:
-            settings["model"] = self.model.replace(remat=stage_remat(defaults, self.model))
-        return dataclasses.replace(self, **settings)
+        return dataclasses.replace(self, **{**settings,
+                                            "model": resolve_model(self.model, defaults)})
 
     def record(self) -> dict:
         """What train_args.json holds: the command's flags, else this config."""
@@ -117,9 +116,13 @@ class TrainConfig:
 REMAT_MIN_TOKENS = 256
 
 
-def stage_remat(defaults: Mapping[str, Any], model) -> bool:
-    """The stage's remat default (`defaults["remat"]`) for rows of `model.max_seq_len`."""
-    return bool(defaults.get("remat", False)) and model.max_seq_len >= REMAT_MIN_TOKENS
+def resolve_model(model, defaults: Mapping[str, Any]):
+    """`model` (a ModelConfig) with its None remat set to the stage's default
+    (`defaults["remat"]`) for rows of `model.max_seq_len`."""
+    if model.remat is not None:
+        return model
+    return model.replace(remat=bool(defaults.get("remat", False))
+                         and model.max_seq_len >= REMAT_MIN_TOKENS)
 
 
 def resolve_settings(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
