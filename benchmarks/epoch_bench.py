@@ -214,7 +214,7 @@ def ours_command(stage: str, data: pathlib.Path, work: pathlib.Path, args) -> li
             "--n_kv_heads", "2", "--max_seq_len", str(args.max_seq_len),
             "--batch_size", str(args.batch_size), "--learning_rate", str(spec.learning_rate),
             "--accumulation_steps", "1", "--epochs", "1", "--log_interval", "1",
-            "--save_interval", "1000000", "--dtype", args.dtype]
+            "--save_interval", "1000000", "--dtype", args.dtype, *args.ours_flags.split()]
     if spec.start is not None:
         argv += ["--init_from", str(start_weights(work.parent, stage, args.dim))]
     if stage == "distill":
@@ -248,9 +248,11 @@ def run_ours_process(stage: str, data: pathlib.Path, work: pathlib.Path, args) -
     if r["returncode"] != 0:
         sys.exit(f"ours ({r['command']}) failed:\n{r['output'][-3000:]}")
     output = r.pop("output")
-    cut = re.search(r"cut to widths (\S+) per batch: about ([\d.]+)%", output)
+    cut = re.search(r"(?:cut to widths (\S+) per batch|each batch packed into (\S+) rows of "
+                    r"\d+): about ([\d.]+)%", output)
     r["fill"] = rows_fill(output)
-    r["widths"], r["cut_fill"] = (cut[1], float(cut[2]) / 100) if cut else (None, None)
+    r["widths"], r["cut_fill"] = ((cut[1] or f"{cut[2]} rows", float(cut[3]) / 100) if cut
+                                  else (None, None))
     metrics = next((work / "run").rglob("metrics.jsonl"))
     records = [json.loads(line) for line in metrics.open() if '"loss"' in line]
     r["losses"] = {rec["step"]: rec["loss"] for rec in records}
@@ -347,13 +349,18 @@ def run_stage(stage: str, tmp: pathlib.Path, args) -> dict:
     spec = STAGES[stage]
     folder = tmp / stage
     folder.mkdir()
-    data = write_stage_data(folder, spec.data, args.n_docs, args.max_seq_len)
+    if args.data_path is None:
+        data = write_stage_data(folder, spec.data, args.n_docs, args.max_seq_len)
+    else:  # the given rows, repeated
+        data = folder / f"{spec.data}_rows.jsonl"
+        data.write_text((args.data_path.read_text().rstrip("\n") + "\n") * args.repeat)
     lengths = np.array(token_lengths(data, spec.data))
     write_start_weights(folder, stage, args)
     result = {"data": str(data), "tokens_median": float(np.median(lengths)),
               "tokens_mean": float(lengths.mean()), "tokens_p90": float(np.quantile(lengths, .9)),
               "over_max_seq_len": float((lengths > args.max_seq_len).mean())}
-    print(f"{stage}: {args.n_docs} rows of {spec.data} JSONL, templated tokens median "
+    print(f"{stage}: {len(lengths) // (1 if spec.data == 'sft' else 2)} rows of {spec.data} "
+          f"JSONL ({args.data_path or 'generated'}), templated tokens median "
           f"{result['tokens_median']:.0f}, mean {result['tokens_mean']:.0f}, p90 "
           f"{result['tokens_p90']:.0f}, {result['over_max_seq_len']:.0%} over max_seq_len "
           f"{args.max_seq_len}", flush=True)
@@ -368,7 +375,7 @@ def run_stage(stage: str, tmp: pathlib.Path, args) -> dict:
     o = result["ours"] = run_ours_process(stage, data, folder / "ours", args)
     print(f"  ours: {o['steps']} steps, process {o['process_wall_s']:.1f} s (training loop "
           f"{o['loop_s']:.1f} s), rows filled {o['fill']:.1%} padded -> {o['cut_fill'] or 0:.1%} "
-          f"cut to widths {o['widths']}, peak RSS {o['peak_rss_mib']:.0f} MiB, load "
+          f"fed ({o['widths']}), peak RSS {o['peak_rss_mib']:.0f} MiB, load "
           f"{o['load']:.2f}", flush=True)
     if "reference" in result:
         ref = result["reference"]["losses"]
@@ -390,7 +397,7 @@ def _cell(text: str, values: dict | None) -> str:
 
 def stage_table(stages: dict) -> str:
     """The markdown table of `--stage` runs."""
-    lines = ["| stage | reference s | ours s | ratio | fill padded -> cut | "
+    lines = ["| stage | reference s | ours s | ratio | fill padded -> fed | "
              "peak RSS reference / ours | loss max diff | load ref / ours |",
              "|---|---|---|---|---|---|---|---|"]
     for stage, r in stages.items():
@@ -475,6 +482,14 @@ def main() -> None:
                              "(imports included, as the reference's process time is) sharing a "
                              "fresh compilation cache: the first fills it, the rerun loads the "
                              "compiled programs from it")
+    parser.add_argument("--data_path", type=pathlib.Path, default=None,
+                        help="the other stages: this JSONL (conversations, or dpo's pairs) "
+                             "instead of generated rows, e.g. tests/fixtures/post/dpo_pairs.jsonl")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="with --data_path: its rows this many times over")
+    parser.add_argument("--ours_flags", default="",
+                        help="the other stages: more flags for our command, e.g. "
+                             "--no-batch_packing")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     modes, stages = args.modes.split(","), args.stage.split(",")

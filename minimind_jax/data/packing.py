@@ -56,6 +56,14 @@ def _best_fit_window(lengths: list[int], first: int, capacity: int) -> list[list
     return rows
 
 
+def best_fit_rows(lengths, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing of `lengths` (each at most `capacity`) into rows: the indices of
+    each row's documents in ascending order, rows in the order of their first document."""
+    if len(lengths) == 0:
+        return []
+    return sorted(sorted(row) for row in _best_fit_window(list(lengths), 0, capacity))
+
+
 def best_fit(lengths: np.ndarray, capacity: int,
              window: int = DEFAULT_WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """Best-fit decreasing over consecutive windows of `window` documents in file order.

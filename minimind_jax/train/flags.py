@@ -78,7 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
                         batch_size=args.batch_size, shuffle=False if args.no_shuffle else None,
                         pack=args.pack, pack_window=args.pack_window, cache_dir=args.cache_dir,
                         skip_bad_lines=args.skip_bad_lines, sft_random=not args.no_sft_random,
-                        length_buckets=args.length_buckets),
+                        length_buckets=args.length_buckets,
+                        batch_packing=args.batch_packing),
         optim=OptimConfig(learning_rate=args.learning_rate,
                           accumulation_steps=args.accumulation_steps, epochs=args.epochs,
                           max_steps=args.max_steps, lr_schedule=args.lr_schedule,
@@ -209,6 +210,14 @@ def _add_rows_flags(g) -> None:
                         "that holds its last supervised token: the same losses, less work. "
                         "Default 4; 0 = full rows. MoE models default to 0, since their aux "
                         "loss counts padding positions (N > 0 there changes the loss)")
+    g.add_argument("--batch_packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="with length buckets, pack each batch's rows, whole, into fewer rows of "
+                        "the same width (attention and positions stay within each row; the "
+                        "row count one of N sizes, batch_size*k/N) instead of cutting its "
+                        "width: the same rows, masks and loss normalisation, so the same "
+                        "losses, with the padding of every row gone rather than the batch's "
+                        "trailing columns. Default on for sft, lora, dpo, distill and "
+                        "distill_reason in one process; --no-batch_packing cuts widths")
     prepare.add_cache_args(g)
 
 

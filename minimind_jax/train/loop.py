@@ -4,6 +4,7 @@ batches, logging, validating and checkpointing as it goes, until the last micro-
 from __future__ import annotations
 
 import contextlib
+import math
 
 from minimind_jax.errors import UserError
 from minimind_jax.model.config import ModelConfig
@@ -14,6 +15,14 @@ from minimind_jax.train.run_log import say
 from minimind_jax.train.setup import Run, build_run, rows_layout
 from minimind_jax.train.stages import Stage, named
 from minimind_jax.train.train_config import TrainConfig, check_settings
+
+
+def row_positions(batch: dict) -> int:
+    """Positions a row of `batch` stands for, as padded (tokens_per_sec counts real rows times
+    this): its width, both sides of a DPO pair, a packed batch's rows at their full width."""
+    ids = batch["input_ids"]
+    sides = batch["row_real"].shape[1:] if "row_real" in batch else ids.shape[1:-1]
+    return ids.shape[-1] * math.prod(sides)
 
 
 def run(config: TrainConfig, stage: Stage | str) -> int:
@@ -74,7 +83,7 @@ def train_loop(run: Run):
                 if run.produce_fn is not None:  # a batch made from the current state
                     host_batch = run.produce_fn(state, host_batch, info)
                 state, metrics = run.step_fn(state, host_batch)
-                info["seq_len"] = host_batch["input_ids"].shape[1]
+                info["seq_len"] = row_positions(host_batch)
                 step += 1
                 if run.flush_fn is not None and b + 1 == batches:
                     state = run.flush_fn(state)

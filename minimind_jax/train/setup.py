@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from minimind_jax.data.batches import Loader, bucket_widths
+from minimind_jax.data.batches import Loader, bucket_widths, row_buckets
 from minimind_jax.data.rows import open_source
 from minimind_jax.data.tokenizer import locate_tokenizer, training_tokenizer_candidates
 from minimind_jax.errors import UserError
@@ -243,7 +243,9 @@ def _open_data(config: TrainConfig, stage: Stage, tokenizer, model: ModelConfig,
                     pad_to_multiple=_rows_multiple(model, data_config.batch_size),
                     permutation=config.recipe.permutation,
                     length_buckets=length_buckets(stage, data_config, model, objective),
-                    loss_columns=objective.loss_columns)
+                    loss_columns=objective.loss_columns,
+                    batch_packing=batch_packing(stage, data_config, model, objective),
+                    packed_rows_multiple=jax.local_device_count())
     return data, loader, evaluator
 
 
@@ -263,6 +265,23 @@ def length_buckets(stage: Stage, data_config: DataConfig, model: ModelConfig,
     if data_config.length_buckets is not None:
         return data_config.length_buckets
     return 0 if model.use_moe else DEFAULT_LENGTH_BUCKETS
+
+
+def batch_packing(stage: Stage, data_config: DataConfig, model: ModelConfig,
+                  objective: Objective) -> bool:
+    """Whether batches are packed (data.batches.pack_batch) rather than cut: --batch_packing,
+    by default wherever it can be: with length buckets, a loss that reads packed rows, samples
+    one per row (not --pack) and one process loading the whole batch."""
+    why_not = (None if length_buckets(stage, data_config, model, objective)
+               else "there are no length buckets (--length_buckets 0, MoE or rollouts)")
+    why_not = why_not or (None if objective.loss is None or objective.packs_rows
+                          else f"{stage.name}'s loss reads padded rows only")
+    why_not = why_not or ("--pack rows are packed already" if data_config.pack else None)
+    why_not = why_not or (f"{jax.process_count()} processes each load part of the batch"
+                          if jax.process_count() > 1 else None)
+    if data_config.batch_packing and why_not:
+        raise UserError(f"--batch_packing: {why_not}")
+    return data_config.batch_packing is not False and why_not is None
 
 
 def _total_steps(config: TrainConfig, batches: int) -> int:
@@ -388,8 +407,15 @@ def _rows_line(loader, data_config: DataConfig) -> str:
     if loader.length_buckets and hasattr(data, "row_lengths"):
         width = data.get_batch(np.arange(1))["loss_mask"].shape[-1]  # max_seq_len (- 1)
         widths = "/".join(map(str, bucket_widths(width, loader.length_buckets)))
-        line += (f"; cut to widths {widths} per batch: about "
-                 f"{loader.bucketed_fill(data.row_lengths, width):.1%}")
+        fill = loader.bucketed_fill(data.row_lengths, width)
+        if loader.batch_packing:
+            n_rows = data.get_batch(np.arange(1))["loss_mask"][0].size // width
+            counts = "/".join(map(str, row_buckets(data_config.batch_size * n_rows,
+                                                   loader.length_buckets,
+                                                   loader.packed_rows_multiple)))
+            line += (f"; each batch packed into {counts} rows of {width}: about {fill:.1%}")
+        else:
+            line += f"; cut to widths {widths} per batch: about {fill:.1%}"
     return line
 
 

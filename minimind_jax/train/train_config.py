@@ -37,6 +37,9 @@ class DataConfig:
     skip_bad_lines: bool = False
     sft_random: bool = True  # minimind-3 SFT: random system prompts, think-block stripping
     length_buckets: int | None = None  # batch widths (data.batches); None: 4, MoE models 0
+    # with length buckets, pack each batch's rows into fewer rows instead of cutting its width
+    # (data.batches); None: where the stage's loss reads packed rows and one process loads
+    batch_packing: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,8 @@ from minimind_jax.train import optim
 DATA_AXIS = "data"
 # what a step reads of a host batch (the RL stages' producers add the rest)
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids", "logp_pos",
-              "old_logps", "advantages", "rewards", "completion_mask", "row_mask")
+              "old_logps", "advantages", "rewards", "completion_mask", "row_mask",
+              "row_index", "row_real")
 
 
 @struct.dataclass
@@ -193,7 +194,10 @@ def _loss_terms(model: MiniMind, params, batch: dict):
 
 def _real_rows(batch: dict) -> jax.Array:
     """Rows that are not loader padding (padding rows are all zeros; a row may be [2, T], a
-    DPO pair)."""
+    DPO pair; a packed batch says which in `row_real`)."""
+    if "row_real" in batch:
+        real = batch["row_real"]
+        return jnp.any(real.reshape(real.shape[0], -1), axis=1).sum()
     ids = batch["input_ids"]
     return jnp.any(ids.reshape(ids.shape[0], -1) != 0, axis=1).sum()
 

@@ -172,7 +172,7 @@ def make_objective(context: StageContext) -> Objective:
     notes = (f"distill: teacher (frozen) {origin} ({shape}); alpha {alpha}, temperature "
              f"{temperature}" + ("; loss not divided by --accumulation_steps (MiniMind2)"
                                  if undivided and scale != 1 else ""),)
-    return Objective(loss=loss, frozen=params,
+    return Objective(loss=loss, frozen=params, packs_rows=True,
                      line=(log_lines.minimind3_distill_line if generation.minimind3_lines
                            else log_lines.minimind2_distill_line),
                      notes=notes)

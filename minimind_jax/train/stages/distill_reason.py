@@ -70,6 +70,7 @@ def make_objective(context: StageContext) -> Objective:
     ids = tag_ids(context.tokenizer)
     return Objective(
         loss=weighted_lm_loss(context.model, ids), loss_columns=loss_columns(ids),
+        packs_rows=True,
         line=log_lines.minimind2_divided_line(context.config.optim.accumulation_steps),
         notes=(f"distill_reason: targets {sorted(set(ids.tolist()))} (the pieces of "
                f"{', '.join(TAGS)}) weighted {TAG_WEIGHT:g}",))

@@ -48,15 +48,25 @@ RULES = {
 }
 
 
-def sequence_logps(logits_BTV, labels_BT, mask_BT, real_B, average: bool):
+def sequence_logps(logits_NTV, labels_NT, mask_NT, real_B, average: bool, row_index=None):
     """Per row: sum over the mask of log softmax(logits)[label] in float32, divided by the
     mask's size with `average` (a real row with an empty mask gives NaN, as the reference; a
-    padding row, not `real_B`, gives 0)."""
-    logp_BT = -token_cross_entropy(logits_BTV, labels_BT)
-    mask_BT = mask_BT.astype(jnp.float32)
-    total_B = jnp.sum(jnp.where(mask_BT > 0, logp_BT * mask_BT, 0.0), axis=-1)
+    padding row, not `real_B`, gives 0). Rows are those of the [B, T] inputs, or with
+    `row_index` ([N, T]: each position's row, B for none) the B rows packed into N."""
+    logp_NT = -token_cross_entropy(logits_NTV, labels_NT)
+    mask_NT = mask_NT.astype(jnp.float32)
+    picked_NT = jnp.where(mask_NT > 0, logp_NT * mask_NT, 0.0)
+    if row_index is None:
+        total_B, count_B = picked_NT.sum(-1), mask_NT.sum(-1)
+    else:
+        n = real_B.shape[0]
+
+        def per_row(values_NT):
+            return jax.ops.segment_sum(values_NT.ravel(), row_index.ravel(), n + 1)[:n]
+
+        total_B, count_B = per_row(picked_NT), per_row(mask_NT)
     if average:
-        total_B = total_B / jnp.where(real_B, mask_BT.sum(-1), 1.0)
+        total_B = total_B / jnp.where(real_B, count_B, 1.0)
     return jnp.where(real_B, total_B, 0.0)
 
 
@@ -84,16 +94,31 @@ def dpo_loss_fn(config: ModelConfig, beta: float, average: bool, with_aux: bool)
     model = MiniMind(config)
 
     def objective(params, batch: dict, reference):
-        ids_B2T = batch["input_ids"]
-        real_B = jnp.any(ids_B2T.reshape(ids_B2T.shape[0], -1) != 0, axis=1)
-        rows = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]])
-                for k in ("input_ids", "labels", "loss_mask")}
-        real_2B = jnp.concatenate([real_B, real_B])
-        logits, aux = model.apply({"params": params}, rows["input_ids"])
-        ref_logits, _ = model.apply({"params": reference}, rows["input_ids"])
-        policy = sequence_logps(logits, rows["labels"], rows["loss_mask"], real_2B, average)
-        ref = sequence_logps(jax.lax.stop_gradient(ref_logits), rows["labels"],
-                             rows["loss_mask"], real_2B, average)
+        if "row_index" in batch:  # packed (data.batches.pack_batch): pair i's sides 2i, 2i+1
+            real_B2 = batch["row_real"]
+            real_B = jnp.any(real_B2, axis=1)
+            rows = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "positions",
+                                          "segment_ids", "row_index")}
+            real_rows = real_B2.reshape(-1)
+        else:
+            ids_B2T = batch["input_ids"]
+            real_B = jnp.any(ids_B2T.reshape(ids_B2T.shape[0], -1) != 0, axis=1)
+            rows = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]])
+                    for k in ("input_ids", "labels", "loss_mask")}
+            real_rows = jnp.concatenate([real_B, real_B])
+        inputs = {k: rows[k] for k in ("positions", "segment_ids") if k in rows}
+        logits, aux = model.apply({"params": params}, rows["input_ids"], **inputs)
+        ref_logits, _ = model.apply({"params": reference}, rows["input_ids"], **inputs)
+
+        def logps(logits_NTV):
+            values = sequence_logps(logits_NTV, rows["labels"], rows["loss_mask"], real_rows,
+                                    average, rows.get("row_index"))
+            if "row_index" in rows:  # [b, 2] -> chosen rows, then rejected ones
+                values = values.reshape(-1, 2).T.reshape(-1)
+            return values
+
+        policy = logps(logits)
+        ref = logps(jax.lax.stop_gradient(ref_logits))
         terms = dpo_terms(policy, ref, real_B, beta)
         aux = aux if with_aux else jnp.zeros((), jnp.float32)
         loss = terms["dpo_loss"] + aux
@@ -122,7 +147,7 @@ def make_objective(context: StageContext) -> Objective:
     reference, origin = context.start()
     return Objective(loss=dpo_loss_fn(model, beta, average=rules.average,
                                       with_aux=rules.with_aux),
-                     frozen=reference, rows=rows,
+                     frozen=reference, rows=rows, packs_rows=True,
                      line=(log_lines.minimind3_dpo_line if generation.minimind3_lines else
                            log_lines.minimind2_divided_line(config.optim.accumulation_steps)),
                      notes=(f"dpo: {len(rows):,} pairs; reference model (frozen): {origin}; "

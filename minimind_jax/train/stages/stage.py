@@ -55,6 +55,10 @@ class Objective:
     # reads; a batch is cut after the last column with one. None: the loss mask's positions.
     # (A stage with a batch producer is never cut: its loader rows are not what the step reads.)
     loss_columns: Callable | None = None
+    # The loss reads packed batches (data.batches.pack_batch: positions, segment ids, and
+    # row_index / row_real for per-row sums) as it reads padded ones. The LM loss (loss None)
+    # does; another loss only when it says so.
+    packs_rows: bool = False
     # A stage that trains more than one model or updates more than once per batch (PPO):
     # `params_like()` -> a params tree of the train state's shapes (default: the model's),
     # `optimizer` whose `init(params)` makes the state's opt_state (default: AdamW inside
