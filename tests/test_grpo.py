@@ -138,6 +138,54 @@ def test_a_tiny_run_with_canned_completions(rlaif, tmp_path):
     assert saved in (["grpo_64.pth"], ["grpo_64.npz"])  # the script's float16 file (npz: no torch)
 
 
+@pytest.mark.parametrize("loss_type", ["cispo", "grpo"])
+def test_widened_rows_give_the_same_loss(loss_type):
+    """Rollout rows padded on the right to a bucket width (rl.widened; a few programs instead
+    of one per prompt width and completion length): the same old log-probs, loss, metrics and
+    gradient as the exact width, for a dense model."""
+    from minimind_jax.model.transformer import init_params
+    from minimind_jax.train.stages import rl
+
+    assert rl.bucket_width(70 + 300, 768 + 1024) == 448  # steps of 224
+    assert rl.bucket_width(16, 64 + 16) == 16 and rl.bucket_width(17, 80) == 32
+    config = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64,
+                                                dtype="float32")
+    params, reference = init_params(config, 1), init_params(config, 2)
+    rng = np.random.default_rng(0)
+    N, P, R = 4, 6, 9
+    ids = rng.integers(3, config.vocab_size, (N, P + R)).astype(np.int32)
+    ids[1, :2] = 0  # left padding
+    ids[0, P + 4] = ids[2, P + 7] = 2  # EOS: rows 0 and 2 end early
+    rows = {"input_ids": ids, "segment_ids": (ids != 0).astype(np.int32),
+            "logp_pos": np.broadcast_to(P - 1 + np.arange(R, dtype=np.int32), (N, R)).copy()}
+    done = rl.completion_mask(ids[:, P:], 2)
+    options = grpo.GrpoOptions(loss_type=loss_type)
+    old_logps = rl.old_logps_fn(config)
+    loss = jax.jit(jax.value_and_grad(
+        lambda p, b: grpo.grpo_loss_fn(config, options)(p, b, reference), has_aux=True))
+
+    def batch(rows, done):
+        old = np.asarray(old_logps(params, rows["input_ids"], rows["segment_ids"],
+                                   rows["logp_pos"])) - 0.05  # off-policy: the clamps act
+        return {**rows, "old_logps": old, "completion_mask": done, "loss_mask": done,
+                "advantages": np.float32([1.0, -0.5, 0.25, -1.0]),
+                "rewards": np.float32([1, 0, 2, 0]), "row_mask": np.ones(N, np.float32)}
+
+    exact = batch(rows, done)
+    wide = batch(*rl.widened(rows, done, 16, 32))
+    assert wide["input_ids"].shape == (N, 32) and wide["completion_mask"].shape == (N, 16)
+    np.testing.assert_allclose(wide["old_logps"][:, :R], exact["old_logps"], rtol=1e-6,
+                               atol=1e-6)
+    (want, want_metrics), want_grads = loss(params, exact)
+    (got, got_metrics), got_grads = loss(params, wide)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for key in want_metrics:
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-7,
+                                   err_msg=key)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
 RL = FIXTURES / "rl"
 TINY_GRPO = ["--arch", "minimind3", "--recipe", "minimind3", "--tokenizer",
              str(MINIMIND3_TOKENIZER_DIR), "--dim", "64", "--n_layers", "2", "--max_seq_len",

@@ -226,6 +226,37 @@ def test_greedy_left_padded_batch_equals_reference_generate():
     np.testing.assert_array_equal(sampled.output_ids, expected)
 
 
+def test_padding_after_the_prompts_changes_no_completion():
+    """The sampler pads a batch of prompts on the right to a power of two (a few programs for
+    prompts of any length); those columns are unseen, so a wider padding samples the same ids
+    (the same rng, left-padded rows, a random tiny model)."""
+    from minimind_jax.infer import rollout
+    from minimind_jax.model.transformer import init_params
+
+    config = TINY_MINIMIND3
+    params = init_params(config, 3)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, config.vocab_size, (3, 11)).astype(np.int32)
+    ids[1, :4] = 0  # left padding
+    mask = (ids != 0).astype(np.int32)
+    scalars = {"temperature": jnp.float32(TEMPERATURE), "top_k": jnp.int32(TOP_K),
+               "top_p": jnp.float32(TOP_P), "repetition_penalty": jnp.float32(1.0)}
+    assert rollout.prompt_width(11) == 16 and rollout.prompt_width(3) == 16
+    assert rollout.prompt_width(17) == 32
+
+    def sample(width):
+        extra = ((0, 0), (0, width - 11))
+        tokens, steps = rollout._sample(params, np.pad(ids, extra), np.pad(mask, extra),
+                                        jnp.int32(11), jax.random.PRNGKey(5), scalars,
+                                        jnp.int32(2), config=config, max_new_tokens=24)
+        return np.asarray(tokens)[:, :int(steps)]
+
+    exact = sample(11)
+    assert exact.shape[1] > 4
+    for width in (16, 40):
+        np.testing.assert_array_equal(sample(width), exact)
+
+
 def test_the_decode_loop_does_not_copy_the_cache():
     """A cached call orders its cache writes after its reads (transformer's optimization
     barrier): without it XLA copied every layer's cached keys and values twice per decode step
@@ -241,8 +272,8 @@ def test_the_decode_loop_does_not_copy_the_cache():
     scalars = {"temperature": jnp.float32(TEMPERATURE), "top_k": jnp.int32(TOP_K),
                "top_p": jnp.float32(TOP_P), "repetition_penalty": jnp.float32(1.0)}
     ids = jax.ShapeDtypeStruct((N, P), jnp.int32)
-    hlo = rollout._sample.lower(params, ids, ids, jax.random.PRNGKey(0), scalars, jnp.int32(2),
-                                config=config, max_new_tokens=R).compile().as_text()
+    hlo = rollout._sample.lower(params, ids, ids, jnp.int32(P), jax.random.PRNGKey(0), scalars,
+                                jnp.int32(2), config=config, max_new_tokens=R).compile().as_text()
     K, H, S = config.n_kv_heads, config.head_dim, P + R
     copies = re.findall(rf"f32\[{N},{K},(?:{H},{S}|{S},{H})\]\{{[^}}]*\}} copy\(", hlo)
     assert len(copies) < 2 * config.n_layers, f"{len(copies)} copies of cached keys or values"

@@ -48,19 +48,34 @@ def _finish(output_ids: np.ndarray, prompt_len: int, tokenizer) -> Rollout:
     return Rollout(output_ids.astype(np.int32), prompt_len, texts)
 
 
+MIN_PROMPT_WIDTH = 16
+
+
+def prompt_width(prompt_len: int) -> int:
+    """The width a `prompt_len`-token prompt batch is padded to on the right for the sampler:
+    the next power of two (at least MIN_PROMPT_WIDTH), so prompts of any length compile a few
+    sampler programs, not one per length."""
+    return max(MIN_PROMPT_WIDTH, 1 << (prompt_len - 1).bit_length())
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: ModelConfig,
-            max_new_tokens: int, greedy: bool = False):
+def _sample(params, ids_NW, mask_NW, prompt_len, rng, scalars: dict, eos_id, *,
+            config: ModelConfig, max_new_tokens: int, greedy: bool = False):
     """Prefill, then one token per step until all rows are done: (tokens [N, max_new] with EOS
-    after each row's end, steps taken). `greedy` takes the argmax (`generate(do_sample=False)`)."""
+    after each row's end, steps taken). `greedy` takes the argmax (`generate(do_sample=False)`).
+
+    The prompts are the first `prompt_len` (P) columns of `ids_NW`; the columns after them are
+    padding (mask 0), which no query sees: token t of a completion has position P + t, as if
+    it followed column P - 1 directly, so any padded width gives the same completions."""
     from minimind_jax.model.transformer import MiniMind, init_cache
 
     model = MiniMind(config)
-    N, P = ids_NP.shape
-    positions_NP = jnp.broadcast_to(jnp.arange(P)[None], (N, P))
-    cache = init_cache(config, N, P + max_new_tokens)
-    logits_NPV, _, cache = model.apply({"params": params}, ids_NP, positions=positions_NP,
-                                       segment_ids=mask_NP.astype(jnp.int32), cache=cache)
+    N, W = ids_NW.shape
+    positions_NW = jnp.broadcast_to(jnp.arange(W)[None], (N, W))
+    cache = init_cache(config, N, W + max_new_tokens)
+    logits_NWV, _, cache = model.apply({"params": params}, ids_NW, positions=positions_NW,
+                                       segment_ids=mask_NW.astype(jnp.int32), cache=cache)
+    last_NV = jax.lax.dynamic_index_in_dim(logits_NWV, prompt_len - 1, axis=1, keepdims=False)
     unseen_NV = jnp.zeros((N, config.vocab_size), bool)  # repetition penalty 1: unused
 
     def pick(logits_NV, done_N, rng):
@@ -69,7 +84,7 @@ def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: Mode
         return token_N, done_N | (token_N == eos_id)
 
     rng, first = jax.random.split(rng)
-    token_N, done_N = pick(logits_NPV[:, -1], jnp.zeros((N,), bool), first)
+    token_N, done_N = pick(last_NV, jnp.zeros((N,), bool), first)
     tokens_NR = jnp.full((N, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(token_N)
 
     def cond(state):
@@ -80,7 +95,7 @@ def _sample(params, ids_NP, mask_NP, rng, scalars: dict, eos_id, *, config: Mode
         step, token_N, done_N, tokens_NR, cache, rng = state
         logits_N1V, _, cache = model.apply(
             {"params": params}, token_N[:, None],
-            positions=jnp.full((N, 1), P - 1, jnp.int32) + step,
+            positions=jnp.full((N, 1), prompt_len - 1, jnp.int32) + step,
             segment_ids=jnp.ones((N, 1), jnp.int32), cache=cache)
         rng, step_rng = jax.random.split(rng)
         token_N, done_N = pick(logits_N1V[:, 0], done_N, step_rng)
@@ -107,7 +122,10 @@ class SamplingEngine:
                 max_new_tokens: int, step: int) -> Rollout:
         ids = np.repeat(prompt_ids, num_generations, axis=0)
         rows_mask = np.repeat(mask, num_generations, axis=0)
-        tokens, steps = _sample(params, jnp.asarray(ids), jnp.asarray(rows_mask),
+        P = ids.shape[1]
+        extra = ((0, 0), (0, prompt_width(P) - P))  # padding after the prompts: unseen
+        tokens, steps = _sample(params, jnp.asarray(np.pad(ids, extra)),
+                                jnp.asarray(np.pad(rows_mask, extra)), jnp.int32(P),
                                 jax.random.fold_in(self.key, step), self.scalars,
                                 jnp.int32(self.tokenizer.eos_id), config=self.config,
                                 max_new_tokens=max_new_tokens, greedy=self.greedy)

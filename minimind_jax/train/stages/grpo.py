@@ -129,6 +129,7 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
     old_logps = rl.old_logps_fn(context.model)
     tokenizer = context.tokenizer
     G = options.num_generations
+    longest = context.model.max_seq_len + options.max_gen_len  # prompt + completion
 
     def produce(state, batch: dict, info: dict) -> dict:
         real = batch["attention_mask"].any(axis=1)  # the loader's padding rows are empty
@@ -139,9 +140,13 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
         row_rewards = reward_rules.completion_rewards(texts, result.completions, G,
                                                       reward_model)
         rows = rl.rollout_rows(result, tokenizer.pad_id)
+        done = completion_mask(result.completion_ids, tokenizer.eos_id)
+        if not context.model.use_moe:  # a few widths, a few programs (rl.widened)
+            completion = rl.bucket_width(done.shape[1], options.max_gen_len)
+            rows, done = rl.widened(rows, done, completion, rl.bucket_width(
+                result.prompt_len + completion, longest))
         old = np.asarray(old_logps(state.params, rows["input_ids"], rows["segment_ids"],
                                    rows["logp_pos"])) + np.float32(options.old_logp_offset)
-        done = completion_mask(result.completion_ids, tokenizer.eos_id)
         return padded_rows({**rows, "old_logps": old,
                             "advantages": advantages(row_rewards, G), "rewards": row_rewards,
                             "completion_mask": done, "loss_mask": done,

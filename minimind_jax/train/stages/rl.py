@@ -158,6 +158,39 @@ def rollout_rows(result: rollouts.Rollout, pad_id: int) -> dict[str, np.ndarray]
     return {"input_ids": ids, "segment_ids": seg, "logp_pos": pos}
 
 
+# a rollout's completions are padded on the right to a multiple of max_gen_len / WIDTH_BUCKETS,
+# and its rows (prompt + completion) to a multiple of the longest row / WIDTH_BUCKETS: a handful
+# of programs for the old log-probs and the train step, not one per (prompt width, completion
+# length), as sampling gives
+WIDTH_BUCKETS = 8
+
+
+def bucket_width(width: int, longest: int, n: int = WIDTH_BUCKETS) -> int:
+    """The smallest multiple of ceil(longest / n) (rounded up to 16) that holds `width`."""
+    step = 16 * math.ceil(longest / n / 16)
+    return step * math.ceil(width / step)
+
+
+def widened(rows: dict[str, np.ndarray], completion_mask_NR: np.ndarray, completion_width: int,
+            row_width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`rollout_rows` and the completion mask with more columns: completions up to
+    `completion_width` (log-prob positions going on, mask 0), rows up to `row_width` (at least
+    prompt + `completion_width`) with padding (id 0, segment 0) that no query sees. The same
+    losses as the exact widths for a dense model (causal, every sum masked); not for MoE, whose
+    aux loss counts every position."""
+    N, R = completion_mask_NR.shape
+    P = rows["input_ids"].shape[1] - R
+    if row_width < P + completion_width or completion_width < R:
+        raise ValueError(f"widening rows of {P} + {R} columns to {row_width} / "
+                         f"{completion_width}")
+    pad = lambda x, width: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
+    positions = np.broadcast_to(P - 1 + np.arange(completion_width, dtype=np.int32),
+                                (N, completion_width)).copy()
+    return ({"input_ids": pad(rows["input_ids"], row_width),
+             "segment_ids": pad(rows["segment_ids"], row_width), "logp_pos": positions},
+            pad(completion_mask_NR, completion_width))
+
+
 def recorded(path: str) -> np.lib.npyio.NpzFile:
     """A golden maker's recording (`n_micro`, `micro{i}/output_ids`, ...), or UserError."""
     try:
