@@ -205,11 +205,13 @@ def _add_rows_flags(g) -> None:
                         "many samples in file order, whole samples only; 0 = next fit in "
                         "file order (fewer full rows)")
     g.add_argument("--length_buckets", type=int, default=None,
-                   help="cut each batch's trailing padding to the smallest of N widths "
-                        "(max_seq_len/2**k rounded up to 16, k < N; one compiled step each) "
-                        "that holds its last supervised token: the same losses, less work. "
-                        "Default 4; 0 = full rows. MoE models default to 0, since their aux "
-                        "loss counts padding positions (N > 0 there changes the loss)")
+                   help="drop each batch's padding exactly, with N shapes (one compiled "
+                        "step each): its rows packed into batch_size*k/N rows "
+                        "(--batch_packing, the default where it applies), or its trailing "
+                        "columns cut to the smallest of N widths (max_seq_len/2**k rounded up "
+                        "to 16, k < N) that holds its last supervised token: the same losses, "
+                        "less work. Default 4; 0 = full rows. MoE models default to 0, since "
+                        "their aux loss counts padding positions (N > 0 there changes the loss)")
     g.add_argument("--batch_packing", action=argparse.BooleanOptionalAction, default=None,
                    help="with length buckets, pack each batch's rows, whole, into fewer rows of "
                         "the same width (attention and positions stay within each row; the "
