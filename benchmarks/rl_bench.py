@@ -21,9 +21,10 @@ in a fresh child process, with all of this CPU's threads.
 
 `--data fixture`: the first B x steps rows of tests/fixtures/rl/rlaif.jsonl (prompt widths
 differ per batch, so rows are left-padded; our sampler pads prompts to a power of two and the
-rows to width buckets, so a new width compiles again only when it leaves its bucket). `--data uniform`: B x steps prompts of one token width (a system
-message, so no system prompt is injected, and all open thinking), so every step has the same
-shapes: our steady state without recompiles, and the reference's attention takes its
+rows to width buckets, so a new width compiles again only when it leaves its bucket).
+`--data uniform`: B x steps prompts of one token width (a system message, so no system prompt
+is injected, and all open thinking), so every step has the same shapes: our steady state
+without recompiles, and the reference's attention takes its
 scaled_dot_product_attention path (no padding).
 
 Measured in each child (hooks installed before the run; nothing in either trainer is edited):
