@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimind_jax.errors import UserError
+from minimind_jax.infer.buckets import power_of_two_at_least
 from minimind_jax.infer.sampling import next_token
 from minimind_jax.model.config import ModelConfig
 
@@ -55,7 +56,7 @@ def prompt_width(prompt_len: int) -> int:
     """The width a `prompt_len`-token prompt batch is padded to on the right for the sampler:
     the next power of two (at least MIN_PROMPT_WIDTH), so prompts of any length compile a few
     sampler programs, not one per length."""
-    return max(MIN_PROMPT_WIDTH, 1 << (prompt_len - 1).bit_length())
+    return power_of_two_at_least(prompt_len, MIN_PROMPT_WIDTH)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minimind_jax.infer.buckets import power_of_two_at_least
 from minimind_jax.infer.sampling import SamplingConfig, next_token_per_row
 from minimind_jax.model.config import ModelConfig
 from minimind_jax.model.transformer import CACHE_SLOT_AXIS, MiniMind, cache_slots, init_cache
@@ -69,14 +70,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down or its worker died."""
-
-
-def power_of_two_at_least(n: int, floor: int, cap: int) -> int:
-    """The smallest power of two >= n (and >= floor), but at most `cap` (when cap >= n)."""
-    bucket = floor
-    while bucket < n:
-        bucket *= 2
-    return max(min(bucket, cap), n)
 
 
 def decode_rows(n: int, cap: int) -> int:
