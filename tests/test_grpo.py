@@ -146,8 +146,8 @@ def test_widened_rows_give_the_same_loss(loss_type):
     from minimind_jax.model.transformer import init_params
     from minimind_jax.train.stages import rl
 
-    assert rl.bucket_width(70 + 300, 768 + 1024) == 448  # steps of 224
-    assert rl.bucket_width(16, 64 + 16) == 16 and rl.bucket_width(17, 80) == 32
+    assert rl.padded_width(70 + 300, 768 + 1024) == 448  # steps of 224
+    assert rl.padded_width(16, 64 + 16) == 16 and rl.padded_width(17, 80) == 32
     config = arch_defaults("minimind3").replace(dim=64, n_layers=2, max_seq_len=64,
                                                 dtype="float32")
     params, reference = init_params(config, 1), init_params(config, 2)

@@ -184,12 +184,17 @@ def row_buckets(n_rows: int, n: int, multiple: int = 1) -> list[int]:
     return sorted({up(math.ceil(n_rows * k / n)) for k in range(1, n + 1)})
 
 
+def row_bucket(needed: int, n_rows: int, n: int, multiple: int = 1) -> int:
+    """The smallest `row_buckets` size that holds `needed` packed rows."""
+    return next(r for r in row_buckets(n_rows, n, multiple) if r >= needed)
+
+
 def packed_row_count(extents: np.ndarray, width: int, n_rows: int, n: int,
                      multiple: int = 1) -> int:
     """How many `width`-wide rows a batch of rows of these `extents` is packed into: its best-fit
     rows, rounded up to a `row_buckets` size."""
-    needed = len(best_fit_rows(extents[extents > 0].tolist(), width))
-    return next(r for r in row_buckets(n_rows, n, multiple) if r >= needed)
+    return row_bucket(len(best_fit_rows(extents[extents > 0].tolist(), width)), n_rows, n,
+                      multiple)
 
 
 def pack_batch(arrays: dict[str, np.ndarray], extents: np.ndarray, n: int,
@@ -207,7 +212,7 @@ def pack_batch(arrays: dict[str, np.ndarray], extents: np.ndarray, n: int,
     extents = extents.reshape(n_rows)
     placed = np.flatnonzero(extents > 0)
     bins = best_fit_rows(extents[placed].tolist(), width)
-    count = packed_row_count(extents, width, n_rows, n, multiple)
+    count = row_bucket(len(bins), n_rows, n, multiple)
     packed = {k: np.zeros((count, width), v.dtype) for k, v in rows.items()}
     positions, segment_ids = (np.zeros((count, width), np.int32) for _ in range(2))
     row_index = np.full((count, width), n_rows, np.int32)

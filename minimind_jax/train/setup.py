@@ -405,11 +405,12 @@ def _rows_line(loader, data_config: DataConfig) -> str:
     else:
         line = f"rows: {len(data):,}, one sample each, filled {fill:.1%}"
     if loader.length_buckets and hasattr(data, "row_lengths"):
-        width = data.get_batch(np.arange(1))["loss_mask"].shape[-1]  # max_seq_len (- 1)
+        mask = data.get_batch(np.arange(1))["loss_mask"][0]  # [T] or [sides, T]
+        width = mask.shape[-1]  # max_seq_len (- 1)
         widths = "/".join(map(str, bucket_widths(width, loader.length_buckets)))
         fill = loader.bucketed_fill(data.row_lengths, width)
         if loader.batch_packing:
-            n_rows = data.get_batch(np.arange(1))["loss_mask"][0].size // width
+            n_rows = mask.size // width
             counts = "/".join(map(str, row_buckets(data_config.batch_size * n_rows,
                                                    loader.length_buckets,
                                                    loader.packed_rows_multiple)))

@@ -142,8 +142,8 @@ def make_producer(context: StageContext, engine, reward_model, options: GrpoOpti
         rows = rl.rollout_rows(result, tokenizer.pad_id)
         done = completion_mask(result.completion_ids, tokenizer.eos_id)
         if not context.model.use_moe:  # a few widths, a few programs (rl.widened)
-            completion = rl.bucket_width(done.shape[1], options.max_gen_len)
-            rows, done = rl.widened(rows, done, completion, rl.bucket_width(
+            completion = rl.padded_width(done.shape[1], options.max_gen_len)
+            rows, done = rl.widened(rows, done, completion, rl.padded_width(
                 result.prompt_len + completion, longest))
         old = np.asarray(old_logps(state.params, rows["input_ids"], rows["segment_ids"],
                                    rows["logp_pos"])) + np.float32(options.old_logp_offset)

@@ -165,7 +165,7 @@ def rollout_rows(result: rollouts.Rollout, pad_id: int) -> dict[str, np.ndarray]
 WIDTH_BUCKETS = 8
 
 
-def bucket_width(width: int, longest: int, n: int = WIDTH_BUCKETS) -> int:
+def padded_width(width: int, longest: int, n: int = WIDTH_BUCKETS) -> int:
     """The smallest multiple of ceil(longest / n) (rounded up to 16) that holds `width`."""
     step = 16 * math.ceil(longest / n / 16)
     return step * math.ceil(width / step)
